@@ -22,7 +22,7 @@ TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise", "content
 PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "premise": "hypothesis"}
 LABEL_COLUMNS = ("label", "labels", "class", "category")
 
-#: Built-in probe sentences: 72 of varied length and domain (3 to 160+ tokens; the longest are truncated
+#: Built-in probe sentences: 74 of varied length and domain (4 to 160 tokens; the longest are truncated
 #: at the recipe's sequence length), used when no ``--data`` is given.
 PROBE_SENTENCES: tuple[str, ...] = (
     "Hello world.",
@@ -97,6 +97,21 @@ PROBE_SENTENCES: tuple[str, ...] = (
     "In a long and detailed review, the critic praised the novel's ambition, its vivid characters and its sharp dialogue, but complained that the middle section, which follows the family across three continents and five decades, is so crowded with minor figures that the main story almost disappears from view before the final chapters bring it back.",
     "The engineering team profiled the application on five different phones, found that most of the time was spent in a single matrix multiplication inside the attention layer, rewrote that kernel to use the processor's dot-product instructions, and cut the median latency from forty milliseconds to just under twelve while keeping the outputs identical to three decimal places.",
     "Terms and conditions: the subscription renews automatically every month unless cancelled at least twenty-four hours before the end of the current period; refunds are not provided for partial months; prices may change with thirty days' notice; and by continuing to use the service you agree to the collection of anonymous usage statistics as described in the privacy policy, which may itself be updated from time to time without further notice to you.",
+    "The release notes list every change in this version: the exporter now writes one file per target format "
+    "instead of a folder of fragments; the validation step compares each artifact with the reference model on "
+    "the same inputs and reports cosine similarity, top-1 agreement and the largest absolute error; the command "
+    "line prints a table with sizes, latencies and gate results; profiles for six new phones and boards were "
+    "added, including two low-memory devices; the tokenizer handles accented characters, punctuation and very "
+    "long inputs consistently with the reference implementation; temporary files are written beside the output "
+    "and renamed at the end so that an interrupted run leaves nothing behind; and the documentation explains, "
+    "step by step, how to reproduce each benchmark on your own hardware with the same settings we used.",
+    "It was late in the autumn when the travellers reached the valley, tired from the long road over the pass, "
+    "and the village they had hoped to find was no more than a handful of stone houses around a square where a "
+    "fountain still ran; an old woman told them that the inn had closed years ago, that the last bus left at "
+    "dawn, and that if they wanted a bed they should ask the baker, whose son had gone to the city and left an "
+    "empty room above the shop; they thanked her, bought bread and cheese, and sat by the fountain while the "
+    "light faded from the peaks, talking about the places they had seen, the people they had met on the way, "
+    "and whether they would ever come back to this quiet, forgotten corner of the mountains again.",
 )
 
 
@@ -190,7 +205,9 @@ def load_dataset(
     if not rows:
         raise DataError(f"{path} has no data rows")
     columns = list(rows[0].keys())
-    tcol = _pick(columns, text_column, TEXT_COLUMNS, "text", path)
+    lower = {c.lower() for c in columns}
+    pair_first = tuple(a for a, b in PAIR_COLUMNS.items() if a in lower and b in lower)
+    tcol = _pick(columns, text_column, pair_first + TEXT_COLUMNS, "text", path)
     if tcol is None:
         raise DataError(
             f"{path} has no text column (looked for {', '.join(TEXT_COLUMNS)}; its columns are: "

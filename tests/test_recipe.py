@@ -1,0 +1,56 @@
+import pytest
+
+from edgelm.errors import RecipeError
+from edgelm.profiles import load_profile
+from edgelm.recipe import make_recipe
+
+
+def test_pixel8_default_recipe():
+    r = make_recipe(load_profile("pixel8"))
+    assert [p.format for p in r.plans] == ["executorch", "tflite", "onnx"]
+    assert all(p.quant.scheme == "int8_dynamic" and p.quant.embedding_bits == 8 for p in r.plans)
+    assert r.seq_len == 128 and r.threads == 4 and r.batch == 1
+    assert {p.delegate for p in r.plans} == {"xnnpack", "CPUExecutionProvider"}
+    g = r.plans[0].gates
+    assert (g.min_cosine, g.max_accuracy_drop, g.max_size_mb) == (0.99, 1.0, 128)
+    d = r.to_dict()
+    assert d["plans"][0]["artifact"] == "model.int8_dynamic.pte"
+
+
+def test_overrides():
+    p = load_profile("pixel8")
+    r = make_recipe(p, formats=["onnx", "tflite"], quant="fp32", seq_len=64, threads=1)
+    assert [(x.format, x.quant.scheme, x.quant.embedding_bits) for x in r.plans] == [
+        ("onnx", "fp32", None), ("tflite", "fp32", None)]
+    assert r.seq_len == 64 and r.threads == 1
+    assert r.plans[0].gates.min_cosine == 0.9999
+    r = make_recipe(p, quant="onnx=fp32,tflite=int8_dynamic")
+    assert {x.format: x.quant.scheme for x in r.plans} == {"executorch": "int8_dynamic", "tflite": "int8_dynamic",
+                                                         "onnx": "fp32"}
+
+
+def test_profile_without_a_format_still_takes_it_when_asked():
+    r = make_recipe(load_profile("raspberry-pi-zero-2w"))
+    assert [p.format for p in r.plans] == ["tflite", "onnx"]
+    r = make_recipe(load_profile("raspberry-pi-zero-2w"), formats=["executorch"])
+    assert r.plans[0].format == "executorch" and r.plans[0].gates.max_size_mb == 32
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"quant": "int3"}, "cannot do quantization 'int3'"),
+    ({"formats": ["coreml"]}, "unknown format 'coreml'"),
+    ({"quant": "coreml=fp32"}, "not among the formats"),
+    ({"quant": "onnx="}, "FORMAT=SCHEME"),
+    ({"seq_len": 1}, "out of range"),
+    ({"threads": 0}, "use 1 or more"),
+])
+def test_bad_overrides(kwargs, msg):
+    with pytest.raises(RecipeError, match=msg):
+        make_recipe(load_profile("pixel8"), **kwargs)
+
+
+def test_recipe_is_pure():
+    p = load_profile("galaxy-s24")
+    assert make_recipe(p, quant="fp32") == make_recipe(p, quant="fp32")
+    # galaxy-s24 prefers QNN for ExecuTorch, which edgelm cannot lower to: the first one it can is chosen
+    assert make_recipe(p).plans[0].delegate == "xnnpack"
