@@ -145,7 +145,7 @@ def devices(ctx: typer.Context):
 
     t = Table(title="edgelm device profiles")
     for col in ("name", "SoC", "cores", "RAM MB", "formats", "max MB", "ms@seq", "runner"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col, overflow="fold", no_wrap=col == "name")
     for p in all_profiles():
         b = p.budgets
         t.add_row(p.name, p.hardware.soc, str(p.hardware.cpu_cores), str(p.hardware.ram_mb),
