@@ -36,10 +36,3 @@ class ExportError(EdgeLMError):
 
 class ValidationError(EdgeLMError):
     """A runner failed to run an artifact (crash, timeout, missing output)."""
-
-
-class GateFailure(EdgeLMError):
-    """An artifact was exported and validated but missed a recipe gate. Exit code 1: the outputs and the
-    report are written, so the failure can be inspected."""
-
-    exit_code = 1

@@ -23,7 +23,7 @@ import numpy as np
 import edgelm
 import exporters
 from edgelm import data as data_mod
-from edgelm.errors import EdgeLMError, ExportError, GateFailure, RecipeError, RuntimeMissingError
+from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import DeviceProfile, load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
@@ -206,8 +206,8 @@ def export_for_device(
     Returns:
         The :class:`Report`; ``report.passed`` is False if any artifact missed a gate.
     Raises:
-        EdgeLMError subclasses for bad input (nothing is written), GateFailure is *not* raised here:
-        the caller decides (the CLI exits 1).
+        EdgeLMError subclasses for bad input (nothing is written). A missed gate is not an exception:
+        it is ``report.passed == False`` with the bundle written, and the CLI exits 1.
     """
     start = time.perf_counter()
     profile, recipe = prepared or prepare(device, formats=formats, quant=quant, seq_len=seq_len, threads=threads)
@@ -330,4 +330,4 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     return report
 
 
-__all__ = ["export_for_device", "GateFailure", "captured_output"]
+__all__ = ["captured_output", "export_for_device", "prepare"]

@@ -145,6 +145,12 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str) -> None:
+    """Raise :class:`UnsupportedQuantError` if ``quant.scheme`` is not one the format ``fmt`` can produce."""
+    if quant.scheme not in schemes:
+        raise UnsupportedQuantError(f"{fmt} export cannot do {quant.scheme!r}; it supports {', '.join(schemes)}")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

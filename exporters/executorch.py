@@ -28,8 +28,8 @@ from exporters.base import (
     ExportFailedError,
     QuantSpec,
     TensorSpec,
-    UnsupportedQuantError,
     check_artifact_file,
+    ensure_scheme,
     package_versions,
     require,
     require_installed,
@@ -104,10 +104,7 @@ def export(
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
-    if quant.scheme not in SCHEMES:
-        raise UnsupportedQuantError(
-            f"ExecuTorch export cannot do {quant.scheme!r}; it supports {', '.join(SCHEMES)}"
-        )
+    ensure_scheme(quant, SCHEMES, "ExecuTorch")
     import torch
 
     exir = require("executorch.exir", "executorch", "to export .pte programs")

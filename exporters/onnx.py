@@ -31,8 +31,8 @@ from exporters.base import (
     ExportFailedError,
     QuantSpec,
     TensorSpec,
-    UnsupportedQuantError,
     check_artifact_file,
+    ensure_scheme,
     package_versions,
     require,
     require_installed,
@@ -78,10 +78,7 @@ def export(
         RuntimeNotInstalledError: torch.onnx's dependencies or onnxruntime missing.
         ExportFailedError: torch.onnx or the quantizer failed.
     """
-    if quant.scheme not in SCHEMES:
-        raise UnsupportedQuantError(
-            f"ONNX export cannot do {quant.scheme!r}; it supports {', '.join(SCHEMES)}"
-        )
+    ensure_scheme(quant, SCHEMES, "ONNX")
     import torch
 
     require("onnxscript", "onnxscript", "to export ONNX with torch.onnx")

@@ -30,6 +30,7 @@ from exporters.base import (
     TensorSpec,
     UnsupportedQuantError,
     check_artifact_file,
+    ensure_scheme,
     is_installed,
     package_versions,
     require,
@@ -82,10 +83,7 @@ def export(
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
-    if quant.scheme not in SCHEMES:
-        raise UnsupportedQuantError(
-            f"TFLite export cannot do {quant.scheme!r}; it supports {', '.join(SCHEMES)}"
-        )
+    ensure_scheme(quant, SCHEMES, "TFLite")
     if quant.scheme == "int8_dynamic" and quant.embedding_bits != 8:
         raise UnsupportedQuantError(
             "TFLite int8_dynamic (litert-torch full_dynamic_recipe) always quantizes the embedding tables; "

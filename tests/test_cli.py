@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import exporters
 from edgelm.cli import app
+from edgelm.profiles import profiles_dir
 
 runner = CliRunner()
 
@@ -181,8 +182,7 @@ def test_export_classifier_with_labels(tiny_classifier, labeled_tsv, tmp_path):
 
 def test_missed_gate_exits_1_and_keeps_the_report(tiny_bert, tmp_path):
     profile = (tmp_path / "tiny-budget.toml")
-    text = (exporters.__file__ and open(os.path.join(os.path.dirname(__file__), "..", "device_profiles",
-                                                     "x86-64-host.toml")).read())
+    text = (profiles_dir() / "x86-64-host.toml").read_text()
     profile.write_text(text.replace('name = "x86-64-host"', 'name = "tiny-budget"')
                        .replace("max_artifact_mb = 512", "max_artifact_mb = 0.01"))
     out_dir = tmp_path / "dist"
