@@ -72,7 +72,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root; artifacts go to OUT/<device>/.")] = Path("dist"),
     fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="Formats to export (repeat or comma-separate): executorch, tflite, onnx. Default: the profile's.")] = None,
     quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quantization for every format (fp32, int8_dynamic) or FORMAT=SCHEME,...")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Max sequence length in tokens (default 128).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Max sequence length in tokens (default: the profile's latency_seq_len).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime CPU threads (default: the profile's; capped at this host's cores when validating here).")] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="Name of the text column in --data.")] = None,
     label_column: Annotated[Optional[str], typer.Option("--label-column", help="Name of the label column in --data.")] = None,

@@ -21,10 +21,6 @@ DEFAULT_GATES = {
 }
 #: Default maximum task-accuracy drop against the PyTorch fp32 model, in percentage points.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
-#: Default max sequence length (tokens) of exported models.
-DEFAULT_SEQ_LEN = 128
-
-
 @dataclass(frozen=True)
 class Gates:
     """Acceptance gates for one artifact.
@@ -133,7 +129,8 @@ def make_recipe(
     Args:
         formats: formats to export (default: those in the profile's ``[quantization]`` table).
         quant: a scheme for every format or ``FORMAT=SCHEME,...`` (default: the profile's preference).
-        seq_len: max tokens (default 128), 2..512.
+        seq_len: max tokens, 2..512 (default: the profile's ``budgets.latency_seq_len``, the length its
+            latency budget is stated at).
         threads: runtime CPU threads (default: the profile's ``validation.threads``).
     Raises:
         RecipeError: unknown format, a scheme the format cannot do, a format the device cannot run,
@@ -144,7 +141,7 @@ def make_recipe(
         if fmt not in exporters.formats():
             raise RecipeError(f"unknown format {fmt!r}; choose from {', '.join(exporters.formats())}")
     overrides = parse_quant_override(quant, chosen)
-    seq = DEFAULT_SEQ_LEN if seq_len is None else int(seq_len)
+    seq = profile.budgets.latency_seq_len if seq_len is None else int(seq_len)
     if not 2 <= seq <= 512:
         raise RecipeError(f"--seq-len {seq} is out of range: use 2..512 tokens")
     n_threads = profile.validation.threads if threads is None else int(threads)

@@ -130,7 +130,8 @@ def export(
             details["float_ops"] = ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]
         else:
             os.replace(fp32_path, path)
-    out_shape = tuple(module(*[t[:1] for t in args]).shape[1:])
+    with torch.no_grad():
+        out_shape = tuple(module(*[t[:1] for t in args]).shape[1:])
     return Artifact(
         path=path,
         format=FORMAT,

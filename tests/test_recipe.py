@@ -32,6 +32,7 @@ def test_overrides():
 def test_profile_without_a_format_still_takes_it_when_asked():
     r = make_recipe(load_profile("raspberry-pi-zero-2w"))
     assert [p.format for p in r.plans] == ["tflite", "onnx"]
+    assert r.seq_len == 64  # the length the profile states its latency budget at
     r = make_recipe(load_profile("raspberry-pi-zero-2w"), formats=["executorch"])
     assert r.plans[0].format == "executorch" and r.plans[0].gates.max_size_mb == 32
 
