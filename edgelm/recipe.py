@@ -21,6 +21,8 @@ DEFAULT_GATES = {
 }
 #: Default maximum task-accuracy drop against the PyTorch fp32 model, in percentage points.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
+
+
 @dataclass(frozen=True)
 class Gates:
     """Acceptance gates for one artifact.

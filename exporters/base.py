@@ -151,6 +151,16 @@ def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str) -> None:
         raise UnsupportedQuantError(f"{fmt} export cannot do {quant.scheme!r}; it supports {', '.join(schemes)}")
 
 
+def output_shape(module: Any, example_inputs: dict[str, Any]) -> tuple[int, ...]:
+    """Shape of ``module``'s output after the batch axis, from one no-grad forward on the first example row
+    (e.g. ``(384,)`` for MiniLM embeddings, ``(num_labels,)`` for logits)."""
+    import torch
+
+    with torch.no_grad():
+        out = module(example_inputs["input_ids"][:1], example_inputs["attention_mask"][:1])
+    return tuple(out.shape[1:])
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

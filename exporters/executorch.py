@@ -30,6 +30,7 @@ from exporters.base import (
     TensorSpec,
     check_artifact_file,
     ensure_scheme,
+    output_shape,
     package_versions,
     require,
     require_installed,
@@ -116,6 +117,7 @@ def export(
     max_seq = int(args[0].shape[1])
     seq = torch.export.Dim("seq", min=2, max=max_seq)
     dynamic_shapes = ({1: seq}, {1: seq})
+    out_shape = output_shape(module, example_inputs)
     module = copy.deepcopy(module).eval()
     details: dict[str, Any] = {"delegate": DELEGATE, "max_seq_len": max_seq}
     try:
@@ -141,8 +143,6 @@ def export(
     except Exception as exc:
         raise ExportFailedError(f"ExecuTorch export failed: {type(exc).__name__}: {exc}") from exc
     path.write_bytes(program.buffer)
-    with torch.no_grad():
-        out_shape = tuple(module(*args).shape[1:])
     return Artifact(
         path=path,
         format=FORMAT,

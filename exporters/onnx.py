@@ -33,6 +33,7 @@ from exporters.base import (
     TensorSpec,
     check_artifact_file,
     ensure_scheme,
+    output_shape,
     package_versions,
     require,
     require_installed,
@@ -87,6 +88,7 @@ def export(
     start = time.perf_counter()
     ids, mask = example_inputs["input_ids"], example_inputs["attention_mask"]
     max_seq = int(ids.shape[1])
+    out_shape = output_shape(module, example_inputs)
     # Trace at batch 2 so that torch.export does not specialise the batch axis to its example value 1.
     args = (ids.repeat(2, 1), mask.repeat(2, 1))
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -130,8 +132,6 @@ def export(
             details["float_ops"] = ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]
         else:
             os.replace(fp32_path, path)
-    with torch.no_grad():
-        out_shape = tuple(module(*[t[:1] for t in args]).shape[1:])
     return Artifact(
         path=path,
         format=FORMAT,

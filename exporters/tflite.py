@@ -31,6 +31,7 @@ from exporters.base import (
     UnsupportedQuantError,
     check_artifact_file,
     ensure_scheme,
+    output_shape,
     is_installed,
     package_versions,
     require,
@@ -97,6 +98,7 @@ def export(
     path = Path(path)
     start = time.perf_counter()
     max_seq = int(example_inputs["input_ids"].shape[1])
+    out_shape = output_shape(module, example_inputs)
     buckets = sorted(set(seq_buckets or default_buckets(max_seq)))
 
     class Int32Inputs(torch.nn.Module):
@@ -127,8 +129,6 @@ def export(
             model.export(str(path))
     except Exception as exc:
         raise ExportFailedError(f"litert-torch conversion failed: {type(exc).__name__}: {exc}") from exc
-    with torch.no_grad():
-        out_shape = tuple(module(example_inputs["input_ids"], example_inputs["attention_mask"]).shape[1:])
     return Artifact(
         path=path,
         format=FORMAT,
