@@ -9,7 +9,7 @@ Signature of every wrapper: ``forward(input_ids, attention_mask) -> output``
   graph) for an encoder checkpoint, or ``logits`` float32 [batch, num_labels] for a
   ``*ForSequenceClassification`` checkpoint.
 
-The additive 4-D attention mask is built in the wrapper (0 for tokens, the float32 minimum for padding)
+The additive 4-D attention mask is built in the wrapper (0 for tokens, :data:`MASK_VALUE` for padding)
 and the encoder layers are called directly: transformers 5's own mask construction breaks PT2E
 quantization and complicates the exported graphs.
 """
@@ -27,6 +27,9 @@ from edgelm.errors import ModelError
 #: model_type values whose modules have the BERT layout (embeddings + encoder.layer[i]) edgelm wraps.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 DEFAULT_MODEL = "default"
+#: Additive attention-mask value for padding. Finite in float16 (the float32 minimum becomes -inf there and
+#: 0 * -inf = NaN in fp16 graphs); exp(-1e4) is exactly 0 in float32, so outputs do not change.
+MASK_VALUE = -1.0e4
 
 
 def default_model_dir() -> Path:
@@ -114,15 +117,21 @@ def build_wrappers():
     """The wrapper classes (defined lazily so that importing this module does not import torch)."""
     import torch
 
-    def encode(base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run embeddings and encoder layers; returns hidden states float32 [batch, seq, hidden]."""
+    def encode(base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               collect: list | None = None) -> torch.Tensor:
+        """Run embeddings and encoder layers; returns hidden states float32 [batch, seq, hidden]. With
+        ``collect``, appends the embedding output and every layer's output to it (L + 1 tensors)."""
         mask = attention_mask.to(torch.float32)
-        additive = (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
+        additive = (1.0 - mask[:, None, None, :]) * MASK_VALUE
         hidden = base.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        if collect is not None:
+            collect.append(hidden)
         for layer in base.encoder.layer:
             hidden = layer(hidden, additive)
             if isinstance(hidden, tuple):  # transformers 4.x layers return tuples
                 hidden = hidden[0]
+            if collect is not None:
+                collect.append(hidden)
         return hidden
 
     class SentenceEmbedding(torch.nn.Module):
@@ -152,13 +161,45 @@ def build_wrappers():
             self.base = model.base_model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.forward_hidden(input_ids, attention_mask)[0]
+
+        def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           collect: list | None = None) -> tuple[torch.Tensor, list]:
+            """``(logits [batch, num_labels], hidden states)``: with ``collect`` (a list), the embedding
+            output and each layer's output float32 [batch, seq, hidden] are appended to it (distillation)."""
             input_ids = input_ids.to(torch.int64)
-            hidden = encode(self.base, input_ids, attention_mask)
+            hidden = encode(self.base, input_ids, attention_mask, collect)
+            return self._head(hidden), collect
+
+        def _head(self, hidden: torch.Tensor) -> torch.Tensor:
             if getattr(self.base, "pooler", None) is not None and hasattr(self.model, "dropout"):
                 return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))  # BERT
             return self.model.classifier(hidden)  # RoBERTa's head pools the first token itself
 
     return SentenceEmbedding, SequenceClassifier
+
+
+def _from_pretrained(auto_cls: Any, directory: Path, cfg: dict, **kwargs: Any) -> Any:
+    """``auto_cls.from_pretrained`` with eager attention; a checkpoint pruned by edgelm (``edgelm_pruning`` in
+    its config) is built from its config, sliced to the recorded shapes, then given its weights."""
+    from edgelm.compress.pruning import CONFIG_KEY, restore_pruned_shapes
+
+    if CONFIG_KEY not in cfg:
+        return auto_cls.from_pretrained(directory, attn_implementation="eager", **kwargs)
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    config._attn_implementation = "eager"
+    hf = auto_cls.from_config(config, **kwargs)
+    restore_pruned_shapes(hf, cfg[CONFIG_KEY])
+    state = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the pruned shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return hf.eval().to(torch.float32)
 
 
 def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
@@ -182,12 +223,10 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
     is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
     try:
         if is_classifier:
-            hf = transformers.AutoModelForSequenceClassification.from_pretrained(
-                directory, attn_implementation="eager"
-            )
+            hf = _from_pretrained(transformers.AutoModelForSequenceClassification, directory, cfg)
             wrapper = SequenceClassifier(hf)
         else:
-            hf = transformers.AutoModel.from_pretrained(directory, add_pooling_layer=False, attn_implementation="eager")
+            hf = _from_pretrained(transformers.AutoModel, directory, cfg, add_pooling_layer=False)
             wrapper = SentenceEmbedding(hf)
     except Exception as exc:  # torch, safetensors and transformers raise many types for a bad file
         raise ModelError(

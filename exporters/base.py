@@ -18,7 +18,24 @@ import numpy as np
 #: - ``int8_dynamic``: int8 weights per output channel (symmetric) for every Linear/MatMul, activations
 #:   quantized to int8 on the fly at run time; LayerNorm, Softmax, GELU and residual adds stay float.
 #:   Where the format allows it the word-embedding table is stored as 8-bit too (per row).
-SCHEMES = ("fp32", "int8_dynamic")
+#: - ``int8_static``: int8 weights per channel and int8 activations with scales fixed by calibration on
+#:   representative inputs (PTQ). Only Linear layers are quantized and the layer groups in
+#:   ``QuantSpec.float_layers`` (default: the FFN down-projections, the one group that loses accuracy) stay
+#:   float; static int8 over every op collapses transformer accuracy (MiniLM cosine 0.38).
+#: - ``8da4w``: int8 dynamic activations, int4 weights in groups of ``group_size`` (32) along the input axis.
+#: - ``int4_weight_only``: int4 group-wise weights, float activations (weights dequantized in the kernel).
+#: - ``fp16``: float16 weights (for GPU delegates; on CPU it halves size, not time).
+SCHEMES = ("fp32", "fp16", "int8_dynamic", "int8_static", "8da4w", "int4_weight_only")
+
+#: Layer groups of a BERT-family encoder that a quantization scheme can keep in float, as regular
+#: expressions on the PyTorch module path (``base.encoder.layer.3.output.dense``).
+LAYER_GROUPS = {
+    "qkv": r"attention\.self\.(query|key|value)$",
+    "attention_output": r"attention\.output\.dense$",
+    "ffn_intermediate": r"intermediate\.dense$",
+    "ffn_output": r"layer\.\d+\.output\.dense$",
+    "head": r"(classifier(\.\w+)?|pooler\.dense)$",
+}
 
 
 class ExporterError(Exception):
@@ -50,11 +67,15 @@ class QuantSpec:
         per_channel: int8 weight scales per output channel (True) or one per tensor (False).
         embedding_bits: store the word-embedding table with this many bits (8) where the format allows,
             or ``None`` to keep it float.
+        group_size: weights per int4 scale group along the input axis (``8da4w``, ``int4_weight_only``).
+        float_layers: names from :data:`LAYER_GROUPS` whose Linear layers stay float (``int8_static``).
     """
 
     scheme: str = "fp32"
     per_channel: bool = True
     embedding_bits: int | None = None
+    group_size: int = 32
+    float_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -63,13 +84,46 @@ class QuantSpec:
             )
         if self.embedding_bits not in (None, 8):
             raise UnsupportedQuantError(f"embedding_bits must be 8 or None, not {self.embedding_bits!r}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise UnsupportedQuantError(f"group_size must be 32, 64, 128 or 256, not {self.group_size!r}")
+        unknown = [g for g in self.float_layers if g not in LAYER_GROUPS]
+        if unknown:
+            raise UnsupportedQuantError(
+                f"unknown layer group(s) {', '.join(unknown)} in float_layers; known: {', '.join(LAYER_GROUPS)}"
+            )
 
     @property
     def is_quantized(self) -> bool:
         return self.scheme != "fp32"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["float_layers"] = list(self.float_layers)
+        return d
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: the scheme, plus the float layer groups of a static scheme."""
+        return self.scheme + (f" (float: {'+'.join(self.float_layers)})" if self.float_layers else "")
+
+
+def is_float_layer(module_path: str, groups: tuple[str, ...]) -> bool:
+    """Whether the Linear at ``module_path`` belongs to one of the :data:`LAYER_GROUPS` in ``groups``."""
+    import re
+
+    return any(re.search(LAYER_GROUPS[g], module_path) for g in groups)
+
+
+def require_calibration(calibration: Any, fmt: str) -> list[dict[str, Any]]:
+    """Return ``calibration`` as a list of feeds, or raise :class:`UnsupportedQuantError` when it is empty:
+    ``int8_static`` fixes activation scales from representative inputs and cannot run without them."""
+    rows = list(calibration or [])
+    if not rows:
+        raise UnsupportedQuantError(
+            f"{fmt} int8_static needs calibration inputs (pass --data with representative text); "
+            "or use int8_dynamic, which needs none"
+        )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -145,10 +199,16 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str) -> None:
-    """Raise :class:`UnsupportedQuantError` if ``quant.scheme`` is not one the format ``fmt`` can produce."""
+def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str,
+                  reasons: dict[str, str] | None = None) -> None:
+    """Raise :class:`UnsupportedQuantError` if ``quant.scheme`` is not one the format ``fmt`` can produce;
+    ``reasons`` maps such schemes to why not (added to the message). Never falls back silently."""
     if quant.scheme not in schemes:
-        raise UnsupportedQuantError(f"{fmt} export cannot do {quant.scheme!r}; it supports {', '.join(schemes)}")
+        why = (reasons or {}).get(quant.scheme)
+        raise UnsupportedQuantError(
+            f"{fmt} export cannot do {quant.scheme!r}" + (f" ({why})" if why else "")
+            + f"; it supports {', '.join(schemes)}"
+        )
 
 
 def output_shape(module: Any, example_inputs: dict[str, Any]) -> tuple[int, ...]:

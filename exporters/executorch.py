@@ -30,6 +30,8 @@ from exporters.base import (
     TensorSpec,
     check_artifact_file,
     ensure_scheme,
+    is_float_layer,
+    require_calibration,
     output_shape,
     package_versions,
     require,
@@ -39,7 +41,14 @@ from exporters.base import (
 
 FORMAT = "executorch"
 SUFFIX = ".pte"
-SCHEMES = ("fp32", "int8_dynamic")
+SCHEMES = ("fp32", "int8_dynamic", "int8_static", "8da4w")
+#: Why the other schemes are refused (the message of the UnsupportedQuantError).
+UNSUPPORTED = {
+    "fp16": "fp16 targets GPU delegates (Vulkan, CoreML, QNN), which edgelm does not lower to yet; "
+            "XNNPACK on CPU gains nothing from it",
+    "int4_weight_only": "XNNPACK has no weight-only int4 linear kernel; use 8da4w (int4 weights, int8 dynamic "
+                        "activations)",
+}
 DELEGATE = "XnnpackPartitioner"
 #: Profile backend names this exporter can lower to.
 DELEGATES = ("xnnpack",)
@@ -86,6 +95,64 @@ def _quantize_embeddings(module: Any) -> int:
     return count
 
 
+def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec,
+               calibration: list[dict[str, Any]], details: dict[str, Any]) -> Any:
+    """PT2E int8 with the XNNPACK quantizer: dynamic (no calibration) or static (observers run over
+    ``calibration``). Static annotates only ``nn.Linear`` modules, minus ``quant.float_layers``."""
+    import torch
+
+    xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch", "for the XNNPACK quantizer")
+    pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "torchao", "for PT2E quantization")
+    dynamic = quant.scheme == "int8_dynamic"
+    config = xq.get_symmetric_quantization_config(is_per_channel=quant.per_channel, is_dynamic=dynamic)
+    quantizer = xq.XNNPACKQuantizer()
+    if dynamic:
+        quantizer.set_global(config)
+    else:
+        linears = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+        kept = [name for name in linears if is_float_layer(name, quant.float_layers)]
+        for name in linears:
+            if name not in kept:
+                quantizer.set_module_name(name, config)
+        details["float_linear_layers"] = kept
+    graph = torch.export.export(module, args, dynamic_shapes=dynamic_shapes).module()
+    graph = pt2e.prepare_pt2e(graph, quantizer)
+    if dynamic:
+        graph(*args)  # dynamic quantization needs no calibration; one pass initialises observers
+        details["quantized_ops"] = ["linear (int8 weights per channel, dynamic int8 activations)"]
+    else:
+        for row in calibration:
+            graph(torch.as_tensor(row["input_ids"], dtype=torch.int64),
+                  torch.as_tensor(row["attention_mask"], dtype=torch.int64))
+        details["quantized_ops"] = [f"linear (int8 weights per channel, static int8 activations from "
+                                    f"{len(calibration)} calibration inputs)"]
+    details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
+    return pt2e.convert_pt2e(graph)
+
+
+def _torchao_8da4w(module: Any, quant: QuantSpec, details: dict[str, Any]) -> None:
+    """torchao ``Int8DynamicActivationIntxWeightConfig``: int4 symmetric weights in groups of
+    ``quant.group_size``, int8 dynamic activations, on every Linear (in place); XNNPACK lowers it."""
+    import torch
+
+    tq = require("torchao.quantization", "torchao", "for 8da4w quantization")
+    granularity = require("torchao.quantization.granularity", "torchao", "for 8da4w quantization")
+    utils = require("torchao.utils", "torchao", "for 8da4w quantization")
+    seen: set[int] = set()
+
+    def once(m: Any, _fqn: str) -> bool:  # a wrapper may reach one Linear by two paths (model.bert / base)
+        if not isinstance(m, torch.nn.Linear) or id(m) in seen:
+            return False
+        seen.add(id(m))
+        return True
+
+    tq.quantize_(module, tq.Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=granularity.PerGroup(quant.group_size)), filter_fn=once)
+    utils.unwrap_tensor_subclass(module)  # plain tensors + quant ops, as ExecuTorch's own XNNPACK recipe does
+    details["quantized_ops"] = [f"linear (int4 weights, groups of {quant.group_size}; dynamic int8 activations)"]
+    details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
+
+
 def export(
     module: Any,
     example_inputs: dict[str, Any],
@@ -93,6 +160,7 @@ def export(
     path: Path,
     *,
     output_name: str = "output",
+    calibration: list[dict[str, Any]] | None = None,
     **_: Any,
 ) -> Artifact:
     """Export ``module`` (forward(input_ids, attention_mask) -> float32 [1, ...]) to a ``.pte`` file.
@@ -100,12 +168,15 @@ def export(
     Args:
         example_inputs: ``{"input_ids", "attention_mask"}`` int64 tensors [1, max_seq]; the sequence axis is
             exported dynamic in [2, max_seq].
-        quant: ``fp32`` or ``int8_dynamic`` (see module docstring). The caller's module is not modified.
+        quant: one of :data:`SCHEMES` (see module docstring). The caller's module is not modified.
+        calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for ``int8_static``.
         path: the ``.pte`` file to write.
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
-    ensure_scheme(quant, SCHEMES, "ExecuTorch")
+    ensure_scheme(quant, SCHEMES, "ExecuTorch", UNSUPPORTED)
+    if quant.scheme == "int8_static":
+        calibration = require_calibration(calibration, "ExecuTorch")
     import torch
 
     exir = require("executorch.exir", "executorch", "to export .pte programs")
@@ -122,21 +193,12 @@ def export(
     details: dict[str, Any] = {"delegate": DELEGATE, "max_seq_len": max_seq}
     try:
         with torch.no_grad():
-            if quant.scheme == "int8_dynamic":
-                if quant.embedding_bits == 8:
-                    details["embedding_tables_int8"] = _quantize_embeddings(module)
-                xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch",
-                             "for the XNNPACK quantizer")
-                pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "torchao", "for PT2E quantization")
-                graph = torch.export.export(module, args, dynamic_shapes=dynamic_shapes).module()
-                quantizer = xq.XNNPACKQuantizer().set_global(
-                    xq.get_symmetric_quantization_config(is_per_channel=quant.per_channel, is_dynamic=True)
-                )
-                graph = pt2e.prepare_pt2e(graph, quantizer)
-                graph(*args)  # dynamic quantization needs no calibration; one pass initialises observers
-                module = pt2e.convert_pt2e(graph)
-                details["quantized_ops"] = ["linear (int8 weights per channel, dynamic int8 activations)"]
-                details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
+            if quant.is_quantized and quant.embedding_bits == 8:
+                details["embedding_tables_int8"] = _quantize_embeddings(module)
+            if quant.scheme in ("int8_dynamic", "int8_static"):
+                module = _pt2e_int8(module, args, dynamic_shapes, quant, calibration or [], details)
+            elif quant.scheme == "8da4w":
+                _torchao_8da4w(module, quant, details)
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
             edge = exir.to_edge_transform_and_lower(exported, partitioner=[xnn.XnnpackPartitioner()])
             program = edge.to_executorch()

@@ -33,6 +33,8 @@ from exporters.base import (
     TensorSpec,
     check_artifact_file,
     ensure_scheme,
+    is_float_layer,
+    require_calibration,
     output_shape,
     package_versions,
     require,
@@ -41,7 +43,7 @@ from exporters.base import (
 
 FORMAT = "onnx"
 SUFFIX = ".onnx"
-SCHEMES = ("fp32", "int8_dynamic")
+SCHEMES = ("fp32", "fp16", "int8_dynamic", "int8_static", "8da4w", "int4_weight_only")
 DELEGATE = "CPUExecutionProvider"
 #: Profile backend names this exporter's artifacts are validated with.
 DELEGATES = ("CPUExecutionProvider",)
@@ -65,6 +67,7 @@ def export(
     path: Path,
     *,
     output_name: str = "output",
+    calibration: list[dict[str, Any]] | None = None,
     **_: Any,
 ) -> Artifact:
     """Export ``module`` (forward(input_ids, attention_mask) -> float32 [batch, ...]) to ``path``.
@@ -72,14 +75,17 @@ def export(
     Args:
         example_inputs: ``{"input_ids", "attention_mask"}`` int64 tensors [1, max_seq]; max_seq bounds the
             dynamic sequence axis.
-        quant: ``fp32`` or ``int8_dynamic`` (see module docstring).
+        quant: any of :data:`SCHEMES` (see module docstring).
         path: the ``.onnx`` file to write (a single file; no external data).
+        calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for ``int8_static``.
     Raises:
         UnsupportedQuantError: a scheme not in :data:`SCHEMES`.
         RuntimeNotInstalledError: torch.onnx's dependencies or onnxruntime missing.
         ExportFailedError: torch.onnx or the quantizer failed.
     """
     ensure_scheme(quant, SCHEMES, "ONNX")
+    if quant.scheme == "int8_static":
+        calibration = require_calibration(calibration, "ONNX")
     import torch
 
     require("onnxscript", "onnxscript", "to export ONNX with torch.onnx")
@@ -111,27 +117,10 @@ def export(
         except Exception as exc:  # torch.onnx raises many types; the message is what matters
             raise ExportFailedError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
         details: dict[str, Any] = {"opset": OPSET, "exporter": "torch.onnx dynamo", "delegate": DELEGATE}
-        if quant.scheme == "int8_dynamic":
-            qz = require("onnxruntime.quantization", "onnxruntime", "to quantize ONNX models")
-            op_types = ["MatMul", "Gemm"] + (["Gather"] if quant.embedding_bits == 8 else [])
-            model = onnx.load(str(fp32_path))
-            del model.graph.value_info[:]  # let ORT re-infer shapes (see module docstring)
-            cleared = Path(tmp) / "cleared.onnx"
-            onnx.save(model, str(cleared))
-            try:
-                qz.quantize_dynamic(
-                    str(cleared),
-                    str(path),
-                    per_channel=quant.per_channel,
-                    weight_type=qz.QuantType.QInt8,
-                    op_types_to_quantize=op_types,
-                )
-            except Exception as exc:
-                raise ExportFailedError(f"onnxruntime quantize_dynamic failed: {exc}") from exc
-            details["quantized_op_types"] = op_types
-            details["float_ops"] = ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]
-        else:
+        if quant.scheme == "fp32":
             os.replace(fp32_path, path)
+        else:
+            details.update(_quantize(fp32_path, path, quant, calibration, Path(tmp)))
     return Artifact(
         path=path,
         format=FORMAT,
@@ -143,6 +132,97 @@ def export(
         details={**details, "max_seq_len": max_seq},
         export_seconds=time.perf_counter() - start,
     )
+
+
+def _linear_nodes(model: Any) -> list[tuple[str, str]]:
+    """``(node name, PyTorch module path)`` of every MatMul/Gemm whose weight is a constant (the Linear
+    layers; attention's activation x activation MatMuls are left out). The module path comes from the
+    dynamo exporter's ``pkg.torch.onnx.name_scopes`` node metadata."""
+    import ast
+
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in constants:
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            scopes = []
+        out.append((node.name, str(scopes[-2]) if len(scopes) >= 2 else ""))
+    return out
+
+
+def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[dict[str, Any]] | None,
+              tmp: Path) -> dict[str, Any]:
+    """Quantize the fp32 graph at ``fp32_path`` into ``path`` by ``quant.scheme``; returns report details.
+
+    - fp16: ``onnxruntime.transformers.float16`` (inputs and outputs stay int64 / float32).
+    - int8_dynamic: ``quantize_dynamic``, MatMul/Gemm (+ Gather) QInt8 per channel.
+    - int8_static: ``quantize_static`` (QDQ, MinMax calibration on ``calibration``) on the Linear MatMul/Gemm
+      nodes outside ``quant.float_layers``; then the Gather tables dynamically (8-bit).
+    - 8da4w / int4_weight_only: ``MatMulNBitsQuantizer`` (symmetric int4, blocks of ``group_size``) with
+      ``accuracy_level`` 4 (activations quantized to int8 in the kernel) or 0 (float activations).
+    """
+    onnx = require("onnx", "onnx", "to quantize ONNX models")
+    qz = require("onnxruntime.quantization", "onnxruntime", "to quantize ONNX models")
+    model = onnx.load(str(fp32_path))
+    del model.graph.value_info[:]  # let ORT re-infer shapes (see module docstring)
+    details: dict[str, Any] = {"float_ops": ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]}
+    gather = quant.embedding_bits == 8
+    try:
+        if quant.scheme == "fp16":
+            f16 = require("onnxruntime.transformers.float16", "onnxruntime", "for fp16 conversion")
+            onnx.save(f16.convert_float_to_float16(model, keep_io_types=True), str(path))
+            return {"weights": "float16", "float_ops": []}
+        cleared = tmp / "cleared.onnx"
+        onnx.save(model, str(cleared))
+        if quant.scheme == "int8_dynamic":
+            op_types = ["MatMul", "Gemm"] + (["Gather"] if gather else [])
+            qz.quantize_dynamic(str(cleared), str(path), per_channel=quant.per_channel,
+                                weight_type=qz.QuantType.QInt8, op_types_to_quantize=op_types)
+            return {**details, "quantized_op_types": op_types}
+        linear = _linear_nodes(model)
+        kept = [(n, m) for n, m in linear if is_float_layer(m, quant.float_layers)]
+        chosen = [n for n, m in linear if (n, m) not in kept]
+        stage = tmp / "stage.onnx"
+        if quant.scheme == "int8_static":
+            feeds = [{k: np.asarray(v, dtype=np.int64) for k, v in row.items()} for row in calibration or []]
+
+            class Reader(qz.CalibrationDataReader):
+                def __init__(self):
+                    self._it = iter(feeds)
+
+                def get_next(self):
+                    return next(self._it, None)
+
+            qz.quantize_static(
+                str(cleared), str(stage), Reader(), quant_format=qz.QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=chosen,
+                per_channel=quant.per_channel, activation_type=qz.QuantType.QUInt8,
+                weight_type=qz.QuantType.QInt8, calibrate_method=qz.CalibrationMethod.MinMax,
+            )
+            details.update(activations="uint8 static (MinMax over %d calibration inputs)" % len(feeds))
+        else:
+            nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime", "for int4")
+            level = 4 if quant.scheme == "8da4w" else 0
+            q = nbits.MatMulNBitsQuantizer(model, block_size=quant.group_size, is_symmetric=True,
+                                          accuracy_level=level, nodes_to_exclude=[n for n, _ in kept])
+            q.process()
+            q.model.save_model_to_file(str(stage), use_external_data_format=False)
+            details.update(weights=f"int4 symmetric, blocks of {quant.group_size} (MatMulNBits)",
+                           activations="int8 in the kernel (accuracy_level 4)" if level else "float")
+        if gather:
+            qz.quantize_dynamic(str(stage), str(path), weight_type=qz.QuantType.QInt8, op_types_to_quantize=["Gather"])
+        else:
+            os.replace(stage, path)
+    except Exception as exc:
+        raise ExportFailedError(f"onnxruntime quantization ({quant.scheme}) failed: {type(exc).__name__}: {exc}") from exc
+    details["quantized_linear_nodes"] = len(chosen)
+    details["float_linear_layers"] = sorted({m for _, m in kept})
+    return details
 
 
 class OnnxSession:

@@ -42,7 +42,15 @@ from exporters.base import (
 
 FORMAT = "tflite"
 SUFFIX = ".tflite"
-SCHEMES = ("fp32", "int8_dynamic")
+SCHEMES = ("fp32", "fp16", "int8_dynamic", "8da4w")
+#: Why the other schemes are refused (the message of the UnsupportedQuantError).
+UNSUPPORTED = {
+    "int8_static": "litert-torch and ai-edge-quantizer quantize every op's activations statically (w8a8), "
+                   "which collapsed MiniLM to cosine 0.64, and cannot keep the sensitive layers float here; "
+                   "use int8_dynamic for TFLite, or int8_static with ONNX or ExecuTorch",
+    "int4_weight_only": "litert-torch's recipe matrix has no int4 weight-only layer recipe; use 8da4w (int4 "
+                        "blockwise weights, dynamic-range int8 activations)",
+}
 DELEGATE = "XNNPACK"
 #: Profile delegate names this exporter's artifacts are validated with.
 DELEGATES = ("xnnpack",)
@@ -65,6 +73,20 @@ def default_buckets(max_seq: int) -> list[int]:
     return buckets + [max_seq]
 
 
+def _recipe(quant: QuantSpec) -> tuple[Any, str]:
+    """The litert-torch quantization config for ``quant`` and a one-line description of it."""
+    recipes = require("litert_torch.generative.quantize.quant_recipes", "litert-torch", "for quantization recipes")
+    attrs = require("litert_torch.generative.quantize.quant_attrs", "litert-torch", "for quantization recipes")
+    if quant.scheme == "fp16":
+        return recipes.full_fp16_recipe(), "litert_torch full_fp16_recipe (float16 weights, float32 compute)"
+    if quant.scheme == "int8_dynamic":
+        return (recipes.full_dynamic_recipe(),
+                "litert_torch full_dynamic_recipe (int8 channelwise weights, dynamic-range int8 activations)")
+    block = getattr(attrs.Granularity, f"BLOCKWISE_{quant.group_size}")
+    return (recipes.full_dynamic_recipe(weight_dtype=attrs.Dtype.INT4, granularity=block),
+            f"litert_torch full_dynamic_recipe (int4 weights, blocks of {quant.group_size}; dynamic-range int8 activations)")
+
+
 def export(
     module: Any,
     example_inputs: dict[str, Any],
@@ -79,16 +101,16 @@ def export(
 
     Args:
         example_inputs: ``{"input_ids", "attention_mask"}`` tensors [1, max_seq].
-        quant: ``fp32`` or ``int8_dynamic`` (embedding_bits must be 8, see module docstring).
+        quant: one of :data:`SCHEMES` (quantized ones need embedding_bits=8, see module docstring).
         seq_buckets: sequence lengths to export one signature each for (default :func:`default_buckets`).
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
-    ensure_scheme(quant, SCHEMES, "TFLite")
-    if quant.scheme == "int8_dynamic" and quant.embedding_bits != 8:
+    ensure_scheme(quant, SCHEMES, "TFLite", UNSUPPORTED)
+    if quant.scheme in ("int8_dynamic", "8da4w") and quant.embedding_bits != 8:
         raise UnsupportedQuantError(
-            "TFLite int8_dynamic (litert-torch full_dynamic_recipe) always quantizes the embedding tables; "
-            "use embedding_bits=8 or fp32"
+            f"TFLite {quant.scheme} (a litert-torch recipe) always quantizes the embedding tables too; "
+            "use embedding_bits=8, or fp32/fp16"
         )
     if quant.scheme == "int8_dynamic" and not quant.per_channel:
         raise UnsupportedQuantError("TFLite int8_dynamic is per-channel only in edgelm")
@@ -118,10 +140,8 @@ def export(
         )
     quant_config = None
     details: dict[str, Any] = {"delegate": DELEGATE, "seq_buckets": buckets, "signatures": [f"seq_{b}" for b in buckets]}
-    if quant.scheme == "int8_dynamic":
-        recipes = require("litert_torch.generative.quantize.quant_recipes", "litert-torch", "for int8 recipes")
-        quant_config = recipes.full_dynamic_recipe()
-        details["recipe"] = "litert_torch full_dynamic_recipe (int8 channelwise weights, dynamic-range activations)"
+    if quant.is_quantized:
+        quant_config, details["recipe"] = _recipe(quant)
         details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
     try:
         with torch.no_grad():
