@@ -31,7 +31,8 @@ app.add_typer(devices_app, name="devices")
 
 out_console = Console()
 #: the report columns shown in the terminal summary (report.md has them all)
-TERMINAL_COLUMNS = ("artifact", "size MB", "cosine", "top-1", "accuracy %", "p50 ms", "× eager", "RSS MB", "gate")
+TERMINAL_COLUMNS = ("artifact", "pruned", "size MB", "cosine", "top-1", "accuracy %", "p50 ms", "× eager", "RSS MB",
+                    "est. device ms", "gate")
 
 
 def _err_console() -> Console:
@@ -71,18 +72,26 @@ def export(
     data: Annotated[Optional[str], typer.Option("--data", help="Eval data: .tsv/.csv/.jsonl with a text column and an optional label column. Default: built-in probe sentences.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root; artifacts go to OUT/<device>/.")] = Path("dist"),
     fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="Formats to export (repeat or comma-separate): executorch, tflite, onnx. Default: the profile's.")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quantization for every format (fp32, int8_dynamic) or FORMAT=SCHEME,...")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quantization for every format (fp32, fp16, int8_dynamic, int8_static, 8da4w, int4_weight_only) or FORMAT=SCHEME,...")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Max sequence length in tokens (default: the profile's latency_seq_len).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime CPU threads (default: the profile's; capped at this host's cores when validating here).")] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="Name of the text column in --data.")] = None,
     label_column: Annotated[Optional[str], typer.Option("--label-column", help="Name of the label column in --data.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many rows of --data.")] = None,
+    prune: Annotated[Optional[float], typer.Option("--prune", help="Prune this share (0-1) of attention heads and FFN neurons before export (one-shot magnitude; classifiers).")] = None,
+    train_data: Annotated[Optional[str], typer.Option("--train-data", help="Labeled file to distill pruned models on, from the unpruned model.")] = None,
+    distill_epochs: Annotated[int, typer.Option("--distill-epochs", help="Epochs of distillation on --train-data for each pruned model.")] = 1,
+    search: Annotated[bool, typer.Option("--search", help="Pick a pruning ratio and scheme per format within the accuracy and device budgets (needs labeled --data).")] = False,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget in points against the fp32 model (default: the profile's gate, else 1.0).")] = None,
+    max_sparsity: Annotated[float, typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5).")] = 0.5,
+    search_time: Annotated[float, typer.Option("--search-time", help="Time limit of --search per format, s.")] = 900.0,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
     from edgelm.pipeline import export_for_device, prepare
 
-    prepared = prepare(device, formats=_split(fmt), quant=quant, seq_len=seq_len, threads=threads)
+    prepared = prepare(device, formats=_split(fmt), quant=quant, seq_len=seq_len, threads=threads, sparsity=prune,
+                       max_accuracy_drop=max_accuracy_drop)
     err = _err_console()
     command = "edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -98,6 +107,9 @@ def export(
                       f"acc drop ≤ {g.max_accuracy_drop} pt, ≤ {g.max_size_mb:g} MB")
         err.print(t)
 
+    if search:
+        err.print("[bold]--search[/]: each format's scheme and pruning ratio are chosen by measured accuracy "
+                  f"(time limit {search_time:.0f} s per format); the recipe below is the starting point")
     show_recipe(prepared[1])
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=False) as bar:
@@ -109,7 +121,8 @@ def export(
         report = export_for_device(
             device, model=model, data=data, out=out, formats=_split(fmt), quant=quant, seq_len=seq_len,
             threads=threads, text_column=text_column, label_column=label_column, limit=limit,
-            progress=progress, command=command, prepared=prepared,
+            progress=progress, command=command, prepared=prepared, train_data=train_data,
+            distill_epochs=distill_epochs, search=search, max_sparsity=max_sparsity, search_time=search_time,
         )
     from edgelm.report import artifact_rows
 
@@ -130,9 +143,155 @@ def export(
         if not a.passed:
             failed = [k for k, g in a.gates.items() if not g["passed"]]
             out_console.print(f"[red]{a.file} failed[/]: {a.error or ', '.join(failed)}")
+    if report.search:
+        chosen = [c for c in report.search["candidates"] if c["status"] == "chosen"]
+        out_console.print(f"search: {len([c for c in report.search['candidates'] if c['accuracy'] is not None])} "
+                          "candidates measured; chosen: " + "; ".join(
+                              f"{c['format']} {c['sparsity']:.0%} pruned {c['label']} (drop {c['accuracy_drop']:+.2f})"
+                              for c in chosen)
+                          + (" [time limit reached]" if report.search["time_limit_reached"] else ""))
     out_console.print(f"report: {Path(report.output_dir) / 'report.md'}  ({report.wall_seconds:.0f} s)")
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _fit_progress(err: Console):
+    """A rich progress bar and the (description, done, total) callback that drives it."""
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=err)
+    task = bar.add_task("loading", total=None)
+    return bar, lambda desc, done, total: bar.update(task, description=desc, completed=done, total=total)
+
+
+def _history_table(result, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("epoch", "train loss", "eval accuracy %", "heads pruned", "FFN pruned", ""):
+        t.add_column(col, justify="right")
+    for e in result.history:
+        t.add_row(str(e.epoch), f"{e.train_loss:.4f}", "–" if e.eval_accuracy is None else f"{e.eval_accuracy:.2f}",
+                  f"{e.head_sparsity:.0%}", f"{e.neuron_sparsity:.0%}", "kept" if e.epoch == result.best_epoch else "")
+    return t
+
+
+@app.command()
+@handle_errors
+def finetune(
+    data: Annotated[str, typer.Option("--data", help="Labeled training data (.tsv/.csv/.jsonl with text and label columns).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (Hugging Face layout).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a checkpoint directory.")] = "default",
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Labeled eval data; the best epoch on it is kept.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up and decay).")] = 5e-5,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw, or sage (sensitivity-guided adaptive learning rate, Liang et al. 2022).")] = "adamw",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Max tokens per training example.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same checkpoint on the same machine.")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N training rows.")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Use the first N eval rows.")] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+):
+    """Fine-tune an encoder into a sequence classifier and write a Hugging Face checkpoint."""
+    from edgelm.compress.jobs import run_finetune
+    from edgelm.compress.train import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
+    bar, progress = _fit_progress(_err_console())
+    with bar:
+        result = run_finetune(model, data, out, eval_data=eval_data, cfg=cfg, limit=limit, eval_limit=eval_limit,
+                              text_column=text_column, label_column=label_column, progress=progress)
+    out_console.print(_history_table(result, f"fine-tuning ({optimizer}, {result.seconds:.0f} s)"))
+    out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
+
+
+@app.command()
+@handle_errors
+def compress(
+    model: Annotated[str, typer.Option("--model", "-m", help="A fine-tuned classifier checkpoint (from `edgelm finetune`).")],
+    data: Annotated[str, typer.Option("--data", help="Labeled training data for pruning-aware training / distillation.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Labeled eval data.")] = None,
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Share of FFN neurons (and heads) to remove, 0-1.")] = 0.5,
+    head_sparsity: Annotated[Optional[float], typer.Option("--head-sparsity", help="Share of attention heads to remove (default: --sparsity).")] = None,
+    method: Annotated[str, typer.Option("--method", help="platon (sensitivity + uncertainty, cubic schedule during training) or magnitude (one-shot).")] = "platon",
+    distill: Annotated[bool, typer.Option("--distill", help="Distil from the unpruned model (CE + KL + hidden MSE); with platon: HomoDistil-style.")] = False,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (magnitude: 0 for pruning only).")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    lr: Annotated[float, typer.Option("--lr")] = 5e-5,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sage.")] = "adamw",
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit")] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+):
+    """Remove attention heads and FFN neurons for real (structured pruning), optionally with distillation."""
+    from edgelm.compress.jobs import run_compress
+    from edgelm.compress.train import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
+    bar, progress = _fit_progress(_err_console())
+    with bar:
+        result, summary = run_compress(model, data, out, sparsity=sparsity, head_sparsity=head_sparsity,
+                                       method=method, distill=distill, eval_data=eval_data, cfg=cfg, limit=limit,
+                                       eval_limit=eval_limit, text_column=text_column, label_column=label_column,
+                                       progress=progress)
+    if result.history:
+        out_console.print(_history_table(result, f"{method} pruning{' + distillation' if distill else ''}"))
+    s = summary
+    acc = " ".join(f"{k.replace('accuracy_', '')} {v:.2f}%" for k, v in s.items() if k.startswith("accuracy") and v is not None)
+    out_console.print(f"encoder parameters {s['encoder_parameters_before']:,} → {s['encoder_parameters_after']:,}; "
+                      f"heads per layer {s['heads_per_layer']}; FFN neurons per layer {s['ffn_neurons_per_layer']}"
+                      + (f"; accuracy: {acc}" if acc else ""))
+    out_console.print(f"checkpoint: {Path(out).resolve()}")
+
+
+@app.command()
+@handle_errors
+def estimate(
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' or a checkpoint directory.")] = "default",
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Scheme(s) to estimate, comma-separated (default: fp32 and the profile's).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Estimate parameters, MACs, weight and activation memory, latency and peak RAM on a device, before export."""
+    import json as _json
+
+    from edgelm.compress.estimate import WEIGHT_BITS
+    from edgelm.compress.estimate import estimate as cost
+    from edgelm.models import load_model
+    from edgelm.profiles import load_profile
+
+    profile = load_profile(device)
+    schemes = _split([quant]) if quant else list(dict.fromkeys(["fp32", *profile.quantization.values()]))
+    for sc in schemes:
+        if sc not in WEIGHT_BITS:
+            raise EdgeLMError(f"unknown scheme {sc!r}; choose from {', '.join(WEIGHT_BITS)}")
+    if seq_len is not None and not 2 <= seq_len <= 512:
+        raise EdgeLMError(f"--seq-len {seq_len}: use 2..512 tokens")
+    loaded = load_model(model)
+    rows = [cost(loaded.module, profile, scheme=sc, fmt="pytorch" if sc == "fp32" else next(
+        (f for f, q in profile.quantization.items() if q == sc), "onnx"), seq_len=seq_len, threads=threads).to_dict()
+        for sc in schemes]
+    if as_json:
+        out_console.print_json(_json.dumps(rows))
+        return
+    b = profile.budgets
+    t = Table(title=f"estimate: {model} on {profile.display_name} ({rows[0]['threads']} threads, seq "
+                    f"{rows[0]['seq_len']}, batch 1; budget {b.target_latency_ms:g} ms, {b.max_peak_ram_mb:g} MB RAM, "
+                    f"{b.max_artifact_mb:g} MB file)", title_justify="left")
+    for col in ("scheme", "runtime", "params M", "GMACs", "weights MB", "act. MB", "latency ms", "RAM MB"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        t.add_row(r["scheme"], r["format"], f"{r['parameters'] / 1e6:.2f}", f"{r['macs'] / 1e9:.2f}",
+                  f"{r['weight_mb']:.1f}", f"{r['activation_mb']:.1f}", f"{r['latency_ms']:.1f}",
+                  f"{r['peak_ram_mb']:.0f}")
+    out_console.print(t)
+    out_console.print("Roofline estimate from the profile's \\[hardware] figures (edgelm.compress.estimate); "
+                      "`edgelm export` reports it beside the measurement.", highlight=False)
 
 
 @devices_app.callback()

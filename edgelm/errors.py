@@ -36,3 +36,10 @@ class ExportError(EdgeLMError):
 
 class ValidationError(EdgeLMError):
     """A runner failed to run an artifact (crash, timeout, missing output)."""
+
+
+class BudgetError(EdgeLMError):
+    """The accuracy-budget search found no candidate within the budgets; the message names the closest.
+    Exit code 1, like a missed gate: the input was fine, the budget cannot be met."""
+
+    exit_code = 1

@@ -120,8 +120,10 @@ def check_gates(result: ArtifactResult, plan: FormatPlan, kind: str) -> None:
     result.passed = result.error is None and all(x["passed"] for x in result.gates.values())
 
 
-def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, directory: Path) -> exporters.Artifact:
-    """Export one plan's artifact into ``directory``. Raises RuntimeMissingError or ExportError."""
+def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, directory: Path,
+                    calibration: list[dict[str, np.ndarray]] | None = None) -> exporters.Artifact:
+    """Export one plan's artifact into ``directory`` (``calibration``: feeds for int8_static).
+    Raises RuntimeMissingError or ExportError."""
     import torch
 
     example = {
@@ -130,7 +132,8 @@ def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, director
     }
     try:
         return exporters.get(plan.format).export(
-            model.module, example, plan.quant, directory / plan.artifact_name, output_name=model.output_name
+            model.module, example, plan.quant, directory / plan.artifact_name, output_name=model.output_name,
+            calibration=calibration,
         )
     except exporters.RuntimeNotInstalledError as exc:
         raise RuntimeMissingError(str(exc)) from None
@@ -160,11 +163,13 @@ def _install(tmp: Path, final: Path) -> None:
 
 
 def prepare(device: str, *, formats: list[str] | None = None, quant: str | None = None,
-            seq_len: int | None = None, threads: int | None = None) -> tuple[DeviceProfile, Recipe]:
+            seq_len: int | None = None, threads: int | None = None, sparsity: float | None = None,
+            max_accuracy_drop: float | None = None) -> tuple[DeviceProfile, Recipe]:
     """Load the profile, derive the recipe, and check that every format's packages are installed.
     Cheap (no model loading). Raises ProfileError, RecipeError or RuntimeMissingError."""
     profile = load_profile(device)
-    recipe = make_recipe(profile, formats=formats, quant=quant, seq_len=seq_len, threads=threads)
+    recipe = make_recipe(profile, formats=formats, quant=quant, seq_len=seq_len, threads=threads,
+                         sparsity=sparsity, max_accuracy_drop=max_accuracy_drop)
     for plan in recipe.plans:
         try:
             exporters.get(plan.format).check_installed()
@@ -190,6 +195,13 @@ def export_for_device(
     on_recipe: Callable[[Recipe], None] | None = None,
     command: str = "",
     prepared: tuple[DeviceProfile, Recipe] | None = None,
+    sparsity: float | None = None,
+    max_accuracy_drop: float | None = None,
+    train_data: str | None = None,
+    distill_epochs: int = 1,
+    search: bool = False,
+    max_sparsity: float = 0.5,
+    search_time: float = 900.0,
 ) -> Report:
     """Export ``model`` for ``device`` in every format of its recipe, validate each artifact on the host,
     and write ``out/<device>/`` (artifacts, tokenizer, manifest.json, golden.npz, report.json/md, logs/).
@@ -203,6 +215,12 @@ def export_for_device(
         progress: called with (description, done, total) as steps complete.
         on_recipe: called with the recipe once it is derived.
         prepared: the result of :func:`prepare`, if the caller already has it.
+        sparsity: prune this share of heads and FFN neurons (one-shot magnitude) before export (classifiers).
+        max_accuracy_drop: the accuracy budget, points against the unpruned fp32 model.
+        train_data: labeled file to distill pruned models on (from the unpruned model) for ``distill_epochs``.
+        search: run the accuracy-budget search (:mod:`edgelm.search`) per format instead of the recipe's
+            fixed scheme; needs labeled ``data``; tries sparsities up to ``max_sparsity`` for at most
+            ``search_time`` seconds per format.
     Returns:
         The :class:`Report`; ``report.passed`` is False if any artifact missed a gate.
     Raises:
@@ -210,14 +228,16 @@ def export_for_device(
         it is ``report.passed == False`` with the bundle written, and the CLI exits 1.
     """
     start = time.perf_counter()
-    profile, recipe = prepared or prepare(device, formats=formats, quant=quant, seq_len=seq_len, threads=threads)
+    profile, recipe = prepared or prepare(device, formats=formats, quant=quant, seq_len=seq_len, threads=threads,
+                                          sparsity=sparsity, max_accuracy_drop=max_accuracy_drop)
     if on_recipe:
         on_recipe(recipe)
     total = 4 + 2 * len(recipe.plans)
     done = 0
 
     def step(desc: str) -> None:
-        nonlocal done
+        nonlocal done, total
+        total = max(total, done + 2)  # the search adds steps as it tries candidates
         if progress:
             progress(desc, done, total)
         done += 1
@@ -231,7 +251,9 @@ def export_for_device(
         (tmp / "logs").mkdir()
         with captured_output(tmp / "logs" / "export.log"):
             report = _export_into(tmp, final, profile, recipe, model=model, data=data, text_column=text_column,
-                                  label_column=label_column, limit=limit, step=step, command=command, start=start)
+                                  label_column=label_column, limit=limit, step=step, command=command, start=start,
+                                  train_data=train_data, distill_epochs=distill_epochs, search=search,
+                                  max_sparsity=max_sparsity, search_time=search_time)
         _install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,26 +265,106 @@ def export_for_device(
     return report
 
 
+CALIBRATION_ROWS = 64
+
+
+def calibration_rows(ids: np.ndarray, mask: np.ndarray, n: int = CALIBRATION_ROWS) -> list[dict[str, np.ndarray]]:
+    """Up to ``n`` evenly spaced inputs, each [1, its own length] int64, for static-quantization calibration."""
+    idx = np.unique(np.linspace(0, len(ids) - 1, num=min(n, len(ids))).astype(int))
+    rows = []
+    for i in idx:
+        length = max(2, int(mask[i].sum()))
+        rows.append({"input_ids": ids[i:i + 1, :length], "attention_mask": mask[i:i + 1, :length]})
+    return rows
+
+
+class _Variants:
+    """The model at each sparsity, built on demand and cached: 0 is the loaded model; others are one-shot
+    magnitude-pruned copies, distilled from the unpruned model when training data is given."""
+
+    def __init__(self, loaded: LoadedModel, ids: np.ndarray, mask: np.ndarray, train: tuple | None,
+                 distill_epochs: int, seq_len: int):
+        self.loaded, self.ids, self.mask, self.train = loaded, ids, mask, train
+        self.distill_epochs, self.seq_len = distill_epochs, seq_len
+        self._cache: dict[float, tuple[LoadedModel, np.ndarray, dict | None]] = {}
+        self._structure: dict[float, LoadedModel] = {}
+
+    def structure(self, sparsity: float) -> LoadedModel:
+        """A pruned copy for the cost model only (no training)."""
+        if sparsity == 0 or sparsity in self._cache:
+            return self.get(sparsity)[0]
+        if sparsity not in self._structure:
+            self._structure[sparsity] = self._pruned(sparsity)[0]
+        return self._structure[sparsity]
+
+    def _pruned(self, sparsity: float) -> tuple[LoadedModel, dict]:
+        import copy
+
+        from edgelm.compress import pruning
+
+        m = copy.deepcopy(self.loaded)
+        before = pruning.encoder_parameter_count(m.module)
+        record = pruning.prune_one_shot(m.module, sparsity)
+        info = {"method": "magnitude (one-shot)", "sparsity": sparsity, "encoder_parameters_before": before,
+                "encoder_parameters_after": pruning.encoder_parameter_count(m.module), "record": record}
+        return m, info
+
+    def get(self, sparsity: float) -> tuple[LoadedModel, np.ndarray, dict | None]:
+        """``(model, its reference outputs on the golden inputs, compression info or None)``."""
+        if sparsity not in self._cache:
+            if sparsity == 0:
+                self._cache[0.0] = (self.loaded, reference_outputs(self.loaded, self.ids, self.mask), None)
+            else:
+                from edgelm.compress.train import TrainConfig, fit, teacher_copy
+
+                m, info = self._pruned(sparsity)
+                if self.train is not None and self.distill_epochs > 0:
+                    res = fit(m.module, self.train, None, TrainConfig(epochs=self.distill_epochs, lr=1e-4,
+                                                                     seq_len=self.seq_len),
+                              teacher=teacher_copy(self.loaded.module))
+                    info.update(distill_epochs=self.distill_epochs, distill_seconds=res.seconds)
+                self._cache[sparsity] = (m, reference_outputs(m, self.ids, self.mask), info)
+        return self._cache[sparsity]
+
+
 def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe, *, model, data, text_column,
-                 label_column, limit, step: Callable[[str], None], command: str, start: float) -> Report:
+                 label_column, limit, step: Callable[[str], None], command: str, start: float,
+                 train_data: str | None = None, distill_epochs: int = 1, search: bool = False,
+                 max_sparsity: float = 0.5, search_time: float = 900.0) -> Report:
     """The body of :func:`export_for_device`: everything is written into ``tmp``."""
+    from edgelm.compress.estimate import estimate
+
     step("loading model")
     loaded = load_model(model)
     if recipe.seq_len > loaded.max_positions:
         raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
+    if (recipe.sparsity > 0 or search) and loaded.kind != "classifier":
+        raise RecipeError("pruning and the accuracy-budget search need a fine-tuned classifier (--model from "
+                          "`edgelm finetune`); an embedding model has no task accuracy to guard")
     step("reading data")
     dataset = data_mod.load_dataset(data, text_column, label_column, limit) if data else data_mod.probe_dataset()
     labels = None
     if dataset.labels is not None and loaded.kind == "classifier":
         labels = data_mod.label_indices(dataset.labels, loaded.labels)
+    if search and labels is None:
+        raise RecipeError("--search measures task accuracy: pass --data with a label column")
     tokenizer = data_mod.load_tokenizer(loaded.tokenizer_dir, recipe.seq_len)
     ids, mask = data_mod.encode(tokenizer, dataset)
+    train = None
+    if train_data:
+        from edgelm.compress.train import encode_labeled
+
+        train = encode_labeled(tokenizer, data_mod.load_dataset(train_data, text_column, label_column),
+                               loaded.labels)[0]
     step("PyTorch fp32 reference")
-    ref = reference_outputs(loaded, ids, mask)
+    variants = _Variants(loaded, ids, mask, train, distill_epochs, recipe.seq_len)
+    ref = variants.get(0.0)[1]
+    baseline = float((ref.argmax(-1) == labels).mean() * 100) if labels is not None else None
     lat_ids, lat_mask = latency_input(ids, mask, recipe.seq_len)
     host_threads = min(recipe.threads, os.cpu_count() or 1)
     eager = eager_latency_ms(loaded, lat_ids, lat_mask, host_threads)
     fp32_bytes = loaded.num_parameters * 4
+    calibration = calibration_rows(ids, mask)
 
     golden = {"input_ids": ids, "attention_mask": mask, "reference": ref, "texts": np.asarray(dataset.texts),
               "latency_input_ids": lat_ids, "latency_attention_mask": lat_mask}
@@ -274,23 +376,27 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         (tmp / "labels.json").write_text(json.dumps(loaded.labels, indent=2) + "\n")
 
     runner = HostRunner()
-    artifacts: list[exporters.Artifact] = []
-    results: list[ArtifactResult] = []
-    for plan in recipe.plans:
-        step(f"exporting {plan.format} {plan.quant.scheme}")
+
+    def cost(model_: LoadedModel, fmt: str, quant: exporters.QuantSpec) -> dict:
+        return estimate(model_.module, profile, scheme=quant.scheme, fmt=fmt, seq_len=recipe.seq_len,
+                        threads=recipe.threads, embedding_bits=quant.embedding_bits,
+                        group_size=quant.group_size).to_dict()
+
+    def build(plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
+        model_, ref_, _ = variants.get(sparsity)
+        step(f"exporting {plan.format} {plan.quant.label}" + (f" ({sparsity:.0%} pruned)" if sparsity else ""))
         with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
-            art = export_artifact(loaded, plan, recipe.seq_len, tmp)
-        artifacts.append(art)
-        step(f"validating {art.path.name} on the host")
+            art = export_artifact(model_, plan, recipe.seq_len, directory, calibration)
         res = ArtifactResult(
-            file=art.path.name, format=plan.format, quant=plan.quant.scheme, delegate=plan.delegate,
+            file=art.path.name, format=plan.format, quant=plan.quant.label, delegate=plan.delegate,
             size_mb=art.size_bytes / 1e6, size_vs_fp32=art.size_bytes / fp32_bytes,
-            export_seconds=art.export_seconds, threads=host_threads,
+            export_seconds=art.export_seconds, threads=host_threads, sparsity=sparsity,
+            estimate=cost(model_, plan.format, plan.quant),
         )
         try:
             run = runner.run_artifact(art.path, tmp / "golden.npz", threads=host_threads,
                                       warmup=WARMUP_RUNS, runs=TIMED_RUNS)
-            res.fidelity = fidelity(run.outputs, ref, loaded.kind, labels)
+            res.fidelity = fidelity(run.outputs, ref_, loaded.kind, labels, baseline_accuracy=baseline)
             res.latency = latency_stats(run.result["latency_samples_ms"])
             res.speedup_vs_eager = eager["p50_ms"] / res.latency["p50_ms"]
             res.peak_rss_mb = run.result["peak_rss_mb"]
@@ -299,15 +405,46 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
             res.error = str(exc)
             res.fidelity = {"cosine_mean": float("nan")}
         check_gates(res, plan, loaded.kind)
+        return art, res
+
+    artifacts: list[exporters.Artifact] = []
+    results: list[ArtifactResult] = []
+    searches: list[dict] = []
+    for plan in recipe.plans:
+        if not search:
+            art, res = build(plan, recipe.sparsity, tmp)
+        else:
+            art, res, summary = _search_format(plan, profile, recipe, variants, build, cost, tmp,
+                                               max_sparsity, search_time)
+            searches.append(summary)
+        artifacts.append(art)
         results.append(res)
 
     step("writing manifest and report")
+    used = sorted({r.sparsity for r in results})
+    compression = None
+    for s_ in used:
+        if s_ > 0:
+            info = dict(variants.get(s_)[2])
+            info.pop("record", None)
+            info["train"] = train_data
+            golden[f"reference_sparsity_{int(round(s_ * 100))}"] = variants.get(s_)[1]
+            compression = info
+    if compression is not None:
+        np.savez(tmp / "golden.npz", **golden)
     data_info = {"source": dataset.source, "count": len(dataset), "labeled": labels is not None, "command": command}
     reference = {"eager_p50_ms": eager["p50_ms"], "eager_p90_ms": eager["p90_ms"], "threads": host_threads,
-                 "accuracy": float((ref.argmax(-1) == labels).mean() * 100) if labels is not None else None}
+                 "accuracy": baseline}
     versions = exporters.base.package_versions(
         "edgelm", "torch", "transformers", "executorch", "torchao", "onnx", "onnxruntime", "litert-torch",
         "ai-edge-litert", "numpy")
+    artifact_dicts = []
+    for a, r in zip(artifacts, results):
+        d = a.to_dict()
+        d["sparsity"] = r.sparsity
+        d["golden_reference"] = "reference" if r.sparsity == 0 else f"reference_sparsity_{int(round(r.sparsity * 100))}"
+        d["estimate"] = r.estimate
+        artifact_dicts.append(d)
     manifest = {
         "edgelm_version": edgelm.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -319,15 +456,64 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         "labels": loaded.labels,
         "golden": {"file": "golden.npz", "sha256": exporters.sha256_file(tmp / "golden.npz"),
                    "count": len(dataset), "source": dataset.source, "output": loaded.output_name},
-        "artifacts": [a.to_dict() for a in artifacts],
+        "compression": compression,
+        "artifacts": artifact_dicts,
         "versions": versions,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    search_info = None
+    if searches:
+        search_info = {**{k: v for k, v in searches[0].items() if k not in ("candidates", "format", "seconds")},
+                       "seconds": sum(x["seconds"] for x in searches),
+                       "time_limit_reached": any(x["time_limit_reached"] for x in searches),
+                       "candidates": [c for x in searches for c in x["candidates"]]}
     report = Report(device=profile.name, model=loaded.describe(), data=data_info, recipe=recipe.to_dict(),
                     reference=reference, artifacts=results, output_dir=str(final),
-                    wall_seconds=time.perf_counter() - start, versions=versions)
+                    wall_seconds=time.perf_counter() - start, versions=versions, compression=compression,
+                    search=search_info)
     report.write(tmp)
     return report
+
+
+def _search_format(plan: FormatPlan, profile: DeviceProfile, recipe: Recipe, variants: _Variants, build, cost,
+                   tmp: Path, max_sparsity: float, search_time: float):
+    """Run the accuracy-budget search for one format; the chosen artifact is moved into ``tmp``."""
+    from edgelm.recipe import gates_for
+    from edgelm.search import candidates, run_search
+
+    work = tmp / "search"
+    work.mkdir(exist_ok=True)
+    fmt_mod = exporters.get(plan.format)
+
+    def cplan(c) -> FormatPlan:
+        return FormatPlan(plan.format, c.quant, plan.delegate,
+                          gates_for(profile, c.quant.scheme, plan.gates.max_accuracy_drop))
+
+    def evaluate(c) -> None:
+        directory = work / f"{plan.format}-{len(list(work.iterdir()))}"
+        directory.mkdir()
+        try:
+            art, res = build(cplan(c), c.sparsity, directory)
+        except EdgeLMError as exc:  # a converter failure rejects the candidate, it does not end the search
+            c.result = ArtifactResult(file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(exc))
+            return
+        c.artifact, c.result = art, res
+        c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
+        c.accuracy_drop = res.fidelity.get("accuracy_drop")
+
+    cands = candidates(plan.format, fmt_mod.SCHEMES, max_sparsity)
+    chosen, summary = run_search(
+        cands, estimate=lambda c: cost(variants.structure(c.sparsity), plan.format, c.quant), evaluate=evaluate,
+        max_accuracy_drop=plan.gates.max_accuracy_drop, max_size_mb=profile.budgets.max_artifact_mb,
+        target_latency_ms=profile.budgets.target_latency_ms, max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
+        time_limit_s=search_time)
+    final_plan = cplan(chosen)
+    target = tmp / final_plan.artifact_name
+    os.replace(chosen.artifact.path, target)
+    chosen.artifact.path = target
+    chosen.result.file = target.name
+    shutil.rmtree(work, ignore_errors=True)
+    return chosen.artifact, chosen.result, summary
 
 
 __all__ = ["captured_output", "export_for_device", "prepare"]

@@ -25,7 +25,10 @@ class _Strict(BaseModel):
 
 class Hardware(_Strict):
     """What the target is. ``cpu``: core layout; ``isa_features``: e.g. neon, dotprod, i8mm, fp16, sve2,
-    avx2, avx512_vnni; ``ram_mb``: total RAM in MB (the smallest variant sold)."""
+    avx2, avx512_vnni; ``ram_mb``: total RAM in MB (the smallest variant sold). For the cost model
+    (:mod:`edgelm.compress.estimate`): ``cpu_gflops_fp32`` and ``cpu_gops_int8``, the sustained GEMM rate of
+    one big core in GFLOP/s and int8 GOP/s (XNNPACK-class kernels, not the datasheet peak), and
+    ``memory_bandwidth_gbs``, the practical DRAM bandwidth in GB/s."""
 
     soc: str
     cpu: str
@@ -33,6 +36,9 @@ class Hardware(_Strict):
     arch: Literal["arm64", "x86_64"]
     isa_features: list[str]
     ram_mb: int = Field(gt=0)
+    cpu_gflops_fp32: float = Field(gt=0)
+    cpu_gops_int8: float = Field(gt=0)
+    memory_bandwidth_gbs: float = Field(gt=0)
     gpu: str | None = None
     npu: str | None = None
 

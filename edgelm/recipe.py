@@ -15,10 +15,18 @@ from edgelm.profiles import DeviceProfile
 
 #: Default gates per quantization scheme: (min cosine to the PyTorch fp32 reference, min top-1 agreement).
 #: fp32 artifacts must match PyTorch to rounding; int8 dynamic per-channel keeps MiniLM at cosine ~0.993-0.998.
+#: fp16 keeps ~3 significant digits; static int8 (sensitive layers float) and int4 cost more fidelity, so
+#: with labels the accuracy-drop gate is the one that decides.
 DEFAULT_GATES = {
     "fp32": (0.9999, 0.99),
+    "fp16": (0.999, 0.99),
     "int8_dynamic": (0.99, 0.95),
+    "int8_static": (0.95, 0.90),
+    "8da4w": (0.90, 0.85),
+    "int4_weight_only": (0.90, 0.85),
 }
+#: Layer groups kept float by default under int8_static (the FFN down-projections lose the most accuracy).
+DEFAULT_STATIC_FLOAT_LAYERS = ("ffn_output",)
 #: Default maximum task-accuracy drop against the PyTorch fp32 model, in percentage points.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
 
@@ -75,6 +83,7 @@ class Recipe:
     batch: int = 1
     target_latency_ms: float = 0.0
     max_peak_ram_mb: float = 0.0
+    sparsity: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -102,6 +111,31 @@ def parse_quant_override(value: str | None, formats: list[str]) -> dict[str, str
     return out
 
 
+def quant_spec(scheme: str, float_layers: tuple[str, ...] | None = None) -> QuantSpec:
+    """The QuantSpec edgelm uses for ``scheme``: per-channel, 8-bit embedding tables for every quantized
+    scheme but fp16, int4 groups of 32, and :data:`DEFAULT_STATIC_FLOAT_LAYERS` float under int8_static.
+    Raises UnsupportedQuantError for an unknown scheme."""
+    if float_layers is None:
+        float_layers = DEFAULT_STATIC_FLOAT_LAYERS if scheme == "int8_static" else ()
+    return QuantSpec(scheme=scheme, per_channel=True, embedding_bits=None if scheme in ("fp32", "fp16") else 8,
+                     group_size=32, float_layers=tuple(float_layers))
+
+
+def gates_for(profile: DeviceProfile, scheme: str, max_accuracy_drop: float | None = None) -> Gates:
+    """The acceptance gates of one artifact: the scheme's defaults (:data:`DEFAULT_GATES`), the profile's
+    ``[gates]`` overrides, ``max_accuracy_drop`` (points) when given, and the profile's size budget."""
+    min_cos, min_top1 = DEFAULT_GATES.get(scheme, DEFAULT_GATES["int8_dynamic"])
+    g = profile.gates
+    drop = max_accuracy_drop if max_accuracy_drop is not None else (
+        g.max_accuracy_drop if g.max_accuracy_drop is not None else DEFAULT_MAX_ACCURACY_DROP)
+    return Gates(
+        min_cosine=g.min_cosine if g.min_cosine is not None else min_cos,
+        min_top1_agreement=g.min_top1_agreement if g.min_top1_agreement is not None else min_top1,
+        max_accuracy_drop=float(drop),
+        max_size_mb=profile.budgets.max_artifact_mb,
+    )
+
+
 def _delegate(profile: DeviceProfile, fmt: str) -> str:
     listed = {
         "executorch": profile.runtimes.executorch_backends,
@@ -125,6 +159,8 @@ def make_recipe(
     quant: str | None = None,
     seq_len: int | None = None,
     threads: int | None = None,
+    sparsity: float | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> Recipe:
     """Derive the recipe for ``profile`` with optional CLI overrides (pure: no I/O).
 
@@ -134,6 +170,8 @@ def make_recipe(
         seq_len: max tokens, 2..512 (default: the profile's ``budgets.latency_seq_len``, the length its
             latency budget is stated at).
         threads: runtime CPU threads (default: the profile's ``validation.threads``).
+        sparsity: share of attention heads and FFN neurons to prune before export, in [0, 1) (default 0).
+        max_accuracy_drop: the accuracy budget in points (default: the profile's gate, else 1.0).
     Raises:
         RecipeError: unknown format, a scheme the format cannot do, a format the device cannot run,
             a bad sequence length or thread count.
@@ -147,6 +185,11 @@ def make_recipe(
     if not 2 <= seq <= 512:
         raise RecipeError(f"--seq-len {seq} is out of range: use 2..512 tokens")
     n_threads = profile.validation.threads if threads is None else int(threads)
+    sparsity = 0.0 if sparsity is None else float(sparsity)
+    if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 100.0:
+        raise RecipeError(f"--max-accuracy-drop {max_accuracy_drop}: use 0..100 points")
+    if not 0.0 <= sparsity < 1.0:
+        raise RecipeError(f"--prune {sparsity}: use a share in [0, 1), e.g. 0.3 to remove 30% of heads and FFN neurons")
     if n_threads < 1:
         raise RecipeError(f"--threads {n_threads}: use 1 or more")
     plans = []
@@ -154,21 +197,16 @@ def make_recipe(
         scheme = overrides.get(fmt) or profile.quantization.get(fmt) or "int8_dynamic"
         supported = exporters.get(fmt).SCHEMES
         if scheme not in supported:
+            why = getattr(exporters.get(fmt), "UNSUPPORTED", {}).get(scheme)
             raise RecipeError(
-                f"{fmt} cannot do quantization {scheme!r}; it supports {', '.join(supported)}"
+                f"{fmt} cannot do quantization {scheme!r}" + (f" ({why})" if why else "")
+                + f"; it supports {', '.join(supported)}"
             )
         try:
-            spec = QuantSpec(scheme=scheme, per_channel=True, embedding_bits=8 if scheme != "fp32" else None)
+            spec = quant_spec(scheme)
         except UnsupportedQuantError as exc:
             raise RecipeError(str(exc)) from None
-        min_cos, min_top1 = DEFAULT_GATES[scheme]
-        g = profile.gates
-        gates = Gates(
-            min_cosine=g.min_cosine if g.min_cosine is not None else min_cos,
-            min_top1_agreement=g.min_top1_agreement if g.min_top1_agreement is not None else min_top1,
-            max_accuracy_drop=g.max_accuracy_drop if g.max_accuracy_drop is not None else DEFAULT_MAX_ACCURACY_DROP,
-            max_size_mb=profile.budgets.max_artifact_mb,
-        )
+        gates = gates_for(profile, scheme, max_accuracy_drop)
         plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))
     return Recipe(
         device=profile.name,
@@ -177,4 +215,5 @@ def make_recipe(
         plans=plans,
         target_latency_ms=profile.budgets.target_latency_ms,
         max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
+        sparsity=sparsity,
     )

@@ -20,6 +20,9 @@ class ArtifactResult:
         peak_rss_mb: peak RSS of the runner process, MB.
         gates: ``{gate: {"value", "limit", "passed"}}``; ``passed``: all gates passed and no error.
         error: why the artifact could not be validated, if it could not.
+        estimate: the cost model's figures for the target device (:mod:`edgelm.compress.estimate`):
+            ``latency_ms``, ``peak_ram_mb``, ``weight_mb``, ``macs``, at the recipe's threads and seq_len.
+        sparsity: share of heads / FFN neurons pruned before export.
     """
 
     file: str
@@ -39,6 +42,8 @@ class ArtifactResult:
     gates: dict = field(default_factory=dict)
     passed: bool = False
     error: str | None = None
+    estimate: dict = field(default_factory=dict)
+    sparsity: float = 0.0
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Report:
     output_dir: str = ""
     wall_seconds: float = 0.0
     versions: dict = field(default_factory=dict)
+    compression: dict | None = None
+    search: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -88,6 +95,7 @@ def artifact_rows(report: Report) -> list[dict[str, str]]:
             "artifact": a.file,
             "format": a.format,
             "quant": a.quant,
+            "pruned": f"{a.sparsity:.0%}",
             "size MB": _fmt(a.size_mb, ".1f"),
             "× fp32": _fmt(a.size_vs_fp32, ".2f"),
             "cosine": _fmt(f.get("cosine_mean")),
@@ -98,9 +106,30 @@ def artifact_rows(report: Report) -> list[dict[str, str]]:
             "p90 ms": _fmt(a.latency.get("p90_ms"), ".2f"),
             "× eager": _fmt(a.speedup_vs_eager, ".1f"),
             "RSS MB": _fmt(a.peak_rss_mb, ".0f"),
+            "est. device ms": _fmt(a.estimate.get("latency_ms"), ".1f"),
+            "est. device RAM MB": _fmt(a.estimate.get("peak_ram_mb"), ".0f"),
             "gate": "PASS" if a.passed else "FAIL",
         })
     return rows
+
+
+def search_markdown(search: dict) -> list[str]:
+    """The accuracy-budget search as Markdown: one row per candidate tried, the chosen one marked."""
+    lines = ["## Accuracy-budget search", "",
+             f"Budget: accuracy drop ≤ {search['max_accuracy_drop']} points against the fp32 model, size ≤ "
+             f"{search['max_size_mb']} MB, estimated device latency ≤ {search['target_latency_ms']} ms and peak RAM ≤ "
+             f"{search['max_peak_ram_mb']} MB. Candidates are tried fastest first (by the cost model) and the first "
+             f"within every budget is chosen. Time limit {search['time_limit_s']:.0f} s"
+             + (" — **reached: candidates after it were not tried**." if search.get("time_limit_reached") else
+                f"; used {search['seconds']:.0f} s."), "",
+             "| format | pruned | scheme | est. device ms | size MB | accuracy % | drop | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in search["candidates"]:
+        lines.append(
+            f"| {c['format']} | {c['sparsity']:.0%} | {c['label']} | {_fmt(c.get('est_latency_ms'), '.1f')} | "
+            f"{_fmt(c.get('size_mb'), '.1f')} | {_fmt(c.get('accuracy'), '.2f')} | {_fmt(c.get('accuracy_drop'), '+.2f')} "
+            f"| {'**chosen**' if c['status'] == 'chosen' else c['status']} |")
+    return lines + [""]
 
 
 def render_markdown(report: Report) -> str:
@@ -135,6 +164,20 @@ def render_markdown(report: Report) -> str:
         f"{report.recipe.get('target_latency_ms')} ms. RSS: peak resident memory of the runner process "
         "(the ExecuTorch Python runtime loads torch, which dominates its figure).",
         "",
+        "Estimates (est. device ms / RAM MB) come from the cost model for the target at the recipe's threads "
+        "and seq_len, before export (`edgelm estimate`); the measured columns are this host's.",
+        "",
+    ]
+    if report.compression:
+        c = report.compression
+        lines += ["## Compression", "",
+                  f"- structured pruning: {c.get('method')} at {c.get('sparsity', 0):.0%} of heads and FFN neurons; "
+                  f"encoder parameters {c.get('encoder_parameters_before')} → {c.get('encoder_parameters_after')}"
+                  + (f"; distilled {c.get('distill_epochs')} epoch(s) on {c.get('train')}" if c.get("distill_epochs") else
+                     " (no retraining: pass --train-data to distill)"), ""]
+    if report.search:
+        lines += search_markdown(report.search)
+    lines += [
         "## Gates",
         "",
     ]

@@ -174,11 +174,33 @@ class Masks:
         return float(1 - h.mean()), float(1 - n.mean())
 
 
+#: Kept widths are rounded up to a multiple of this many elements (FFN neurons; heads × head size), so that
+#: int4 group-wise quantization (groups of 32 along the input axis) and SIMD kernels fit the pruned layers.
+ALIGN = 32
+
+
+def _align(masks: list[np.ndarray], scores: list[np.ndarray], unit: int, align: int) -> None:
+    """Round each layer's kept count up so that ``kept · unit`` is a multiple of ``align`` (in place), adding
+    back the best-scored pruned structures."""
+    step = align // int(np.gcd(align, unit))
+    for mask, sc in zip(masks, scores):
+        kept = int(mask.sum())
+        want = min(mask.size, -(-kept // step) * step)
+        for j in np.argsort(-sc):
+            if kept >= want:
+                break
+            if not mask[j]:
+                mask[j] = True
+                kept += 1
+
+
 def select(head_scores: list[np.ndarray], neuron_scores: list[np.ndarray], sparsity: float,
-           head_sparsity: float | None = None) -> Masks:
+           head_sparsity: float | None = None, head_size: int = 1, align: int = ALIGN) -> Masks:
     """Keep the highest-scoring structures: ``round(sparsity · total)`` neurons and
     ``round(head_sparsity · total)`` heads (default: ``sparsity``) are pruned, ranked globally across layers;
-    every layer keeps at least one head and one neuron. Raises ValueError outside [0, 1)."""
+    every layer keeps at least one head and one neuron, and each layer's kept width is rounded up to a
+    multiple of ``align`` elements (``head_size`` elements per head), so the real sparsity can be slightly
+    lower than asked. Raises ValueError outside [0, 1)."""
     head_sparsity = sparsity if head_sparsity is None else head_sparsity
     for v in (sparsity, head_sparsity):
         if not 0.0 <= v < 1.0:
@@ -201,7 +223,11 @@ def select(head_scores: list[np.ndarray], neuron_scores: list[np.ndarray], spars
                 pruned += 1
         return masks
 
-    return Masks(keep(head_scores, head_sparsity), keep(neuron_scores, sparsity))
+    heads, neurons = keep(head_scores, head_sparsity), keep(neuron_scores, sparsity)
+    if align:
+        _align(heads, head_scores, head_size, align)
+        _align(neurons, neuron_scores, 1, align)
+    return Masks(heads, neurons)
 
 
 def apply_masks(wrapper: Any, masks: Masks) -> None:
@@ -283,8 +309,13 @@ def restore_pruned_shapes(hf_model: Any, record: dict) -> None:
 
 def prune_one_shot(wrapper: Any, sparsity: float, head_sparsity: float | None = None) -> dict:
     """One-shot magnitude pruning (the baseline): score, select, remove. Returns the pruning record."""
-    masks = select(*magnitude_scores(wrapper), sparsity, head_sparsity)
+    masks = select(*magnitude_scores(wrapper), sparsity, head_sparsity, head_size=head_size(wrapper))
     return remove_structures(wrapper, masks)
+
+
+def head_size(wrapper: Any) -> int:
+    """Elements per attention head (``attention_head_size`` of the first layer)."""
+    return int(encoder_layers(wrapper)[0].attention.self.attention_head_size)
 
 
 def encoder_parameter_count(wrapper: Any) -> int:

@@ -217,6 +217,7 @@ def fit(wrapper: Any, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     distill = distill or DistillConfig()
     head_final = (prune.head_sparsity if prune and prune.head_sparsity is not None else prune.sparsity) if prune else 0.0
     best_masks = masks
+    hsize = pruning.head_size(wrapper)
     if teacher is not None:
         teacher.eval()
     result = FitResult()
@@ -250,7 +251,7 @@ def fit(wrapper: Any, train: tuple[np.ndarray, np.ndarray, np.ndarray],
                 target = pruning.cubic_sparsity(step, total, prune.sparsity, prune.warmup_frac, prune.final_frac)
                 head_target = pruning.cubic_sparsity(step, total, head_final, prune.warmup_frac, prune.final_frac)
                 if target > 0 and (step % prune.every == 0 or target >= prune.sparsity):
-                    masks = pruning.select(*scorer.scores(), target, head_target)
+                    masks = pruning.select(*scorer.scores(), target, head_target, head_size=hsize)
                 pruning.apply_masks(wrapper, masks)
             losses.append(float(loss.detach()))
             if progress:

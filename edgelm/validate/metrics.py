@@ -42,13 +42,16 @@ def latency_stats(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def fidelity(pred: np.ndarray, ref: np.ndarray, kind: str, labels: np.ndarray | None = None) -> dict:
+def fidelity(pred: np.ndarray, ref: np.ndarray, kind: str, labels: np.ndarray | None = None,
+             baseline_accuracy: float | None = None) -> dict:
     """All fidelity numbers for one artifact.
 
     Args:
         pred, ref: float32 [N, D] (embeddings) or [N, C] (logits).
         kind: ``"embedding"`` or ``"classifier"``.
         labels: int64 [N] task labels (classifiers), or None.
+        baseline_accuracy: the accuracy (%) the drop is measured against, when it is not ``ref``'s own (a
+            pruned model's artifact is compared with the pruned model, its accuracy with the unpruned one).
     Returns:
         ``cosine_mean``, ``cosine_min``, ``max_abs_error``, ``snr_db``; for classifiers also
         ``top1_agreement`` (0-1) and, with labels, ``accuracy`` and ``reference_accuracy`` (percent) and
@@ -65,6 +68,6 @@ def fidelity(pred: np.ndarray, ref: np.ndarray, kind: str, labels: np.ndarray | 
         out["top1_agreement"] = top1_agreement(pred, ref)
         if labels is not None:
             out["accuracy"] = accuracy(pred, labels)
-            out["reference_accuracy"] = accuracy(ref, labels)
+            out["reference_accuracy"] = accuracy(ref, labels) if baseline_accuracy is None else float(baseline_accuracy)
             out["accuracy_drop"] = out["reference_accuracy"] - out["accuracy"]
     return out

@@ -1,0 +1,146 @@
+"""Cost model: parameters, MACs, weight bytes, activation memory, and estimated latency and peak RAM on a
+target, computed from the model's structure and the profile's hardware figures before any export.
+
+Counting (batch 1, ``S`` tokens, per encoder layer with ``H`` heads of size ``dh``, hidden ``d``, FFN ``I``):
+
+- Linear MACs: ``S · in · out`` for every encoder Linear (query/key/value, attention output, FFN), and
+  ``in · out`` for the pooler and classifier (one token);
+- attention MACs: ``2 · S² · H · dh`` (scores and the weighted sum), always float;
+- weight bytes: Linear weights at the scheme's bits (int8: 1 byte + a 4-byte scale per output channel;
+  int4: 0.5 byte + a 4-byte scale per group), the word-embedding table at 8 bits where the scheme stores it
+  so (4-byte row scales), everything else float32;
+- activation bytes: the largest live set of one layer in float32: ``4 · (5 · S · d + H · S² + S · I)``.
+
+Latency is a roofline estimate: ``max(compute, memory) + 0.2 ms`` where compute is the Linear MACs at the
+profile's int8 or fp32 rate (``hardware.cpu_gops_int8`` / ``cpu_gflops_fp32``, sustained GOP/s of one big
+core, one MAC = 2 ops) plus attention at the fp32 rate, divided by ``0.8 · threads`` for more than one
+thread (capped at the core count); memory is the weight bytes over ``hardware.memory_bandwidth_gbs``. Peak
+RAM is weight bytes + activations + the runtime's own footprint (:data:`RUNTIME_OVERHEAD_MB`). These are
+estimates for planning; the export report puts them beside the measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Resident memory of each runtime itself, MB (library + arena), added to the peak-RAM estimate.
+RUNTIME_OVERHEAD_MB = {"onnx": 25.0, "executorch": 8.0, "tflite": 6.0, "pytorch": 300.0}
+#: Bits per Linear weight by scheme (scales counted separately).
+WEIGHT_BITS = {"fp32": 32, "fp16": 16, "int8_dynamic": 8, "int8_static": 8, "8da4w": 4, "int4_weight_only": 4}
+#: Schemes whose Linear layers run on int8 kernels.
+INT8_COMPUTE = ("int8_dynamic", "int8_static", "8da4w")
+
+
+@dataclass
+class Estimate:
+    """Cost of one model under one scheme on one device.
+
+    Attributes:
+        parameters: total parameters.
+        encoder_parameters: parameters in the encoder layers.
+        macs: multiply-accumulates per inference at ``seq_len`` (batch 1).
+        weight_mb: stored weight size, MB (10^6 bytes) — about the artifact size.
+        activation_mb: largest live activation set, MB.
+        latency_ms: estimated latency on the target, ms.
+        peak_ram_mb: estimated peak RAM on the target, MB.
+    """
+
+    device: str
+    scheme: str
+    format: str
+    seq_len: int
+    threads: int
+    parameters: int
+    encoder_parameters: int
+    macs: int
+    weight_mb: float
+    activation_mb: float
+    latency_ms: float
+    peak_ram_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _structure(wrapper: Any) -> dict:
+    import torch
+
+    from edgelm.compress.pruning import encoder_layers
+
+    layers = encoder_layers(wrapper)
+    enc_ids = {id(p) for layer in layers for p in layer.parameters()}
+    linears_enc, linears_head = [], []
+    enc_modules = {id(m) for layer in layers for m in layer.modules()}
+    seen: set[int] = set()
+    for m in wrapper.modules():
+        if isinstance(m, torch.nn.Linear) and id(m) not in seen:
+            seen.add(id(m))
+            (linears_enc if id(m) in enc_modules else linears_head).append((m.in_features, m.out_features))
+    params = {id(p): p.numel() for p in wrapper.parameters()}
+    emb = wrapper.base.embeddings.word_embeddings.weight
+    attn = []
+    for layer in layers:
+        sa = layer.attention.self
+        heads = sa.query.out_features // sa.attention_head_size
+        attn.append((heads, sa.attention_head_size, layer.intermediate.dense.out_features))
+    return {
+        "parameters": sum(params.values()),
+        "encoder_parameters": sum(v for k, v in params.items() if k in enc_ids),
+        "linears_enc": linears_enc, "linears_head": linears_head, "attn": attn,
+        "hidden": emb.shape[1], "vocab_params": emb.numel(), "vocab_rows": emb.shape[0],
+    }
+
+
+def estimate(wrapper: Any, profile: Any, *, scheme: str = "fp32", fmt: str = "pytorch", seq_len: int | None = None,
+             threads: int | None = None, embedding_bits: int | None = None, group_size: int = 32) -> Estimate:
+    """Estimate the cost of ``wrapper`` (an edgelm model wrapper) on ``profile`` (a DeviceProfile).
+
+    Args:
+        scheme: a quantization scheme (``fp32``, ``fp16``, ``int8_dynamic``, ``int8_static``, ``8da4w``,
+            ``int4_weight_only``).
+        fmt: ``onnx``, ``executorch``, ``tflite`` or ``pytorch`` (only the runtime overhead depends on it).
+        seq_len / threads: default the profile's ``budgets.latency_seq_len`` / ``validation.threads``.
+        embedding_bits: 8 to count the word-embedding table at 8 bits (default: 8 for quantized schemes).
+    Raises:
+        ValueError: an unknown scheme.
+    """
+    if scheme not in WEIGHT_BITS:
+        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(WEIGHT_BITS)}")
+    s = _structure(wrapper)
+    S = int(seq_len or profile.budgets.latency_seq_len)
+    n_threads = int(threads or profile.validation.threads)
+    if embedding_bits is None:
+        embedding_bits = 8 if scheme not in ("fp32", "fp16") else None
+    lin_macs = sum(S * i * o for i, o in s["linears_enc"]) + sum(i * o for i, o in s["linears_head"])
+    attn_macs = sum(2 * S * S * h * dh for h, dh, _ in s["attn"])
+    bits = WEIGHT_BITS[scheme]
+    lin_weights = sum(i * o for i, o in s["linears_enc"] + s["linears_head"])
+    if bits == 8:
+        scale_bytes = 4 * sum(o for _, o in s["linears_enc"] + s["linears_head"])
+    elif bits == 4:
+        scale_bytes = 4 * lin_weights // group_size
+    else:
+        scale_bytes = 0
+    lin_bytes = lin_weights * bits / 8 + scale_bytes
+    if embedding_bits == 8:
+        emb_bytes = s["vocab_params"] + 4 * s["vocab_rows"]
+    else:
+        emb_bytes = s["vocab_params"] * (2 if scheme == "fp16" else 4)
+    other_params = s["parameters"] - lin_weights - s["vocab_params"]
+    weight_bytes = lin_bytes + emb_bytes + other_params * 4
+    d = s["hidden"]
+    act_bytes = max((4 * (5 * S * d + h * S * S + S * ffn) for h, _, ffn in s["attn"]), default=0)
+    hw = profile.hardware
+    lin_rate = hw.cpu_gops_int8 if scheme in INT8_COMPUTE else hw.cpu_gflops_fp32
+    parallel = 1.0 if n_threads <= 1 else 0.8 * min(n_threads, hw.cpu_cores)
+    compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw.cpu_gflops_fp32 * 1e9)) / parallel * 1e3
+    memory_ms = weight_bytes / (hw.memory_bandwidth_gbs * 1e9) * 1e3
+    latency = max(compute_ms, memory_ms) + 0.2
+    peak = (weight_bytes + act_bytes) / 1e6 + RUNTIME_OVERHEAD_MB.get(fmt, 0.0)
+    return Estimate(
+        device=profile.name, scheme=scheme, format=fmt, seq_len=S, threads=n_threads,
+        parameters=int(s["parameters"]), encoder_parameters=int(s["encoder_parameters"]),
+        macs=int(lin_macs + attn_macs), weight_mb=weight_bytes / 1e6, activation_mb=act_bytes / 1e6,
+        latency_ms=latency, peak_ram_mb=peak,
+    )
