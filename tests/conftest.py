@@ -76,3 +76,26 @@ def labeled_tsv(tmp_path) -> Path:
     rows = ["sentence\tlabel"] + [f"{s}\t{i % 2}" for i, s in enumerate(PROBE_SENTENCES[:40])]
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def memo_tsv(tmp_path_factory) -> Path:
+    """All 74 probe sentences with alternating labels: a task a tiny model can only memorise."""
+    from edgelm.data import PROBE_SENTENCES
+
+    path = tmp_path_factory.mktemp("memo") / "memo.tsv"
+    path.write_text("\n".join(["sentence\tlabel"] + [f"{s}\t{i % 2}" for i, s in enumerate(PROBE_SENTENCES)]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory, memo_tsv) -> Path:
+    """A tiny BERT (2 heads of 32) fine-tuned by edgelm on ``memo_tsv`` until it fits it."""
+    from edgelm.compress.jobs import run_finetune
+    from edgelm.compress.train import TrainConfig
+
+    base = make_checkpoint(tmp_path_factory.mktemp("enc"), heads=2, seed=3)
+    out = tmp_path_factory.mktemp("trained") / "ft"
+    run_finetune(base, memo_tsv, out, eval_data=memo_tsv,
+                 cfg=TrainConfig(epochs=8, lr=3e-3, batch_size=8, seq_len=32))
+    return out

@@ -174,33 +174,38 @@ class Masks:
         return float(1 - h.mean()), float(1 - n.mean())
 
 
-#: Kept widths are rounded up to a multiple of this many elements (FFN neurons; heads × head size), so that
+#: Kept widths are rounded to a multiple of this many elements (FFN neurons; heads × head size), so that
 #: int4 group-wise quantization (groups of 32 along the input axis) and SIMD kernels fit the pruned layers.
 ALIGN = 32
 
 
 def _align(masks: list[np.ndarray], scores: list[np.ndarray], unit: int, align: int) -> None:
-    """Round each layer's kept count up so that ``kept · unit`` is a multiple of ``align`` (in place), adding
-    back the best-scored pruned structures."""
+    """Round each layer's kept count to the nearest multiple of ``align / gcd(align, unit)`` structures (at
+    least one such step, at most the layer's size), in place: adding back the best-scored pruned structures
+    or dropping the worst-scored kept ones."""
     step = align // int(np.gcd(align, unit))
     for mask, sc in zip(masks, scores):
+        if mask.size <= step:
+            continue
         kept = int(mask.sum())
-        want = min(mask.size, -(-kept // step) * step)
-        for j in np.argsort(-sc):
-            if kept >= want:
+        want = min(mask.size, max(step, int(round(kept / step)) * step))
+        order = np.argsort(-sc, kind="stable")
+        for j in order if want > kept else order[::-1]:
+            if kept == want:
                 break
-            if not mask[j]:
-                mask[j] = True
-                kept += 1
+            if want > kept and not mask[j]:
+                mask[j], kept = True, kept + 1
+            elif want < kept and mask[j]:
+                mask[j], kept = False, kept - 1
 
 
 def select(head_scores: list[np.ndarray], neuron_scores: list[np.ndarray], sparsity: float,
            head_sparsity: float | None = None, head_size: int = 1, align: int = ALIGN) -> Masks:
     """Keep the highest-scoring structures: ``round(sparsity · total)`` neurons and
     ``round(head_sparsity · total)`` heads (default: ``sparsity``) are pruned, ranked globally across layers;
-    every layer keeps at least one head and one neuron, and each layer's kept width is rounded up to a
-    multiple of ``align`` elements (``head_size`` elements per head), so the real sparsity can be slightly
-    lower than asked. Raises ValueError outside [0, 1)."""
+    every layer keeps at least one head and one neuron, and each layer's kept width is rounded to the nearest
+    multiple of ``align`` elements (``head_size`` elements per head), so the sparsity reached can differ from
+    the one asked by less than one ``align`` step per layer. Raises ValueError outside [0, 1)."""
     head_sparsity = sparsity if head_sparsity is None else head_sparsity
     for v in (sparsity, head_sparsity):
         if not 0.0 <= v < 1.0:

@@ -1,0 +1,97 @@
+"""The quantization schemes beyond int8 dynamic, per format, in the real runtimes on a tiny classifier:
+static int8 with calibration and float layers, 8da4w / int4, fp16; and the clear refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+import exporters
+from edgelm.data import encode, load_tokenizer, probe_dataset
+from edgelm.models import load_model
+from edgelm.pipeline import calibration_rows
+from edgelm.recipe import quant_spec
+from exporters import QuantSpec
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_classifier):
+    loaded = load_model(tiny_classifier)
+    tok = load_tokenizer(loaded.tokenizer_dir, SEQ)
+    ids, mask = encode(tok, probe_dataset())
+    with torch.no_grad():
+        ref = loaded.module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    return loaded, ids, mask, ref
+
+
+def _export_and_run(setup, fmt, quant, path):
+    loaded, ids, mask, _ = setup
+    example = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
+    art = exporters.get(fmt).export(loaded.module, example, quant, path, output_name=loaded.output_name,
+                                    calibration=calibration_rows(ids, mask, 16))
+    out = next(iter(exporters.load(art.path, threads=1).run({"input_ids": ids, "attention_mask": mask}).values()))
+    return art, out
+
+
+def _cos(a, b):
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+
+
+@pytest.mark.parametrize("fmt,scheme,min_cos", [
+    ("onnx", "int8_static", 0.95), ("executorch", "int8_static", 0.95),
+    ("onnx", "8da4w", 0.9), ("executorch", "8da4w", 0.85), ("onnx", "int4_weight_only", 0.9),
+    ("onnx", "fp16", 0.999), ("tflite", "fp16", 0.999),
+])
+def test_scheme_runs_and_stays_close(setup, tmp_path, fmt, scheme, min_cos):
+    art, out = _export_and_run(setup, fmt, quant_spec(scheme), tmp_path / f"m.{scheme}{exporters.suffix(fmt)}")
+    ref = setup[3]
+    assert out.shape == ref.shape
+    assert _cos(out, ref) >= min_cos
+    if scheme != "fp16":  # an int8/int4 graph is not bit-identical to fp32
+        assert np.abs(out - ref).max() > 1e-6
+    if scheme == "int8_static":
+        kept = art.details["float_linear_layers"]
+        assert len(kept) == 2 and all(k.endswith("output.dense") and "attention" not in k for k in kept)
+
+
+def test_static_keeps_more_layers_float_on_request(setup, tmp_path):
+    q = quant_spec("int8_static", ("ffn_output", "attention_output"))
+    art, _ = _export_and_run(setup, "onnx", q, tmp_path / "m.onnx")
+    assert len(art.details["float_linear_layers"]) == 4
+    assert art.details["quantized_linear_nodes"] == 14 - 4  # 6 Linear per layer x 2 + pooler + classifier, minus 4
+
+
+def test_int4_is_smaller_than_int8(setup, tmp_path):
+    int8, _ = _export_and_run(setup, "onnx", quant_spec("int8_dynamic"), tmp_path / "a.onnx")
+    int4, _ = _export_and_run(setup, "onnx", quant_spec("8da4w"), tmp_path / "b.onnx")
+    fp16, _ = _export_and_run(setup, "onnx", quant_spec("fp16"), tmp_path / "c.onnx")
+    fp32, _ = _export_and_run(setup, "onnx", quant_spec("fp32"), tmp_path / "d.onnx")
+    assert int4.size_bytes < int8.size_bytes < fp16.size_bytes < fp32.size_bytes
+
+
+@pytest.mark.parametrize("fmt,scheme,reason", [
+    ("executorch", "fp16", "GPU delegates"),
+    ("executorch", "int4_weight_only", "use 8da4w"),
+    ("tflite", "int8_static", "cosine 0.64"),
+    ("tflite", "int4_weight_only", "use 8da4w"),
+])
+def test_schemes_a_format_cannot_do_say_why(setup, tmp_path, fmt, scheme, reason):
+    with pytest.raises(exporters.UnsupportedQuantError, match=reason):
+        _export_and_run(setup, fmt, quant_spec(scheme), tmp_path / f"m{exporters.suffix(fmt)}")
+    assert not (tmp_path / f"m{exporters.suffix(fmt)}").exists()
+
+
+def test_static_needs_calibration(setup, tmp_path):
+    loaded = setup[0]
+    example = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
+    with pytest.raises(exporters.UnsupportedQuantError, match="calibration"):
+        exporters.get("onnx").export(loaded.module, example, quant_spec("int8_static"), tmp_path / "m.onnx")
+
+
+def test_quantspec_validates_groups():
+    with pytest.raises(exporters.UnsupportedQuantError, match="layer group"):
+        QuantSpec("int8_static", float_layers=("everything",))
+    with pytest.raises(exporters.UnsupportedQuantError, match="group_size"):
+        QuantSpec("8da4w", group_size=7)
+    assert quant_spec("int8_static").label == "int8_static (float: ffn_output)"
