@@ -83,7 +83,7 @@ def export(
     distill_epochs: Annotated[int, typer.Option("--distill-epochs", help="Epochs of distillation on --train-data for each pruned model.")] = 1,
     search: Annotated[bool, typer.Option("--search", help="Pick a pruning ratio and scheme per format within the accuracy and device budgets (needs labeled --data).")] = False,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget in points against the fp32 model (default: the profile's gate, else 1.0).")] = None,
-    max_sparsity: Annotated[float, typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5).")] = 0.5,
+    max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5; default: the profile's [compression] max_sparsity, 0.5).")] = None,
     search_time: Annotated[float, typer.Option("--search-time", help="Time limit of --search per format, s.")] = 900.0,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
@@ -122,7 +122,8 @@ def export(
             device, model=model, data=data, out=out, formats=_split(fmt), quant=quant, seq_len=seq_len,
             threads=threads, text_column=text_column, label_column=label_column, limit=limit,
             progress=progress, command=command, prepared=prepared, train_data=train_data,
-            distill_epochs=distill_epochs, search=search, max_sparsity=max_sparsity, search_time=search_time,
+            distill_epochs=distill_epochs, search=search, search_time=search_time,
+            max_sparsity=prepared[0].compression.max_sparsity if max_sparsity is None else max_sparsity,
         )
     from edgelm.report import artifact_rows
 

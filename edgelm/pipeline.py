@@ -1,4 +1,4 @@
-"""The pipeline: load -> (adapt, compress: later stages) -> export -> validate -> report/bundle.
+"""The pipeline: load -> (adapt: a later stage) -> compress (prune, distill) -> export -> validate -> report.
 
 ``export_for_device`` is what ``edgelm export`` runs. Every stage takes and returns plain values; the
 run writes into a temporary directory beside the output and renames it into place at the end, so a

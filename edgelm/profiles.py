@@ -81,6 +81,15 @@ class Validation(_Strict):
     threads: int = Field(default=4, gt=0)
 
 
+class Compression(_Strict):
+    """Optional compression the recipe asks for on this device: ``sparsity``, the share of attention heads
+    and FFN neurons pruned before export (classifiers; ``--prune`` overrides); ``max_sparsity``, the largest
+    ratio ``--search`` tries (``--max-sparsity`` overrides)."""
+
+    sparsity: float = Field(default=0.0, ge=0, lt=1)
+    max_sparsity: float = Field(default=0.5, ge=0, lt=1)
+
+
 class DeviceProfile(_Strict):
     """One device. ``quantization`` maps each format the device runs to its preferred scheme; a format
     not listed is not exported for this device (``--format`` may still ask for it)."""
@@ -95,6 +104,7 @@ class DeviceProfile(_Strict):
     quantization: dict[str, str]
     validation: Validation
     gates: Gates = Gates()
+    compression: Compression = Compression()
 
     @field_validator("quantization")
     @classmethod

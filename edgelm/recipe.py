@@ -170,7 +170,8 @@ def make_recipe(
         seq_len: max tokens, 2..512 (default: the profile's ``budgets.latency_seq_len``, the length its
             latency budget is stated at).
         threads: runtime CPU threads (default: the profile's ``validation.threads``).
-        sparsity: share of attention heads and FFN neurons to prune before export, in [0, 1) (default 0).
+        sparsity: share of attention heads and FFN neurons to prune before export, in [0, 1) (default: the
+            profile's ``[compression] sparsity``, else 0).
         max_accuracy_drop: the accuracy budget in points (default: the profile's gate, else 1.0).
     Raises:
         RecipeError: unknown format, a scheme the format cannot do, a format the device cannot run,
@@ -185,7 +186,7 @@ def make_recipe(
     if not 2 <= seq <= 512:
         raise RecipeError(f"--seq-len {seq} is out of range: use 2..512 tokens")
     n_threads = profile.validation.threads if threads is None else int(threads)
-    sparsity = 0.0 if sparsity is None else float(sparsity)
+    sparsity = profile.compression.sparsity if sparsity is None else float(sparsity)
     if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 100.0:
         raise RecipeError(f"--max-accuracy-drop {max_accuracy_drop}: use 0..100 points")
     if not 0.0 <= sparsity < 1.0:

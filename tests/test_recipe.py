@@ -55,3 +55,33 @@ def test_recipe_is_pure():
     assert make_recipe(p, quant="fp32") == make_recipe(p, quant="fp32")
     # galaxy-s24 prefers QNN for ExecuTorch, which edgelm cannot lower to: the first one it can is chosen
     assert make_recipe(p).plans[0].delegate == "xnnpack"
+
+
+def test_new_schemes_in_the_recipe():
+    p = load_profile("pixel8")
+    r = make_recipe(p, quant="onnx=int8_static,executorch=8da4w,tflite=fp16", sparsity=0.3, max_accuracy_drop=0.5)
+    plans = {x.format: x for x in r.plans}
+    assert plans["onnx"].quant.float_layers == ("ffn_output",) and plans["onnx"].gates.min_cosine == 0.95
+    assert plans["executorch"].quant.group_size == 32 and plans["executorch"].quant.embedding_bits == 8
+    assert plans["tflite"].quant.embedding_bits is None and plans["tflite"].gates.min_cosine == 0.999
+    assert all(x.gates.max_accuracy_drop == 0.5 for x in r.plans) and r.sparsity == 0.3
+    with pytest.raises(RecipeError, match="GPU delegates"):
+        make_recipe(p, quant="executorch=fp16")
+    with pytest.raises(RecipeError, match="cosine 0.64"):
+        make_recipe(p, quant="tflite=int8_static")
+    with pytest.raises(RecipeError, match="--prune"):
+        make_recipe(p, sparsity=1.0)
+
+
+def test_profile_compression_table(tmp_path):
+    from edgelm.errors import ProfileError
+    from edgelm.profiles import profiles_dir
+
+    text = (profiles_dir() / "pixel8.toml").read_text()
+    path = tmp_path / "p.toml"
+    path.write_text(text + "\n[compression]\nsparsity = 0.3\n")
+    assert make_recipe(load_profile(path)).sparsity == 0.3
+    assert make_recipe(load_profile(path), sparsity=0.0).sparsity == 0.0
+    path.write_text(text + "\n[compression]\nsparsity = 1.5\n")
+    with pytest.raises(ProfileError, match="compression.sparsity"):
+        load_profile(path)
