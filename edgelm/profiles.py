@@ -172,12 +172,13 @@ def load_profile_file(path: Path) -> DeviceProfile:
     return profile
 
 
-def load_profile(device: str) -> DeviceProfile:
+def load_profile(device: str | Path) -> DeviceProfile:
     """A built-in profile by name (``pixel8``) or a profile TOML by path (``./my-board.toml``).
 
     Raises:
         ProfileError: unknown name (the message suggests the nearest names), or an invalid file.
     """
+    device = str(device)
     if device.endswith(".toml") or "/" in device:
         return load_profile_file(Path(device))
     names = available_profiles()
