@@ -9,6 +9,12 @@ through ``quantized_decomposed.embedding_byte`` (ExecuTorch's quantized kernel l
 variant; torchao's ``dequantize_affine`` has none at ``to_executorch``). On MiniLM that takes the .pte
 from 58.6 MB to 23.6 MB at cosine 0.998.
 
+``int8_static``: the same quantizer with its static config, annotating only the ``nn.Linear`` modules
+outside ``QuantSpec.float_layers`` and calibrated by running the calibration inputs through the prepared
+graph. ``8da4w``: torchao ``Int8DynamicActivationIntxWeightConfig`` (int4 weights in groups of
+``group_size``, int8 dynamic activations per token), lowered by XNNPACK as ExecuTorch's own XNNPACK recipe
+does. fp16 and int4 weight-only are refused with the reason (:data:`UNSUPPORTED`).
+
 Signature: ``input_ids`` and ``attention_mask`` int64 [1, seq], seq dynamic from 2 to the example's length
 (``torch.export.Dim``); batch is 1 (the session loops over rows). Output float32 [1, ...].
 """

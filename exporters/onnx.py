@@ -6,10 +6,20 @@ the same as the TorchScript exporter's graph), and it is the exporter torch main
 one is deprecated. Older onnxruntime releases clashed with the shape annotations the dynamo exporter
 writes (``graph.value_info``), so those are cleared before quantization: ORT re-infers them.
 
-Quantization (``int8_dynamic``): ``onnxruntime.quantization.quantize_dynamic`` on MatMul/Gemm weights,
-QInt8, per output channel (per-tensor cost cosine 0.965 on MiniLM and QUInt8 ran ~50% slower), plus the
-Gather (embedding tables) when ``embedding_bits == 8``. LayerNorm, Softmax, GELU and residual adds stay
-float: static int8 over every op collapses transformer accuracy (MiniLM cosine 0.38).
+Quantization (see :func:`_quantize`):
+
+- ``int8_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on MatMul/Gemm weights, QInt8, per output
+  channel (per-tensor cost cosine 0.965 on MiniLM and QUInt8 ran ~50% slower), plus the Gather (embedding
+  tables) when ``embedding_bits == 8``.
+- ``int8_static``: ``quantize_static`` (QDQ, MinMax calibration) restricted to the Linear MatMul/Gemm nodes,
+  minus the layer groups in ``QuantSpec.float_layers``. Nodes are mapped to PyTorch module paths through the
+  dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata, so the choice is made by name, not by position.
+- ``8da4w`` / ``int4_weight_only``: ``MatMulNBitsQuantizer`` (int4, symmetric, blocks of ``group_size``),
+  ``accuracy_level`` 4 (int8 activations inside the kernel) or 0 (float activations).
+- ``fp16``: ``onnxruntime.transformers.float16`` with int64 inputs and a float32 output kept.
+
+LayerNorm, Softmax, GELU and residual adds stay float: static int8 over every op collapses transformer
+accuracy (MiniLM cosine 0.38).
 
 Signature: ``input_ids`` and ``attention_mask`` int64 [batch, seq] with both dims dynamic (seq from 2 to
 the example's length), one float32 output [batch, ...].

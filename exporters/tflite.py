@@ -11,6 +11,10 @@ this scheme requires ``embedding_bits=8``. LayerNorm, Softmax and GELU run in fl
 dynamic quantizer fails at run time here (embedding zero point) and is not used. MiniLM: 23.6 MB,
 cosine 0.997.
 
+``8da4w``: ``full_dynamic_recipe`` with int4 weights in blocks of ``group_size`` (dynamic-range int8
+activations). ``fp16``: ``full_fp16_recipe`` (float16 weights for the GPU delegate; the CPU dequantizes).
+``int8_static`` and ``int4_weight_only`` are refused with the reason (:data:`UNSUPPORTED`).
+
 The default XNNPACK delegate is kept on (without it MiniLM took 98 ms instead of ~5 ms).
 """
 

@@ -243,14 +243,11 @@ def apply_masks(wrapper: Any, masks: Masks) -> None:
         for layer, hm, nm in zip(encoder_layers(wrapper), masks.heads, masks.neurons):
             p = structure_params(layer)
             for group, mask in ((p["heads"], hm), (p["neurons"], nm)):
-                n = mask.size
+                if mask.all():
+                    continue
                 for t, axis in group:
-                    size = t.shape[axis] // n
-                    for j in np.nonzero(~mask)[0]:
-                        if axis == 0:
-                            t[j * size:(j + 1) * size] = 0
-                        else:
-                            t[:, j * size:(j + 1) * size] = 0
+                    keep = torch.from_numpy(np.repeat(mask, t.shape[axis] // mask.size)).to(t.dtype)
+                    t.mul_(keep if axis == 0 and t.ndim == 1 else keep[:, None] if axis == 0 else keep[None, :])
 
 
 def remove_structures(wrapper: Any, masks: Masks) -> dict:
