@@ -33,3 +33,33 @@ def test_export_pixel8_default_model(tmp_path):
     golden = np.load(bundle / "golden.npz")
     assert golden["reference"].shape == (74, 384)
     np.testing.assert_allclose(np.linalg.norm(golden["reference"], axis=1), 1.0, atol=1e-5)
+
+
+def test_minilm_schemes_and_estimate(tmp_path):
+    """Static int8 (calibrated, FFN down-projections float) and 8da4w on the real MiniLM in ONNX Runtime,
+    and the cost model's counts for it."""
+    import torch
+
+    from edgelm.compress.estimate import estimate
+    from edgelm.data import encode, load_tokenizer, probe_dataset
+    from edgelm.models import load_model
+    from edgelm.pipeline import calibration_rows
+    from edgelm.profiles import load_profile
+    from edgelm.recipe import quant_spec
+
+    m = load_model("default")
+    ids, mask = encode(load_tokenizer(m.tokenizer_dir, 128), probe_dataset())
+    with torch.no_grad():
+        ref = m.module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    example = {"input_ids": torch.ones(1, 128, dtype=torch.int64), "attention_mask": torch.ones(1, 128, dtype=torch.int64)}
+    cos = {}
+    for scheme in ("int8_static", "8da4w"):
+        art = exporters.get("onnx").export(m.module, example, quant_spec(scheme), tmp_path / f"{scheme}.onnx",
+                                           output_name="embeddings", calibration=calibration_rows(ids, mask))
+        out = exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask})["embeddings"]
+        cos[scheme] = float((out * ref).sum(1).mean())  # both L2-normalised
+        # fp32 is ~90 MB; static int8 keeps 6 FFN down-projections (14 MB) float
+        assert art.size_bytes < {"int8_static": 36e6, "8da4w": 25e6}[scheme]
+    assert cos["int8_static"] > 0.95 and cos["8da4w"] > 0.9, cos
+    e = estimate(m.module, load_profile("pixel8"), scheme="fp32", seq_len=128)
+    assert e.parameters == pytest.approx(22.7e6, rel=0.01) and e.macs == pytest.approx(1.43e9, rel=0.02)
