@@ -115,12 +115,14 @@ def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec
     if dynamic:
         quantizer.set_global(config)
     else:
-        linears = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+        # every path to a Linear: a wrapper may reach one module by two names (``model.bert...`` and
+        # ``base...``), and the quantizer matches the name the forward pass used
+        linears = [name for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, torch.nn.Linear)]
         kept = [name for name in linears if is_float_layer(name, quant.float_layers)]
         for name in linears:
             if name not in kept:
                 quantizer.set_module_name(name, config)
-        details["float_linear_layers"] = kept
+        details["float_linear_layers"] = sorted({k for k in kept if not k.startswith("model.")} or set(kept))
     graph = torch.export.export(module, args, dynamic_shapes=dynamic_shapes).module()
     graph = pt2e.prepare_pt2e(graph, quantizer)
     if dynamic:

@@ -53,6 +53,10 @@ def test_scheme_runs_and_stays_close(setup, tmp_path, fmt, scheme, min_cos):
     if scheme == "int8_static":
         kept = art.details["float_linear_layers"]
         assert len(kept) == 2 and all(k.endswith("output.dense") and "attention" not in k for k in kept)
+        dynamic, _ = _export_and_run(setup, fmt, quant_spec("int8_dynamic"), tmp_path / f"d{exporters.suffix(fmt)}")
+        fp32, _ = _export_and_run(setup, fmt, quant_spec("fp32"), tmp_path / f"f{exporters.suffix(fmt)}")
+        # the other Linear layers really are int8: far closer to the dynamic artifact's size than to fp32's
+        assert art.size_bytes < dynamic.size_bytes + 0.5 * (fp32.size_bytes - dynamic.size_bytes)
 
 
 def test_static_keeps_more_layers_float_on_request(setup, tmp_path):
