@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-WARMUP, RUNS = 5, 20
+WARMUP, RUNS = 10, 50
 SEQ = 128
 
 
@@ -55,14 +55,14 @@ def train_models(args) -> dict[str, Path]:
         log(f"fine-tuned: {[(e.epoch, e.eval_accuracy) for e in r.history]} in {r.seconds:.0f} s")
     for sparsity in (0.3, 0.5):
         name = f"pruned {int(sparsity * 100)}% + distill"
-        paths[name] = CACHE / f"platon-distill-{int(sparsity * 100)}-{args.train_limit}"
+        paths[name] = CACHE / f"platon-distill-{int(sparsity * 100)}-{args.train_limit}-aligned32"
         if not paths[name].is_dir():
             log(f"PLATON pruning {sparsity:.0%} with distillation")
             r, s = run_compress(paths["fine-tuned"], train, paths[name], sparsity=sparsity, method="platon",
                                 distill=True, eval_data=dev, limit=args.train_limit,
                                 cfg=TrainConfig(epochs=args.prune_epochs, lr=1e-4, batch_size=32, seq_len=64))
             log(f"{name}: {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} in {r.seconds:.0f} s")
-    paths["pruned 50% one-shot magnitude"] = CACHE / f"magnitude-50-{args.train_limit}"
+    paths["pruned 50% one-shot magnitude"] = CACHE / f"magnitude-50-{args.train_limit}-aligned32"
     if not paths["pruned 50% one-shot magnitude"].is_dir():
         run_compress(paths["fine-tuned"], train, paths["pruned 50% one-shot magnitude"], sparsity=0.5,
                      method="magnitude", eval_data=dev, limit=200, cfg=TrainConfig(epochs=0))
@@ -124,11 +124,14 @@ def main() -> None:
             with torch.no_grad():
                 logits = torch.cat([m.module(torch.from_numpy(ids[i:i + 64]), torch.from_numpy(mask[i:i + 64]))
                                     for i in range(0, len(ids), 64)]).numpy()
+            from edgelm.compress.pruning import structure_counts
+
+            heads, ffn = structure_counts(m.module)
             results.append({"model": name, "format": "pytorch eager", "scheme": "fp32",
                             "accuracy": float((logits.argmax(1) == labels).mean() * 100),
                             "size_mb": m.num_parameters * 4 / 1e6,
                             "p50_ms_seq128": eager[(name, SEQ)], "p50_ms_seq64": eager[(name, 64)],
-                            "parameters": m.num_parameters})
+                            "parameters": m.num_parameters, "heads_per_layer": heads, "ffn_per_layer": ffn})
             models[name] = (m, labels)
             log(f"eager {name}: acc {results[-1]['accuracy']:.2f}, {eager[(name, SEQ)]:.2f} ms")
         for name, fmt, scheme in plan(paths):
