@@ -83,7 +83,7 @@ def export(
     distill_epochs: Annotated[int, typer.Option("--distill-epochs", help="Epochs of distillation on --train-data for each pruned model.")] = 1,
     search: Annotated[bool, typer.Option("--search", help="Pick a pruning ratio and scheme per format within the accuracy and device budgets (needs labeled --data).")] = False,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget in points against the fp32 model (default: the profile's gate, else 1.0).")] = None,
-    max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5; default: the profile's [compression] max_sparsity, 0.5).")] = None,
+    max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5; default: the profile's compression.max_sparsity, 0.5).")] = None,
     search_time: Annotated[float, typer.Option("--search-time", help="Time limit of --search per format, s.")] = 900.0,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
@@ -341,6 +341,8 @@ def recipe(
     quant: Annotated[Optional[str], typer.Option("--quant", "-q")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    prune: Annotated[Optional[float], typer.Option("--prune")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop")] = None,
 ):
     """Print the recipe (as JSON) that `edgelm export` would follow for a device."""
     import json
@@ -348,7 +350,8 @@ def recipe(
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_recipe
 
-    r = make_recipe(load_profile(device), formats=_split(fmt), quant=quant, seq_len=seq_len, threads=threads)
+    r = make_recipe(load_profile(device), formats=_split(fmt), quant=quant, seq_len=seq_len, threads=threads,
+                    sparsity=prune, max_accuracy_drop=max_accuracy_drop)
     out_console.print_json(json.dumps(r.to_dict()))
 
 
