@@ -14,7 +14,7 @@ One run, on this host (CPU only):
 Fine-tuned checkpoints are cached in ``benchmarks/.cache/`` (delete it to retrain). Results:
 ``benchmarks/results/compression_sst2.{json,md,png}``.
 
-    python benchmarks/compression_sst2.py [--train-limit 8000] [--epochs 2]
+    python benchmarks/compression_sst2.py [--train-limit 8000] [--epochs 2] [--plot-only]
 """
 
 from __future__ import annotations
@@ -87,7 +87,11 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--prune-epochs", type=int, default=2)
+    ap.add_argument("--plot-only", action="store_true", help="re-draw the PNG from the JSON results")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / "compression_sst2.json").read_text())["results"])
+        return
     if not (SST2 / "train.tsv").is_file():
         sys.exit(f"SST-2 not found at {SST2}: this benchmark reads ../shared/data/sst2")
 
@@ -190,6 +194,35 @@ def targets(results: list[dict]) -> list[dict]:
     return out
 
 
+def plot(results: list[dict]) -> None:
+    """Accuracy vs latency: colour = runtime, marker = model, one legend entry per (model, scheme)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"pytorch eager": "black", "onnx": "tab:blue", "executorch": "tab:orange", "tflite": "tab:green"}
+    markers = {"fine-tuned": "o", "pruned 30% + distill": "s", "pruned 50% + distill": "D",
+               "pruned 50% one-shot magnitude": "x"}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in results:
+        ax.scatter(r["p50_ms_seq128"], r["accuracy"], c=colours.get(r["format"], "grey"),
+                   marker=markers.get(r["model"], "*"), s=45)
+        if r["scheme"] != "int8_dynamic" and r["format"] != "pytorch eager":
+            ax.annotate(r["scheme"], (r["p50_ms_seq128"], r["accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=f) for f, c in colours.items()]
+    handles += [plt.Line2D([], [], color="grey", marker=m, linestyle="", label=n) for n, m in markers.items()]
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50, ms (1 thread, batch 1, seq 128, log scale); unlabeled points are int8_dynamic")
+    ax.set_ylabel("SST-2 dev accuracy, %")
+    ax.set_title("MiniLM-L6 on SST-2: accuracy vs latency per artifact")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "compression_sst2.png", dpi=120)
+
+
 def write(results: list[dict], args, eager) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = next(r for r in results if r["model"] == "fine-tuned" and r["format"] == "pytorch eager")
@@ -218,24 +251,7 @@ def write(results: list[dict], args, eager) -> None:
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in tg]
     (RESULTS / "compression_sst2.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for r in results:
-        marker = {"onnx": "o", "executorch": "s", "tflite": "^"}.get(r["format"], "*")
-        ax.scatter(r["p50_ms_seq128"], r["accuracy"], marker=marker, s=50)
-        ax.annotate(f"{r['model'].split(' +')[0]} {r['format']} {r['scheme']}", (r["p50_ms_seq128"], r["accuracy"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("latency p50, ms (1 thread, batch 1, seq 128, log scale)")
-    ax.set_ylabel("SST-2 dev accuracy, %")
-    ax.set_title("MiniLM-L6 on SST-2: accuracy vs latency per artifact")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "compression_sst2.png", dpi=120)
+    plot(results)
     log(f"wrote {RESULTS / 'compression_sst2.md'}")
 
 
