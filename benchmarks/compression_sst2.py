@@ -101,6 +101,7 @@ def main() -> None:
     from edgelm.data import encode, label_indices, load_dataset, load_tokenizer
     from edgelm.models import load_model
     from edgelm.pipeline import captured_output, eager_latency_ms, latency_input
+    from edgelm.validate.metrics import accuracy
     from edgelm.validate.runners import HostRunner
 
     paths = train_models(args)
@@ -132,7 +133,7 @@ def main() -> None:
 
             heads, ffn = structure_counts(m.module)
             results.append({"model": name, "format": "pytorch eager", "scheme": "fp32",
-                            "accuracy": float((logits.argmax(1) == labels).mean() * 100),
+                            "accuracy": accuracy(logits, labels),
                             "size_mb": m.num_parameters * 4 / 1e6,
                             "p50_ms_seq128": eager[(name, SEQ)], "p50_ms_seq64": eager[(name, 64)],
                             "parameters": m.num_parameters, "heads_per_layer": heads, "ffn_per_layer": ffn})
@@ -155,7 +156,7 @@ def main() -> None:
             export_s = time.perf_counter() - t
             run = runner.run_artifact(path, goldens[(name, SEQ)], threads=1, warmup=WARMUP, runs=RUNS)
             run64 = runner.run_artifact(path, goldens[(name, 64)], threads=1, warmup=WARMUP, runs=RUNS)
-            acc = float((run.outputs.argmax(1) == labels).mean() * 100)
+            acc = accuracy(run.outputs, labels)
             results.append({"model": name, "format": fmt, "scheme": scheme, "accuracy": acc,
                             "size_mb": path.stat().st_size / 1e6,
                             "p50_ms_seq128": float(np.median(run.result["latency_samples_ms"])),

@@ -263,20 +263,21 @@ def estimate(
 
     from edgelm.compress.estimate import WEIGHT_BITS
     from edgelm.compress.estimate import estimate as cost
+    from edgelm.errors import RecipeError
     from edgelm.models import load_model
     from edgelm.profiles import load_profile
+    from edgelm.recipe import make_recipe
 
     profile = load_profile(device)
+    recipe = make_recipe(profile, seq_len=seq_len, threads=threads)  # the same defaults and range checks as export
     schemes = _split([quant]) if quant else list(dict.fromkeys(["fp32", *profile.quantization.values()]))
     for sc in schemes:
         if sc not in WEIGHT_BITS:
-            raise EdgeLMError(f"unknown scheme {sc!r}; choose from {', '.join(WEIGHT_BITS)}")
-    if seq_len is not None and not 2 <= seq_len <= 512:
-        raise EdgeLMError(f"--seq-len {seq_len}: use 2..512 tokens")
+            raise RecipeError(f"unknown scheme {sc!r}; choose from {', '.join(WEIGHT_BITS)}")
     loaded = load_model(model)
     rows = [cost(loaded.module, profile, scheme=sc, fmt="pytorch" if sc == "fp32" else next(
-        (f for f, q in profile.quantization.items() if q == sc), "onnx"), seq_len=seq_len, threads=threads).to_dict()
-        for sc in schemes]
+        (f for f, q in profile.quantization.items() if q == sc), "onnx"), seq_len=recipe.seq_len,
+        threads=recipe.threads).to_dict() for sc in schemes]
     if as_json:
         out_console.print_json(_json.dumps(rows))
         return

@@ -28,7 +28,7 @@ from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import DeviceProfile, load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
 from edgelm.report import ArtifactResult, Report
-from edgelm.validate.metrics import fidelity, latency_stats
+from edgelm.validate.metrics import accuracy, fidelity, latency_stats
 from edgelm.validate.runners import HostRunner
 
 #: progress callback: (description, steps completed, total steps)
@@ -359,7 +359,7 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     step("PyTorch fp32 reference")
     variants = _Variants(loaded, ids, mask, train, distill_epochs, recipe.seq_len)
     ref = variants.get(0.0)[1]
-    baseline = float((ref.argmax(-1) == labels).mean() * 100) if labels is not None else None
+    baseline = accuracy(ref, labels) if labels is not None else None
     lat_ids, lat_mask = latency_input(ids, mask, recipe.seq_len)
     host_threads = min(recipe.threads, os.cpu_count() or 1)
     eager = eager_latency_ms(loaded, lat_ids, lat_mask, host_threads)

@@ -99,7 +99,7 @@ def export(
     import torch
 
     require("onnxscript", "onnxscript", "to export ONNX with torch.onnx")
-    onnx = require("onnx", "onnx", "to export ONNX")
+    require("onnx", "onnx", "to export ONNX")
     path = Path(path)
     start = time.perf_counter()
     ids, mask = example_inputs["input_ids"], example_inputs["attention_mask"]

@@ -12,7 +12,7 @@ from edgelm.compress import pruning
 from edgelm.compress.estimate import estimate
 from edgelm.compress.jobs import run_compress, run_finetune
 from edgelm.compress.sage import Sage
-from edgelm.compress.train import (DistillConfig, PruneConfig, TrainConfig, accuracy, distillation_loss,
+from edgelm.compress.train import (DistillConfig, TrainConfig, accuracy, distillation_loss,
                                    encode_labeled, fit, layer_map, teacher_copy)
 from edgelm.data import load_dataset, load_tokenizer
 from edgelm.errors import DataError, ModelError, RecipeError

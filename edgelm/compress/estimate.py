@@ -72,10 +72,8 @@ def _structure(wrapper: Any) -> dict:
     enc_ids = {id(p) for layer in layers for p in layer.parameters()}
     linears_enc, linears_head = [], []
     enc_modules = {id(m) for layer in layers for m in layer.modules()}
-    seen: set[int] = set()
-    for m in wrapper.modules():
-        if isinstance(m, torch.nn.Linear) and id(m) not in seen:
-            seen.add(id(m))
+    for m in wrapper.modules():  # each module once, even when the wrapper reaches it by two names
+        if isinstance(m, torch.nn.Linear):
             (linears_enc if id(m) in enc_modules else linears_head).append((m.in_features, m.out_features))
     params = {id(p): p.numel() for p in wrapper.parameters()}
     emb = wrapper.base.embeddings.word_embeddings.weight

@@ -82,11 +82,9 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: f
     """``"adamw"`` (torch.optim.AdamW) or ``"sage"`` (:class:`Sage`) over ``model``'s trainable parameters;
     biases and LayerNorm weights get no weight decay. Raises ValueError for another name."""
     decay, no_decay = [], []
-    seen: set[int] = set()
-    for name_, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+    for name_, p in model.named_parameters():  # each shared parameter once (remove_duplicate=True)
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         (no_decay if p.ndim < 2 or "LayerNorm" in name_ else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "adamw":

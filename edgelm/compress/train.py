@@ -161,8 +161,10 @@ def _trim(ids: np.ndarray, mask: np.ndarray):
     """Drop the columns that are padding in every row of a batch (right padding): same outputs, less work."""
     import torch
 
-    length = max(2, int(mask.sum(axis=1).max()))
-    return torch.from_numpy(ids[:, :length]), torch.from_numpy(mask[:, :length])
+    from exporters.base import trim_padding
+
+    batch = trim_padding({"input_ids": ids, "attention_mask": mask})
+    return torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
 
 
 def predict(wrapper: Any, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -181,7 +183,9 @@ def predict(wrapper: Any, ids: np.ndarray, mask: np.ndarray, batch_size: int = 6
 
 def accuracy(wrapper: Any, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> float:
     """Task accuracy of ``wrapper`` in %, on int64 [N, seq] ids/mask and int64 [N] labels."""
-    return float((predict(wrapper, ids, mask).argmax(1) == labels).mean() * 100.0)
+    from edgelm.validate.metrics import accuracy as logits_accuracy
+
+    return logits_accuracy(predict(wrapper, ids, mask), labels)
 
 
 def fit(wrapper: Any, train: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -215,7 +219,9 @@ def fit(wrapper: Any, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     scorer = pruning.PlatonScorer(wrapper) if prune else None
     masks = pruning.Masks.full(wrapper) if prune else None
     distill = distill or DistillConfig()
-    head_final = (prune.head_sparsity if prune and prune.head_sparsity is not None else prune.sparsity) if prune else 0.0
+    head_final = 0.0
+    if prune is not None:
+        head_final = prune.sparsity if prune.head_sparsity is None else prune.head_sparsity
     best_masks = masks
     hsize = pruning.head_size(wrapper)
     if teacher is not None:
@@ -268,7 +274,7 @@ def fit(wrapper: Any, train: tuple[np.ndarray, np.ndarray, np.ndarray],
             best_masks = copy.deepcopy(masks)
     if best_state is not None:
         wrapper.load_state_dict(best_state)
-        masks = best_masks if prune is not None else masks
+        masks = best_masks
     if prune is not None:
         pruning.apply_masks(wrapper, masks)
         result.pruning = pruning.remove_structures(wrapper, masks)
