@@ -72,7 +72,10 @@ def format_for_path(path: str | Path) -> str:
     )
 
 
-def load(path: str | Path, threads: int | None = None) -> Session:
+def load(path: str | Path, threads: int | None = None, adapter: str | Path | None = None) -> Session:
     """Load an artifact in its own runtime: returns a Session whose ``run(feeds)`` maps numpy arrays to
-    numpy arrays. ``threads``: intra-op CPU threads (None: the runtime's default)."""
-    return get(format_for_path(path)).load(Path(path), threads=threads)
+    numpy arrays. ``threads``: intra-op CPU threads (None: the runtime's default). ``adapter``: the weights
+    file of another adapter of the same base (``.adapter.data`` for ONNX, ``.adapter.ptd`` for ExecuTorch)
+    to use instead of the one beside the artifact."""
+    kwargs = {"adapter": Path(adapter)} if adapter is not None else {}
+    return get(format_for_path(path)).load(Path(path), threads=threads, **kwargs)

@@ -37,6 +37,23 @@ LAYER_GROUPS = {
     "head": r"(classifier(\.\w+)?|pooler\.dense)$",
 }
 
+#: Module-path pieces of PEFT adapter weights: LoRA's A and B matrices and the task layers an adapter saves
+#: with it (peft's ``modules_to_save``, e.g. the classifier head). Exporting with ``adapter_modules`` stores
+#: the weights of these modules in a separate, swappable file beside the artifact (see :func:`adapter_path`).
+ADAPTER_MODULES = ("lora_A", "lora_B", "modules_to_save")
+
+
+def adapter_path(artifact: Path, suffix: str) -> Path:
+    """Where an artifact's swappable adapter weights live: ``<stem>.adapter<suffix>`` beside it
+    (``model.onnx`` -> ``model.adapter.data``; ``model.pte`` -> ``model.adapter.ptd``)."""
+    artifact = Path(artifact)
+    return artifact.with_name(f"{artifact.stem}.adapter{suffix}")
+
+
+def in_modules(module_path: str, pieces: tuple[str, ...]) -> bool:
+    """Whether ``module_path`` (a PyTorch module path or an exported node name) contains one of ``pieces``."""
+    return any(p in module_path for p in pieces)
+
 
 class ExporterError(Exception):
     """Base of every error raised by ``exporters``; the message says what was wrong and what to do."""
@@ -150,6 +167,8 @@ class Artifact:
         runtime: versions of the converter and runtime packages used, ``{package: version}``.
         details: format-specific facts (delegate, sequence buckets, ops kept in float ...).
         export_seconds: wall time of the export, s.
+        companions: files the artifact needs beside it (the swappable adapter weights of an export with
+            ``adapter_modules``); counted in :attr:`size_bytes` and listed with their sha256.
     """
 
     path: Path
@@ -160,10 +179,12 @@ class Artifact:
     runtime: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     export_seconds: float = 0.0
+    companions: list[Path] = field(default_factory=list)
 
     @property
     def size_bytes(self) -> int:
-        return self.path.stat().st_size
+        """Bytes of the artifact and its companion files."""
+        return self.path.stat().st_size + sum(Path(c).stat().st_size for c in self.companions)
 
     def sha256(self) -> str:
         return sha256_file(self.path)
@@ -180,6 +201,8 @@ class Artifact:
             "runtime": dict(self.runtime),
             "details": dict(self.details),
             "export_seconds": round(self.export_seconds, 3),
+            "companions": [{"file": Path(c).name, "role": "adapter weights", "sha256": sha256_file(Path(c)),
+                            "size_bytes": Path(c).stat().st_size} for c in self.companions],
         }
 
 

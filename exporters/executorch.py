@@ -43,6 +43,8 @@ from exporters.base import (
     require,
     require_installed,
     split_rows,
+    adapter_path,
+    in_modules,
 )
 
 FORMAT = "executorch"
@@ -102,9 +104,10 @@ def _quantize_embeddings(module: Any) -> int:
 
 
 def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec,
-               calibration: list[dict[str, Any]], details: dict[str, Any]) -> Any:
+               calibration: list[dict[str, Any]], details: dict[str, Any], adapter_modules: tuple[str, ...] = ()) -> Any:
     """PT2E int8 with the XNNPACK quantizer: dynamic (no calibration) or static (observers run over
-    ``calibration``). Static annotates only ``nn.Linear`` modules, minus ``quant.float_layers``."""
+    ``calibration``). Static annotates only ``nn.Linear`` modules, minus ``quant.float_layers``. Modules
+    of ``adapter_modules`` stay float."""
     import torch
 
     xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch", "for the XNNPACK quantizer")
@@ -112,13 +115,14 @@ def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec
     dynamic = quant.scheme == "int8_dynamic"
     config = xq.get_symmetric_quantization_config(is_per_channel=quant.per_channel, is_dynamic=dynamic)
     quantizer = xq.XNNPACKQuantizer()
-    if dynamic:
+    linears = [name for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, torch.nn.Linear)]
+    if dynamic and not adapter_modules:
         quantizer.set_global(config)
     else:
         # every path to a Linear: a wrapper may reach one module by two names (``model.bert...`` and
         # ``base...``), and the quantizer matches the name the forward pass used
-        linears = [name for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, torch.nn.Linear)]
-        kept = [name for name in linears if is_float_layer(name, quant.float_layers)]
+        kept = [name for name in linears
+                if is_float_layer(name, quant.float_layers) or in_modules(name, adapter_modules)]
         for name in linears:
             if name not in kept:
                 quantizer.set_module_name(name, config)
@@ -138,7 +142,7 @@ def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec
     return pt2e.convert_pt2e(graph)
 
 
-def _torchao_8da4w(module: Any, quant: QuantSpec, details: dict[str, Any]) -> None:
+def _torchao_8da4w(module: Any, quant: QuantSpec, details: dict[str, Any], adapter_modules: tuple[str, ...] = ()) -> None:
     """torchao ``Int8DynamicActivationIntxWeightConfig``: int4 symmetric weights in groups of
     ``quant.group_size``, int8 dynamic activations, on every Linear (in place); XNNPACK lowers it."""
     import torch
@@ -149,7 +153,7 @@ def _torchao_8da4w(module: Any, quant: QuantSpec, details: dict[str, Any]) -> No
     seen: set[int] = set()
 
     def once(m: Any, _fqn: str) -> bool:  # a wrapper may reach one Linear by two paths (model.bert / base)
-        if not isinstance(m, torch.nn.Linear) or id(m) in seen:
+        if not isinstance(m, torch.nn.Linear) or id(m) in seen or in_modules(_fqn, adapter_modules):
             return False
         seen.add(id(m))
         return True
@@ -169,6 +173,7 @@ def export(
     *,
     output_name: str = "output",
     calibration: list[dict[str, Any]] | None = None,
+    adapter_modules: tuple[str, ...] = (),
     **_: Any,
 ) -> Artifact:
     """Export ``module`` (forward(input_ids, attention_mask) -> float32 [1, ...]) to a ``.pte`` file.
@@ -179,6 +184,11 @@ def export(
         quant: one of :data:`SCHEMES` (see module docstring). The caller's module is not modified.
         calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for ``int8_static``.
         path: the ``.pte`` file to write.
+        adapter_modules: module-path pieces (e.g. :data:`~exporters.base.ADAPTER_MODULES`) whose weights go to
+            ``<stem>.adapter.ptd`` beside the program (ExecuTorch program-data separation) instead of into it.
+            Those modules stay float and outside the XNNPACK delegate (XNNPACK keys its weights by content
+            hash, which would tie the program to one adapter); every adapter of one base then shares a
+            byte-identical ``.pte`` and differs only in its ``.ptd``.
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
@@ -204,15 +214,33 @@ def export(
             if quant.is_quantized and quant.embedding_bits == 8:
                 details["embedding_tables_int8"] = _quantize_embeddings(module)
             if quant.scheme in ("int8_dynamic", "int8_static"):
-                module = _pt2e_int8(module, args, dynamic_shapes, quant, calibration or [], details)
+                module = _pt2e_int8(module, args, dynamic_shapes, quant, calibration or [], details, adapter_modules)
             elif quant.scheme == "8da4w":
-                _torchao_8da4w(module, quant, details)
+                _torchao_8da4w(module, quant, details, adapter_modules)
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-            edge = exir.to_edge_transform_and_lower(exported, partitioner=[xnn.XnnpackPartitioner()])
-            program = edge.to_executorch()
+            partitioner = _base_partitioner(xnn, adapter_modules) if adapter_modules else xnn.XnnpackPartitioner()
+            edge = exir.to_edge_transform_and_lower(exported, partitioner=[partitioner])
+            data = adapter_path(path, ".ptd")
+            if adapter_modules:
+                tag = data.name[: -len(".ptd")]
+                lower = tuple(m.lower() for m in adapter_modules)  # placeholder names are lower-cased paths
+                program = edge.to_executorch(exir.ExecutorchBackendConfig(
+                    external_constants=lambda n: tag if in_modules(n.name.lower(), lower) else None))
+            else:
+                program = edge.to_executorch()
+            buffer = program.buffer
+            if adapter_modules:
+                program.write_tensor_data_to_file(str(path.parent))
     except Exception as exc:
         raise ExportFailedError(f"ExecuTorch export failed: {type(exc).__name__}: {exc}") from exc
-    path.write_bytes(program.buffer)
+    companions = []
+    if adapter_modules:
+        if not data.is_file():
+            raise ExportFailedError(f"no weights of modules matching {', '.join(adapter_modules)} in the program: "
+                                    "the model has no adapter to store separately")
+        companions.append(data)
+        details["adapter_file"] = data.name
+    path.write_bytes(buffer)
     return Artifact(
         path=path,
         format=FORMAT,
@@ -222,7 +250,27 @@ def export(
         runtime=runtime_versions(),
         details=details,
         export_seconds=time.perf_counter() - start,
+        companions=companions,
     )
+
+
+def _base_partitioner(xnn: Any, adapter_modules: tuple[str, ...]) -> Any:
+    """An XNNPACK partitioner that leaves every node of ``adapter_modules`` to the portable kernels."""
+
+    def in_adapter(node: Any) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        return any(in_modules(str(p), adapter_modules) for p, _ in stack.values())
+
+    class BasePartitioner(xnn.XnnpackPartitioner):
+        def get_matched_nodes_from_configs(self, ep):
+            groups = super().get_matched_nodes_from_configs(ep)
+            return [g for g in groups if not any(n.op == "call_function" and in_adapter(n) for n in g)]
+
+        def ops_to_not_decompose(self, ep):
+            ops, keep = super().ops_to_not_decompose(ep)
+            return ops, (lambda n: keep(n) and not in_adapter(n))
+
+    return BasePartitioner()
 
 
 class ExecuTorchSession:
@@ -230,11 +278,16 @@ class ExecuTorchSession:
 
     ``threads`` sets XNNPACK's thread pool *before* the program is loaded (re-setting it after loading a
     method invalidates the method). ``run(feeds)``: int arrays [batch, seq] -> ``{name: float32 [batch, ...]}``;
-    rows run one at a time (the program is exported at batch 1).
+    rows run one at a time (the program is exported at batch 1). A program exported with adapter modules
+    reads their weights from ``adapter`` (a ``.ptd`` file), by default ``<stem>.adapter.ptd`` beside it.
     """
 
-    def __init__(self, path: Path, threads: int | None = None, output_name: str = "output"):
+    def __init__(self, path: Path, threads: int | None = None, output_name: str = "output",
+                 adapter: Path | None = None):
         path = check_artifact_file(path, SUFFIX, "ExecuTorch")
+        data = Path(adapter) if adapter is not None else adapter_path(path, ".ptd")
+        if adapter is not None and not data.is_file():
+            raise ArtifactLoadError(f"adapter weights not found: {data}")
         self._torch = require("torch", "torch", "by ExecuTorch's Python runtime")
         runtime = require("executorch.runtime", "executorch", "to run .pte artifacts")
         require("executorch.kernels.quantized", "executorch", "for the quantized kernels of .pte artifacts")
@@ -243,7 +296,7 @@ class ExecuTorchSession:
 
             portable_lib._unsafe_reset_threadpool(int(threads))
         try:
-            program = runtime.Runtime.get().load_program(path)
+            program = runtime.Runtime.get().load_program(path, data_path=data if data.is_file() else None)
             self._method = program.load_method("forward")
         except Exception as exc:
             raise ArtifactLoadError(f"ExecuTorch could not load {path}: {exc}") from exc
@@ -259,6 +312,8 @@ class ExecuTorchSession:
         return {self.output_names[0]: np.concatenate(outs, axis=0)}
 
 
-def load(path: Path, threads: int | None = None, output_name: str = "output") -> ExecuTorchSession:
-    """Open a ``.pte`` artifact. Raises ArtifactLoadError or RuntimeNotInstalledError."""
-    return ExecuTorchSession(path, threads, output_name)
+def load(path: Path, threads: int | None = None, output_name: str = "output",
+         adapter: Path | None = None) -> ExecuTorchSession:
+    """Open a ``.pte`` artifact (``adapter``: a ``.ptd`` of adapter weights to use, see
+    :class:`ExecuTorchSession`). Raises ArtifactLoadError or RuntimeNotInstalledError."""
+    return ExecuTorchSession(path, threads, output_name, adapter)

@@ -49,6 +49,8 @@ from exporters.base import (
     package_versions,
     require,
     require_installed,
+    adapter_path,
+    in_modules,
 )
 
 FORMAT = "onnx"
@@ -78,6 +80,7 @@ def export(
     *,
     output_name: str = "output",
     calibration: list[dict[str, Any]] | None = None,
+    adapter_modules: tuple[str, ...] = (),
     **_: Any,
 ) -> Artifact:
     """Export ``module`` (forward(input_ids, attention_mask) -> float32 [batch, ...]) to ``path``.
@@ -88,6 +91,9 @@ def export(
         quant: any of :data:`SCHEMES` (see module docstring).
         path: the ``.onnx`` file to write (a single file; no external data).
         calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for ``int8_static``.
+        adapter_modules: module-path pieces (e.g. :data:`~exporters.base.ADAPTER_MODULES`) whose weights are
+            stored as ONNX external data in ``<stem>.adapter.data`` beside the model and never quantized; a
+            file with the same layout from another adapter swaps in at load time (:func:`load`).
     Raises:
         UnsupportedQuantError: a scheme not in :data:`SCHEMES`.
         RuntimeNotInstalledError: torch.onnx's dependencies or onnxruntime missing.
@@ -127,10 +133,15 @@ def export(
         except Exception as exc:  # torch.onnx raises many types; the message is what matters
             raise ExportFailedError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
         details: dict[str, Any] = {"opset": OPSET, "exporter": "torch.onnx dynamo", "delegate": DELEGATE}
+        adapter_inits = _isolate_adapter(fp32_path, adapter_modules) if adapter_modules else []
         if quant.scheme == "fp32":
             os.replace(fp32_path, path)
         else:
-            details.update(_quantize(fp32_path, path, quant, calibration, Path(tmp)))
+            details.update(_quantize(fp32_path, path, quant, calibration, Path(tmp), adapter_modules))
+    companions = []
+    if adapter_modules:
+        companions = [_externalize_adapter(path, adapter_inits)]
+        details["adapter_file"] = companions[0].name
     return Artifact(
         path=path,
         format=FORMAT,
@@ -141,32 +152,103 @@ def export(
         runtime=runtime_versions(),
         details={**details, "max_seq_len": max_seq},
         export_seconds=time.perf_counter() - start,
+        companions=companions,
     )
+
+
+def _node_scopes(node: Any) -> list[str]:
+    """The PyTorch module paths a node was exported from (``pkg.torch.onnx.name_scopes`` metadata)."""
+    import ast
+
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        return [str(x) for x in ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))]
+    except (ValueError, SyntaxError):
+        return []
+
+
+def _adapter_nodes(model: Any, adapter_modules: tuple[str, ...]) -> list[Any]:
+    """Nodes exported from a module whose path contains one of ``adapter_modules``."""
+    return [n for n in model.graph.node if any(in_modules(s, adapter_modules) for s in _node_scopes(n))]
+
+
+def _isolate_adapter(path: Path, adapter_modules: tuple[str, ...]) -> list[str]:
+    """Find the initializers read by adapter nodes in the fp32 graph at ``path``, give each adapter node its
+    own copy of an initializer it shares with base nodes (the exporter merges equal constants, and a base
+    weight must not move into a swappable file), and save the graph. Returns the adapter initializer names.
+    Raises ExportFailedError when the graph has no adapter weights."""
+    onnx = require("onnx", "onnx", "to write ONNX external data")
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    adapter = _adapter_nodes(model, adapter_modules)
+    ids = {id(n) for n in adapter}
+    base_reads = {x for n in model.graph.node if id(n) not in ids for x in n.input}
+    names: set[str] = set()
+    for node in adapter:
+        for k, x in enumerate(node.input):
+            if x not in inits:
+                continue
+            if x in base_reads:
+                copy_name = f"{x}.adapter.{node.name}"
+                t = model.graph.initializer.add()
+                t.CopyFrom(inits[x])
+                t.name = copy_name
+                node.input[k] = x = copy_name
+            names.add(x)
+    if not names:
+        raise ExportFailedError(f"no weights of modules matching {', '.join(adapter_modules)} in the graph: "
+                                "the model has no adapter to store separately")
+    onnx.save(model, str(path))
+    return sorted(names)
+
+
+def _externalize_adapter(path: Path, names: list[str]) -> Path:
+    """Move the initializers ``names`` of the model at ``path`` into ``<stem>.adapter.data`` (ONNX external
+    data: raw little-endian tensor bytes at recorded offsets, in name order, so two adapters of one base
+    give files of the same layout). Rewrites ``path``; returns the data file."""
+    onnx = require("onnx", "onnx", "to write ONNX external data")
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise ExportFailedError(f"adapter weights {missing[:3]} were rewritten by quantization; export fp32")
+    data_path = adapter_path(path, ".data")
+    offset = 0
+    with open(data_path, "wb") as f:
+        for name in names:
+            t = inits[name]
+            raw = onnx.numpy_helper.to_array(t).tobytes()
+            f.write(raw)
+            del t.external_data[:]
+            t.ClearField("raw_data")
+            for field_ in ("float_data", "int32_data", "int64_data", "double_data"):
+                t.ClearField(field_)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += len(raw)
+    onnx.save(model, str(path))
+    return data_path
 
 
 def _linear_nodes(model: Any) -> list[tuple[str, str]]:
     """``(node name, PyTorch module path)`` of every MatMul/Gemm whose weight is a constant (the Linear
     layers; attention's activation x activation MatMuls are left out). The module path comes from the
     dynamo exporter's ``pkg.torch.onnx.name_scopes`` node metadata."""
-    import ast
-
     constants = {i.name for i in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     out = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in constants:
             continue
-        meta = {p.key: p.value for p in node.metadata_props}
-        try:
-            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-        except (ValueError, SyntaxError):
-            scopes = []
-        out.append((node.name, str(scopes[-2]) if len(scopes) >= 2 else ""))
+        scopes = _node_scopes(node)
+        out.append((node.name, scopes[-2] if len(scopes) >= 2 else ""))
     return out
 
 
 def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[dict[str, Any]] | None,
-              tmp: Path) -> dict[str, Any]:
+              tmp: Path, adapter_modules: tuple[str, ...] = ()) -> dict[str, Any]:
     """Quantize the fp32 graph at ``fp32_path`` into ``path`` by ``quant.scheme``; returns report details.
 
     - fp16: ``onnxruntime.transformers.float16`` (inputs and outputs stay int64 / float32).
@@ -175,6 +257,8 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
       nodes outside ``quant.float_layers``; then the Gather tables dynamically (8-bit).
     - 8da4w / int4_weight_only: ``MatMulNBitsQuantizer`` (symmetric int4, blocks of ``group_size``) with
       ``accuracy_level`` 4 (activations quantized to int8 in the kernel) or 0 (float activations).
+
+    Nodes of ``adapter_modules`` stay float in every scheme (their weights are swapped at load time).
     """
     onnx = require("onnx", "onnx", "to quantize ONNX models")
     qz = require("onnxruntime.quantization", "onnxruntime", "to quantize ONNX models")
@@ -183,6 +267,9 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
     details: dict[str, Any] = {"float_ops": ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]}
     gather = quant.embedding_bits == 8
     try:
+        # a Gemm is rewritten to "<name>_MatMul" (+ Add) before quantization: exclude that name too
+        adapter = [x for n in _adapter_nodes(model, adapter_modules) for x in (n.name, f"{n.name}_MatMul")] \
+            if adapter_modules else []
         if quant.scheme == "fp16":
             f16 = require("onnxruntime.transformers.float16", "onnxruntime", "for fp16 conversion")
             onnx.save(f16.convert_float_to_float16(model, keep_io_types=True), str(path))
@@ -192,10 +279,11 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
         if quant.scheme == "int8_dynamic":
             op_types = ["MatMul", "Gemm"] + (["Gather"] if gather else [])
             qz.quantize_dynamic(str(cleared), str(path), per_channel=quant.per_channel,
-                                weight_type=qz.QuantType.QInt8, op_types_to_quantize=op_types)
+                                weight_type=qz.QuantType.QInt8, op_types_to_quantize=op_types,
+                                nodes_to_exclude=adapter)
             return {**details, "quantized_op_types": op_types}
         linear = _linear_nodes(model)
-        kept = [(n, m) for n, m in linear if is_float_layer(m, quant.float_layers)]
+        kept = [(n, m) for n, m in linear if is_float_layer(m, quant.float_layers) or n in adapter]
         chosen = [n for n, m in linear if (n, m) not in kept]
         stage = tmp / "stage.onnx"
         if quant.scheme == "int8_static":
@@ -236,9 +324,14 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
 
 
 class OnnxSession:
-    """An ONNX Runtime CPU session. ``run(feeds)``: int arrays [batch, seq] -> ``{name: float32 array}``."""
+    """An ONNX Runtime CPU session. ``run(feeds)``: int arrays [batch, seq] -> ``{name: float32 array}``.
 
-    def __init__(self, path: Path, threads: int | None = None):
+    ``adapter``: another ``.adapter.data`` file to use instead of the one beside the model (same layout: an
+    adapter of the same base exported by edgelm); ONNX Runtime reads it through
+    ``SessionOptions.add_external_initializers_from_files_in_memory``.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None, adapter: Path | None = None):
         ort = require("onnxruntime", "onnxruntime", "to run .onnx artifacts")
         path = check_artifact_file(path, SUFFIX, "ONNX")
         opts = ort.SessionOptions()
@@ -246,10 +339,17 @@ class OnnxSession:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if adapter is not None:
+            adapter = Path(adapter)
+            if not adapter.is_file():
+                raise ArtifactLoadError(f"adapter weights not found: {adapter}")
+            buf = np.fromfile(adapter, dtype=np.uint8)
+            opts.add_external_initializers_from_files_in_memory([adapter_path(path, ".data").name], [buf], [buf.size])
         try:
             self._sess = ort.InferenceSession(str(path), opts, providers=[DELEGATE])
         except Exception as exc:
-            raise ArtifactLoadError(f"ONNX Runtime could not load {path}: {exc}") from exc
+            raise ArtifactLoadError(f"ONNX Runtime could not load {path}" + (f" with adapter {adapter.name}" if adapter
+                                    else "") + f": {exc}") from exc
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
@@ -259,6 +359,7 @@ class OnnxSession:
         return dict(zip(self.output_names, outs))
 
 
-def load(path: Path, threads: int | None = None) -> OnnxSession:
-    """Open an ``.onnx`` artifact. Raises ArtifactLoadError (missing/corrupt) or RuntimeNotInstalledError."""
-    return OnnxSession(path, threads)
+def load(path: Path, threads: int | None = None, adapter: Path | None = None) -> OnnxSession:
+    """Open an ``.onnx`` artifact (with ``adapter``: another adapter's weights file, see :class:`OnnxSession`).
+    Raises ArtifactLoadError (missing/corrupt) or RuntimeNotInstalledError."""
+    return OnnxSession(path, threads, adapter)

@@ -55,6 +55,12 @@ UNSUPPORTED = {
     "int4_weight_only": "litert-torch's recipe matrix has no int4 weight-only layer recipe; use 8da4w (int4 "
                         "blockwise weights, dynamic-range int8 activations)",
 }
+#: Why TFLite has no separate adapter weights (the message of the error).
+NO_SEPARATE_ADAPTERS = (
+    "TFLite cannot keep adapter weights outside the model: a .tflite stores every constant in its flatbuffer and "
+    "the LiteRT interpreter has no external-weights API; export the LoRA merged (the default, one .tflite per "
+    "adapter), or use ONNX or ExecuTorch for one base with swappable adapters"
+)
 DELEGATE = "XNNPACK"
 #: Profile delegate names this exporter's artifacts are validated with.
 DELEGATES = ("xnnpack",)
@@ -99,6 +105,7 @@ def export(
     *,
     output_name: str = "output",
     seq_buckets: Sequence[int] | None = None,
+    adapter_modules: tuple[str, ...] = (),
     **_: Any,
 ) -> Artifact:
     """Convert ``module`` (forward(input_ids, attention_mask) -> float32 [1, ...]) to a ``.tflite`` file.
@@ -107,10 +114,13 @@ def export(
         example_inputs: ``{"input_ids", "attention_mask"}`` tensors [1, max_seq].
         quant: one of :data:`SCHEMES` (quantized ones need embedding_bits=8, see module docstring).
         seq_buckets: sequence lengths to export one signature each for (default :func:`default_buckets`).
+        adapter_modules: must be empty (:data:`NO_SEPARATE_ADAPTERS`).
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
     ensure_scheme(quant, SCHEMES, "TFLite", UNSUPPORTED)
+    if adapter_modules:
+        raise UnsupportedQuantError(NO_SEPARATE_ADAPTERS)
     if quant.scheme in ("int8_dynamic", "8da4w") and quant.embedding_bits != 8:
         raise UnsupportedQuantError(
             f"TFLite {quant.scheme} (a litert-torch recipe) always quantizes the embedding tables too; "
@@ -223,6 +233,9 @@ class TFLiteSession:
         return {self.output_names[0]: np.concatenate(outs, axis=0).astype(np.float32)}
 
 
-def load(path: Path, threads: int | None = None) -> TFLiteSession:
-    """Open a ``.tflite`` artifact. Raises ArtifactLoadError or RuntimeNotInstalledError."""
+def load(path: Path, threads: int | None = None, adapter: Path | None = None) -> TFLiteSession:
+    """Open a ``.tflite`` artifact. Raises ArtifactLoadError (also for ``adapter``: see
+    :data:`NO_SEPARATE_ADAPTERS`) or RuntimeNotInstalledError."""
+    if adapter is not None:
+        raise ArtifactLoadError(NO_SEPARATE_ADAPTERS)
     return TFLiteSession(path, threads)
