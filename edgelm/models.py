@@ -30,6 +30,13 @@ DEFAULT_MODEL = "default"
 #: Additive attention-mask value for padding. Finite in float16 (the float32 minimum becomes -inf there and
 #: 0 * -inf = NaN in fp16 graphs); exp(-1e4) is exactly 0 in float32, so outputs do not change.
 MASK_VALUE = -1.0e4
+#: Pooling of a classifier's head: the checkpoint's pooler on the first token, or the masked mean.
+POOLINGS = ("cls", "mean")
+#: config.json keys edgelm adds to adapted checkpoints (the pooling; the prompt of a prompt-tuned model).
+POOLING_KEY = "edgelm_pooling"
+PROMPT_KEY = "edgelm_prompt"
+#: The virtual-token embeddings of a prompt-tuned checkpoint (safetensors, tensor ``prompt_embeddings``).
+PROMPT_FILE = "prompt_embeddings.safetensors"
 
 
 def default_model_dir() -> Path:
@@ -118,12 +125,23 @@ def build_wrappers():
     import torch
 
     def encode(base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               collect: list | None = None) -> torch.Tensor:
+               collect: list | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Run embeddings and encoder layers; returns hidden states float32 [batch, seq, hidden]. With
-        ``collect``, appends the embedding output and every layer's output to it (L + 1 tensors)."""
+        ``collect``, appends the embedding output and every layer's output to it (L + 1 tensors).
+
+        ``prompt`` (float32 [n_virtual, hidden], prompt tuning): prepended to the word embeddings as virtual
+        tokens at positions 0..n-1 (the text follows at n..), as peft's prompt tuning does; the caller has
+        already extended ``attention_mask`` by n ones, and the hidden states include the virtual tokens."""
         mask = attention_mask.to(torch.float32)
         additive = (1.0 - mask[:, None, None, :]) * MASK_VALUE
-        hidden = base.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        if prompt is None:
+            hidden = base.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        else:
+            words = base.embeddings.word_embeddings(input_ids)
+            virtual = prompt.to(words.dtype)[None].expand(words.shape[0], -1, -1)
+            embeds = torch.cat([virtual, words], dim=1)
+            hidden = base.embeddings(inputs_embeds=embeds,
+                                     token_type_ids=torch.zeros(embeds.shape[:2], dtype=torch.int64))
         if collect is not None:
             collect.append(hidden)
         for layer in base.encoder.layer:
@@ -145,38 +163,76 @@ def build_wrappers():
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             input_ids = input_ids.to(torch.int64)
-            hidden = encode(self.base, input_ids, attention_mask)
-            mask = attention_mask.to(torch.float32)[:, :, None]
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            pooled = mean_pool(encode(self.base, input_ids, attention_mask), attention_mask)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     class SequenceClassifier(torch.nn.Module):
-        """Encoder + the checkpoint's own classification head -> ``logits`` float32 [batch, num_labels]."""
+        """Encoder + the checkpoint's own classification head -> ``logits`` float32 [batch, num_labels].
+
+        ``pooling``: ``"cls"`` (the checkpoint's pooler on the first token, as Hugging Face computes it) or
+        ``"mean"`` (BERT only: the classifier reads the masked mean of the last hidden states, the pooling
+        sentence encoders such as MiniLM were trained with; edgelm's adapted checkpoints record it in
+        ``config.json`` as ``edgelm_pooling``). ``prompt``: a prompt-tuned model's virtual-token
+        embeddings float32 [n_virtual, hidden] (see ``encode``), kept inside the graph.
+        """
 
         output_name = "logits"
 
-        def __init__(self, model: torch.nn.Module):
+        def __init__(self, model: torch.nn.Module, pooling: str = "cls", prompt: torch.Tensor | None = None):
             super().__init__()
+            if pooling not in POOLINGS:
+                raise ValueError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
             self.model = model
             self.base = model.base_model
+            self.pooling = pooling
+            if prompt is not None:
+                self.register_buffer("prompt", prompt.detach().to(torch.float32).clone())
+            else:
+                self.prompt = None
+            #: a module whose ``forward()`` returns a trainable prompt [n_virtual, hidden] (prompt tuning)
+            self.prompt_source: torch.nn.Module | None = None
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.forward_hidden(input_ids, attention_mask)[0]
+
+        def prompt_embeddings(self) -> torch.Tensor | None:
+            """The virtual-token embeddings float32 [n_virtual, hidden], or None."""
+            return self.prompt_source() if self.prompt_source is not None else self.prompt
 
         def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            collect: list | None = None) -> tuple[torch.Tensor, list]:
             """``(logits [batch, num_labels], hidden states)``: with ``collect`` (a list), the embedding
             output and each layer's output float32 [batch, seq, hidden] are appended to it (distillation)."""
             input_ids = input_ids.to(torch.int64)
-            hidden = encode(self.base, input_ids, attention_mask, collect)
-            return self._head(hidden), collect
+            prompt = self.prompt_embeddings()
+            if prompt is not None:
+                ones = torch.ones(attention_mask.shape[0], prompt.shape[0], dtype=attention_mask.dtype)
+                attention_mask = torch.cat([ones, attention_mask], dim=1)
+            hidden = encode(self.base, input_ids, attention_mask, collect, prompt)
+            return self._head(hidden, attention_mask), collect
 
-        def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            """What the classifier layer reads, float32 [batch, hidden] (``"mean"`` pooling only)."""
+            hidden = encode(self.base, input_ids.to(torch.int64), attention_mask)
+            return mean_pool(hidden, attention_mask)
+
+        def _head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            if self.pooling == "mean":
+                return self.model.classifier(self.model.dropout(mean_pool(hidden, attention_mask)))
             if getattr(self.base, "pooler", None) is not None and hasattr(self.model, "dropout"):
                 return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))  # BERT
             return self.model.classifier(hidden)  # RoBERTa's head pools the first token itself
 
     return SentenceEmbedding, SequenceClassifier
+
+
+def mean_pool(hidden, attention_mask):
+    """Masked mean over the sequence: hidden float32 [batch, seq, hidden], mask int [batch, seq] ->
+    float32 [batch, hidden]."""
+    import torch
+
+    mask = attention_mask.to(torch.float32)[:, :, None]
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
 def _from_pretrained(auto_cls: Any, directory: Path, cfg: dict, **kwargs: Any) -> Any:
@@ -206,7 +262,9 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
     """Load ``model`` (None or ``"default"``: the packaged all-MiniLM-L6-v2; else a checkpoint directory).
 
     A checkpoint whose ``architectures`` names a ``*ForSequenceClassification`` class loads as a
-    classifier (logits output); any other supported encoder as a sentence-embedding model.
+    classifier (logits output); any other supported encoder as a sentence-embedding model. Checkpoints
+    written by ``edgelm adapt`` keep their head's pooling (``edgelm_pooling``) and, when prompt-tuned, their
+    virtual-token embeddings (``prompt_embeddings.safetensors``), which the wrapper keeps in the graph.
 
     Raises:
         ModelError: missing directory, no config.json/tokenizer, corrupt config or weights, unsupported
@@ -224,7 +282,7 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
     try:
         if is_classifier:
             hf = _from_pretrained(transformers.AutoModelForSequenceClassification, directory, cfg)
-            wrapper = SequenceClassifier(hf)
+            wrapper = SequenceClassifier(hf, pooling=cfg.get(POOLING_KEY, "cls"), prompt=_read_prompt(directory, cfg))
         else:
             hf = _from_pretrained(transformers.AutoModel, directory, cfg, add_pooling_layer=False)
             wrapper = SentenceEmbedding(hf)
@@ -244,6 +302,26 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
         source=directory.resolve(),
         tokenizer_dir=directory.resolve(),
         labels=labels,
-        max_positions=int(cfg.get("max_position_embeddings", 512)) - (2 if cfg.get("model_type") == "roberta" else 0),
+        max_positions=max_text_positions(cfg),
         config=cfg,
     )
+
+
+def max_text_positions(cfg: dict) -> int:
+    """Longest input (tokens) a checkpoint takes: its position embeddings, minus RoBERTa's padding offset
+    and a prompt-tuned model's virtual tokens."""
+    n = int(cfg.get("max_position_embeddings", 512)) - (2 if cfg.get("model_type") == "roberta" else 0)
+    return n - int((cfg.get(PROMPT_KEY) or {}).get("num_virtual_tokens", 0))
+
+
+def _read_prompt(directory: Path, cfg: dict):
+    """The virtual-token embeddings float32 [n, hidden] of a prompt-tuned checkpoint, else None."""
+    if PROMPT_KEY not in cfg:
+        return None
+    from safetensors.torch import load_file
+
+    prompt = load_file(str(directory / PROMPT_FILE))["prompt_embeddings"]
+    expected = (int(cfg[PROMPT_KEY]["num_virtual_tokens"]), int(cfg["hidden_size"]))
+    if tuple(prompt.shape) != expected:
+        raise ValueError(f"{PROMPT_FILE} holds a prompt of shape {tuple(prompt.shape)}, config says {expected}")
+    return prompt

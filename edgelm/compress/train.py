@@ -313,9 +313,10 @@ def encode_labeled(tokenizer, data, names: list[str] | None = None):
     return (ids, mask, labels), names
 
 
-def load_classifier(model: str | os.PathLike | None, names: list[str] | None = None):
+def load_classifier(model: str | os.PathLike | None, names: list[str] | None = None, pooling: str = "cls"):
     """A classifier wrapper to train: a ``*ForSequenceClassification`` checkpoint as it is, or any supported
-    encoder (``"default"``: the packaged MiniLM) with a new classification head for ``names``.
+    encoder (``"default"``: the packaged MiniLM) with a new classification head for ``names`` reading the
+    ``pooling`` (``"cls"`` or ``"mean"``, see ``SequenceClassifier``) of the last hidden states.
     Returns ``(wrapper, hf_model, LoadedModel)``. Raises ModelError."""
     import transformers
 
@@ -333,14 +334,21 @@ def load_classifier(model: str | os.PathLike | None, names: list[str] | None = N
             label2id={n: i for i, n in enumerate(names)}, attn_implementation="eager")
     except Exception as exc:
         raise ModelError(f"could not build a classifier from {loaded.source}: {exc}") from None
+    if pooling == "mean" and loaded.config.get("model_type") != "bert":
+        raise ModelError(f"mean pooling needs a BERT encoder; {loaded.source} is {loaded.config.get('model_type')}: "
+                         "use --pooling cls")
     _, SequenceClassifier = build_wrappers()
-    return SequenceClassifier(hf), hf, loaded
+    if pooling == "mean":
+        hf.config.edgelm_pooling = "mean"
+    return SequenceClassifier(hf, pooling=pooling), hf, loaded
 
 
-def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict | None = None) -> Path:
+def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict | None = None,
+                    write_more: Callable[[Path], None] | None = None) -> Path:
     """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files, and
     ``edgelm_training.json`` with ``extra``) to ``out`` atomically: into a temp dir beside it, renamed at the
-    end; an existing ``out`` is replaced. Returns ``out``."""
+    end; an existing ``out`` is replaced. ``write_more(directory)`` adds files before the rename.
+    Returns ``out``."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -352,6 +360,8 @@ def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict |
                 shutil.copy2(src, tmp / name)
         if extra is not None:
             (tmp / "edgelm_training.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        if write_more is not None:
+            write_more(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
