@@ -28,6 +28,9 @@ app = typer.Typer(
 )
 devices_app = typer.Typer(help="List device profiles, or show one.", invoke_without_command=True)
 app.add_typer(devices_app, name="devices")
+hypernet_app = typer.Typer(help="Meta-train a hypernetwork that adapts the backbone from a few demonstrations.",
+                           no_args_is_help=True)
+app.add_typer(hypernet_app, name="hypernet")
 
 out_console = Console()
 #: the report columns shown in the terminal summary (report.md has them all)
@@ -85,6 +88,8 @@ def export(
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget in points against the fp32 model (default: the profile's gate, else 1.0).")] = None,
     max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5; default: the profile's compression.max_sparsity, 0.5).")] = None,
     search_time: Annotated[float, typer.Option("--search-time", help="Time limit of --search per format, s.")] = 900.0,
+    lora: Annotated[str, typer.Option("--lora", help="merged (LoRA folded into the weights), or separate: a base artifact plus a swappable adapter weights file (ONNX, ExecuTorch).")] = "merged",
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="With --lora separate: another LoRA-adapted checkpoint of the same base; writes only its weights file (repeatable).")] = None,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
@@ -124,6 +129,7 @@ def export(
             progress=progress, command=command, prepared=prepared, train_data=train_data,
             distill_epochs=distill_epochs, search=search, search_time=search_time,
             max_sparsity=prepared[0].compression.max_sparsity if max_sparsity is None else max_sparsity,
+            lora=lora, adapters=adapter or [],
         )
     from edgelm.report import artifact_rows
 
@@ -203,6 +209,102 @@ def finetune(
                               text_column=text_column, label_column=label_column, progress=progress)
     out_console.print(_history_table(result, f"fine-tuning ({optimizer}, {result.seconds:.0f} s)"))
     out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
+
+
+@app.command()
+@handle_errors
+def adapt(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (export it like any fine-tuned model).")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Labeled training data (.tsv/.csv/.jsonl) for --method.")] = None,
+    method: Annotated[str, typer.Option("--method", help="lora, prompt-tuning or scaled-prompt-tuning (peft).")] = "lora",
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Train on N labeled examples per class drawn from --data (seeded); all of it when omitted.")] = None,
+    hypernetwork: Annotated[Optional[Path], typer.Option("--hypernetwork", help="A trained hypernetwork (edgelm hypernet train): adapt from --demos with no gradient step.")] = None,
+    demos: Annotated[Optional[str], typer.Option("--demos", help="With --hypernetwork: the labeled demonstrations of the new task.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a checkpoint directory.")] = "default",
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Labeled eval data: accuracy after adaptation.")] = None,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scaling alpha/r).")] = 16.0,
+    virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt length of (scaled) prompt tuning.")] = 16,
+    pooling: Annotated[str, typer.Option("--pooling", help="mean (masked mean of the last layer; BERT) or cls (the checkpoint's pooler).")] = "mean",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Default: 1e-3 (LoRA), 1e-2 (prompts).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the shot sampling, the head and the shuffling.")] = 0,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit")] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+):
+    """Adapt a model to a task with LoRA, prompt tuning or scaled prompt tuning, or from a few
+    demonstrations with a hypernetwork; writes a checkpoint `edgelm export` takes."""
+    from edgelm.errors import RecipeError
+
+    if hypernetwork is not None:
+        if not demos:
+            raise RecipeError("--hypernetwork needs --demos FILE (labeled demonstrations of the new task)")
+        from edgelm.adapt.hypernet import adapt_with_hypernetwork
+
+        rec = adapt_with_hypernetwork(hypernetwork, demos, out, text_column=text_column, label_column=label_column)
+        per = ", ".join(f"{k}: {v}" for k, v in rec["demonstrations_per_class"].items())
+        out_console.print(f"hypernetwork adaptation in {rec['generate_seconds']:.2f} s (no gradient steps; "
+                          f"{rec['seconds']:.1f} s with loading); demonstrations per class: {per}")
+        if eval_data:
+            out_console.print(f"accuracy on {eval_data}: {_eval_checkpoint(out, eval_data, eval_limit, text_column, label_column):.2f}%")
+    else:
+        if not data:
+            raise RecipeError("pass --data (labeled training data) for --method, or --hypernetwork with --demos")
+        from edgelm.adapt.peft_methods import AdaptConfig, run_adapt
+
+        cfg = AdaptConfig(method=method, shots=shots, rank=rank, alpha=alpha, num_virtual_tokens=virtual_tokens,
+                          pooling=pooling, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seq_len=seq_len)
+        bar, progress = _fit_progress(_err_console())
+        with bar:
+            res = run_adapt(model, data, out, cfg, eval_data=eval_data, eval_limit=eval_limit,
+                            text_column=text_column, label_column=label_column, progress=progress)
+        out_console.print(f"{method}: {res.examples} examples, {res.trainable_parameters:,} trainable parameters, "
+                          f"{res.seconds:.1f} s" + (f"; accuracy on {eval_data}: {res.eval_accuracy:.2f}%"
+                                                    if res.eval_accuracy is not None else ""))
+    out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
+
+
+def _eval_checkpoint(model: Path, data: str, limit, text_column, label_column) -> float:
+    """Accuracy (%) of a classifier checkpoint on labeled ``data`` (PyTorch)."""
+    from edgelm.compress.train import accuracy, encode_labeled
+    from edgelm.data import load_dataset, load_tokenizer
+    from edgelm.models import load_model
+
+    loaded = load_model(model)
+    tok = load_tokenizer(loaded.tokenizer_dir, min(128, loaded.max_positions))
+    (ids, mask, labels), _ = encode_labeled(tok, load_dataset(data, text_column, label_column, limit), loaded.labels)
+    return accuracy(loaded.module, ids, mask, labels)
+
+
+@hypernet_app.command("train")
+@handle_errors
+def hypernet_train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the hypernetwork to.")],
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="The shared data folder (cola/, mrpc/, rte/, qnli/, trec/, agnews/, sms_spam/, cb/).")] = Path("../shared/data"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Backbone: 'default' (all-MiniLM-L6-v2) or a BERT checkpoint.")] = "default",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated meta-training tasks (default: all but sst2, which is held out).")] = None,
+    episodes: Annotated[int, typer.Option("--episodes", help="Meta-training episodes.")] = 600,
+    rank: Annotated[int, typer.Option("--rank", help="Rank of the generated LoRA updates.")] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 64,
+    per_task: Annotated[int, typer.Option("--per-task", help="Examples read per task (seeded subset).")] = 2000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+):
+    """Meta-train a hypernetwork that writes LoRA weights and a classifier head from K demonstrations."""
+    from edgelm.adapt.hypernet import HyperConfig, meta_train
+
+    cfg = HyperConfig(episodes=episodes, rank=rank, seq_len=seq_len, per_task=per_task, seed=seed)
+    if tasks:
+        cfg.tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    bar, progress = _fit_progress(_err_console())
+    with bar:
+        rec = meta_train(model, data_dir, out, cfg, progress=progress)
+    out_console.print(f"meta-trained on {', '.join(rec['tasks'])} for {rec['episodes_run']} episodes in {rec['seconds']:.0f} s: "
+                      f"query loss {rec['loss_first']:.3f} → {rec['loss_last']:.3f}, query accuracy "
+                      f"{rec['query_accuracy_first']:.1f}% → {rec['query_accuracy_last']:.1f}% (first → last 10%)")
+    out_console.print(f"hypernetwork: {Path(out).resolve()}  (use it: edgelm adapt --hypernetwork {out} --demos FEW.tsv --out DIR)")
 
 
 @app.command()

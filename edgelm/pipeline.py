@@ -121,8 +121,10 @@ def check_gates(result: ArtifactResult, plan: FormatPlan, kind: str) -> None:
 
 
 def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, directory: Path,
-                    calibration: list[dict[str, np.ndarray]] | None = None) -> exporters.Artifact:
-    """Export one plan's artifact into ``directory`` (``calibration``: feeds for int8_static).
+                    calibration: list[dict[str, np.ndarray]] | None = None,
+                    adapter_modules: tuple[str, ...] = ()) -> exporters.Artifact:
+    """Export one plan's artifact into ``directory`` (``calibration``: feeds for int8_static;
+    ``adapter_modules``: store those modules' weights in a swappable file beside the artifact).
     Raises RuntimeMissingError or ExportError."""
     import torch
 
@@ -133,7 +135,7 @@ def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, director
     try:
         return exporters.get(plan.format).export(
             model.module, example, plan.quant, directory / plan.artifact_name, output_name=model.output_name,
-            calibration=calibration,
+            calibration=calibration, adapter_modules=adapter_modules,
         )
     except exporters.RuntimeNotInstalledError as exc:
         raise RuntimeMissingError(str(exc)) from None
@@ -202,6 +204,8 @@ def export_for_device(
     search: bool = False,
     max_sparsity: float = 0.5,
     search_time: float = 900.0,
+    lora: str = "merged",
+    adapters: list[str] | None = None,
 ) -> Report:
     """Export ``model`` for ``device`` in every format of its recipe, validate each artifact on the host,
     and write ``out/<device>/`` (artifacts, tokenizer, manifest.json, golden.npz, report.json/md, logs/).
@@ -221,6 +225,11 @@ def export_for_device(
         search: run the accuracy-budget search (:mod:`edgelm.search`) per format instead of the recipe's
             fixed scheme; needs labeled ``data``; tries sparsities up to ``max_sparsity`` for at most
             ``search_time`` seconds per format.
+        lora: ``"merged"`` (the checkpoint as it is) or ``"separate"``: a LoRA-adapted ``model`` (from ``edgelm
+            adapt``) is exported as a base artifact plus its adapter weights in a swappable file beside it
+            (ONNX external data, ExecuTorch ``.ptd``; TFLite cannot, see ``exporters.tflite``).
+        adapters: with ``lora="separate"``, further LoRA-adapted checkpoints of the same base: each gets only a
+            weights file for the same base artifact, validated against its own PyTorch model.
     Returns:
         The :class:`Report`; ``report.passed`` is False if any artifact missed a gate.
     Raises:
@@ -253,7 +262,8 @@ def export_for_device(
             report = _export_into(tmp, final, profile, recipe, model=model, data=data, text_column=text_column,
                                   label_column=label_column, limit=limit, step=step, command=command, start=start,
                                   train_data=train_data, distill_epochs=distill_epochs, search=search,
-                                  max_sparsity=max_sparsity, search_time=search_time)
+                                  max_sparsity=max_sparsity, search_time=search_time, lora=lora,
+                                  adapters=adapters or [])
         _install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,12 +340,19 @@ class _Variants:
 def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe, *, model, data, text_column,
                  label_column, limit, step: Callable[[str], None], command: str, start: float,
                  train_data: str | None = None, distill_epochs: int = 1, search: bool = False,
-                 max_sparsity: float = 0.5, search_time: float = 900.0) -> Report:
+                 max_sparsity: float = 0.5, search_time: float = 900.0, lora: str = "merged",
+                 adapters: list[str] | None = None) -> Report:
     """The body of :func:`export_for_device`: everything is written into ``tmp``."""
     from edgelm.compress.estimate import estimate
 
     step("loading model")
-    loaded = load_model(model)
+    adapter_modules = _check_lora(lora, adapters or [], recipe, search)
+    if adapter_modules:
+        from edgelm.adapt.peft_methods import load_unmerged
+
+        loaded = load_unmerged(model)
+    else:
+        loaded = load_model(model)
     if recipe.seq_len > loaded.max_positions:
         raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
     if (recipe.sparsity > 0 or search) and loaded.kind != "classifier":
@@ -386,7 +403,7 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         model_, ref_, _ = variants.get(sparsity)
         step(f"exporting {plan.format} {plan.quant.label}" + (f" ({sparsity:.0%} pruned)" if sparsity else ""))
         with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
-            art = export_artifact(model_, plan, recipe.seq_len, directory, calibration)
+            art = export_artifact(model_, plan, recipe.seq_len, directory, calibration, adapter_modules)
         res = ArtifactResult(
             file=art.path.name, format=plan.format, quant=plan.quant.label, delegate=plan.delegate,
             size_mb=art.size_bytes / 1e6, size_vs_fp32=art.size_bytes / fp32_bytes,
@@ -419,6 +436,14 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
             searches.append(summary)
         artifacts.append(art)
         results.append(res)
+
+    adapter_results = []
+    for adapter_dir in adapters or []:
+        step(f"adapter {Path(adapter_dir).name}")
+        adapter_results += _extra_adapter(adapter_dir, loaded, artifacts, recipe, tmp, golden, ids, mask, labels,
+                                          runner, host_threads, calibration)
+    if adapter_results:
+        np.savez(tmp / "golden.npz", **golden)
 
     step("writing manifest and report")
     used = sorted({r.sparsity for r in results})
@@ -458,6 +483,7 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
                    "count": len(dataset), "source": dataset.source, "output": loaded.output_name},
         "compression": compression,
         "artifacts": artifact_dicts,
+        "adapters": adapter_results,
         "versions": versions,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -470,9 +496,65 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     report = Report(device=profile.name, model=loaded.describe(), data=data_info, recipe=recipe.to_dict(),
                     reference=reference, artifacts=results, output_dir=str(final),
                     wall_seconds=time.perf_counter() - start, versions=versions, compression=compression,
-                    search=search_info)
+                    search=search_info, adapters=adapter_results)
     report.write(tmp)
     return report
+
+
+LORA_MODES = ("merged", "separate")
+
+
+def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) -> tuple[str, ...]:
+    """Validate the LoRA export options; returns the adapter module pieces for ``"separate"`` (else ())."""
+    if lora not in LORA_MODES:
+        raise RecipeError(f"unknown --lora {lora!r}: use {' or '.join(LORA_MODES)}")
+    if lora == "merged":
+        if adapters:
+            raise RecipeError("--adapter needs --lora separate (one base artifact, one weights file per adapter)")
+        return ()
+    if recipe.sparsity > 0 or search:
+        raise RecipeError("--lora separate exports the adapters' shared base as it is: it cannot be combined with "
+                          "pruning or --search")
+    refused = [p.format for p in recipe.plans if p.format == "tflite"]
+    if refused:
+        from exporters.tflite import NO_SEPARATE_ADAPTERS
+
+        raise RecipeError(f"{NO_SEPARATE_ADAPTERS}. Pass --format onnx,executorch with --lora separate")
+    return exporters.base.ADAPTER_MODULES
+
+
+def _extra_adapter(adapter_dir: str, loaded: LoadedModel, artifacts: list, recipe: Recipe, tmp: Path, golden: dict,
+                   ids: np.ndarray, mask: np.ndarray, labels, runner, threads: int, calibration) -> list[dict]:
+    """Export ``adapter_dir`` (another LoRA adapter of the same base) for every artifact, check that its base
+    file is byte-identical to the one written, keep only its weights file (``<stem>.<name>.adapter<ext>``)
+    and validate the base artifact with it against the adapter's PyTorch model. Returns one row per artifact.
+    Raises ExportError when the adapter does not share the base."""
+    from edgelm.adapt.peft_methods import load_unmerged
+
+    other = load_unmerged(adapter_dir)
+    name = Path(adapter_dir).resolve().name
+    key = f"reference_adapter_{name}"
+    golden[key] = reference_outputs(other, ids, mask)
+    rows = []
+    for art in artifacts:
+        plan = next(p for p in recipe.plans if p.artifact_name == art.path.name)
+        with tempfile.TemporaryDirectory(dir=tmp) as work:
+            with captured_output(tmp / "logs" / f"export-{plan.format}-adapter-{name}.log"):
+                other_art = export_artifact(other, plan, recipe.seq_len, Path(work), calibration,
+                                            exporters.base.ADAPTER_MODULES)
+            if other_art.sha256() != art.sha256():
+                raise ExportError(f"adapter {adapter_dir} does not share the base of {loaded.source}: its "
+                                  f"{plan.format} base artifact differs (adapt both from the same base model)")
+            src = other_art.companions[0]
+            dest = tmp / src.name.replace(".adapter", f".{name}.adapter")
+            shutil.copy2(src, dest)
+        np.savez(tmp / "golden.npz", **golden)
+        run = runner.run_artifact(art.path, tmp / "golden.npz", threads=threads, warmup=1, runs=3, adapter=dest)
+        fid = fidelity(run.outputs, golden[key], loaded.kind, labels)
+        rows.append({"adapter": str(adapter_dir), "name": name, "artifact": art.path.name, "file": dest.name,
+                     "sha256": exporters.sha256_file(dest), "size_bytes": dest.stat().st_size,
+                     "golden_reference": key, "fidelity": fid})
+    return rows
 
 
 def _search_format(plan: FormatPlan, profile: DeviceProfile, recipe: Recipe, variants: _Variants, build, cost,

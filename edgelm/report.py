@@ -61,6 +61,7 @@ class Report:
     versions: dict = field(default_factory=dict)
     compression: dict | None = None
     search: dict | None = None
+    adapters: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -132,6 +133,19 @@ def search_markdown(search: dict) -> list[str]:
     return lines + [""]
 
 
+def adapters_markdown(adapters: list[dict]) -> list[str]:
+    """Further LoRA adapters served by the same base artifacts: one row per adapter and artifact."""
+    lines = ["## Swappable adapters", "",
+             "Each base artifact was run with these adapters' weights files swapped in, against each adapter's own "
+             "PyTorch model (the adapter of the exported checkpoint is in the table above).", "",
+             "| base artifact | adapter | weights file | KB | cosine | top-1 | accuracy % |", "|---|---|---|---|---|---|---|"]
+    for a in adapters:
+        f = a["fidelity"]
+        lines.append(f"| {a['artifact']} | {a['name']} | {a['file']} | {a['size_bytes'] / 1e3:.1f} | "
+                     f"{_fmt(f.get('cosine_mean'))} | {_fmt(f.get('top1_agreement'))} | {_fmt(f.get('accuracy'), '.2f')} |")
+    return lines + [""]
+
+
 def render_markdown(report: Report) -> str:
     """The human report: summary, table of artifacts, gate details, reproduction command."""
     ref = report.reference
@@ -177,6 +191,8 @@ def render_markdown(report: Report) -> str:
                      " (no retraining: pass --train-data to distill)"), ""]
     if report.search:
         lines += search_markdown(report.search)
+    if report.adapters:
+        lines += adapters_markdown(report.adapters)
     lines += [
         "## Gates",
         "",

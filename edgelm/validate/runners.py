@@ -45,8 +45,9 @@ class HostRunner:
         self.timeout_s = timeout_s
 
     def run_artifact(self, artifact: Path, golden: Path, *, threads: int | None, warmup: int = 5,
-                     runs: int = 20) -> RunResult:
-        """Run one artifact on the golden set. Raises ValidationError if the process fails or times out."""
+                     runs: int = 20, adapter: Path | None = None) -> RunResult:
+        """Run one artifact on the golden set (with ``adapter``: another adapter's weights file swapped in).
+        Raises ValidationError if the process fails or times out."""
         src_root = str(Path(edgelm.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = src_root + os.pathsep + env.get("PYTHONPATH", "")
@@ -55,6 +56,8 @@ class HostRunner:
                    "--out", tmp, "--warmup", str(warmup), "--runs", str(runs)]
             if threads:
                 cmd += ["--threads", str(threads)]
+            if adapter is not None:
+                cmd += ["--adapter", str(adapter)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env)
             except subprocess.TimeoutExpired:

@@ -1,12 +1,14 @@
 """The target-side runner script: run one artifact on a golden set and time it. numpy + the runtime only.
 
     python -m edgelm.validate.target ARTIFACT --golden golden.npz --out DIR [--threads N] [--warmup 5] [--runs 20]
+                                     [--adapter WEIGHTS]
 
 Reads from ``golden.npz``: ``input_ids``/``attention_mask`` int64 [N, seq_len] (right-padded), and
 ``latency_input_ids``/``latency_attention_mask`` int64 [1, seq_len] (the timing input). Writes
 ``DIR/outputs.npy`` (float32 [N, ...], one row per golden input, run at batch 1 with padding trimmed) and
 ``DIR/result.json``: load time (ms), latency samples and p50/p90 (ms), peak RSS (MB) of this process,
 runtime versions. Exit code 0 on success, 3 if the artifact cannot be loaded or run (message on stderr).
+``--adapter``: run with another adapter's weights file (``.adapter.data`` / ``.adapter.ptd``) swapped in.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
 
 
-def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: int, runs: int) -> dict:
+def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: int, runs: int,
+        adapter: Path | None = None) -> dict:
     """Run ``artifact`` on every golden input, then time ``runs`` calls after ``warmup`` on the timing
     input. Returns the result dict (also written to ``out/result.json``)."""
     import exporters
@@ -45,7 +48,7 @@ def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: in
     ids, mask = data["input_ids"], data["attention_mask"]
     rss_before = _peak_rss_mb()
     t0 = time.perf_counter()
-    session = exporters.load(artifact, threads=threads)
+    session = exporters.load(artifact, threads=threads, adapter=adapter)
     load_ms = (time.perf_counter() - t0) * 1000.0
     outputs = []
     for i in range(len(ids)):
@@ -63,6 +66,7 @@ def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: in
     fmt = exporters.format_for_path(artifact)
     result = {
         "artifact": artifact.name,
+        "adapter": adapter.name if adapter else None,
         "format": fmt,
         "threads": threads,
         "warmup": warmup,
@@ -91,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--adapter", type=Path, default=None)
     a = p.parse_args(argv)
     try:
-        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs)
+        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs, a.adapter)
     except Exception as exc:  # report any runtime failure as one line for the runner
         print(f"edgelm target: {a.artifact.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
