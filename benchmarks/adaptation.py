@@ -57,13 +57,13 @@ def _demos_head(demo_tsv: Path):
     """The prototype head on the frozen backbone: returns (wrapper with that head, seconds)."""
     import torch
 
-    from edgelm.adapt.hypernet import _features, prototype_head
+    from edgelm.adapt.hypernet import POOLING, _features, prototype_head
     from edgelm.compress.train import encode_labeled, load_classifier
     from edgelm.data import load_dataset, load_tokenizer
 
     torch.manual_seed(0)
     data = load_dataset(demo_tsv)
-    cls, hf, loaded = load_classifier("default", ["0", "1"], pooling="mean")
+    cls, hf, loaded = load_classifier("default", ["0", "1"], pooling=POOLING)
     tok = load_tokenizer(loaded.tokenizer_dir, 64)
     (d_ids, d_mask, y), names = encode_labeled(tok, data, ["0", "1"])
     start = time.perf_counter()
@@ -91,7 +91,10 @@ def _export_accuracy(module, fmt: str, ids, mask, labels, work: Path) -> float:
     return accuracy(np.concatenate(outs), labels)
 
 
-def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[str, ...]) -> dict:
+def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[str, ...], done: dict | None = None,
+            save=None) -> dict:
+    """One (K, seed): every method not already in ``done`` (rows are cached per method; ``save(out)`` after
+    each one)."""
     from edgelm.adapt.hypernet import adapt_with_hypernetwork
     from edgelm.adapt.peft_methods import AdaptConfig, run_adapt, sample_shots
     from edgelm.compress.train import accuracy
@@ -100,11 +103,13 @@ def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[st
     ids, mask, labels = dev
     texts, y = pool
     idx = sample_shots(y, k, seed)
-    out = {}
+    out = dict(done or {})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         demos = _write_tsv(tmp / "demos.tsv", [texts[i] for i in idx], [int(y[i]) for i in idx])
         for method in METHODS:
+            if method in out:
+                continue
             ckpt = tmp / method.replace(" ", "-")
             if method == "hypernetwork":
                 rec = adapt_with_hypernetwork(hn_dir, demos, ckpt)
@@ -124,6 +129,8 @@ def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[st
                 row[f"int8_{fmt}_accuracy"] = _export_accuracy(module, fmt, ids, mask, labels, work)
             out[method] = row
             print(f"K={k} seed={seed} {method}: {row}", flush=True)
+            if save:
+                save(out)
     return out
 
 
@@ -205,14 +212,24 @@ def main() -> None:
     pool = (train.texts, y)
     cache_path = CACHE / "adaptation_runs.json"
     runs = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    hn_id = f"{hn_record['seconds']:.3f}"  # a retrained hypernetwork invalidates only its own rows
+    for row in runs.values():
+        if row.get("hypernetwork", {}).get("hn_id", hn_id) != hn_id:
+            row.pop("hypernetwork")
     for k in a.shots:
         for seed in range(a.seeds):
             key = f"{k}/{seed}"
-            if key in runs:
+            if len(runs.get(key, {})) == len(METHODS):
                 continue
             fmts = () if a.no_export or seed else (("onnx", "executorch", "tflite") if k == 16 else ("onnx",))
-            runs[key] = run_one(k, seed, pool, hn_dir, dev, fmts)
-            cache_path.write_text(json.dumps(runs, indent=1))
+
+            def save(out, key=key):
+                if "hypernetwork" in out:
+                    out["hypernetwork"]["hn_id"] = hn_id
+                runs[key] = out
+                cache_path.write_text(json.dumps(runs, indent=1))
+
+            run_one(k, seed, pool, hn_dir, dev, fmts, runs.get(key), save)
     results = {"shots": a.shots, "seeds": a.seeds, "dev_examples": int(len(dev[2])), "runs": runs,
                "hypernetwork": {k: hn_record[k] for k in ("episodes_run", "seconds", "tasks", "config",
                                                            "query_accuracy_first", "query_accuracy_last")}}

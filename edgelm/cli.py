@@ -225,7 +225,7 @@ def adapt(
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scaling alpha/r).")] = 16.0,
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt length of (scaled) prompt tuning.")] = 16,
-    pooling: Annotated[str, typer.Option("--pooling", help="mean (masked mean of the last layer; BERT) or cls (the checkpoint's pooler).")] = "mean",
+    pooling: Annotated[str, typer.Option("--pooling", help="mean (masked mean of the last layer; BERT), mean-l2 (that mean L2-normalised) or cls (the checkpoint's pooler).")] = "mean",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Default: 1e-3 (LoRA), 1e-2 (prompts).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,

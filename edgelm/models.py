@@ -31,7 +31,7 @@ DEFAULT_MODEL = "default"
 #: 0 * -inf = NaN in fp16 graphs); exp(-1e4) is exactly 0 in float32, so outputs do not change.
 MASK_VALUE = -1.0e4
 #: Pooling of a classifier's head: the checkpoint's pooler on the first token, or the masked mean.
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "mean-l2")
 #: config.json keys edgelm adds to adapted checkpoints (the pooling; the prompt of a prompt-tuned model).
 POOLING_KEY = "edgelm_pooling"
 PROMPT_KEY = "edgelm_prompt"
@@ -169,10 +169,11 @@ def build_wrappers():
     class SequenceClassifier(torch.nn.Module):
         """Encoder + the checkpoint's own classification head -> ``logits`` float32 [batch, num_labels].
 
-        ``pooling``: ``"cls"`` (the checkpoint's pooler on the first token, as Hugging Face computes it) or
+        ``pooling``: ``"cls"`` (the checkpoint's pooler on the first token, as Hugging Face computes it),
         ``"mean"`` (BERT only: the classifier reads the masked mean of the last hidden states, the pooling
-        sentence encoders such as MiniLM were trained with; edgelm's adapted checkpoints record it in
-        ``config.json`` as ``edgelm_pooling``). ``prompt``: a prompt-tuned model's virtual-token
+        sentence encoders such as MiniLM were trained with) or ``"mean-l2"`` (that mean, L2-normalised: the
+        cosine geometry of a sentence-embedding model; the hypernetwork's heads use it). edgelm's adapted
+        checkpoints record it in ``config.json`` as ``edgelm_pooling``. ``prompt``: a prompt-tuned model's virtual-token
         embeddings float32 [n_virtual, hidden] (see ``encode``), kept inside the graph.
         """
 
@@ -212,13 +213,16 @@ def build_wrappers():
             return self._head(hidden, attention_mask), collect
 
         def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            """What the classifier layer reads, float32 [batch, hidden] (``"mean"`` pooling only)."""
-            hidden = encode(self.base, input_ids.to(torch.int64), attention_mask)
-            return mean_pool(hidden, attention_mask)
+            """What the classifier layer reads, float32 [batch, hidden] (``"mean"``/``"mean-l2"`` pooling)."""
+            return self._pooled(encode(self.base, input_ids.to(torch.int64), attention_mask), attention_mask)
+
+        def _pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            pooled = mean_pool(hidden, attention_mask)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1) if self.pooling == "mean-l2" else pooled
 
         def _head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            if self.pooling == "mean":
-                return self.model.classifier(self.model.dropout(mean_pool(hidden, attention_mask)))
+            if self.pooling != "cls":
+                return self.model.classifier(self.model.dropout(self._pooled(hidden, attention_mask)))
             if getattr(self.base, "pooler", None) is not None and hasattr(self.model, "dropout"):
                 return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))  # BERT
             return self.model.classifier(hidden)  # RoBERTa's head pools the first token itself

@@ -515,6 +515,10 @@ def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) ->
     if recipe.sparsity > 0 or search:
         raise RecipeError("--lora separate exports the adapters' shared base as it is: it cannot be combined with "
                           "pruning or --search")
+    static = [p.format for p in recipe.plans if p.quant.scheme == "int8_static"]
+    if static:
+        raise RecipeError(f"--lora separate with int8_static ({', '.join(static)}): calibrated activation scales "
+                          "depend on the adapter, so adapters could not share one base; use int8_dynamic or 8da4w")
     refused = [p.format for p in recipe.plans if p.format == "tflite"]
     if refused:
         from exporters.tflite import NO_SEPARATE_ADAPTERS

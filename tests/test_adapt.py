@@ -232,7 +232,7 @@ def test_adapt_with_hypernetwork_is_deterministic_and_exports(hypernet, memo_tsv
     b1 = (tmp_path / "a1" / "model.safetensors").read_bytes()
     assert b1 == (tmp_path / "a2" / "model.safetensors").read_bytes()
     m = load_model(tmp_path / "a1")
-    assert m.kind == "classifier" and m.labels == ["0", "1"] and m.module.pooling == "mean"
+    assert m.kind == "classifier" and m.labels == ["0", "1"] and m.module.pooling == "mean-l2"
     # the head is the prototype rule: weight 2τP_c, bias -τ|P_c|² -> bias = -|w|² / (4τ)
     rec = json.loads((tmp_path / "a1" / "edgelm_adapt.json").read_text())
     w, b = m.module.model.classifier.weight.detach(), m.module.model.classifier.bias.detach()

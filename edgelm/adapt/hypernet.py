@@ -20,10 +20,10 @@ Parameterisation, for a frozen BERT-family backbone with hidden size d and L lay
    weight update is ``ΔW_t = B_t C_t(z) A_t`` (rank <= r), emitted as peft LoRA weights
    ``lora_A = C_t(z) A_t``, ``lora_B = B_t`` with scaling 1. ``W_t, b_t`` start at 0: before meta-training the
    backbone is unchanged.
-3. **Head from the demonstrations.** The adapted backbone re-encodes the demonstrations (masked mean, not
-   normalised) into prototypes ``P_c``; the classifier is the nearest-prototype rule as a linear layer,
+3. **Head from the demonstrations.** The adapted backbone re-encodes the demonstrations (masked mean,
+   L2-normalised: the cosine geometry MiniLM was trained in) into prototypes ``P_c``; the classifier is the nearest-prototype rule as a linear layer,
    ``logits_c = τ (2 P_c · h - |P_c|²)`` (weight ``2τ P_c``, bias ``-τ |P_c|²``; the ``-τ|h|²`` term is the
-   same for every class), with the temperature τ meta-learned.
+   same for every class), with the temperature τ meta-learned (from 10).
 
 Meta-training (``edgelm hypernet train``) samples episodes from the shared tasks (CoLA, MRPC, RTE, QNLI,
 TREC, AG News, SMS Spam, CB; SST-2 held out): a task, up to ``max_classes`` of its classes, K support and
@@ -48,6 +48,8 @@ from edgelm.errors import DataError, ModelError, RecipeError
 TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
            "intermediate.dense", "output.dense")
 WEIGHTS_FILE = "hypernet.safetensors"
+#: The head's features: the masked mean of the last hidden states, L2-normalised (cosine geometry).
+POOLING = "mean-l2"
 CONFIG_FILE = "hypernet.json"
 
 
@@ -117,7 +119,7 @@ def build_hypernetwork(hidden: int, shapes: list[tuple[int, int]], rank: int, ta
                 [torch.nn.Parameter(torch.randn(d_out, rank) / rank ** 0.5 * 0.1) for d_out, _ in shapes])
             self.mix = torch.nn.Parameter(torch.zeros(len(shapes), rank * rank, task_dim))
             self.mix_bias = torch.nn.Parameter(torch.zeros(len(shapes), rank * rank))
-            self.log_tau = torch.nn.Parameter(torch.tensor(0.0))
+            self.log_tau = torch.nn.Parameter(torch.tensor(float(np.log(10.0))))
             self.rank = rank
 
         def task_code(self, features, labels):
@@ -240,7 +242,7 @@ def backbone_wrapper(model: str | os.PathLike | None):
     from edgelm.compress.train import load_classifier
 
     torch.manual_seed(0)
-    wrapper, _, loaded = load_classifier(model, ["0", "1"], pooling="mean")
+    wrapper, _, loaded = load_classifier(model, ["0", "1"], pooling=POOLING)
     wrapper.eval()
     for p in wrapper.parameters():
         p.requires_grad_(False)
@@ -259,6 +261,7 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
     import torch
     from safetensors.torch import save_file
 
+    from edgelm.compress.train import write_directory
     from edgelm.data import load_tokenizer
 
     cfg = cfg or HyperConfig()
@@ -296,7 +299,7 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hn.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             accs.append(float((logits.argmax(-1) == yq_t).float().mean()) * 100)
             if progress:
                 progress(f"episode {step + 1}/{cfg.episodes} ({task.name})", step + 1, cfg.episodes)
@@ -312,21 +315,11 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
         "loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:])),
         "query_accuracy_first": float(np.mean(accs[:tenth])), "query_accuracy_last": float(np.mean(accs[-tenth:])),
     }
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in hn.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(Path(out), fill)
     return record
 
 
@@ -384,14 +377,14 @@ def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.Pat
         raise ModelError("the hypernetwork was trained for another backbone shape")
     rank = int(record["config"]["rank"])
     y = torch.from_numpy(labels)
-    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    cls_wrapper, hf, _ = load_classifier(backbone, names, pooling=POOLING)
+    cfg = AdaptConfig(method="lora", rank=rank, alpha=float(rank), pooling=POOLING)
+    pm = attach_peft(cls_wrapper, hf, cfg)
+    layers = target_layers(cls_wrapper.base)
+    t0 = time.perf_counter()  # the adaptation itself: encode, generate, build the head
     with torch.no_grad():
         a, b = hn(_frozen_features(wrapper, ids, mask), y)
-        torch.manual_seed(0)
-        cls_wrapper, hf, _ = load_classifier(backbone, names, pooling="mean")
-        cfg = AdaptConfig(method="lora", rank=rank, alpha=float(rank), pooling="mean")
-        pm = attach_peft(cls_wrapper, hf, cfg)
-        layers = target_layers(cls_wrapper.base)
         for k, (_, module) in enumerate(layers):
             module.lora_A["default"].weight.copy_(a[k])
             module.lora_B["default"].weight.copy_(b[k])
@@ -404,6 +397,6 @@ def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.Pat
     counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
     rec = {"job": "adapt", "method": "hypernetwork", "base_model": backbone, "hypernetwork": str(Path(hypernetwork)),
            "demos": str(demos), "labels": names, "demonstrations_per_class": counts, "rank": rank,
-           "tau": float(hn.tau), "generate_seconds": generate_seconds, "seconds": time.perf_counter() - start}
+           "tau": float(hn.tau.detach()), "generate_seconds": generate_seconds, "seconds": time.perf_counter() - start}
     finish(cls_wrapper, hf, pm, cfg, loaded.tokenizer_dir, Path(out), rec)
     return rec

@@ -56,7 +56,7 @@ class AdaptConfig:
         shots: labeled examples per class drawn from the data (seeded), or None for all of it.
         rank / alpha: LoRA rank r and scaling numerator (the update is ``alpha / r · B A``).
         num_virtual_tokens: prompt length n of (scaled) prompt tuning.
-        pooling: ``"mean"`` or ``"cls"`` (see module docstring).
+        pooling: ``"mean"``, ``"mean-l2"`` or ``"cls"`` (see module docstring).
         epochs: passes over the training examples (None: 3 on full data; few-shot: 30 for LoRA, 50 for prompts).
         lr: peak learning rate (None: 1e-3 for LoRA, 1e-2 for prompts).
         batch_size: examples per step.

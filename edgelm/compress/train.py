@@ -316,7 +316,7 @@ def encode_labeled(tokenizer, data, names: list[str] | None = None):
 def load_classifier(model: str | os.PathLike | None, names: list[str] | None = None, pooling: str = "cls"):
     """A classifier wrapper to train: a ``*ForSequenceClassification`` checkpoint as it is, or any supported
     encoder (``"default"``: the packaged MiniLM) with a new classification head for ``names`` reading the
-    ``pooling`` (``"cls"`` or ``"mean"``, see ``SequenceClassifier``) of the last hidden states.
+    ``pooling`` (``"cls"``, ``"mean"`` or ``"mean-l2"``, see ``SequenceClassifier``) of the last hidden states.
     Returns ``(wrapper, hf_model, LoadedModel)``. Raises ModelError."""
     import transformers
 
@@ -334,25 +334,40 @@ def load_classifier(model: str | os.PathLike | None, names: list[str] | None = N
             label2id={n: i for i, n in enumerate(names)}, attn_implementation="eager")
     except Exception as exc:
         raise ModelError(f"could not build a classifier from {loaded.source}: {exc}") from None
-    if pooling == "mean" and loaded.config.get("model_type") != "bert":
+    if pooling != "cls" and loaded.config.get("model_type") != "bert":
         raise ModelError(f"mean pooling needs a BERT encoder; {loaded.source} is {loaded.config.get('model_type')}: "
                          "use --pooling cls")
     _, SequenceClassifier = build_wrappers()
-    if pooling == "mean":
-        hf.config.edgelm_pooling = "mean"
+    if pooling != "cls":
+        hf.config.edgelm_pooling = pooling
     return SequenceClassifier(hf, pooling=pooling), hf, loaded
+
+
+def write_directory(out: Path, fill: Callable[[Path], None]) -> Path:
+    """Create the directory ``out`` atomically: ``fill(tmp)`` writes into a temp dir beside it, which is renamed
+    to ``out`` at the end (an existing ``out`` is replaced); on any error the temp dir is removed and ``out``
+    is left as it was. Returns ``out`` (absolute)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict | None = None,
                     write_more: Callable[[Path], None] | None = None) -> Path:
     """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files, and
-    ``edgelm_training.json`` with ``extra``) to ``out`` atomically: into a temp dir beside it, renamed at the
-    end; an existing ``out`` is replaced. ``write_more(directory)`` adds files before the rename.
-    Returns ``out``."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    ``edgelm_training.json`` with ``extra``) to ``out`` atomically (:func:`write_directory`).
+    ``write_more(directory)`` adds files before the rename. Returns ``out``."""
+
+    def fill(tmp: Path) -> None:
         hf_model.save_pretrained(tmp)
         for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
             src = Path(tokenizer_dir) / name
@@ -362,13 +377,8 @@ def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict |
             (tmp / "edgelm_training.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
         if write_more is not None:
             write_more(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_directory(out, fill)
 
 
 def teacher_copy(wrapper: Any) -> Any:
