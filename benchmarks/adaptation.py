@@ -53,7 +53,7 @@ def _dev(data_dir: Path, tokenizer):
     return ids, mask, label_indices(dev.labels, ["0", "1"])
 
 
-def _demos_head(demo_tsv: Path):
+def _demos_head(demo_tsv: Path, names: list[str] | None = None):
     """The prototype head on the frozen backbone: returns (wrapper with that head, seconds)."""
     import torch
 
@@ -63,9 +63,10 @@ def _demos_head(demo_tsv: Path):
 
     torch.manual_seed(0)
     data = load_dataset(demo_tsv)
-    cls, hf, loaded = load_classifier("default", ["0", "1"], pooling=POOLING)
+    names = names or ["0", "1"]
+    cls, hf, loaded = load_classifier("default", names, pooling=POOLING)
     tok = load_tokenizer(loaded.tokenizer_dir, 64)
-    (d_ids, d_mask, y), names = encode_labeled(tok, data, ["0", "1"])
+    (d_ids, d_mask, y), names = encode_labeled(tok, data, names)
     start = time.perf_counter()
     with torch.no_grad():
         w, b = prototype_head(_features(cls.eval(), d_ids, d_mask), torch.from_numpy(y), len(names), torch.tensor(1.0))
@@ -134,6 +135,41 @@ def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[st
     return out
 
 
+def in_domain_control(data_dir: Path, hn_dir: Path, k: int = 8, seeds: int = 3, n_test: int = 600) -> dict:
+    """The hypernetwork against the demonstrations-only head on a task it was meta-trained on (AG News; the
+    demonstrations from its train file, scored on the first ``n_test`` rows of its test split, which
+    meta-training never read): accuracy % per seed."""
+    import csv
+
+    from edgelm.adapt.hypernet import adapt_with_hypernetwork
+    from edgelm.adapt.peft_methods import sample_shots
+    from edgelm.adapt.tasks import load_task
+    from edgelm.compress.train import accuracy, encode_labeled, labels_for
+    from edgelm.data import TextDataset, load_tokenizer
+    from edgelm.models import load_model
+
+    classes = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}
+    with open(data_dir / "agnews" / "test.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:n_test + 1]
+    test = TextDataset([f"{r[1]} {r[2]}" for r in rows], None, [classes[r[0]] for r in rows])
+    train = load_task(data_dir, "agnews")
+    y, names = labels_for(train)
+    tok = load_tokenizer(load_model("default").tokenizer_dir, 64)
+    (ids, mask, yt), _ = encode_labeled(tok, test, names)
+    out = {"task": "agnews", "k": k, "test_examples": len(rows), "hypernetwork": [], "demos head": []}
+    for seed in range(seeds):
+        idx = sample_shots(y, k, seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            demos = Path(tmp) / "demos.tsv"
+            demos.write_text("\n".join(["text\tlabel"] + [f"{train.texts[i]}\t{names[y[i]]}" for i in idx]) + "\n")
+            adapt_with_hypernetwork(hn_dir, demos, Path(tmp) / "hn")
+            out["hypernetwork"].append(accuracy(load_model(Path(tmp) / "hn").module, ids, mask, yt))
+            out["demos head"].append(accuracy(_demos_head(demos, names)[0], ids, mask, yt))
+        print(f"in-domain control seed {seed}: hypernetwork {out['hypernetwork'][-1]:.2f}, demos head "
+              f"{out['demos head'][-1]:.2f}", flush=True)
+    return out
+
+
 def _markdown(results: dict) -> str:
     runs, meta = results["runs"], results["hypernetwork"]
     lines = ["# Few-shot adaptation on held-out SST-2 (all-MiniLM-L6-v2)", "",
@@ -142,15 +178,16 @@ def _markdown(results: dict) -> str:
              "Time: the method's own adaptation work on this CPU (2 cores), s. "
              f"Hypernetwork meta-trained for {meta['episodes_run']} episodes ({meta['seconds']:.0f} s) on "
              f"{', '.join(meta['tasks'])}; SST-2 held out.", "",
-             "| K per class | method | accuracy % | adapt time s | int8 ONNX accuracy % (seed 0) |",
+             "| K per class | method | accuracy % | adapt time s | seed 0: fp32 → int8 ONNX % |",
              "|---|---|---|---|---|"]
     for k in results["shots"]:
         for m in METHODS:
             accs = [runs[f"{k}/{s}"][m]["accuracy"] for s in range(results["seeds"]) if f"{k}/{s}" in runs]
             secs = [runs[f"{k}/{s}"][m]["seconds"] for s in range(results["seeds"]) if f"{k}/{s}" in runs]
-            onnx = runs.get(f"{k}/0", {}).get(m, {}).get("int8_onnx_accuracy")
+            r0 = runs.get(f"{k}/0", {}).get(m, {})
+            onnx = r0.get("int8_onnx_accuracy")
             lines.append(f"| {k} | {m} | {np.mean(accs):.2f} ± {np.std(accs):.2f} | {np.mean(secs):.2f} | "
-                         + (f"{onnx:.2f}" if onnx is not None else "–") + " |")
+                         + (f"{r0['accuracy']:.2f} → {onnx:.2f}" if onnx is not None else "–") + " |")
     k16 = runs.get("16/0", {})
     if any("int8_executorch_accuracy" in v for v in k16.values()):
         lines += ["", "Exported int8 (dynamic) artifacts, K = 16, seed 0, accuracy % on SST-2 dev in each runtime:", "",
@@ -159,6 +196,15 @@ def _markdown(results: dict) -> str:
             r = k16[m]
             lines.append(f"| {m} | {r['accuracy']:.2f} | {r.get('int8_onnx_accuracy', float('nan')):.2f} | "
                          f"{r.get('int8_executorch_accuracy', float('nan')):.2f} | {r.get('int8_tflite_accuracy', float('nan')):.2f} |")
+    ctl = results.get("in_domain_control")
+    if ctl:
+        lines += ["", f"In-domain control: on {ctl['task']}, a meta-training task (K = {ctl['k']} demonstrations per "
+                  f"class from its train file; the first {ctl['test_examples']} rows of its test split, never read "
+                  "in meta-training), accuracy % per seed:", "",
+                  "| method | " + " | ".join(f"seed {i}" for i in range(len(ctl["hypernetwork"]))) + " | mean |",
+                  "|---|" + "---|" * (len(ctl["hypernetwork"]) + 1)]
+        for m in ("hypernetwork", "demos head"):
+            lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in ctl[m]) + f" | {np.mean(ctl[m]):.2f} |")
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         lines.append(f"- {t['name']}: {t['value']} → **{'met' if t['met'] else 'not met'}**")
@@ -233,6 +279,10 @@ def main() -> None:
     results = {"shots": a.shots, "seeds": a.seeds, "dev_examples": int(len(dev[2])), "runs": runs,
                "hypernetwork": {k: hn_record[k] for k in ("episodes_run", "seconds", "tasks", "config",
                                                            "query_accuracy_first", "query_accuracy_last")}}
+    ctl_path = CACHE / "adaptation_in_domain.json"
+    if not ctl_path.is_file() or json.loads(ctl_path.read_text()).get("hn_id") != hn_id:
+        ctl_path.write_text(json.dumps({**in_domain_control(a.data_dir, hn_dir), "hn_id": hn_id}))
+    results["in_domain_control"] = json.loads(ctl_path.read_text())
     results["targets"] = _targets(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "adaptation.json").write_text(json.dumps(results, indent=1) + "\n")
