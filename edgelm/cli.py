@@ -28,6 +28,9 @@ app = typer.Typer(
 )
 devices_app = typer.Typer(help="List device profiles, or show one.", invoke_without_command=True)
 app.add_typer(devices_app, name="devices")
+emulator_app = typer.Typer(help="The arm64 emulator (qemu user mode over a Debian arm64 sysroot).",
+                           no_args_is_help=True)
+app.add_typer(emulator_app, name="emulator")
 hypernet_app = typer.Typer(help="Meta-train a hypernetwork that adapts the backbone from a few demonstrations.",
                            no_args_is_help=True)
 app.add_typer(hypernet_app, name="hypernet")
@@ -277,6 +280,24 @@ def _eval_checkpoint(model: Path, data: str, limit, text_column, label_column) -
     tok = load_tokenizer(loaded.tokenizer_dir, min(128, loaded.max_positions))
     (ids, mask, labels), _ = encode_labeled(tok, load_dataset(data, text_column, label_column, limit), loaded.labels)
     return accuracy(loaded.module, ids, mask, labels)
+
+
+@emulator_app.command("setup")
+@handle_errors
+def emulator_setup(
+    sysroot: Annotated[Optional[Path], typer.Option("--sysroot", help="Where to build it (default: the user cache, ~/.cache/edgelm/emulator/).")] = None,
+    executorch: Annotated[bool, typer.Option("--executorch", help="Also install the aarch64 torch and executorch wheels (about 1 GB) to run .pte artifacts.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete sysroot is there.")] = False,
+):
+    """Build (once) and cache the arm64 sysroot the emulator runner uses: Debian arm64 python3.11 and
+    aarch64 wheels of numpy, onnxruntime and ai-edge-litert."""
+    from edgelm.validate.emulator import qemu_binary, setup
+
+    qemu_binary()
+    bar, progress = _fit_progress(_err_console())
+    with bar:
+        path = setup(sysroot, executorch=executorch, force=force, progress=progress)
+    out_console.print(f"emulator sysroot: {path}")
 
 
 @hypernet_app.command("train")
