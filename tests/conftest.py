@@ -99,3 +99,43 @@ def trained_classifier(tmp_path_factory, memo_tsv) -> Path:
     run_finetune(base, memo_tsv, out, eval_data=memo_tsv,
                  cfg=TrainConfig(epochs=8, lr=3e-3, batch_size=8, seq_len=32))
     return out
+
+
+@pytest.fixture(scope="session")
+def sysroot(tmp_path_factory):
+    """The arm64 emulator sysroot, built once per session (needs qemu-user-static, apt-get and the network
+    to the Debian mirror and PyPI; about 15 s)."""
+    import shutil
+
+    if shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None:
+        pytest.skip("qemu-user-static (and apt-get) not installed: apt-get install qemu-user-static")
+    from edgelm.validate import emulator
+
+    return emulator.setup(tmp_path_factory.mktemp("emu") / "sysroot")
+
+
+@pytest.fixture(scope="session")
+def runner_artifacts(tmp_path_factory, tiny_classifier):
+    """A golden set (6 rows, one padded) and the tiny classifier exported int8 to every format, for the
+    runner tests: ``(golden.npz, {format: artifact path})``; the ONNX file name has a space in it."""
+    import numpy as np
+    import torch
+
+    import exporters
+    from edgelm.models import load_model
+    from exporters.base import QuantSpec
+
+    d = tmp_path_factory.mktemp("runner-art")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 150, (6, 24)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[2, 10:] = 0
+    ids[2, 10:] = 0
+    np.savez(d / "golden.npz", input_ids=ids, attention_mask=mask, latency_input_ids=ids[:1],
+             latency_attention_mask=mask[:1])
+    module = load_model(tiny_classifier).module
+    ex = {"input_ids": torch.ones(1, 32, dtype=torch.int64), "attention_mask": torch.ones(1, 32, dtype=torch.int64)}
+    names = {"onnx": "model with space.onnx", "tflite": "m.tflite", "executorch": "m.pte"}
+    arts = {fmt: exporters.get(fmt).export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), d / name,
+                                           output_name="logits").path for fmt, name in names.items()}
+    return d / "golden.npz", arts

@@ -6,46 +6,16 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-import exporters
 from edgelm.cli import app
 from edgelm.errors import ValidationError
-from edgelm.models import load_model
 from edgelm.profiles import load_profile
 from edgelm.validate import emulator
 from edgelm.validate.runners import EmulatorRunner, HostRunner
-from exporters.base import QuantSpec
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None,
                                 reason="qemu-user-static (and apt-get) not installed: apt-get install qemu-user-static")
-
-
-@pytest.fixture(scope="module")
-def sysroot(tmp_path_factory):
-    if shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None:
-        pytest.skip("qemu-user-static (and apt-get) not installed: apt-get install qemu-user-static")
-    return emulator.setup(tmp_path_factory.mktemp("emu") / "sysroot")
-
-
-@pytest.fixture(scope="module")
-def golden_and_artifacts(tmp_path_factory, tiny_classifier):
-    d = tmp_path_factory.mktemp("emu-art")
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, 150, (6, 24)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[2, 10:] = 0
-    ids[2, 10:] = 0
-    np.savez(d / "golden.npz", input_ids=ids, attention_mask=mask, latency_input_ids=ids[:1],
-             latency_attention_mask=mask[:1])
-    module = load_model(tiny_classifier).module
-    ex = {"input_ids": torch.ones(1, 32, dtype=torch.int64), "attention_mask": torch.ones(1, 32, dtype=torch.int64)}
-    arts = {}
-    for fmt in ("onnx", "tflite", "executorch"):
-        arts[fmt] = exporters.get(fmt).export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8),
-                                              d / f"m{exporters.suffix(fmt)}", output_name="logits").path
-    return d / "golden.npz", arts
 
 
 def test_qemu_cpu_follows_the_profile():
@@ -58,8 +28,8 @@ def test_qemu_cpu_follows_the_profile():
 
 @needs_qemu
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
-def test_emulated_arm64_run_matches_the_host(sysroot, golden_and_artifacts, fmt):
-    golden, arts = golden_and_artifacts
+def test_emulated_arm64_run_matches_the_host(sysroot, runner_artifacts, fmt):
+    golden, arts = runner_artifacts
     host = HostRunner().run_artifact(arts[fmt], golden, threads=1, warmup=0, runs=2)
     emu = EmulatorRunner(sysroot, cpu="cortex-a76").run_artifact(arts[fmt], golden, threads=1, warmup=0, runs=2)
     assert emu.result["machine"] == "aarch64" and host.result["machine"] == "x86_64"
@@ -70,8 +40,8 @@ def test_emulated_arm64_run_matches_the_host(sysroot, golden_and_artifacts, fmt)
 
 
 @needs_qemu
-def test_emulator_refuses_pte_without_executorch_and_missing_sysroot(sysroot, golden_and_artifacts, tmp_path):
-    golden, arts = golden_and_artifacts
+def test_emulator_refuses_pte_without_executorch_and_missing_sysroot(sysroot, runner_artifacts, tmp_path):
+    golden, arts = runner_artifacts
     with pytest.raises(ValidationError, match="emulator setup --executorch"):
         EmulatorRunner(sysroot).run_artifact(arts["executorch"], golden, threads=1)
     with pytest.raises(emulator.EmulatorError, match="edgelm emulator setup"):

@@ -122,3 +122,143 @@ class EmulatorRunner(HostRunner):
         if artifact.suffix == ".pte" and not any(w.startswith("executorch") for w in self.info.get("wheels", [])):
             raise ValidationError(f"{artifact.name}: ExecuTorch under emulation needs the aarch64 torch and "
                                   "executorch wheels (about 1 GB): run `edgelm emulator setup --executorch`")
+
+
+#: What the target side needs on a board: the torch-free target script and the exporters' sessions.
+PAYLOAD_FILES = ("edgelm/__init__.py", "edgelm/validate/__init__.py", "edgelm/validate/target.py")
+PAYLOAD_PACKAGES = ("exporters",)
+
+
+def target_payload(directory: Path) -> Path:
+    """Copy the target-side code (numpy + runtime only: ``edgelm.validate.target`` and ``exporters``) into
+    ``directory`` so that ``python -m edgelm.validate.target`` runs there. Returns ``directory``."""
+    import shutil
+
+    src = Path(edgelm.__file__).resolve().parent.parent
+    for rel in PAYLOAD_FILES:
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, directory / rel)
+    for pkg in PAYLOAD_PACKAGES:
+        (directory / pkg).mkdir(parents=True, exist_ok=True)
+        for f in (src / pkg).glob("*.py"):
+            shutil.copy2(f, directory / pkg / f.name)
+    return directory
+
+
+class SSHRunner(HostRunner):
+    """Runs artifacts on a board over SSH: ``ssh://user@host[:port]``.
+
+    Every call uses ``ssh``/``scp`` with ``BatchMode=yes`` (never a password prompt), the given key file and a
+    pinned ``known_hosts`` file (``StrictHostKeyChecking=yes``: an unknown or changed host key is refused),
+    and every remote argument is shell-quoted. Per artifact: a temporary directory on the board
+    (``mktemp -d``), the target payload (:func:`target_payload`), the artifact with its companion files and
+    the golden set copied in, ``python -m edgelm.validate.target`` run there, its ``outputs.npy`` and
+    ``result.json`` copied back, and the directory removed. A dropped connection or a timeout (ssh exit 255,
+    or no answer within ``timeout_s``) is retried once, then raises ValidationError.
+
+    Args:
+        target: ``ssh://user@host[:port]`` (port 22 by default).
+        key_file: the private key to log in with.
+        known_hosts: the pinned known_hosts file holding the board's host key.
+        remote_python: the command that starts Python on the board (split with shlex), e.g. ``python3``, or
+            ``qemu-aarch64-static -L /sysroot/root /sysroot/root/usr/bin/python3.11`` for an emulated board.
+        remote_env: environment variables set for the target script on the board.
+    """
+
+    name = "ssh"
+
+    def __init__(self, target: str, *, key_file: Path, known_hosts: Path, remote_python: str = "python3",
+                 remote_env: dict[str, str] | None = None, timeout_s: float = 600.0, connect_timeout_s: int = 10):
+        import re
+
+        super().__init__(timeout_s)
+        m = re.fullmatch(r"ssh://([A-Za-z0-9._-]+)@([A-Za-z0-9.:_-]+?)(?::(\d+))?", target)
+        if not m:
+            raise ValidationError(f"bad SSH target {target!r}: use ssh://user@host[:port]")
+        self.user, self.host, self.port = m.group(1), m.group(2), int(m.group(3) or 22)
+        for what, p in (("key file", key_file), ("known_hosts file", known_hosts)):
+            if not Path(p).is_file():
+                raise ValidationError(f"SSH {what} not found: {p}")
+        self.key_file, self.known_hosts = Path(key_file), Path(known_hosts)
+        self.remote_python, self.remote_env = remote_python, dict(remote_env or {})
+        self.connect_timeout_s = connect_timeout_s
+        self.name = f"ssh://{self.user}@{self.host}:{self.port}"
+
+    def _options(self) -> list[str]:
+        return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout_s}",
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR", "-i", str(self.key_file)]
+
+    def ssh_command(self, remote: list[str]) -> list[str]:
+        """The local argv that runs ``remote`` (argv, each element quoted) on the board."""
+        import shlex
+
+        return ["ssh", *self._options(), "-p", str(self.port), f"{self.user}@{self.host}",
+                " ".join(shlex.quote(a) for a in remote)]
+
+    def scp_command(self, sources: list[str], dest: str) -> list[str]:
+        """The local argv that copies ``sources`` to ``dest`` (a remote path is written ``:path``)."""
+        import shlex
+
+        def where(p: str) -> str:
+            return f"{self.user}@{self.host}:{shlex.quote(p[1:])}" if p.startswith(":") else p
+
+        return ["scp", "-q", "-r", *self._options(), "-P", str(self.port), *[where(s) for s in sources], where(dest)]
+
+    def _call(self, argv: list[str], what: str) -> str:
+        """Run ``argv``; retry once on a dropped connection (exit 255) or a timeout. Raises ValidationError."""
+        last = ""
+        for attempt in (1, 2):
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                last = f"no answer within {self.timeout_s:.0f} s"
+                continue
+            if proc.returncode == 0:
+                return proc.stdout
+            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            if proc.returncode != 255:  # the remote command failed: retrying would not help
+                raise ValidationError(f"{what} on {self.name} failed: {last}")
+        raise ValidationError(f"{what} on {self.name} failed twice (connection dropped or timed out): {last}. "
+                              "Check that the board is reachable and its host key is in the known_hosts file")
+
+    def run_artifact(self, artifact: Path, golden: Path, *, threads: int | None, warmup: int = 5,
+                     runs: int = 20, adapter: Path | None = None) -> RunResult:
+        """Run one artifact (and its companion files beside it) on the board. Raises ValidationError."""
+        import shlex
+        import shutil
+
+        artifact, golden = Path(artifact), Path(golden)
+        remote = self._call(self.ssh_command(["mktemp", "-d", "/tmp/edgelm-run-XXXXXX"]), "creating a work "
+                            "directory").strip()
+        try:
+            with tempfile.TemporaryDirectory(prefix="edgelm-ssh-") as tmp:
+                stage = target_payload(Path(tmp) / "payload")
+                for f in [artifact, golden, *sorted(artifact.parent.glob(f"{artifact.stem}.*adapter*"))]:
+                    shutil.copy2(f, stage / f.name)
+                if adapter is not None:
+                    shutil.copy2(adapter, stage / Path(adapter).name)
+                self._call(self.scp_command([str(p) for p in sorted(stage.iterdir())], f":{remote}/"),
+                           "copying the artifact")
+                args = [*shlex.split(self.remote_python), "-m", "edgelm.validate.target", artifact.name,
+                        "--golden", golden.name, "--out", "out", "--warmup", str(warmup), "--runs", str(runs)]
+                if threads:
+                    args += ["--threads", str(threads)]
+                if adapter is not None:
+                    args += ["--adapter", Path(adapter).name]
+                env = {"PYTHONPATH": ".", **self.remote_env}
+                self._call(self.ssh_command(["sh", "-c", "cd \"$0\" && exec env " + " ".join(
+                    shlex.quote(f"{k}={v}") for k, v in env.items()) + " \"$@\"", remote, *args]),
+                    f"running {artifact.name}")
+                back = Path(tmp) / "back"
+                back.mkdir()
+                self._call(self.scp_command([f":{remote}/out/outputs.npy", f":{remote}/out/result.json"], str(back)),
+                           "copying the results back")
+                outputs = np.load(back / "outputs.npy")
+                result = json.loads((back / "result.json").read_text())
+        finally:
+            try:
+                self._call(self.ssh_command(["rm", "-rf", remote]), "removing the work directory")
+            except ValidationError:
+                pass  # the results are what matter; a stale /tmp directory on the board is harmless
+        return RunResult(outputs=outputs, result=result)
