@@ -24,6 +24,7 @@ import edgelm
 import exporters
 from edgelm import data as data_mod
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
+from edgelm.fsutil import install
 from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import DeviceProfile, load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
@@ -153,17 +154,6 @@ def _copy_tokenizer(model: LoadedModel, directory: Path) -> list[str]:
     return copied
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``, replacing an existing folder only once the new one is complete."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def prepare(device: str, *, formats: list[str] | None = None, quant: str | None = None,
             seq_len: int | None = None, threads: int | None = None, sparsity: float | None = None,
             max_accuracy_drop: float | None = None) -> tuple[DeviceProfile, Recipe]:
@@ -264,7 +254,7 @@ def export_for_device(
                                   train_data=train_data, distill_epochs=distill_epochs, search=search,
                                   max_sparsity=max_sparsity, search_time=search_time, lora=lora,
                                   adapters=adapters or [])
-        _install(tmp, final)
+        install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_out:

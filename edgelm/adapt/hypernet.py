@@ -261,7 +261,7 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
     import torch
     from safetensors.torch import save_file
 
-    from edgelm.compress.train import write_directory
+    from edgelm.fsutil import write_directory
     from edgelm.data import load_tokenizer
 
     cfg = cfg or HyperConfig()

@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from edgelm.compress import pruning
 from edgelm.errors import DataError, ModelError
+from edgelm.fsutil import write_directory
 
 Progress = Callable[[str, int, int], None]  # (description, completed, total)
 
@@ -343,28 +343,10 @@ def load_classifier(model: str | os.PathLike | None, names: list[str] | None = N
     return SequenceClassifier(hf, pooling=pooling), hf, loaded
 
 
-def write_directory(out: Path, fill: Callable[[Path], None]) -> Path:
-    """Create the directory ``out`` atomically: ``fill(tmp)`` writes into a temp dir beside it, which is renamed
-    to ``out`` at the end (an existing ``out`` is replaced); on any error the temp dir is removed and ``out``
-    is left as it was. Returns ``out`` (absolute)."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict | None = None,
                     write_more: Callable[[Path], None] | None = None) -> Path:
     """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files, and
-    ``edgelm_training.json`` with ``extra``) to ``out`` atomically (:func:`write_directory`).
+    ``edgelm_training.json`` with ``extra``) to ``out`` atomically (:func:`edgelm.fsutil.write_directory`).
     ``write_more(directory)`` adds files before the rename. Returns ``out``."""
 
     def fill(tmp: Path) -> None:

@@ -26,11 +26,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from edgelm.errors import EdgeLMError
+from edgelm.fsutil import write_directory
 
 #: CPU models qemu 7.2's aarch64 user-mode emulator has (``qemu-aarch64-static -cpu help``), minus ``max``.
 QEMU_CPUS = ("cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1", "a64fx")
@@ -87,9 +87,9 @@ def qemu_cpu_for(cpu_description: str) -> tuple[str, str]:
     return FALLBACK_CPU, f"qemu has no {named} model; {FALLBACK_CPU} (Armv8.2 with dot-product) stands in"
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None, timeout: float = 1800) -> str:
+def _run(cmd: list[str], what: str, env: dict | None = None, timeout: float = 1800, cwd: Path | None = None) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EmulatorError(f"{what} failed: {exc}") from None
     if proc.returncode != 0:
@@ -118,8 +118,8 @@ def setup(dest: str | os.PathLike | None = None, *, executorch: bool = False, fo
           progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Build the arm64 sysroot into ``dest`` (default :func:`default_sysroot`) and return it; an existing,
     complete sysroot with the same wheel set is reused unless ``force``. Built in a temp dir beside
-    ``dest`` and renamed at the end. Needs ``apt-get``, ``dpkg-deb`` and ``qemu-aarch64-static``, and network
-    access to the Debian mirror and PyPI.
+    ``dest`` and renamed at the end (:func:`edgelm.fsutil.write_directory`). Needs ``apt-get``,
+    ``dpkg-deb`` and ``qemu-aarch64-static``, and network access to the Debian mirror and PyPI.
 
     Raises:
         EmulatorError: a tool missing, a download or unpack failure, or the finished sysroot failing to
@@ -143,9 +143,7 @@ def setup(dest: str | os.PathLike | None = None, *, executorch: bool = False, fo
             progress(desc, step, total)
         step += 1
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
+    def build(tmp: Path) -> None:
         tick("resolving arm64 Debian packages")
         env = {**os.environ, "APT_CONFIG": str(_apt_config(tmp / "apt")), "DEBIAN_FRONTEND": "noninteractive"}
         _run(["apt-get", "update", "-qq"], "apt-get update (arm64)", env)
@@ -154,13 +152,7 @@ def setup(dest: str | os.PathLike | None = None, *, executorch: bool = False, fo
         tick(f"downloading {len(pkgs)} arm64 packages")
         debs = tmp / "debs"
         debs.mkdir()
-        try:
-            proc = subprocess.run(["apt-get", "download", *pkgs], cwd=debs, capture_output=True, text=True, env=env,
-                                  timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise EmulatorError(f"downloading arm64 packages failed: {exc}") from None
-        if proc.returncode != 0:
-            raise EmulatorError(f"downloading arm64 packages failed: {proc.stderr.strip().splitlines()[-1:]}")
+        _run(["apt-get", "download", *pkgs], "downloading arm64 packages", env, cwd=debs)
         tick("unpacking packages")
         root = tmp / "root"
         for deb in sorted(debs.glob("*.deb")):
@@ -181,12 +173,8 @@ def setup(dest: str | os.PathLike | None = None, *, executorch: bool = False, fo
         shutil.rmtree(debs, ignore_errors=True)
         (tmp / MARKER).write_text(json.dumps({"suite": DEBIAN_SUITE, "packages": pkgs, "wheels": list(wheels),
                                               "check": out.strip()}, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(dest, build)
     tick("done")
     return dest
 
