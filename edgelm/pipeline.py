@@ -432,8 +432,6 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         step(f"adapter {Path(adapter_dir).name}")
         adapter_results += _extra_adapter(adapter_dir, loaded, artifacts, recipe, tmp, golden, ids, mask, labels,
                                           runner, host_threads, calibration)
-    if adapter_results:
-        np.savez(tmp / "golden.npz", **golden)
 
     step("writing manifest and report")
     used = sorted({r.sparsity for r in results})
@@ -445,7 +443,7 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
             info["train"] = train_data
             golden[f"reference_sparsity_{int(round(s_ * 100))}"] = variants.get(s_)[1]
             compression = info
-    if compression is not None:
+    if adapter_results or compression is not None:  # references added after the runs that read the inputs
         np.savez(tmp / "golden.npz", **golden)
     data_info = {"source": dataset.source, "count": len(dataset), "labeled": labels is not None, "command": command}
     reference = {"eager_p50_ms": eager["p50_ms"], "eager_p90_ms": eager["p90_ms"], "threads": host_threads,
@@ -509,8 +507,7 @@ def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) ->
     if static:
         raise RecipeError(f"--lora separate with int8_static ({', '.join(static)}): calibrated activation scales "
                           "depend on the adapter, so adapters could not share one base; use int8_dynamic or 8da4w")
-    refused = [p.format for p in recipe.plans if p.format == "tflite"]
-    if refused:
+    if any(p.format == "tflite" for p in recipe.plans):
         from exporters.tflite import NO_SEPARATE_ADAPTERS
 
         raise RecipeError(f"{NO_SEPARATE_ADAPTERS}. Pass --format onnx,executorch with --lora separate")
@@ -521,7 +518,8 @@ def _extra_adapter(adapter_dir: str, loaded: LoadedModel, artifacts: list, recip
                    ids: np.ndarray, mask: np.ndarray, labels, runner, threads: int, calibration) -> list[dict]:
     """Export ``adapter_dir`` (another LoRA adapter of the same base) for every artifact, check that its base
     file is byte-identical to the one written, keep only its weights file (``<stem>.<name>.adapter<ext>``)
-    and validate the base artifact with it against the adapter's PyTorch model. Returns one row per artifact.
+    and validate the base artifact with it against the adapter's PyTorch model (``golden`` gains the adapter's
+    reference outputs; the caller writes golden.npz). Returns one row per artifact.
     Raises ExportError when the adapter does not share the base."""
     from edgelm.adapt.peft_methods import load_unmerged
 
@@ -542,7 +540,6 @@ def _extra_adapter(adapter_dir: str, loaded: LoadedModel, artifacts: list, recip
             src = other_art.companions[0]
             dest = tmp / src.name.replace(".adapter", f".{name}.adapter")
             shutil.copy2(src, dest)
-        np.savez(tmp / "golden.npz", **golden)
         run = runner.run_artifact(art.path, tmp / "golden.npz", threads=threads, warmup=1, runs=3, adapter=dest)
         fid = fidelity(run.outputs, golden[key], loaded.kind, labels)
         rows.append({"adapter": str(adapter_dir), "name": name, "artifact": art.path.name, "file": dest.name,

@@ -356,7 +356,7 @@ def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.Pat
     import torch
 
     from edgelm.adapt.peft_methods import AdaptConfig, attach_peft, finish
-    from edgelm.compress.train import encode_labeled, load_classifier
+    from edgelm.compress.train import encode_labeled, labels_for, load_classifier
     from edgelm.data import load_dataset, load_tokenizer
 
     start = time.perf_counter()
@@ -364,31 +364,32 @@ def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.Pat
     backbone = record["backbone"]
     if backbone != "default" and not Path(backbone).is_dir():
         raise ModelError(f"the hypernetwork's backbone is missing: {backbone}")
-    wrapper, loaded = backbone_wrapper(backbone)
-    tokenizer = load_tokenizer(loaded.tokenizer_dir, min(int(record["config"]["seq_len"]), loaded.max_positions))
     data = load_dataset(demos, text_column=text_column, label_column=label_column)
-    (ids, mask, labels), names = encode_labeled(tokenizer, data)
+    names = labels_for(data)[1]
+    torch.manual_seed(0)
+    cls_wrapper, hf, loaded = load_classifier(backbone, names, pooling=POOLING)
+    tokenizer = load_tokenizer(loaded.tokenizer_dir, min(int(record["config"]["seq_len"]), loaded.max_positions))
+    (ids, mask, labels), _ = encode_labeled(tokenizer, data, names)
     missing = [n for i, n in enumerate(names) if not (labels == i).any()]
     if missing:
         raise DataError(f"{demos} has no demonstration of class(es) {', '.join(missing)}: give each class at "
                         "least one example")
-    shapes = [tuple(m.weight.shape) for _, m in target_layers(wrapper.base)]
+    shapes = [tuple(m.weight.shape) for _, m in target_layers(cls_wrapper.base)]
     if [list(s) for s in shapes] != record["target_shapes"]:
         raise ModelError("the hypernetwork was trained for another backbone shape")
     rank = int(record["config"]["rank"])
     y = torch.from_numpy(labels)
-    torch.manual_seed(0)
-    cls_wrapper, hf, _ = load_classifier(backbone, names, pooling=POOLING)
     cfg = AdaptConfig(method="lora", rank=rank, alpha=float(rank), pooling=POOLING)
-    pm = attach_peft(cls_wrapper, hf, cfg)
+    pm = attach_peft(cls_wrapper, hf, cfg)  # peft starts every lora_B at 0: the backbone is still frozen here
+    cls_wrapper.eval()
     layers = target_layers(cls_wrapper.base)
     t0 = time.perf_counter()  # the adaptation itself: encode, generate, build the head
     with torch.no_grad():
-        a, b = hn(_frozen_features(wrapper, ids, mask), y)
+        a, b = hn(_frozen_features(cls_wrapper, ids, mask), y)
         for k, (_, module) in enumerate(layers):
             module.lora_A["default"].weight.copy_(a[k])
             module.lora_B["default"].weight.copy_(b[k])
-        feats = _features(cls_wrapper.eval(), ids, mask)
+        feats = _features(cls_wrapper, ids, mask)
         w, bias = prototype_head(feats, y, len(names), hn.tau)
         head = hf.classifier.modules_to_save["default"]
         head.weight.copy_(w)

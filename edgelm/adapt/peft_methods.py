@@ -238,7 +238,7 @@ def run_adapt(model: str | os.PathLike | None, data: str | os.PathLike, out: str
     import torch
 
     torch.manual_seed(cfg.seed)
-    wrapper, hf, loaded = load_classifier(model, names, pooling=cfg.pooling)
+    wrapper, hf, loaded = load_classifier(model, names, pooling=cfg.pooling, loaded=probe)
     pm = attach_peft(wrapper, hf, cfg)
     trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, seq_len=seq_len,
@@ -271,7 +271,7 @@ def load_unmerged(directory: str | os.PathLike):
     import peft
 
     from edgelm.compress.train import load_classifier
-    from edgelm.models import load_model
+    from edgelm.models import POOLING_KEY, load_model
 
     directory = Path(directory)
     merged = load_model(directory)
@@ -290,7 +290,7 @@ def load_unmerged(directory: str | os.PathLike):
     import torch
 
     torch.manual_seed(0)
-    wrapper, hf, _ = load_classifier(base, merged.labels, pooling=merged.config.get("edgelm_pooling", "cls"))
+    wrapper, hf, _ = load_classifier(base, merged.labels, pooling=merged.config.get(POOLING_KEY, "cls"))
     try:
         peft.PeftModel.from_pretrained(hf, str(adapter))  # injects the LoRA layers into hf in place
     except Exception as exc:

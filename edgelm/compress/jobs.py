@@ -54,7 +54,7 @@ def run_finetune(model: str | os.PathLike | None, data: str | os.PathLike, out: 
     import torch
 
     torch.manual_seed(cfg.seed)  # the new classification head's initialisation
-    wrapper, hf, loaded = load_classifier(model, names)
+    wrapper, hf, loaded = load_classifier(model, names, loaded=probe)
     result = fit(wrapper, train, evals, cfg, progress=progress)
     save_checkpoint(hf, loaded.tokenizer_dir, Path(out), {
         "job": "finetune", "base_model": str(loaded.source), "train": str(data), "eval": str(eval_data),

@@ -313,16 +313,18 @@ def encode_labeled(tokenizer, data, names: list[str] | None = None):
     return (ids, mask, labels), names
 
 
-def load_classifier(model: str | os.PathLike | None, names: list[str] | None = None, pooling: str = "cls"):
+def load_classifier(model: str | os.PathLike | None, names: list[str] | None = None, pooling: str = "cls",
+                    loaded: Any = None):
     """A classifier wrapper to train: a ``*ForSequenceClassification`` checkpoint as it is, or any supported
     encoder (``"default"``: the packaged MiniLM) with a new classification head for ``names`` reading the
     ``pooling`` (``"cls"``, ``"mean"`` or ``"mean-l2"``, see ``SequenceClassifier``) of the last hidden states.
-    Returns ``(wrapper, hf_model, LoadedModel)``. Raises ModelError."""
+    ``loaded``: ``model`` already loaded by :func:`edgelm.models.load_model` (not loaded again; a classifier's
+    module is then the one trained). Returns ``(wrapper, hf_model, LoadedModel)``. Raises ModelError."""
     import transformers
 
     from edgelm.models import build_wrappers, load_model
 
-    loaded = load_model(model)
+    loaded = loaded if loaded is not None else load_model(model)
     if loaded.kind == "classifier":
         return loaded.module, loaded.module.model, loaded
     if not names:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,8 +135,6 @@ PAYLOAD_PACKAGES = ("exporters",)
 def target_payload(directory: Path) -> Path:
     """Copy the target-side code (numpy + runtime only: ``edgelm.validate.target`` and ``exporters``) into
     ``directory`` so that ``python -m edgelm.validate.target`` runs there. Returns ``directory``."""
-    import shutil
-
     src = Path(edgelm.__file__).resolve().parent.parent
     for rel in PAYLOAD_FILES:
         (directory / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +170,6 @@ class SSHRunner(HostRunner):
 
     def __init__(self, target: str, *, key_file: Path, known_hosts: Path, remote_python: str = "python3",
                  remote_env: dict[str, str] | None = None, timeout_s: float = 600.0, connect_timeout_s: int = 10):
-        import re
-
         super().__init__(timeout_s)
         m = re.fullmatch(r"ssh://([A-Za-z0-9._-]+)@([A-Za-z0-9.:_-]+?)(?::(\d+))?", target)
         if not m:
@@ -191,15 +190,11 @@ class SSHRunner(HostRunner):
 
     def ssh_command(self, remote: list[str]) -> list[str]:
         """The local argv that runs ``remote`` (argv, each element quoted) on the board."""
-        import shlex
-
         return ["ssh", *self._options(), "-p", str(self.port), f"{self.user}@{self.host}",
                 " ".join(shlex.quote(a) for a in remote)]
 
     def scp_command(self, sources: list[str], dest: str) -> list[str]:
         """The local argv that copies ``sources`` to ``dest`` (a remote path is written ``:path``)."""
-        import shlex
-
         def where(p: str) -> str:
             return f"{self.user}@{self.host}:{shlex.quote(p[1:])}" if p.startswith(":") else p
 
@@ -208,7 +203,7 @@ class SSHRunner(HostRunner):
     def _call(self, argv: list[str], what: str) -> str:
         """Run ``argv``; retry once on a dropped connection (exit 255) or a timeout. Raises ValidationError."""
         last = ""
-        for attempt in (1, 2):
+        for _ in range(2):
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
@@ -225,9 +220,6 @@ class SSHRunner(HostRunner):
     def run_artifact(self, artifact: Path, golden: Path, *, threads: int | None, warmup: int = 5,
                      runs: int = 20, adapter: Path | None = None) -> RunResult:
         """Run one artifact (and its companion files beside it) on the board. Raises ValidationError."""
-        import shlex
-        import shutil
-
         artifact, golden = Path(artifact), Path(golden)
         remote = self._call(self.ssh_command(["mktemp", "-d", "/tmp/edgelm-run-XXXXXX"]), "creating a work "
                             "directory").strip()
