@@ -1,7 +1,7 @@
 """The target-side runner script: run one artifact on a golden set and time it. numpy + the runtime only.
 
     python -m edgelm.validate.target ARTIFACT --golden golden.npz --out DIR [--threads N] [--warmup 5] [--runs 20]
-                                     [--adapter WEIGHTS]
+                                     [--adapter WEIGHTS] [--eval eval.npz]
 
 Reads from ``golden.npz``: ``input_ids``/``attention_mask`` int64 [N, seq_len] (right-padded), and
 ``latency_input_ids``/``latency_attention_mask`` int64 [1, seq_len] (the timing input). Writes
@@ -9,6 +9,8 @@ Reads from ``golden.npz``: ``input_ids``/``attention_mask`` int64 [N, seq_len] (
 ``DIR/result.json``: load time (ms), latency samples and p50/p90 (ms), peak RSS (MB) of this process,
 runtime versions. Exit code 0 on success, 3 if the artifact cannot be loaded or run (message on stderr).
 ``--adapter``: run with another adapter's weights file (``.adapter.data`` / ``.adapter.ptd``) swapped in.
+``--eval``: also run a labeled eval set (``input_ids``/``attention_mask`` int64 [M, seq_len]) and write its
+outputs to ``DIR/eval_outputs.npy`` (float32 [M, ...]).
 """
 
 from __future__ import annotations
@@ -37,24 +39,36 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
 
 
-def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: int, runs: int,
-        adapter: Path | None = None) -> dict:
-    """Run ``artifact`` on every golden input, then time ``runs`` calls after ``warmup`` on the timing
-    input. Returns the result dict (also written to ``out/result.json``)."""
-    import exporters
+def _outputs(session, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Run every row of int64 [N, seq_len] ``ids``/``mask`` at batch 1 with its padding trimmed -> float32 [N, ...]."""
     from exporters.base import trim_padding
 
+    rows = []
+    for i in range(len(ids)):
+        feeds = trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})
+        rows.append(next(iter(session.run(feeds).values())))
+    return np.concatenate(rows, axis=0).astype(np.float32)
+
+
+def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: int, runs: int,
+        adapter: Path | None = None, eval_set: Path | None = None) -> dict:
+    """Run ``artifact`` on every golden input (and every ``eval_set`` input), then time ``runs`` calls after
+    ``warmup`` on the timing input. Returns the result dict (also written to ``out/result.json``)."""
+    import exporters
+
     data = np.load(golden)
-    ids, mask = data["input_ids"], data["attention_mask"]
     rss_before = _peak_rss_mb()
     t0 = time.perf_counter()
     session = exporters.load(artifact, threads=threads, adapter=adapter)
     load_ms = (time.perf_counter() - t0) * 1000.0
-    outputs = []
-    for i in range(len(ids)):
-        feeds = trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})
-        outputs.append(next(iter(session.run(feeds).values())))
-    outputs_arr = np.concatenate(outputs, axis=0).astype(np.float32)
+    outputs_arr = _outputs(session, data["input_ids"], data["attention_mask"])
+    out.mkdir(parents=True, exist_ok=True)
+    eval_rows = None
+    if eval_set is not None:
+        ev = np.load(eval_set)
+        eval_out = _outputs(session, ev["input_ids"], ev["attention_mask"])
+        np.save(out / "eval_outputs.npy", eval_out)
+        eval_rows = len(eval_out)
     timing = {"input_ids": data["latency_input_ids"], "attention_mask": data["latency_attention_mask"]}
     for _ in range(warmup):
         session.run(timing)
@@ -80,8 +94,8 @@ def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: in
         "machine": platform.machine(),
         "python": platform.python_version(),
         "torch_imported": "torch" in sys.modules,
+        "eval_rows": eval_rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
     np.save(out / "outputs.npy", outputs_arr)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -96,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--adapter", type=Path, default=None)
+    p.add_argument("--eval", type=Path, default=None)
     a = p.parse_args(argv)
     try:
-        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs, a.adapter)
+        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs, a.adapter, a.eval)
     except Exception as exc:  # report any runtime failure as one line for the runner
         print(f"edgelm target: {a.artifact.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3

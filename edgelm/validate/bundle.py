@@ -1,0 +1,519 @@
+"""Validate an export bundle (``dist/<device>/``) on a runner: what ``edgelm validate`` and ``runtime_tests/`` do.
+
+Three steps, each usable alone:
+
+1. :func:`run_bundle` runs the bundle's artifacts on a runner (host, emulator, a board over SSH, a phone over
+   adb) on the golden set and an optional labeled eval set, and stores each artifact's raw result as it
+   arrives under ``<bundle>/validation/<runner>/`` (outputs as ``.npy``, timings as JSON). If the runner
+   drops, what was received is kept and the rest is marked "not run".
+2. :func:`evaluate` turns those raw results into checks: each artifact's sha256 against the manifest (with
+   its companion files), golden outputs within a tolerance that depends on the quantization, task accuracy
+   within the recipe's gate, latency recorded (p50/p90, warm-up, runs; emulated latency is functional only).
+3. :func:`write_validation` merges the runner's record into ``<bundle>/validation.json`` and rewrites the
+   validation part of ``report.md``: one section per runner and a side-by-side table of every artifact on
+   every runner (accuracy, top-1 agreement, cosine, max error, difference from the host's outputs).
+
+numpy and the runners only: no torch (DESIGN.md: the runtime side imports no torch).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import exporters
+from edgelm.errors import ValidationError
+from edgelm.fsutil import install
+from edgelm.validate.metrics import accuracy, fidelity, latency_stats, top1_agreement
+from edgelm.validate.runners import ArtifactRun, BundleJob, HostRunner, RunnerDropped, RunResult
+
+VALIDATION_FILE = "validation.json"
+RESULTS_DIR = "validation"
+EVAL_FILE = "eval.npz"
+#: report.md from this line on is rewritten by every ``edgelm validate``
+REPORT_MARKER = "<!-- edgelm validate: the sections below are rewritten by `edgelm validate` -->"
+#: Golden-output tolerance by quantization scheme: the largest |artifact - PyTorch fp32| allowed, relative to
+#: the largest |reference| value. fp32 differs from PyTorch by kernel rounding only; fp16 keeps ~3 digits;
+#: int8 dynamic per-channel moves logits/embeddings by a few percent (MiniLM: cosine ~0.994-0.999); static
+#: int8 and 4-bit weights move them more. The cosine and top-1 limits are the recipe's gates (manifest).
+GOLDEN_MAX_REL_ERROR = {"fp32": 1e-3, "fp16": 1e-2, "int8_dynamic": 0.25, "int8_static": 0.5, "8da4w": 0.5,
+                        "int4_weight_only": 0.5}
+#: What an artifact's status can be in validation.json.
+STATUSES = ("passed", "failed", "error", "skipped", "not run")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Bundle:
+    """An export bundle read from disk: its manifest, golden set and gates. Raises ValidationError on load
+    when the directory is missing, has no (or a corrupt) manifest.json, or lacks its golden set."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._golden: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Bundle":
+        path = Path(path)
+        if not path.is_dir():
+            raise ValidationError(f"bundle not found: {path} is not a directory (run `edgelm export --device ...` "
+                                  "first; it writes dist/<device>/)")
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise ValidationError(f"{path} is not an edgelm bundle: it has no manifest.json (run `edgelm export`)")
+        try:
+            manifest = json.loads(mf.read_text())
+            manifest["artifacts"], manifest["golden"]["file"], manifest["recipe"]["plans"]  # noqa: B018
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValidationError(f"{mf} is corrupt ({type(exc).__name__}: {exc}): export the bundle again") from None
+        if not (path / manifest["golden"]["file"]).is_file():
+            raise ValidationError(f"{path} has no {manifest['golden']['file']}: the bundle is incomplete, export "
+                                  "it again")
+        return cls(path, manifest)
+
+    @property
+    def device(self) -> str:
+        return self.manifest.get("device", {}).get("name", self.path.name)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("model", {}).get("kind", "embedding")
+
+    @property
+    def artifact_names(self) -> list[str]:
+        return [a["file"] for a in self.manifest["artifacts"]]
+
+    @property
+    def threads(self) -> int | None:
+        return self.manifest["recipe"].get("threads")
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["recipe"].get("seq_len") or self.manifest.get("tokenizer", {}).get("max_length", 128))
+
+    def artifact(self, name: str) -> dict:
+        """The manifest entry of artifact ``name``. Raises ValidationError for a name not in the bundle."""
+        for a in self.manifest["artifacts"]:
+            if a["file"] == name:
+                return a
+        raise ValidationError(f"{name} is not an artifact of {self.path} (it has {', '.join(self.artifact_names)})")
+
+    def plan(self, name: str) -> dict:
+        """The recipe plan (format, quantization, gates) that produced artifact ``name``."""
+        entry = self.artifact(name)
+        for p in self.manifest["recipe"]["plans"]:
+            if p.get("artifact") == name or (p["format"] == entry["format"]
+                                             and p["quant"]["scheme"] == entry["quantization"]["scheme"]):
+                return p
+        raise ValidationError(f"{name}: the manifest's recipe has no plan for it; export the bundle again")
+
+    @property
+    def golden(self) -> dict[str, np.ndarray]:
+        """The golden set's arrays (``input_ids``, ``attention_mask``, ``reference``..., ``labels``)."""
+        if self._golden is None:
+            try:
+                with np.load(self.path / self.manifest["golden"]["file"]) as z:
+                    self._golden = {k: z[k] for k in z.files}
+            except (OSError, ValueError) as exc:
+                raise ValidationError(f"the golden set of {self.path} is unreadable: {exc}") from None
+        return self._golden
+
+    def reference(self, name: str) -> np.ndarray:
+        """PyTorch fp32 outputs for artifact ``name`` on the golden inputs, float32 [N, ...]."""
+        return self.golden[self.artifact(name).get("golden_reference", "reference")]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.golden.get("labels") if self.kind == "classifier" else None
+
+    @property
+    def baseline_accuracy(self) -> float | None:
+        """PyTorch fp32 accuracy (%) on the golden set (the unpruned model's), or None without labels."""
+        return None if self.labels is None else accuracy(self.golden["reference"], self.labels)
+
+
+def runner_slug(name: str) -> str:
+    """A directory name for a runner: ``ssh://pi@10.0.0.2:22`` -> ``ssh-pi@10.0.0.2-22``."""
+    return re.sub(r"[^A-Za-z0-9@._-]+", "-", name.replace("ssh://", "ssh-")).strip("-") or "runner"
+
+
+def encode_eval_set(bundle: Bundle, data: str | os.PathLike, out: Path, *, text_column: str | None = None,
+                    label_column: str | None = None, limit: int | None = None) -> dict:
+    """Tokenize a labeled eval file with the bundle's own tokenizer and write ``out`` (``eval.npz``: int64
+    ``input_ids``/``attention_mask`` [M, seq_len], int64 ``labels`` [M]). Returns ``{"source", "rows"}``.
+    Raises DataError (unreadable file, no label column, unknown labels) or ValidationError (embedding model)."""
+    from edgelm import data as data_mod
+    from edgelm.errors import DataError
+
+    if bundle.kind != "classifier":
+        raise ValidationError("--data is a labeled eval set for a classifier; this bundle holds an embedding model")
+    dataset = data_mod.load_dataset(str(data), text_column, label_column, limit)
+    if dataset.labels is None:
+        raise DataError(f"{data} has no label column: the eval set needs labels (or pass --label-column)")
+    labels = data_mod.label_indices(dataset.labels, bundle.manifest.get("labels"))
+    tokenizer = data_mod.load_tokenizer(bundle.path, bundle.seq_len)
+    ids, mask = data_mod.encode(tokenizer, dataset)
+    np.savez(out, input_ids=ids, attention_mask=mask, labels=labels)
+    return {"source": dataset.source, "rows": len(dataset)}
+
+
+class ResultStore:
+    """A runner's raw results in ``<bundle>/validation/<runner>/``: per artifact ``<name>.json`` (status,
+    error, the target's result) and ``<name>.outputs.npy`` / ``<name>.eval.npy`` (float32)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def save(self, run: ArtifactRun) -> None:
+        d = self.directory
+        entry = {"artifact": run.artifact, "error": run.error, "skipped": run.skipped,
+                 "result": run.result.result if run.result else None}
+        if run.result is not None:
+            np.save(d / f"{run.artifact}.outputs.npy", run.result.outputs)
+            if run.result.eval_outputs is not None:
+                np.save(d / f"{run.artifact}.eval.npy", run.result.eval_outputs)
+        (d / f"{run.artifact}.json").write_text(json.dumps(entry, indent=2) + "\n")
+
+    def info(self) -> dict:
+        """``runner.json``: the runner's description and the job's settings. Raises ValidationError if absent."""
+        try:
+            return json.loads((self.directory / "runner.json").read_text())
+        except (OSError, ValueError):
+            raise ValidationError(f"{self.directory} holds no runner results (runner.json): run `edgelm validate` "
+                                  "first") from None
+
+    def load(self, artifacts: list[str]) -> dict[str, ArtifactRun]:
+        """The stored run of each artifact; one with no stored result is "not run"."""
+        runs = {}
+        for name in artifacts:
+            f = self.directory / f"{name}.json"
+            if not f.is_file():
+                runs[name] = ArtifactRun(name, error=None, skipped=None)
+                continue
+            entry = json.loads(f.read_text())
+            res = None
+            if entry.get("result") is not None:
+                ev = self.directory / f"{name}.eval.npy"
+                res = RunResult(np.load(self.directory / f"{name}.outputs.npy"), entry["result"],
+                                np.load(ev) if ev.is_file() else None)
+            runs[name] = ArtifactRun(name, res, entry.get("error"), entry.get("skipped"))
+        return runs
+
+
+def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | None = None,
+               data: str | os.PathLike | None = None, text_column: str | None = None,
+               label_column: str | None = None, limit: int | None = None, threads: int | None = None,
+               warmup: int = 5, runs: int = 20, progress: ProgressFn | None = None) -> Path:
+    """Run the bundle's artifacts (all, or ``artifacts``) on ``runner`` and store the raw results in
+    ``<bundle>/validation/<runner>/`` (replacing an earlier run of the same runner). ``data``: a labeled eval
+    file, tokenized here with the bundle's tokenizer and run on the target beside the golden set.
+    ``threads`` defaults to the recipe's (capped at this machine's cores for host and emulator).
+
+    Returns the results directory. If the runner drops (:class:`RunnerDropped`), the results received so
+    far are kept, the rest are recorded as "not run" and the reason in runner.json's ``dropped``.
+    Raises ValidationError / DataError for a bad bundle, artifact name or eval file (nothing is written).
+    """
+    names = artifacts or bundle.artifact_names
+    for n in names:
+        bundle.artifact(n)
+    if threads is None:
+        threads = bundle.threads
+        if threads and runner.describe()["kind"] in ("host", "emulator"):
+            threads = min(threads, os.cpu_count() or 1)
+    base = bundle.path / RESULTS_DIR
+    base.mkdir(exist_ok=True)
+    final = base / runner_slug(runner.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=base))
+    try:
+        eval_info = None
+        if data is not None:
+            eval_info = encode_eval_set(bundle, data, tmp / EVAL_FILE, text_column=text_column,
+                                        label_column=label_column, limit=limit)
+        store = ResultStore(tmp)
+        info = {**runner.describe(), "bundle": str(bundle.path.resolve()), "device": bundle.device,
+                "manifest_sha256": exporters.sha256_file(bundle.path / "manifest.json"),
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "artifacts": names, "threads": threads, "warmup": warmup, "runs": runs, "eval_set": eval_info,
+                "dropped": None}
+        job = BundleJob(bundle.path, names, bundle.path / bundle.manifest["golden"]["file"],
+                        tmp / EVAL_FILE if eval_info else None, threads, warmup, runs)
+        done = 0
+
+        def on_result(run: ArtifactRun) -> None:
+            nonlocal done
+            store.save(run)
+            done += 1
+            if progress:
+                progress(f"{names[min(done, len(names) - 1)]} on {runner.name}", done, len(names))
+
+        if progress:
+            progress(f"{names[0]} on {runner.name}", 0, len(names))
+        t0 = time.perf_counter()
+        try:
+            runner.run_bundle(job, on_result)
+        except RunnerDropped as exc:
+            info["dropped"] = str(exc)
+        info["seconds"] = time.perf_counter() - t0
+        (tmp / "runner.json").write_text(json.dumps(info, indent=2) + "\n")
+        install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check(passed: bool, value, limit, detail: str) -> dict:
+    return {"passed": bool(passed), "value": value, "limit": limit, "detail": detail}
+
+
+def checksum_check(bundle: Bundle, name: str) -> dict:
+    """sha256 of the artifact and each of its companion files against the manifest."""
+    entry = bundle.artifact(name)
+    files = [(name, entry["sha256"])] + [(c["file"], c["sha256"]) for c in entry.get("companions") or []]
+    bad = []
+    for f, want in files:
+        p = bundle.path / f
+        got = exporters.sha256_file(p) if p.is_file() else "missing"
+        if got != want:
+            bad.append(f"{f}: {got[:12]} != manifest {want[:12]}")
+    return _check(not bad, len(files) - len(bad), len(files),
+                  "; ".join(bad) if bad else f"{len(files)} file(s) match the manifest")
+
+
+def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
+    """Golden outputs within the quantization's tolerance: cosine and top-1 at least the recipe's gates,
+    max error at most :data:`GOLDEN_MAX_REL_ERROR` of the reference's largest value."""
+    plan = bundle.plan(name)
+    gates, scheme = plan["gates"], plan["quant"]["scheme"]
+    max_err = GOLDEN_MAX_REL_ERROR.get(scheme, 0.5) * float(np.abs(ref).max())
+    fails = []
+    if not fid["cosine_mean"] >= gates["min_cosine"]:
+        fails.append(f"cosine {fid['cosine_mean']:.4f} < {gates['min_cosine']}")
+    if "top1_agreement" in fid and not fid["top1_agreement"] >= gates["min_top1_agreement"]:
+        fails.append(f"top-1 {fid['top1_agreement']:.3f} < {gates['min_top1_agreement']}")
+    if not fid["max_abs_error"] <= max_err:
+        fails.append(f"max error {fid['max_abs_error']:.3g} > {max_err:.3g} ({scheme})")
+    limit = {"min_cosine": gates["min_cosine"], "max_abs_error": max_err}
+    if "top1_agreement" in fid:
+        limit["min_top1_agreement"] = gates["min_top1_agreement"]
+    return _check(not fails, {"cosine_mean": fid["cosine_mean"], "max_abs_error": fid["max_abs_error"],
+                              "top1_agreement": fid.get("top1_agreement")}, limit,
+                  "; ".join(fails) if fails else f"within the {scheme} tolerance")
+
+
+def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:
+    """Task accuracy on the golden labels within the recipe's max drop (None without labels)."""
+    if "accuracy_drop" not in fid:
+        return None
+    limit = bundle.plan(name)["gates"]["max_accuracy_drop"]
+    ok = fid["accuracy_drop"] <= limit
+    return _check(ok, fid["accuracy_drop"], limit,
+                  f"accuracy {fid['accuracy']:.2f}% vs PyTorch fp32 {fid['reference_accuracy']:.2f}%: drop "
+                  f"{fid['accuracy_drop']:.2f} points {'<=' if ok else '>'} {limit}")
+
+
+def latency_check(result: dict, warmup: int, runs: int, emulated: bool) -> tuple[dict, dict]:
+    """Latency was recorded: ``runs`` finite positive samples after ``warmup``. Returns (stats, check)."""
+    samples = [float(x) for x in result.get("latency_samples_ms") or []]
+    ok = len(samples) == runs and runs > 0 and all(math.isfinite(x) and x > 0 for x in samples)
+    stats = latency_stats(samples) if samples else {}
+    stats.update(warmup=result.get("warmup", warmup), runs=len(samples), seq_len=result.get("latency_seq_len"),
+                 threads=result.get("threads"), emulated=emulated)
+    detail = (f"{len(samples)} of {runs} samples after {warmup} warm-up runs"
+              + ("; emulated: functional only, not device speed" if emulated else ""))
+    return stats, _check(ok, stats.get("p50_ms"), None, detail)
+
+
+def _host_outputs(bundle: Bundle, name: str, eval_source: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The host runner's stored outputs of ``name`` (golden, and eval when run on the same eval source)."""
+    store = ResultStore(bundle.path / RESULTS_DIR / "host")
+    f = store.directory / f"{name}.outputs.npy"
+    if not f.is_file():
+        return None, None
+    ev = store.directory / f"{name}.eval.npy"
+    try:
+        same_eval = eval_source is not None and (store.info().get("eval_set") or {}).get("source") == eval_source
+    except ValidationError:
+        same_eval = False
+    return np.load(f), (np.load(ev) if same_eval and ev.is_file() else None)
+
+
+def evaluate(bundle: Bundle, results_dir: Path) -> dict:
+    """The runner's record for validation.json from its stored raw results: per artifact a status, the
+    fidelity numbers against PyTorch fp32, the difference from the host's outputs, latency, and checks
+    (``sha256``, ``ran``, ``golden``, ``accuracy``, ``eval_accuracy``, ``latency``: each ``{"passed",
+    "value", "limit", "detail"}``). Raises ValidationError when ``results_dir`` holds no run."""
+    store = ResultStore(results_dir)
+    info = store.info()
+    names = info["artifacts"]
+    runs = store.load(names)
+    emulated = bool(info.get("emulated"))
+    eval_labels = None
+    if info.get("eval_set"):
+        with np.load(results_dir / EVAL_FILE) as z:
+            eval_labels = z["labels"]
+    record = {k: v for k, v in info.items() if k != "artifacts"}
+    record["artifacts"] = {}
+    golden_ok = (exporters.sha256_file(bundle.path / bundle.manifest["golden"]["file"])
+                 == bundle.manifest["golden"]["sha256"])
+    bundle_checks = {"golden_sha256": _check(golden_ok, None, None, "the golden set matches the manifest" if golden_ok
+                                             else "the golden set differs from the manifest's sha256")}
+    for name in names:
+        run, plan = runs[name], bundle.plan(name)
+        rec = {"format": plan["format"], "quant": plan["quant"]["scheme"], "error": run.error,
+               "skipped": run.skipped, "checks": {"sha256": checksum_check(bundle, name)}}
+        if run.skipped:
+            rec["status"] = "skipped" if rec["checks"]["sha256"]["passed"] else "failed"
+        elif run.result is None:
+            rec["status"] = "error" if run.error else "not run"
+            rec["checks"]["ran"] = _check(False, None, None, run.error or (
+                f"not run: {info['dropped']}" if info.get("dropped") else "not run"))
+        else:
+            res = run.result
+            rec["checks"]["ran"] = _check(True, None, None, f"ran on {res.result.get('machine', '?')}")
+            ref = bundle.reference(name)
+            if res.outputs.shape != ref.shape:
+                rec["checks"]["golden"] = _check(False, list(res.outputs.shape), list(ref.shape),
+                                                 f"outputs have shape {res.outputs.shape}, reference {ref.shape}")
+            else:
+                fid = fidelity(res.outputs, ref, bundle.kind, bundle.labels,
+                               baseline_accuracy=bundle.baseline_accuracy)
+                rec["fidelity"] = fid
+                rec["checks"]["golden"] = golden_check(bundle, name, fid, ref)
+                acc = accuracy_check(bundle, name, fid)
+                if acc:
+                    rec["checks"]["accuracy"] = acc
+            host, host_eval = (None, None) if info.get("kind") == "host" else _host_outputs(
+                bundle, name, (info.get("eval_set") or {}).get("source"))
+            if host is not None and host.shape == res.outputs.shape:
+                rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
+                if bundle.kind == "classifier":
+                    rec["vs_host"]["top1_agreement"] = top1_agreement(res.outputs, host)
+            if eval_labels is not None and res.eval_outputs is not None:
+                acc_ = accuracy(res.eval_outputs, eval_labels)
+                rec["eval"] = {"accuracy": acc_, "rows": int(len(eval_labels))}
+                limit = plan["gates"]["max_accuracy_drop"]
+                if host_eval is not None:
+                    drop = accuracy(host_eval, eval_labels) - acc_
+                    rec["checks"]["eval_accuracy"] = _check(drop <= limit, drop, limit,
+                                                            f"eval accuracy {acc_:.2f}%, {drop:+.2f} points below "
+                                                            "the same artifact on the host")
+                else:
+                    rec["checks"]["eval_accuracy"] = _check(True, acc_, None, f"eval accuracy {acc_:.2f}% (no host "
+                                                            "run on the same eval set to compare with)")
+            rec["latency"], rec["checks"]["latency"] = latency_check(res.result, info["warmup"], info["runs"], emulated)
+            for k in ("load_ms", "peak_rss_mb", "runtime", "machine"):
+                rec[k] = res.result.get(k)
+            rec["status"] = "passed" if all(c["passed"] for c in rec["checks"].values()) else "failed"
+        record["artifacts"][name] = rec
+    record["checks"] = bundle_checks
+    record["passed"] = (not info.get("dropped") and all(c["passed"] for c in bundle_checks.values())
+                        and all(a["status"] in ("passed", "skipped") for a in record["artifacts"].values()))
+    return record
+
+
+def write_validation(bundle: Bundle, record: dict) -> Path:
+    """Merge ``record`` (from :func:`evaluate`) into ``<bundle>/validation.json`` under its runner's name and
+    rewrite the validation sections of ``report.md`` (both replaced atomically). Returns validation.json."""
+    vpath = bundle.path / VALIDATION_FILE
+    try:
+        doc = json.loads(vpath.read_text())
+        if doc.get("manifest_sha256") != record.get("manifest_sha256"):
+            doc = {}  # from an earlier export of this directory: start afresh
+    except (OSError, ValueError):
+        doc = {}
+    doc.update(bundle=str(bundle.path.resolve()), device=bundle.device, manifest_sha256=record.get("manifest_sha256"))
+    doc.setdefault("runners", {})[record["runner"]] = record
+    _write_atomic(vpath, json.dumps(doc, indent=2, default=str) + "\n")
+    report = bundle.path / "report.md"
+    text = report.read_text() if report.is_file() else f"# edgelm report: {bundle.device}\n"
+    text = text.split(REPORT_MARKER)[0].rstrip() + "\n\n" + REPORT_MARKER + "\n\n" + render_markdown(doc)
+    _write_atomic(report, text)
+    return vpath
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _f(value, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
+    """One row per (artifact, runner) of validation.json: the side-by-side comparison across targets."""
+    runners = sorted(doc.get("runners", {}).values(), key=lambda r: ("host", "emulator", "ssh", "adb").index(
+        r.get("kind", "ssh")) if r.get("kind") in ("host", "emulator", "ssh", "adb") else 9)
+    names = list(dict.fromkeys(n for r in runners for n in r["artifacts"]))
+    rows = []
+    for name in names:
+        for r in runners:
+            a = r["artifacts"].get(name)
+            if a is None:
+                continue
+            fid, lat, vs = a.get("fidelity") or {}, a.get("latency") or {}, a.get("vs_host") or {}
+            p50 = ("functional only" if lat.get("emulated") else _f(lat.get("p50_ms"), ".2f")) if lat else "–"
+            rows.append({"artifact": name, "runner": r["runner"], "machine": str(a.get("machine") or "–"),
+                         "status": a["status"], "accuracy %": _f(fid.get("accuracy"), ".2f"),
+                         "top-1": _f(fid.get("top1_agreement"), ".4f"), "cosine": _f(fid.get("cosine_mean"), ".5f"),
+                         "max error": _f(fid.get("max_abs_error"), ".2e"),
+                         "Δ vs host": _f(vs.get("max_abs_diff"), ".2e"),
+                         "eval acc %": _f((a.get("eval") or {}).get("accuracy"), ".2f"), "p50 ms": p50})
+    return rows
+
+
+def _table(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:
+        return ["(nothing)"]
+    cols = list(rows[0])
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+
+
+def render_markdown(doc: dict) -> str:
+    """The validation part of report.md: the side-by-side table, then one section per runner."""
+    lines = ["## On-target validation: side by side", "",
+             "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
+             "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|). "
+             "Emulated latency is functional only, never device speed.", "", *_table(side_by_side_rows(doc)), ""]
+    for r in doc.get("runners", {}).values():
+        verdict = "PASSED" if r.get("passed") else "FAILED"
+        lines += [f"## Validation on {r['runner']}: {verdict}", ""]
+        details = {"kind": r.get("kind"), "machine": r.get("machine"), "qemu CPU": r.get("qemu_cpu"),
+                   "started": r.get("started"), "threads": r.get("threads"), "warm-up / runs":
+                   f"{r.get('warmup')} / {r.get('runs')}",
+                   "eval set": (f"{r['eval_set']['source']} ({r['eval_set']['rows']} rows)" if r.get("eval_set")
+                                else None), "seconds": _f(r.get("seconds"), ".1f")}
+        lines += [f"- {k}: {v}" for k, v in details.items() if v not in (None, "")]
+        if r.get("dropped"):
+            lines.append(f"- **runner dropped**: {r['dropped']} (results received before it are kept)")
+        if r.get("emulated"):
+            lines.append("- latency under emulation is functional only: it says the artifact runs, not how fast")
+        lines += ["", "| artifact | status | checks | p50 ms | p90 ms | load ms | peak RSS MB | notes |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, a in r["artifacts"].items():
+            checks = a.get("checks", {})
+            ok = sum(c["passed"] for c in checks.values())
+            lat = a.get("latency") or {}
+            emu = lat.get("emulated")
+            notes = "; ".join(f"{k}: {c['detail']}" for k, c in checks.items() if not c["passed"])
+            notes = notes or a.get("skipped") or ""
+            lines.append(f"| {name} | {a['status']} | {ok}/{len(checks)} | "
+                         f"{'functional only' if emu else _f(lat.get('p50_ms'), '.2f')} | "
+                         f"{'–' if emu else _f(lat.get('p90_ms'), '.2f')} | {_f(a.get('load_ms'), '.0f')} | "
+                         f"{_f(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
