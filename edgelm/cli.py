@@ -165,6 +165,69 @@ def export(
         raise typer.Exit(1)
 
 
+@app.command()
+@handle_errors
+def validate(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to validate: dist/<device>/ from `edgelm export`.")],
+    runner: Annotated[str, typer.Option("--runner", "-r", help="host, emulator, ssh://user@host[:port], adb or adb:SERIAL.")] = "host",
+    data: Annotated[Optional[str], typer.Option("--data", help="An extra labeled eval file (TSV/CSV/JSONL) run on the target beside the golden set.")] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many rows of --data.")] = None,
+    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="Validate only this artifact (repeatable).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime threads on the target (default: the recipe's).")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Timing runs discarded.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", help="Timing runs measured (p50/p90).")] = 20,
+    cpu: Annotated[Optional[str], typer.Option("--cpu", help="Emulator: qemu CPU model (default: from the device profile).")] = None,
+    sysroot: Annotated[Optional[Path], typer.Option("--sysroot", help="Emulator: the sysroot from `edgelm emulator setup`.")] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="SSH: private key file.")] = None,
+    known_hosts: Annotated[Optional[Path], typer.Option("--known-hosts", help="SSH: pinned known_hosts file with the board's host key.")] = None,
+    remote_python: Annotated[str, typer.Option("--remote-python", help="SSH: the command that starts Python on the board.")] = "python3",
+    remote_env: Annotated[Optional[list[str]], typer.Option("--remote-env", help="SSH: K=V set for the target script (repeatable).")] = None,
+):
+    """Run a bundle's artifacts on a target (golden set, optional eval set, latency), check them with the
+    runtime_tests suite, and write validation.json and the report's side-by-side table."""
+    from edgelm.errors import ValidationError
+    from edgelm.validate.bundle import Bundle, bundle_runner, side_by_side_rows
+    from edgelm.validate.bundle import validate as run_validation
+
+    env = {}
+    for kv in remote_env or []:
+        if "=" not in kv:
+            raise ValidationError(f"--remote-env {kv!r}: use K=V")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    b = Bundle.load(bundle)
+    r = bundle_runner(b, runner, cpu=cpu, sysroot=sysroot, key_file=key, known_hosts=known_hosts,
+                      remote_python=remote_python, remote_env=env)
+    bar, progress = _fit_progress(_err_console())
+    with bar:
+        record, _ = run_validation(b, r, progress=progress, artifacts=artifact, data=data, text_column=text_column,
+                                   label_column=label_column, limit=limit, threads=threads, warmup=warmup, runs=runs)
+    rows = [row for row in side_by_side_rows({"runners": {record["runner"]: record}})]
+    t = Table(title=f"{b.device} on {record['runner']}", title_justify="left")
+    cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "max error", "Δ vs host", "eval acc %", "p50 ms")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("artifact", "status") else "right")
+    for row in rows:
+        t.add_row(*[row[c] for c in cols])
+    out_console.print(t)
+    for name, a in record["artifacts"].items():
+        for check, c in a["checks"].items():
+            if not c["passed"]:
+                out_console.print(f"[red]{name}: {check}[/]: {c['detail']}", highlight=False)
+        if a.get("skipped"):
+            out_console.print(f"[yellow]skipped[/] {a['skipped']}", highlight=False)
+    if record.get("dropped"):
+        out_console.print(f"[red]runner dropped[/]: {record['dropped']} (results received before it are kept)",
+                          highlight=False)
+    if record.get("emulated"):
+        out_console.print("latency under emulation is functional only, not device speed", highlight=False)
+    out_console.print(f"validation: {b.path / 'validation.json'}  report: {b.path / 'report.md'}")
+    if not record["passed"]:
+        raise typer.Exit(1)
+
+
 def _fit_progress(err: Console):
     """A rich progress bar and the (description, done, total) callback that drives it."""
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

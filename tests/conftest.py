@@ -139,3 +139,58 @@ def runner_artifacts(tmp_path_factory, tiny_classifier):
     arts = {fmt: exporters.get(fmt).export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), d / name,
                                            output_name="logits").path for fmt, name in names.items()}
     return d / "golden.npz", arts
+
+
+def start_sshd(d: Path):
+    """Start a loopback sshd (Debian openssh-server) in ``d`` with throwaway ed25519 keys on a free port, in the
+    foreground (``sshd -D``, so its pid is known). Returns ``(target, key_file, known_hosts, port, process)``;
+    the caller stops the process. Skips when openssh-server / openssh-client are not installed."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if sshd is None or shutil.which("ssh") is None:
+        pytest.skip("openssh-server / openssh-client not installed: apt-get install openssh-server")
+    os.chmod(d, 0o700)
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    shutil.copy(d / "user_key.pub", d / "authorized_keys")
+    os.chmod(d / "authorized_keys", 0o600)
+    port = free_port()
+    (d / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+        f"PidFile {d / 'sshd.pid'}", "LogLevel ERROR", "Subsystem sftp internal-sftp", ""]))
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen([sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
+    host_key = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    for _ in range(50):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    return f"ssh://{user}@127.0.0.1:{port}", d / "user_key", d / "known_hosts", port, proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def board(tmp_path_factory):
+    """A loopback 'board' for the whole session: ``(target, key_file, known_hosts, port)``."""
+    target, key, known, port, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield target, key, known, port
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -4,57 +4,14 @@ Python runs under the emulator."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from edgelm.errors import ValidationError
 from edgelm.validate.runners import HostRunner, SSHRunner
-
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def board(tmp_path_factory):
-    """A loopback 'board': ``(target, key_file, known_hosts)``."""
-    if SSHD is None or shutil.which("ssh") is None:
-        pytest.skip("openssh-server / openssh-client not installed: apt-get install openssh-server")
-    d = tmp_path_factory.mktemp("sshd")
-    os.chmod(d, 0o700)
-    for name in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    shutil.copy(d / "user_key.pub", d / "authorized_keys")
-    os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
-    (d / "sshd_config").write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin prohibit-password",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-        f"PidFile {d / 'sshd.pid'}", "LogLevel ERROR", "Subsystem sftp internal-sftp", ""]))
-    os.makedirs("/run/sshd", exist_ok=True) if os.geteuid() == 0 else None
-    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
-    host_key = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    for _ in range(50):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
-    yield f"ssh://{user}@127.0.0.1:{port}", d / "user_key", d / "known_hosts", port
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_ssh_runner_runs_on_the_loopback_board(board, runner_artifacts):
@@ -82,7 +39,7 @@ def test_ssh_runner_refuses_unknown_host_key_and_bad_targets(board, runner_artif
         SSHRunner("ssh://nohost", key_file=key, known_hosts=known)
     with pytest.raises(ValidationError, match="key file not found"):
         SSHRunner(target, key_file=tmp_path / "nokey", known_hosts=known)
-    dead = f"ssh://u@127.0.0.1:{_free_port()}"
+    dead = f"ssh://u@127.0.0.1:{free_port()}"
     with pytest.raises(ValidationError, match="connection dropped or timed out"):
         SSHRunner(dead, key_file=key, known_hosts=known).run_artifact(path, golden, threads=1)
 

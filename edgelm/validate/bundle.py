@@ -517,3 +517,69 @@ def render_markdown(doc: dict) -> str:
                          f"{_f(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def bundle_runner(bundle: Bundle, spec: str, *, cpu: str | None = None, sysroot: Path | None = None,
+                  key_file: Path | None = None, known_hosts: Path | None = None, remote_python: str = "python3",
+                  remote_env: dict[str, str] | None = None) -> HostRunner:
+    """The runner ``spec`` configured for this bundle's device: the emulator's qemu CPU model is ``cpu``, else
+    the profile's ``validation.emulator_cpu``, else the profile's big core where qemu has it
+    (:func:`edgelm.validate.emulator.qemu_cpu_for`). Raises ValidationError / EmulatorError."""
+    from edgelm.validate.runners import make_runner
+
+    if spec == "emulator" and cpu is None:
+        from edgelm.validate.emulator import qemu_cpu_for
+
+        device = bundle.manifest.get("device", {})
+        cpu = (device.get("validation") or {}).get("emulator_cpu") or qemu_cpu_for(
+            (device.get("hardware") or {}).get("cpu", ""))[0]
+    return make_runner(spec, emulator_cpu=cpu, sysroot=sysroot, key_file=key_file, known_hosts=known_hosts,
+                       remote_python=remote_python, remote_env=remote_env)
+
+
+def runtime_tests_dir() -> Path:
+    """Where the runtime_tests suite is (installed with edgelm). Raises ValidationError if it is missing."""
+    try:
+        import runtime_tests
+    except ImportError:
+        raise ValidationError("the runtime_tests suite is not installed: reinstall edgelm (pip install edgelm)") from None
+    return Path(runtime_tests.__file__).resolve().parent
+
+
+def run_runtime_tests(bundle: Bundle, runner_name: str, results_dir: Path, timeout_s: float = 600.0) -> tuple[int, str]:
+    """Run the ``runtime_tests`` pytest suite on stored results (``--results``: it checks, it does not run
+    the artifacts again); the suite writes validation.json and the report sections. Returns (pytest's exit
+    code, its output). Raises ValidationError if pytest cannot run or times out."""
+    import subprocess
+    import sys
+
+    suite = runtime_tests_dir()
+    cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "--rootdir", str(suite),
+           "--tb=line", "-rfs", "--bundle", str(bundle.path), "--runner", runner_name, "--results", str(results_dir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        raise ValidationError("pytest is not installed: pip install pytest") from None
+    except subprocess.TimeoutExpired:
+        raise ValidationError(f"runtime_tests did not finish within {timeout_s:.0f} s") from None
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def validate(bundle: Bundle, runner: HostRunner, *, progress: ProgressFn | None = None, **run_options) -> tuple[dict, str]:
+    """What ``edgelm validate`` does: :func:`run_bundle` (``run_options``: artifacts, data, text_column,
+    label_column, limit, threads, warmup, runs), then the runtime_tests suite on the stored results, which
+    writes validation.json and report.md. Returns (this runner's record, the suite's output).
+    Raises ValidationError / DataError for bad input, or when the suite itself errors (not a failed check)."""
+    results = run_bundle(bundle, runner, progress=progress, **run_options)
+    if progress:
+        progress("runtime_tests", 0, 1)
+    rc, output = run_runtime_tests(bundle, runner.name, results)
+    if rc not in (0, 1):  # 0: all passed, 1: some checks failed; anything else is the suite's own error
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise ValidationError(f"runtime_tests could not run (pytest exit {rc}):\n{tail}")
+    doc = json.loads((bundle.path / VALIDATION_FILE).read_text())
+    record = doc["runners"][runner.name]
+    if (rc == 0) != bool(record["passed"]) and not record.get("dropped"):
+        raise ValidationError(f"runtime_tests (exit {rc}) and validation.json (passed={record['passed']}) disagree:"
+                              f"\n{output[-2000:]}")
+    return record, output

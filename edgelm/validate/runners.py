@@ -294,9 +294,12 @@ class SSHRunner(HostRunner):
         if not m:
             raise ValidationError(f"bad SSH target {target!r}: use ssh://user@host[:port]")
         self.user, self.host, self.port = m.group(1), m.group(2), int(m.group(3) or 22)
-        for what, p in (("key file", key_file), ("known_hosts file", known_hosts)):
-            if p is None or not Path(p).is_file():
-                raise ValidationError(f"SSH {what} not found: {p} (pass --key and --known-hosts)")
+        for what, opt, p in (("key file", "--key", key_file), ("known_hosts file", "--known-hosts", known_hosts)):
+            if p is None:
+                raise ValidationError(f"the SSH runner needs a {what} ({opt} FILE): edgelm never prompts for a "
+                                      "password and never trusts an unknown host key")
+            if not Path(p).is_file():
+                raise ValidationError(f"SSH {what} not found: {p}")
         self.key_file, self.known_hosts = Path(key_file), Path(known_hosts)
         self.remote_python, self.remote_env = remote_python, dict(remote_env or {})
         self.connect_timeout_s = connect_timeout_s
