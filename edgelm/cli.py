@@ -169,7 +169,7 @@ def export(
 @handle_errors
 def validate(
     bundle: Annotated[Path, typer.Argument(help="The bundle to validate: dist/<device>/ from `edgelm export`.")],
-    runner: Annotated[str, typer.Option("--runner", "-r", help="host, emulator, ssh://user@host[:port], adb or adb:SERIAL.")] = "host",
+    runner: Annotated[str, typer.Option("--runner", "-r", help="host, emulator, ssh://user@host[:port] (or ssh: the profile's board), adb or adb:SERIAL, or profile (the profile's runner).")] = "host",
     data: Annotated[Optional[str], typer.Option("--data", help="An extra labeled eval file (TSV/CSV/JSONL) run on the target beside the golden set.")] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
     label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,

@@ -24,6 +24,13 @@ def test_golden_set_matches_manifest(record):
     assert record["checks"]["golden_sha256"]["passed"], record["checks"]["golden_sha256"]["detail"]
 
 
+def test_adapter_files_match_manifest(record):
+    c = record["checks"].get("adapters_sha256")
+    if c is None:
+        pytest.skip("the bundle has no further swappable adapters")
+    assert c["passed"], c["detail"]
+
+
 def test_runner_did_not_drop(record):
     assert not record.get("dropped"), f"{record['runner']} dropped: {record['dropped']}"
 

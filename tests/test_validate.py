@@ -262,3 +262,21 @@ def test_validate_refuses_bad_input(exported, tmp_path):
     # nothing of those runs was left behind
     leftovers = [p.name for p in (exported / "validation").glob(".*")] if (exported / "validation").is_dir() else []
     assert leftovers == []
+
+
+def test_runners_from_the_device_profile(bundle_copy, board, sysroot):
+    """pixel8's [validation] table: emulator_cpu cortex-a76, runner adb, no SSH board; --cpu overrides."""
+    target, key, known, _ = board
+    b = vb.Bundle.load(bundle_copy)
+    assert vb.bundle_runner(b, "emulator", sysroot=sysroot).cpu == "cortex-a76"
+    assert vb.bundle_runner(b, "emulator", sysroot=sysroot, cpu="cortex-a53").cpu == "cortex-a53"
+    if shutil.which("adb"):
+        assert isinstance(vb.bundle_runner(b, "profile"), AdbRunner)
+    with pytest.raises(ValidationError, match="names no SSH board"):
+        vb.bundle_runner(b, "ssh")
+    b.manifest["device"]["validation"]["ssh"] = target
+    r = vb.bundle_runner(b, "ssh", key_file=key, known_hosts=known)
+    assert isinstance(r, SSHRunner) and r.name == target
+    b.manifest["device"]["validation"]["emulator_cpu"] = None
+    b.manifest["device"]["hardware"]["cpu"] = "4x Cortex-A53 @ 1.0 GHz"
+    assert vb.bundle_runner(b, "emulator", sysroot=sysroot).cpu == "cortex-a53"

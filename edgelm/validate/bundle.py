@@ -369,6 +369,13 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                  == bundle.manifest["golden"]["sha256"])
     bundle_checks = {"golden_sha256": _check(golden_ok, None, None, "the golden set matches the manifest" if golden_ok
                                              else "the golden set differs from the manifest's sha256")}
+    adapters = bundle.manifest.get("adapters") or []
+    if adapters:  # the weights files of further swappable adapters (edgelm export --adapter)
+        bad = [a["file"] for a in adapters if not (bundle.path / a["file"]).is_file()
+               or exporters.sha256_file(bundle.path / a["file"]) != a["sha256"]]
+        bundle_checks["adapters_sha256"] = _check(not bad, len(adapters) - len(bad), len(adapters),
+                                                  f"differ from the manifest: {', '.join(bad)}" if bad
+                                                  else f"{len(adapters)} adapter file(s) match the manifest")
     for name in names:
         run, plan = runs[name], bundle.plan(name)
         rec = {"format": plan["format"], "quant": plan["quant"]["scheme"], "error": run.error,
@@ -522,17 +529,31 @@ def render_markdown(doc: dict) -> str:
 def bundle_runner(bundle: Bundle, spec: str, *, cpu: str | None = None, sysroot: Path | None = None,
                   key_file: Path | None = None, known_hosts: Path | None = None, remote_python: str = "python3",
                   remote_env: dict[str, str] | None = None) -> HostRunner:
-    """The runner ``spec`` configured for this bundle's device: the emulator's qemu CPU model is ``cpu``, else
-    the profile's ``validation.emulator_cpu``, else the profile's big core where qemu has it
-    (:func:`edgelm.validate.emulator.qemu_cpu_for`). Raises ValidationError / EmulatorError."""
+    """The runner ``spec`` configured for this bundle's device profile (its ``[validation]`` table):
+
+    - ``emulator``: the qemu CPU model is ``cpu``, else the profile's ``emulator_cpu``, else its big core where
+      qemu has it (:func:`edgelm.validate.emulator.qemu_cpu_for`);
+    - ``ssh`` (bare): the profile's ``ssh`` URL; ``adb`` (bare): the profile's ``adb_serial`` when it has one;
+    - ``profile``: the profile's own ``runner``.
+
+    Raises ValidationError / EmulatorError."""
     from edgelm.validate.runners import make_runner
 
+    device = bundle.manifest.get("device", {})
+    val = device.get("validation") or {}
+    if spec == "profile":
+        spec = val.get("runner") or "host"
+    if spec == "ssh":
+        if not val.get("ssh"):
+            raise ValidationError(f"the {bundle.device} profile names no SSH board ([validation] ssh): pass "
+                                  "--runner ssh://user@host[:port]")
+        spec = val["ssh"]
+    if spec == "adb" and val.get("adb_serial"):
+        spec = f"adb:{val['adb_serial']}"
     if spec == "emulator" and cpu is None:
         from edgelm.validate.emulator import qemu_cpu_for
 
-        device = bundle.manifest.get("device", {})
-        cpu = (device.get("validation") or {}).get("emulator_cpu") or qemu_cpu_for(
-            (device.get("hardware") or {}).get("cpu", ""))[0]
+        cpu = val.get("emulator_cpu") or qemu_cpu_for((device.get("hardware") or {}).get("cpu", ""))[0]
     return make_runner(spec, emulator_cpu=cpu, sysroot=sysroot, key_file=key_file, known_hosts=known_hosts,
                        remote_python=remote_python, remote_env=remote_env)
 
