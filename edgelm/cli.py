@@ -93,6 +93,7 @@ def export(
     search_time: Annotated[float, typer.Option("--search-time", help="Time limit of --search per format, s.")] = 900.0,
     lora: Annotated[str, typer.Option("--lora", help="merged (LoRA folded into the weights), or separate: a base artifact plus a swappable adapter weights file (ONNX, ExecuTorch).")] = "merged",
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="With --lora separate: another LoRA-adapted checkpoint of the same base; writes only its weights file (repeatable).")] = None,
+    bundle: Annotated[Optional[str], typer.Option("--bundle", help="android: also write the Android demo app's assets (OUT/<device>/android/edgelm/: artifacts, vocabulary, labels, golden set, manifest).")] = None,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
@@ -132,7 +133,7 @@ def export(
             progress=progress, command=command, prepared=prepared, train_data=train_data,
             distill_epochs=distill_epochs, search=search, search_time=search_time,
             max_sparsity=prepared[0].compression.max_sparsity if max_sparsity is None else max_sparsity,
-            lora=lora, adapters=adapter or [],
+            lora=lora, adapters=adapter or [], bundle=bundle,
         )
     from edgelm.report import artifact_rows
 
@@ -161,6 +162,9 @@ def export(
                               for c in chosen)
                           + (" [time limit reached]" if report.search["time_limit_reached"] else ""))
     out_console.print(f"report: {Path(report.output_dir) / 'report.md'}  ({report.wall_seconds:.0f} s)")
+    if bundle:
+        out_console.print(f"{bundle} bundle: {Path(report.output_dir) / bundle}  (examples/android/README.md: "
+                          "build the app with -Pedgelm.bundle=<that folder>)")
     if not report.passed:
         raise typer.Exit(1)
 

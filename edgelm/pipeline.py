@@ -196,6 +196,7 @@ def export_for_device(
     search_time: float = 900.0,
     lora: str = "merged",
     adapters: list[str] | None = None,
+    bundle: str | None = None,
 ) -> Report:
     """Export ``model`` for ``device`` in every format of its recipe, validate each artifact on the host,
     and write ``out/<device>/`` (artifacts, tokenizer, manifest.json, golden.npz, report.json/md, logs/).
@@ -220,6 +221,8 @@ def export_for_device(
             (ONNX external data, ExecuTorch ``.ptd``; TFLite cannot, see ``exporters.tflite``).
         adapters: with ``lora="separate"``, further LoRA-adapted checkpoints of the same base: each gets only a
             weights file for the same base artifact, validated against its own PyTorch model.
+        bundle: ``"android"``: also write the Android demo app's asset folder ``out/<device>/android/edgelm/``
+            (:func:`edgelm.appbundle.write_android_bundle`; needs a BERT WordPiece tokenizer).
     Returns:
         The :class:`Report`; ``report.passed`` is False if any artifact missed a gate.
     Raises:
@@ -227,6 +230,10 @@ def export_for_device(
         it is ``report.passed == False`` with the bundle written, and the CLI exits 1.
     """
     start = time.perf_counter()
+    from edgelm.appbundle import BUNDLE_KINDS
+
+    if bundle is not None and bundle not in BUNDLE_KINDS:
+        raise RecipeError(f"unknown --bundle {bundle!r}: use {', '.join(BUNDLE_KINDS)}")
     profile, recipe = prepared or prepare(device, formats=formats, quant=quant, seq_len=seq_len, threads=threads,
                                           sparsity=sparsity, max_accuracy_drop=max_accuracy_drop)
     if on_recipe:
@@ -253,7 +260,11 @@ def export_for_device(
                                   label_column=label_column, limit=limit, step=step, command=command, start=start,
                                   train_data=train_data, distill_epochs=distill_epochs, search=search,
                                   max_sparsity=max_sparsity, search_time=search_time, lora=lora,
-                                  adapters=adapters or [])
+                                  adapters=adapters or [], app_bundle=bundle)
+            if bundle == "android":
+                from edgelm.appbundle import write_android_bundle
+
+                write_android_bundle(tmp)
         install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +342,7 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
                  label_column, limit, step: Callable[[str], None], command: str, start: float,
                  train_data: str | None = None, distill_epochs: int = 1, search: bool = False,
                  max_sparsity: float = 0.5, search_time: float = 900.0, lora: str = "merged",
-                 adapters: list[str] | None = None) -> Report:
+                 adapters: list[str] | None = None, app_bundle: str | None = None) -> Report:
     """The body of :func:`export_for_device`: everything is written into ``tmp``."""
     from edgelm.compress.estimate import estimate
 
@@ -343,6 +354,10 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         loaded = load_unmerged(model)
     else:
         loaded = load_model(model)
+    if app_bundle == "android":  # refuse a tokenizer the app cannot run before the long work
+        from edgelm.appbundle import wordpiece_settings
+
+        wordpiece_settings(loaded.tokenizer_dir, recipe.seq_len)
     if recipe.seq_len > loaded.max_positions:
         raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
     if (recipe.sparsity > 0 or search) and loaded.kind != "classifier":

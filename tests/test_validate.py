@@ -249,6 +249,12 @@ def test_validate_refuses_bad_input(exported, tmp_path):
     (tmp_path / "half").mkdir()
     r = cli.invoke(app, ["validate", str(tmp_path / "half")])
     assert r.exit_code == 2 and "no manifest.json" in r.output
+    (tmp_path / "half" / "manifest.json").write_text("{not json")
+    r = cli.invoke(app, ["validate", str(tmp_path / "half")])
+    assert r.exit_code == 2 and "is corrupt" in r.output
+    (tmp_path / "half" / "manifest.json").write_text('{"artifacts": []}')
+    r = cli.invoke(app, ["validate", str(tmp_path / "half")])
+    assert r.exit_code == 2 and "not an edgelm manifest" in r.output
     r = cli.invoke(app, ["validate", str(exported), "--runner", "serial://x"])
     assert r.exit_code == 2 and "unknown runner" in r.output
     r = cli.invoke(app, ["validate", str(exported), "--runner", "ssh://pi@board"])

@@ -74,9 +74,13 @@ class Bundle:
             raise ValidationError(f"{path} is not an edgelm bundle: it has no manifest.json (run `edgelm export`)")
         try:
             manifest = json.loads(mf.read_text())
-            manifest["artifacts"], manifest["golden"]["file"], manifest["recipe"]["plans"]  # noqa: B018
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValidationError(f"{mf} is corrupt ({type(exc).__name__}: {exc}): export the bundle again") from None
+            ok = (isinstance(manifest.get("artifacts"), list) and "file" in manifest.get("golden", {})
+                  and isinstance(manifest.get("recipe", {}).get("plans"), list))
+        except (ValueError, AttributeError) as exc:
+            raise ValidationError(f"{mf} is corrupt ({exc}): export the bundle again") from None
+        if not ok:
+            raise ValidationError(f"{mf} is not an edgelm manifest (no artifacts, golden set or recipe): export the "
+                                  "bundle again")
         if not (path / manifest["golden"]["file"]).is_file():
             raise ValidationError(f"{path} has no {manifest['golden']['file']}: the bundle is incomplete, export "
                                   "it again")
@@ -462,8 +466,8 @@ def _f(value, spec: str) -> str:
 
 def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
     """One row per (artifact, runner) of validation.json: the side-by-side comparison across targets."""
-    runners = sorted(doc.get("runners", {}).values(), key=lambda r: ("host", "emulator", "ssh", "adb").index(
-        r.get("kind", "ssh")) if r.get("kind") in ("host", "emulator", "ssh", "adb") else 9)
+    order = {"host": 0, "emulator": 1, "ssh": 2, "adb": 3}
+    runners = sorted(doc.get("runners", {}).values(), key=lambda r: order.get(r.get("kind"), 9))
     names = list(dict.fromkeys(n for r in runners for n in r["artifacts"]))
     rows = []
     for name in names:
@@ -478,6 +482,7 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                          "top-1": _f(fid.get("top1_agreement"), ".4f"), "cosine": _f(fid.get("cosine_mean"), ".5f"),
                          "max error": _f(fid.get("max_abs_error"), ".2e"),
                          "Δ vs host": _f(vs.get("max_abs_diff"), ".2e"),
+                         "top-1 vs host": _f(vs.get("top1_agreement"), ".4f"),
                          "eval acc %": _f((a.get("eval") or {}).get("accuracy"), ".2f"), "p50 ms": p50})
     return rows
 
@@ -494,7 +499,8 @@ def render_markdown(doc: dict) -> str:
     """The validation part of report.md: the side-by-side table, then one section per runner."""
     lines = ["## On-target validation: side by side", "",
              "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
-             "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|). "
+             "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
+             "top-1 vs host: share of inputs with the same class). "
              "Emulated latency is functional only, never device speed.", "", *_table(side_by_side_rows(doc)), ""]
     for r in doc.get("runners", {}).values():
         verdict = "PASSED" if r.get("passed") else "FAILED"

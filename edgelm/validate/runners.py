@@ -90,6 +90,19 @@ class ArtifactRun:
 OnResult = Callable[[ArtifactRun], None]
 
 
+def deliver(on_result: OnResult, name: str, run: Callable[[], RunResult]) -> None:
+    """Run one artifact with ``run`` and pass its result, or its ValidationError as an error, to ``on_result``.
+    RunnerDropped propagates: the target is gone, the next artifacts cannot run either."""
+    try:
+        res = run()
+    except RunnerDropped:
+        raise
+    except ValidationError as exc:
+        on_result(ArtifactRun(name, error=str(exc)))
+        return
+    on_result(ArtifactRun(name, result=res))
+
+
 class HostRunner:
     """Runs artifacts on this machine, each in a new Python process (``python -m edgelm.validate.target``).
 
@@ -124,15 +137,8 @@ class HostRunner:
             if reason:
                 on_result(ArtifactRun(name, skipped=reason))
                 continue
-            try:
-                res = self.run_artifact(path, job.golden, threads=job.threads, warmup=job.warmup, runs=job.runs,
-                                        eval_set=job.eval_set)
-            except RunnerDropped:
-                raise
-            except ValidationError as exc:
-                on_result(ArtifactRun(name, error=str(exc)))
-                continue
-            on_result(ArtifactRun(name, result=res))
+            deliver(on_result, name, lambda: self.run_artifact(
+                path, job.golden, threads=job.threads, warmup=job.warmup, runs=job.runs, eval_set=job.eval_set))
 
     def _python(self) -> list[str]:
         """The command that starts the target's Python."""
@@ -401,14 +407,7 @@ class SSHRunner(HostRunner):
             for i, name in enumerate(job.artifacts):
                 args = ["--golden", job.golden.name, *target_options(
                     job.threads, job.warmup, job.runs, None, job.eval_set.name if job.eval_set else None)]
-                try:
-                    res = self._run_remote(remote, job.files(name), args, f"out-{i}")
-                except RunnerDropped:
-                    raise
-                except ValidationError as exc:
-                    on_result(ArtifactRun(name, error=str(exc)))
-                    continue
-                on_result(ArtifactRun(name, result=res))
+                deliver(on_result, name, lambda: self._run_remote(remote, job.files(name), args, f"out-{i}"))
         finally:
             self._close(remote)
 

@@ -1,0 +1,133 @@
+"""App bundles: what `edgelm export --bundle android` adds to ``dist/<device>/``.
+
+``dist/<device>/android/edgelm/`` holds what the Android demo app (``examples/android``) loads from its
+assets: the artifacts it can run (ExecuTorch ``.pte``, LiteRT ``.tflite``, ONNX ``.onnx`` with their companion
+files), the WordPiece vocabulary (``vocab.txt``) with the tokenizer's settings, the class names, the golden
+set (``golden.npz``: token ids, PyTorch fp32 reference outputs, texts and labels) and ``manifest.json``
+(:data:`ANDROID_SCHEMA`): per artifact its runtime, sha256, size, input/output signature (names, dtypes, shapes,
+sequence buckets) and golden tolerance. The app's build takes the folder as an asset source
+(``-Pedgelm.bundle=.../android``), or it is copied to ``app/src/main/assets/``.
+
+numpy only (no torch): it reads a finished export bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+import edgelm
+import exporters
+from edgelm.errors import ExportError
+
+ANDROID_SCHEMA = "edgelm-android-bundle/1"
+#: the runtime the app uses for each export format
+APP_RUNTIMES = {"executorch": "executorch", "tflite": "litert", "onnx": "onnxruntime"}
+BUNDLE_KINDS = ("android",)
+ASSET_DIR = "edgelm"
+
+
+def wordpiece_settings(directory: Path, max_length: int) -> dict:
+    """The tokenizer settings the app's WordPiece tokenizer needs, read from ``tokenizer.json`` (the Hugging
+    Face ``tokenizers`` file: BertNormalizer, BertPreTokenizer, WordPiece, [CLS] A [SEP] (B [SEP])), or from
+    ``vocab.txt`` + ``tokenizer_config.json``. Raises ExportError for a tokenizer that is not BERT WordPiece."""
+    tj = directory / "tokenizer.json"
+    cfg_file = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    if tj.is_file():
+        tok = json.loads(tj.read_text(encoding="utf-8"))
+        model, norm = tok.get("model") or {}, tok.get("normalizer") or {}
+        if model.get("type") != "WordPiece" or norm.get("type") != "BertNormalizer":
+            raise ExportError(f"--bundle android: the demo app tokenizes with BERT WordPiece, but this model's "
+                              f"tokenizer is {model.get('type')} with {norm.get('type')} (e.g. RoBERTa's BPE); export "
+                              "it without --bundle android and tokenize in the app yourself")
+        lowercase = bool(norm.get("lowercase", True))
+        settings = {"lowercase": lowercase, "strip_accents": norm.get("strip_accents"),
+                    "clean_text": bool(norm.get("clean_text", True)),
+                    "handle_chinese_chars": bool(norm.get("handle_chinese_chars", True)),
+                    "unk_token": model.get("unk_token", "[UNK]"),
+                    "continuing_subword_prefix": model.get("continuing_subword_prefix", "##"),
+                    "max_input_chars_per_word": int(model.get("max_input_chars_per_word", 100))}
+    else:
+        settings = {"lowercase": bool(cfg.get("do_lower_case", True)), "strip_accents": cfg.get("strip_accents"),
+                    "clean_text": True, "handle_chinese_chars": bool(cfg.get("tokenize_chinese_chars", True)),
+                    "unk_token": cfg.get("unk_token", "[UNK]"), "continuing_subword_prefix": "##",
+                    "max_input_chars_per_word": 100}
+    if settings["strip_accents"] is None:  # Hugging Face: accents are stripped when lower-casing unless told
+        settings["strip_accents"] = settings["lowercase"]
+    vocab = (directory / "vocab.txt")
+    if not vocab.is_file():
+        raise ExportError("--bundle android needs the WordPiece vocabulary (vocab.txt) beside the model")
+    words = vocab.read_text(encoding="utf-8").splitlines()
+    specials = {k: cfg.get(k) if isinstance(cfg.get(k), str) else d for k, d in
+                (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"))}
+    for token in (*specials.values(), settings["unk_token"]):
+        if token not in words:
+            raise ExportError(f"--bundle android: special token {token} is not in vocab.txt")
+    return {"type": "wordpiece", "vocab": "vocab.txt", **settings, **specials, "max_length": int(max_length),
+            "truncation": "longest_first", "padding": "right, to max_length", "vocab_size": len(words)}
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def write_android_bundle(bundle_dir: Path, gates: dict[str, dict] | None = None) -> Path:
+    """Write ``bundle_dir/android/edgelm/`` from a finished export bundle (its manifest.json, golden.npz,
+    tokenizer files, labels and artifacts). ``gates``: per artifact file, the recipe's gates (default: read
+    from the manifest's recipe). Returns the asset folder. Raises ExportError (not a WordPiece tokenizer)."""
+    from edgelm.validate.bundle import GOLDEN_MAX_REL_ERROR
+
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    out = bundle_dir / "android" / ASSET_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = wordpiece_settings(bundle_dir, manifest["tokenizer"]["max_length"])
+    _link_or_copy(bundle_dir / "vocab.txt", out / "vocab.txt")
+    tokenizer["vocab_sha256"] = exporters.sha256_file(out / "vocab.txt")
+    golden_file = manifest["golden"]["file"]
+    _link_or_copy(bundle_dir / golden_file, out / golden_file)
+    with np.load(bundle_dir / golden_file) as z:
+        refs = {k: float(np.abs(z[k]).max()) for k in z.files if k.startswith("reference")}
+        has_labels = "labels" in z.files
+        labels_arr = z["labels"] if has_labels else None
+        ref_acc = {k: float((np.argmax(z[k], -1) == labels_arr).mean() * 100) for k in refs} if has_labels else {}
+    plans = {p["artifact"]: p for p in manifest["recipe"]["plans"] if "artifact" in p}
+    artifacts = []
+    for a in manifest["artifacts"]:
+        g = (gates or {}).get(a["file"]) or plans.get(a["file"], {}).get("gates") or {}
+        scheme = a["quantization"]["scheme"]
+        ref_key = a.get("golden_reference", "reference")
+        files = [a["file"]] + [c["file"] for c in a.get("companions") or []]
+        for f in files:
+            _link_or_copy(bundle_dir / f, out / f)
+        artifacts.append({
+            "file": a["file"], "format": a["format"], "runtime": APP_RUNTIMES[a["format"]], "scheme": scheme,
+            "sha256": a["sha256"], "size_bytes": a["size_bytes"], "inputs": a["inputs"], "outputs": a["outputs"],
+            "max_seq_len": a.get("details", {}).get("max_seq_len", manifest["tokenizer"]["max_length"]),
+            "seq_buckets": a.get("details", {}).get("seq_buckets"),
+            "companions": a.get("companions") or [], "golden_reference": ref_key,
+            "tolerance": {"min_cosine": g.get("min_cosine"), "min_top1_agreement": g.get("min_top1_agreement"),
+                          "max_abs_error": GOLDEN_MAX_REL_ERROR.get(scheme, 0.5) * refs[ref_key],
+                          "max_accuracy_drop": g.get("max_accuracy_drop")},
+            "reference_accuracy": ref_acc.get("reference"),
+        })
+    labels = manifest.get("labels")
+    if labels:
+        (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    doc = {"schema": ANDROID_SCHEMA, "edgelm_version": edgelm.__version__, "created": manifest.get("created"),
+           "device": {k: manifest["device"].get(k) for k in ("name", "display_name")},
+           "model": {k: manifest["model"].get(k) for k in ("kind", "output", "model_type", "source")},
+           "labels": labels, "threads": manifest["recipe"].get("threads"), "tokenizer": tokenizer,
+           "golden": {"file": golden_file, "sha256": manifest["golden"]["sha256"], "count": manifest["golden"]["count"],
+                      "labeled": has_labels, "source": manifest["golden"].get("source")},
+           "artifacts": artifacts}
+    (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return out
