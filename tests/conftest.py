@@ -2,53 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
 
+from edgelm.testing import make_checkpoint  # noqa: F401  (tests import it from here)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _vocab() -> list[str]:
-    from edgelm.data import PROBE_SENTENCES
-
-    words = sorted({w for s in PROBE_SENTENCES for w in re.findall(r"\w+|[^\w\s]", s.lower())})
-    pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    return SPECIALS + list("abcdefghijklmnopqrstuvwxyz0123456789") + pieces + words
-
-
-def make_checkpoint(directory: Path, *, kind: str = "embedding", model_type: str = "bert", num_labels: int = 2,
-                    hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """Save a tiny random checkpoint (config, safetensors weights, tokenizer.json, vocab.txt) to ``directory``."""
-    import torch
-    import transformers
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    torch.manual_seed(seed)
-    vocab = _vocab()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    common = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=hidden * 2, max_position_embeddings=130 if model_type == "roberta" else 128)
-    if model_type == "bert":
-        config = transformers.BertConfig(**common)
-        cls = transformers.BertForSequenceClassification if kind == "classifier" else transformers.BertModel
-    else:
-        config = transformers.RobertaConfig(**common, pad_token_id=0)
-        cls = transformers.RobertaForSequenceClassification if kind == "classifier" else transformers.RobertaModel
-    if kind == "classifier":
-        config.num_labels = num_labels
-        config.id2label = {i: ["negative", "positive", "neutral"][i] for i in range(num_labels)}
-        config.label2id = {v: k for k, v in config.id2label.items()}
-    model = cls(config).eval()
-    model.save_pretrained(directory)
-    tok = BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=True)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "pad_token": "[PAD]"}))
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -194,3 +154,18 @@ def board(tmp_path_factory):
     yield target, key, known, port
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def pixel8_bundle(tmp_path_factory, tiny_classifier, memo_tsv) -> Path:
+    """``edgelm export --device pixel8 --bundle android`` of the tiny classifier (ExecuTorch, TFLite, ONNX, int8)
+    with a labeled golden set of 24 probe sentences: ``dist/pixel8`` (read-only: copy it to change it)."""
+    from typer.testing import CliRunner
+
+    from edgelm.cli import app
+
+    out = tmp_path_factory.mktemp("bundle")
+    r = CliRunner().invoke(app, ["export", "--device", "pixel8", "--model", str(tiny_classifier), "--data", str(memo_tsv),
+                                 "--limit", "24", "--seq-len", "32", "--out", str(out), "--bundle", "android"])
+    assert r.exit_code == 0, r.output
+    return out / "pixel8"

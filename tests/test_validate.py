@@ -26,13 +26,8 @@ FORMATS = ("model.int8_dynamic.pte", "model.int8_dynamic.tflite", "model.int8_dy
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_classifier, memo_tsv) -> Path:
-    """A pixel8 bundle of the tiny classifier (ExecuTorch, TFLite, ONNX int8) with a labeled golden set."""
-    out = tmp_path_factory.mktemp("bundle")
-    r = cli.invoke(app, ["export", "--device", "pixel8", "--model", str(tiny_classifier), "--data", str(memo_tsv),
-                         "--limit", "24", "--seq-len", "32", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return out / "pixel8"
+def exported(pixel8_bundle) -> Path:
+    return pixel8_bundle
 
 
 @pytest.fixture
@@ -184,7 +179,10 @@ def test_adb_runner_commands(exported, adb, tmp_path):
     assert rm == [adb, "-s", "R5CX21ABC", "shell", f"rm -rf {remote}"]
     assert mkdir == [adb, "-s", "R5CX21ABC", "shell", f"mkdir -p {remote}"]
     assert push[:4] == [adb, "-s", "R5CX21ABC", "push"] and push[-1] == remote + "/"
-    assert {Path(p).name for p in push[4:-1]} == {"manifest.json", "golden.npz", "eval.npz", *FORMATS}
+    app = exported / "android" / "edgelm"
+    assert {Path(p).name for p in push[4:-1]} == {"manifest.json", "vocab.txt", "labels.json", "golden.npz",
+                                                  "eval.npz", *FORMATS}
+    assert all(Path(p).parent == app for p in push[4:-1] if Path(p).name != "eval.npz")  # the app's bundle
     inst = r.instrument_command(job, "R5CX21ABC")
     assert inst[:4] == [adb, "-s", "R5CX21ABC", "shell"]
     assert inst[4] == (f"am instrument -w -e bundle {remote} -e artifacts {','.join(FORMATS)} -e golden golden.npz "
@@ -194,6 +192,8 @@ def test_adb_runner_commands(exported, adb, tmp_path):
         adb, "-s", "R5CX21ABC", "pull", f"{remote}/edgelm-results.json", str(tmp_path / "r.json")]
     # a bundle directory with a space in its name stays one argument on the device shell
     spaced = BundleJob(Path("/x/my bundle"), ["m.onnx"], Path("/x/my bundle/golden.npz"))
+    with pytest.raises(ValidationError, match="--bundle android"):
+        r.push_commands(spaced, "S")
     assert "'/sdcard/Android/data/dev.edgelm.demo/files/edgelm/my bundle'" in r.instrument_command(spaced, "S")[4]
     with pytest.raises(ValidationError, match="use adb or adb:SERIAL"):
         AdbRunner("adb;reboot")

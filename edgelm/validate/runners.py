@@ -455,8 +455,10 @@ def parse_device_results(data: dict, artifacts: list[str]) -> list[ArtifactRun]:
 class AdbRunner(HostRunner):
     """Runs a bundle on an Android phone over adb: ``adb`` (the one attached device) or ``adb:SERIAL``.
 
-    Pushes the bundle's artifacts, golden set and eval set into the demo app's external files directory
-    (``/sdcard/Android/data/<app>/files/edgelm/<bundle>/``, readable by the app without a permission), runs
+    Pushes the bundle's Android app folder (``android/edgelm/`` from ``edgelm export --bundle android``: its
+    manifest, vocabulary, labels, golden set and the artifacts to run) and the eval set into the demo app's
+    external files directory (``/sdcard/Android/data/<app>/files/edgelm/<bundle>/``, readable by the app
+    without a permission), runs
     the app's instrumented on-device accuracy check (``am instrument -w`` with the bundle, artifacts, threads,
     warm-up and runs as ``-e`` arguments), pulls the results JSON it writes (:data:`DEVICE_RESULTS_SCHEMA`) and
     reads it. The app is examples/android; build and install it first (its README says how).
@@ -543,11 +545,26 @@ class AdbRunner(HostRunner):
                                   f"--runner adb:{ready[0]}")
         return ready[0]
 
+    @staticmethod
+    def app_bundle(bundle: Path) -> Path:
+        """The bundle's Android app folder (``<bundle>/android/edgelm``, from ``edgelm export --bundle android``):
+        the app reads its manifest. Raises ValidationError when the bundle has none."""
+        app = Path(bundle) / "android" / "edgelm"
+        if not (app / "manifest.json").is_file():
+            raise ValidationError(f"{bundle} has no Android app bundle: export it with `edgelm export --device ... "
+                                  "--bundle android` (the demo app reads android/edgelm/manifest.json)")
+        return app
+
     def push_commands(self, job: BundleJob, serial: str) -> list[list[str]]:
-        """adb commands that clear the phone's bundle directory and push the job's files into it."""
+        """adb commands that clear the phone's bundle directory and push the app bundle (manifest, vocabulary,
+        labels, golden set, the job's artifacts with their companions) and the eval set into it."""
         remote = self.remote_dir(job.bundle)
-        files = [job.bundle / "manifest.json", job.golden, *([job.eval_set] if job.eval_set else [])]
-        files += [f for name in job.artifacts for f in job.files(name)]
+        app = self.app_bundle(job.bundle)
+        app_job = BundleJob(app, job.artifacts, app / job.golden.name)
+        files = [app / "manifest.json", app / "vocab.txt", app / job.golden.name]
+        files += [app / "labels.json"] if (app / "labels.json").is_file() else []
+        files += [job.eval_set] if job.eval_set else []
+        files += [f for name in job.artifacts for f in app_job.files(name)]
         return [self.adb_command("shell", shlex.join(["rm", "-rf", remote]), serial=serial),
                 self.adb_command("shell", shlex.join(["mkdir", "-p", remote]), serial=serial),
                 self.adb_command("push", *[str(f) for f in files], remote + "/", serial=serial)]
@@ -586,7 +603,8 @@ class AdbRunner(HostRunner):
 
     def run_bundle(self, job: BundleJob, on_result: OnResult) -> None:
         """Push, run the instrumented check once for all artifacts, pull and read its results JSON.
-        Raises ValidationError (no device, app not installed, check failed) or RunnerDropped."""
+        Raises ValidationError (no app bundle, no device, app not installed, check failed) or RunnerDropped."""
+        self.app_bundle(job.bundle)
         serial = self.select_device()
         for argv in self.push_commands(job, serial):
             self._adb_call(argv, "pushing the bundle")

@@ -56,7 +56,8 @@ public final class WordPieceTokenizer {
      */
     public WordPieceTokenizer(List<String> vocabLines, Map<String, Object> settings) {
         vocab = new HashMap<>();
-        for (int k = 0; k < vocabLines.size(); k++) vocab.putIfAbsent(vocabLines.get(k), k);
+        // a token listed twice takes its last line, as Hugging Face's WordPiece::read_file does
+        for (int k = 0; k < vocabLines.size(); k++) vocab.put(vocabLines.get(k), k);
         lowercase = bool(settings, "lowercase", true);
         Object sa = settings.get("strip_accents");
         stripAccents = sa == null ? lowercase : (Boolean) sa;

@@ -1,0 +1,161 @@
+package dev.edgelm.core;
+
+import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+
+/**
+ * The on-device accuracy check of an edgelm Android bundle, runtime-independent: for each artifact, verify
+ * its sha256, open it (through an {@link Opener} the app provides for ExecuTorch, LiteRT or ONNX Runtime),
+ * run every golden input, compare with the PyTorch fp32 reference under the artifact's tolerance, run an
+ * optional eval set, and time {@code runs} calls after {@code warmup} on the timing input. It also tokenizes
+ * the golden texts with {@link WordPieceTokenizer} and counts rows whose ids differ from the exported ones.
+ *
+ * <p>{@link #results} builds the JSON that {@code edgelm validate --runner adb} reads (schema
+ * {@value #RESULTS_SCHEMA}; edgelm/validate/runners.py, DEVICE_RESULTS_SCHEMA).
+ */
+public final class OnDeviceCheck {
+    public static final String RESULTS_SCHEMA = "edgelm-device-results/1";
+
+    /** Opens an artifact file in its runtime with {@code threads} CPU threads. */
+    public interface Opener {
+        ModelRunner open(BundleManifest.Artifact artifact, Path file, int threads) throws Exception;
+    }
+
+    /** Peak resident memory of this process in MB (NaN when the platform cannot say). */
+    public interface MemoryProbe {
+        double peakRssMb();
+    }
+
+    public final Path dir;
+    public final BundleManifest manifest;
+    public final Golden golden;
+    public final WordPieceTokenizer tokenizer;
+
+    /** Load a bundle directory (manifest.json, golden set, vocabulary). @throws IOException unreadable files */
+    public OnDeviceCheck(Path dir) throws IOException {
+        this.dir = dir;
+        this.manifest = BundleManifest.load(dir);
+        this.golden = Golden.load(dir.resolve(manifest.goldenFile));
+        this.tokenizer = WordPieceTokenizer.load(dir, manifest.tokenizer);
+    }
+
+    /** Run one artifact; never throws: a failure becomes the entry's "error". */
+    public Map<String, Object> run(BundleManifest.Artifact a, Opener opener, int threads, int warmup, int runs,
+                                   Path evalFile, MemoryProbe memory) {
+        Map<String, Object> e = new LinkedHashMap<>();
+        e.put("artifact", a.file);
+        e.put("format", a.format);
+        e.put("error", null);
+        try {
+            List<String> bad = new ArrayList<>();
+            for (String p : manifest.verify(dir)) if (p.startsWith(a.file)) bad.add(p);
+            if (!bad.isEmpty()) throw new IllegalStateException("checksum: " + String.join("; ", bad));
+            long t0 = System.nanoTime();
+            try (ModelRunner runner = opener.open(a, dir.resolve(a.file), threads)) {
+                e.put("load_ms", (System.nanoTime() - t0) / 1e6);
+                e.put("runtime", runner.versions());
+                float[][] outputs = runAll(runner, golden.inputIds, golden.attentionMask);
+                e.put("outputs", outputs);
+                e.put("golden", golden.compare(outputs, a, manifest.isClassifier()));
+                e.put("eval_outputs", null);
+                if (evalFile != null) {
+                    Map<String, Npz.Array> ev = Npz.read(evalFile);
+                    float[][] eo = ev.containsKey("input_ids") ? runAll(runner, ev.get("input_ids"), ev.get("attention_mask"))
+                            : runTexts(runner, ev.get("texts").strings);
+                    e.put("eval_outputs", eo);
+                }
+                long[][] timing = Golden.trimmed(golden.latencyIds.longRow(0), golden.latencyMask.longRow(0));
+                for (int k = 0; k < warmup; k++) runner.run(timing[0], timing[1]);
+                List<Double> samples = new ArrayList<>();
+                for (int k = 0; k < runs; k++) {
+                    long t = System.nanoTime();
+                    runner.run(timing[0], timing[1]);
+                    samples.add((System.nanoTime() - t) / 1e6);
+                }
+                e.put("threads", threads);
+                e.put("warmup", warmup);
+                e.put("runs", runs);
+                e.put("latency_seq_len", timing[0].length);
+                e.put("latency_samples_ms", samples);
+                e.put("peak_rss_mb", memory == null ? null : memory.peakRssMb());
+            }
+        } catch (Exception ex) {
+            e.put("error", ex.getClass().getSimpleName() + ": " + ex.getMessage());
+        }
+        return e;
+    }
+
+    private static float[][] runAll(ModelRunner runner, Npz.Array ids, Npz.Array mask) throws Exception {
+        float[][] out = new float[ids.rows()][];
+        for (int r = 0; r < out.length; r++) {
+            long[][] row = Golden.trimmed(ids.longRow(r), mask.longRow(r));
+            out[r] = runner.run(row[0], row[1]);
+        }
+        return out;
+    }
+
+    /** Tokenize texts on the device and run them (the end-to-end path the app takes). */
+    public float[][] runTexts(ModelRunner runner, String[] texts) throws Exception {
+        float[][] out = new float[texts.length][];
+        for (int r = 0; r < texts.length; r++) {
+            WordPieceTokenizer.Encoding enc = tokenizer.encode(texts[r]);
+            long[][] row = Golden.trimmed(enc.inputIds, enc.attentionMask);
+            out[r] = runner.run(row[0], row[1]);
+        }
+        return out;
+    }
+
+    /**
+     * Tokenize the golden texts here and compare with the exported token ids (single-text rows only: a row
+     * with two [SEP] is a text pair, whose second text the golden set does not keep).
+     * @return {"rows": compared, "mismatched": count, "first_mismatch": index or null}
+     */
+    public Map<String, Object> tokenizationCheck() {
+        Map<String, Object> m = new LinkedHashMap<>();
+        if (golden.texts == null) {
+            m.put("rows", 0);
+            return m;
+        }
+        long sep = tokenizer.encode("").inputIds[1];
+        int rows = 0, mismatched = 0;
+        Integer first = null;
+        for (int r = 0; r < golden.texts.length; r++) {
+            long[] want = golden.inputIds.longRow(r);
+            if (Arrays.stream(want).filter(x -> x == sep).count() != 1) continue;
+            rows++;
+            long[] got = tokenizer.encode(golden.texts[r]).inputIds;
+            if (!Arrays.equals(got, want)) {
+                mismatched++;
+                if (first == null) first = r;
+            }
+        }
+        m.put("rows", rows);
+        m.put("mismatched", mismatched);
+        m.put("first_mismatch", first);
+        return m;
+    }
+
+    /** The results document: {"schema", "device", "bundle", "tokenization", "artifacts": [entries]}. */
+    public Map<String, Object> results(Map<String, Object> device, List<Map<String, Object>> entries) {
+        Map<String, Object> doc = new LinkedHashMap<>();
+        doc.put("schema", RESULTS_SCHEMA);
+        doc.put("device", device);
+        doc.put("bundle", manifest.device);
+        doc.put("tokenization", tokenizationCheck());
+        doc.put("artifacts", entries);
+        return doc;
+    }
+
+    /** Write a results document as JSON (to a temp file, then renamed into place). */
+    public static void write(Map<String, Object> doc, Path out) throws IOException {
+        Path tmp = out.resolveSibling(out.getFileName() + ".tmp");
+        Files.write(tmp, Json.write(doc).getBytes(java.nio.charset.StandardCharsets.UTF_8));
+        Files.move(tmp, out, java.nio.file.StandardCopyOption.REPLACE_EXISTING, java.nio.file.StandardCopyOption.ATOMIC_MOVE);
+    }
+}
