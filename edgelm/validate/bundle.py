@@ -411,6 +411,8 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                 rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
                 if bundle.kind == "classifier":
                     rec["vs_host"]["top1_agreement"] = top1_agreement(res.outputs, host)
+            if eval_labels is None and isinstance(res.result.get("eval"), dict):  # computed on the device (the app)
+                rec["eval"] = {k: res.result["eval"].get(k) for k in ("accuracy", "rows", "source")}
             if eval_labels is not None and res.eval_outputs is not None:
                 acc_ = accuracy(res.eval_outputs, eval_labels)
                 rec["eval"] = {"accuracy": acc_, "rows": int(len(eval_labels))}

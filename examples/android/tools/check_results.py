@@ -37,7 +37,7 @@ def main() -> int:
         golden = a["checks"].get("golden", {})
         print(f"check_results: {name}: {a['status']} (golden: {golden.get('detail')}); the JVM said "
               f"{next(e['golden']['detail'] for e in results['artifacts'] if e['artifact'] == name)}")
-        ok &= a["status"] == want
+        ok &= a["status"] == want and a.get("eval", {}).get("rows") == len(bundle.golden["texts"])
     tok = results.get("tokenization") or {}
     ok &= tok.get("mismatched") == 0 and tok.get("rows", 0) > 0
     print(f"check_results: on-device tokenization of the golden texts: {tok}")

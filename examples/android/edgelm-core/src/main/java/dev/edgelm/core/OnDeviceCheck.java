@@ -12,8 +12,9 @@ import java.util.Map;
 /**
  * The on-device accuracy check of an edgelm Android bundle, runtime-independent: for each artifact, verify
  * its sha256, open it (through an {@link Opener} the app provides for ExecuTorch, LiteRT or ONNX Runtime),
- * run every golden input, compare with the PyTorch fp32 reference under the artifact's tolerance, run an
- * optional eval set, and time {@code runs} calls after {@code warmup} on the timing input. It also tokenizes
+ * run every golden input, compare with the PyTorch fp32 reference under the artifact's tolerance, run the
+ * eval set (a given .npz, or else the golden texts tokenized here: the end-to-end path, scored against the
+ * labels), and time {@code runs} calls after {@code warmup} on the timing input. It also tokenizes
  * the golden texts with {@link WordPieceTokenizer} and counts rows whose ids differ from the exported ones.
  *
  * <p>{@link #results} builds the JSON that {@code edgelm validate --runner adb} reads (schema
@@ -69,6 +70,11 @@ public final class OnDeviceCheck {
                     float[][] eo = ev.containsKey("input_ids") ? runAll(runner, ev.get("input_ids"), ev.get("attention_mask"))
                             : runTexts(runner, ev.get("texts").strings);
                     e.put("eval_outputs", eo);
+                    if (ev.containsKey("labels") && manifest.isClassifier())
+                        e.put("eval", evalSummary(evalFile.getFileName().toString(), eo, ev.get("labels").longs));
+                } else if (golden.texts != null && golden.labels != null && manifest.isClassifier()) {
+                    // the bundle's eval set: the golden texts and labels, tokenized here, end to end
+                    e.put("eval", evalSummary("golden texts, tokenized on the device", runTexts(runner, golden.texts), golden.labels));
                 }
                 long[][] timing = Golden.trimmed(golden.latencyIds.longRow(0), golden.latencyMask.longRow(0));
                 for (int k = 0; k < warmup; k++) runner.run(timing[0], timing[1]);
@@ -89,6 +95,14 @@ public final class OnDeviceCheck {
             e.put("error", ex.getClass().getSimpleName() + ": " + ex.getMessage());
         }
         return e;
+    }
+
+    private static Map<String, Object> evalSummary(String source, float[][] outputs, long[] labels) {
+        Map<String, Object> m = new LinkedHashMap<>();
+        m.put("source", source);
+        m.put("rows", outputs.length);
+        m.put("accuracy", Golden.accuracy(outputs, labels));
+        return m;
     }
 
     private static float[][] runAll(ModelRunner runner, Npz.Array ids, Npz.Array mask) throws Exception {

@@ -258,6 +258,11 @@ public final class CoreTests {
             check(e.get("error") == null, a.file + " ran: " + e.get("error"));
             check(((List<?>) e.get("latency_samples_ms")).size() == 3 && (Integer) e.get("runs") == 3, a.file + " latency samples");
             check(((Map<?, ?>) e.get("golden")).get("passed").equals(scale > 0), a.file + " golden verdict " + e.get("golden"));
+            Map<?, ?> ev = (Map<?, ?>) e.get("eval");
+            double want = scale > 0 ? Golden.accuracy(c.golden.references.get(a.goldenReference).floatRows(), c.golden.labels) : -1;
+            check(ev != null && ((Number) ev.get("rows")).intValue() == c.golden.size()
+                    && (scale < 0 || Math.abs(((Number) ev.get("accuracy")).doubleValue() - want) < 1e-9),
+                    a.file + " golden texts tokenized on the device and scored end to end: " + ev);
             entries.add(e);
         }
         Map<String, Object> broken = c.run(c.manifest.artifacts.get(0), (art, file, threads) -> {
