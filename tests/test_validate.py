@@ -268,6 +268,10 @@ def test_validate_refuses_bad_input(exported, tmp_path):
     # nothing of those runs was left behind
     leftovers = [p.name for p in (exported / "validation").glob(".*")] if (exported / "validation").is_dir() else []
     assert leftovers == []
+    fresh = tmp_path / "fresh"
+    shutil.copytree(exported, fresh, ignore=shutil.ignore_patterns("validation*"))
+    r = cli.invoke(app, ["validate", str(fresh), "--data", str(embed_eval)])
+    assert r.exit_code == 2 and not (fresh / "validation").exists()
 
 
 def test_runners_from_the_device_profile(bundle_copy, board, sysroot):

@@ -236,6 +236,7 @@ def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | Non
         if threads and runner.describe()["kind"] in ("host", "emulator"):
             threads = min(threads, os.cpu_count() or 1)
     base = bundle.path / RESULTS_DIR
+    created_base = not base.exists()
     base.mkdir(exist_ok=True)
     final = base / runner_slug(runner.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=base))
@@ -273,6 +274,8 @@ def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | Non
         install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_base and not any(base.iterdir()):
+            base.rmdir()
         raise
     return final
 
