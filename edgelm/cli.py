@@ -208,11 +208,11 @@ def validate(
     with bar:
         record, _ = run_validation(b, r, progress=progress, artifacts=artifact, data=data, text_column=text_column,
                                    label_column=label_column, limit=limit, threads=threads, warmup=warmup, runs=runs)
-    rows = [row for row in side_by_side_rows({"runners": {record["runner"]: record}})]
+    rows = side_by_side_rows({"runners": {record["runner"]: record}})
     t = Table(title=f"{b.device} on {record['runner']}", title_justify="left")
-    cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "max error", "Δ vs host", "eval acc %", "p50 ms")
+    cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "Δ vs host", "top-1 vs host", "p50 ms")  # all: report.md
     for c in cols:
-        t.add_column(c, justify="left" if c in ("artifact", "status") else "right")
+        t.add_column(c, justify="left" if c in ("artifact", "status") else "right", no_wrap=c == "artifact")
     for row in rows:
         t.add_row(*[row[c] for c in cols])
     out_console.print(t)
