@@ -290,3 +290,17 @@ def test_runners_from_the_device_profile(bundle_copy, board, sysroot):
     b.manifest["device"]["validation"]["emulator_cpu"] = None
     b.manifest["device"]["hardware"]["cpu"] = "4x Cortex-A53 @ 1.0 GHz"
     assert vb.bundle_runner(b, "emulator", sysroot=sysroot).cpu == "cortex-a53"
+
+
+def test_the_validation_side_imports_no_torch(exported):
+    """Runners, bundle checks, the app bundle writer and runtime_tests run on a board with numpy + runtimes."""
+    code = ("import sys\n"
+            "import runtime_tests.conftest, edgelm.appbundle\n"
+            "from edgelm.validate.bundle import Bundle, evaluate, side_by_side_rows\n"
+            "from edgelm.validate.runners import make_runner\n"
+            f"b = Bundle.load({str(exported)!r}); make_runner('host')\n"
+            "assert b.baseline_accuracy is not None and b.golden['input_ids'].shape[0] == 24\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
