@@ -20,7 +20,7 @@ object Runtimes {
 
     fun open(artifact: BundleManifest.Artifact, file: Path, threads: Int, output: String): ModelRunner =
         when (artifact.runtime) {
-            "executorch" -> ExecuTorchRunner(file.toFile())
+            "executorch" -> ExecuTorchRunner(file.toFile(), threads)
             "litert" -> LiteRtRunner(file.toFile(), threads, artifact.seqBuckets, output)
             "onnxruntime" -> OrtRunner(file.toFile(), threads, output)
             else -> throw IllegalArgumentException("no runtime for ${artifact.runtime} in this app")
@@ -34,9 +34,15 @@ object Runtimes {
         }.getOrDefault(Double.NaN)
 }
 
-/** ExecuTorch's Android runtime (XNNPACK delegate in the AAR); int64 inputs [1, seq], any seq up to max_seq_len. */
-class ExecuTorchRunner(file: File) : ModelRunner {
-    private val module: Module = Module.load(file.absolutePath)
+/**
+ * ExecuTorch's Android runtime (XNNPACK delegate in the AAR); int64 inputs [1, seq], any seq up to max_seq_len.
+ * The program is memory-mapped, its thread pool sized before "forward" is loaded (re-sizing it after loading
+ * invalidates the method), and "forward" is loaded here so that the load time includes it.
+ */
+class ExecuTorchRunner(file: File, threads: Int) : ModelRunner {
+    private val module: Module = Module.load(file.absolutePath, Module.LOAD_MODE_MMAP, threads).also {
+        it.loadMethod("forward")
+    }
 
     override fun run(inputIds: LongArray, attentionMask: LongArray): FloatArray {
         val shape = longArrayOf(1, inputIds.size.toLong())
