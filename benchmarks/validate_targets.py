@@ -84,6 +84,7 @@ def main() -> None:
 
 def write_results(doc: dict, args, export_s: float | None) -> None:
     """benchmarks/results/validate_targets.{json,md} from a bundle's validation.json."""
+    from edgelm.report import markdown_table
     from edgelm.validate.bundle import side_by_side_rows
 
     rows = side_by_side_rows(doc)
@@ -98,13 +99,11 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
                                 for a, rec in doc["runners"][r]["artifacts"].items()} for r in doc["runners"]}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "validate_targets.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    cols = list(rows[0])
     md = [f"# One pixel8 bundle on the host and under arm64 emulation ({args.limit} SST-2 dev sentences)", "",
           "Reproduce: `python benchmarks/validate_targets.py`. Accuracy, top-1 and cosine are against PyTorch fp32 "
           "on the golden set; Δ vs host is the max |difference| from the same artifact's outputs on the host; "
           "eval acc is the `--data` set run on the target. Emulated latency is functional only.", "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+          *markdown_table(rows)]
     md += ["", "| runner | machine | qemu CPU | passed | seconds on the runner |", "|---|---|---|---|---|"]
     md += [f"| {n} | {r['machine']} | {r.get('qemu_cpu') or '–'} | {r['passed']} | {r['seconds']:.0f} |"
            for n, r in runners.items()]

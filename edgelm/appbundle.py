@@ -8,7 +8,7 @@ set (``golden.npz``: token ids, PyTorch fp32 reference outputs, texts and labels
 sequence buckets) and golden tolerance. The app's build takes the folder as an asset source
 (``-Pedgelm.bundle=.../android``), or it is copied to ``app/src/main/assets/``.
 
-numpy only (no torch): it reads a finished export bundle.
+No torch: it reads a finished export bundle (through :class:`edgelm.validate.bundle.Bundle`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import numpy as np
 
 import edgelm
 import exporters
@@ -79,35 +77,33 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def write_android_bundle(bundle_dir: Path, gates: dict[str, dict] | None = None) -> Path:
-    """Write ``bundle_dir/android/edgelm/`` from a finished export bundle (its manifest.json, golden.npz,
-    tokenizer files, labels and artifacts). ``gates``: per artifact file, the recipe's gates (default: read
-    from the manifest's recipe). Returns the asset folder. Raises ExportError (not a WordPiece tokenizer)."""
-    from edgelm.validate.bundle import GOLDEN_MAX_REL_ERROR
+def android_assets(bundle_dir: str | os.PathLike) -> Path:
+    """Where ``--bundle android`` puts the app's asset folder: ``<bundle>/android/edgelm``."""
+    return Path(bundle_dir) / "android" / ASSET_DIR
 
-    bundle_dir = Path(bundle_dir)
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    out = bundle_dir / "android" / ASSET_DIR
+
+def write_android_bundle(bundle_dir: Path) -> Path:
+    """Write :func:`android_assets` from a finished export bundle (its manifest.json, golden.npz, tokenizer
+    files, labels and artifacts; each artifact's gates from the manifest's recipe). Returns the asset folder.
+    Raises ExportError (not a WordPiece tokenizer)."""
+    from edgelm.validate.bundle import Bundle, golden_max_abs_error
+
+    bundle = Bundle.load(bundle_dir)
+    manifest = bundle.manifest
+    out = android_assets(bundle.path)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = wordpiece_settings(bundle_dir, manifest["tokenizer"]["max_length"])
-    _link_or_copy(bundle_dir / "vocab.txt", out / "vocab.txt")
+    tokenizer = wordpiece_settings(bundle.path, manifest["tokenizer"]["max_length"])
+    _link_or_copy(bundle.path / "vocab.txt", out / "vocab.txt")
     tokenizer["vocab_sha256"] = exporters.sha256_file(out / "vocab.txt")
     golden_file = manifest["golden"]["file"]
-    _link_or_copy(bundle_dir / golden_file, out / golden_file)
-    with np.load(bundle_dir / golden_file) as z:
-        refs = {k: float(np.abs(z[k]).max()) for k in z.files if k.startswith("reference")}
-        has_labels = "labels" in z.files
-        labels_arr = z["labels"] if has_labels else None
-        ref_acc = {k: float((np.argmax(z[k], -1) == labels_arr).mean() * 100) for k in refs} if has_labels else {}
-    plans = {p["artifact"]: p for p in manifest["recipe"]["plans"] if "artifact" in p}
+    _link_or_copy(bundle.path / golden_file, out / golden_file)
     artifacts = []
     for a in manifest["artifacts"]:
-        g = (gates or {}).get(a["file"]) or plans.get(a["file"], {}).get("gates") or {}
+        g = bundle.plan(a["file"])["gates"]
         scheme = a["quantization"]["scheme"]
         ref_key = a.get("golden_reference", "reference")
-        files = [a["file"]] + [c["file"] for c in a.get("companions") or []]
-        for f in files:
-            _link_or_copy(bundle_dir / f, out / f)
+        for f in [a["file"]] + [c["file"] for c in a.get("companions") or []]:
+            _link_or_copy(bundle.path / f, out / f)
         artifacts.append({
             "file": a["file"], "format": a["format"], "runtime": APP_RUNTIMES[a["format"]], "scheme": scheme,
             "sha256": a["sha256"], "size_bytes": a["size_bytes"], "inputs": a["inputs"], "outputs": a["outputs"],
@@ -115,9 +111,9 @@ def write_android_bundle(bundle_dir: Path, gates: dict[str, dict] | None = None)
             "seq_buckets": a.get("details", {}).get("seq_buckets"),
             "companions": a.get("companions") or [], "golden_reference": ref_key,
             "tolerance": {"min_cosine": g.get("min_cosine"), "min_top1_agreement": g.get("min_top1_agreement"),
-                          "max_abs_error": GOLDEN_MAX_REL_ERROR.get(scheme, 0.5) * refs[ref_key],
+                          "max_abs_error": golden_max_abs_error(scheme, bundle.reference(a["file"])),
                           "max_accuracy_drop": g.get("max_accuracy_drop")},
-            "reference_accuracy": ref_acc.get("reference"),
+            "reference_accuracy": bundle.baseline_accuracy,
         })
     labels = manifest.get("labels")
     if labels:
@@ -127,7 +123,7 @@ def write_android_bundle(bundle_dir: Path, gates: dict[str, dict] | None = None)
            "model": {k: manifest["model"].get(k) for k in ("kind", "output", "model_type", "source")},
            "labels": labels, "threads": manifest["recipe"].get("threads"), "tokenizer": tokenizer,
            "golden": {"file": golden_file, "sha256": manifest["golden"]["sha256"], "count": manifest["golden"]["count"],
-                      "labeled": has_labels, "source": manifest["golden"].get("source")},
+                      "labeled": "labels" in bundle.golden, "source": manifest["golden"].get("source")},
            "artifacts": artifacts}
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return out

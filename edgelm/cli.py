@@ -191,19 +191,13 @@ def validate(
 ):
     """Run a bundle's artifacts on a target (golden set, optional eval set, latency), check them with the
     runtime_tests suite, and write validation.json and the report's side-by-side table."""
-    from edgelm.errors import ValidationError
     from edgelm.validate.bundle import Bundle, bundle_runner, side_by_side_rows
     from edgelm.validate.bundle import validate as run_validation
+    from edgelm.validate.runners import parse_env
 
-    env = {}
-    for kv in remote_env or []:
-        if "=" not in kv:
-            raise ValidationError(f"--remote-env {kv!r}: use K=V")
-        k, v = kv.split("=", 1)
-        env[k] = v
     b = Bundle.load(bundle)
     r = bundle_runner(b, runner, cpu=cpu, sysroot=sysroot, key_file=key, known_hosts=known_hosts,
-                      remote_python=remote_python, remote_env=env)
+                      remote_python=remote_python, remote_env=parse_env(remote_env))
     bar, progress = _fit_progress(_err_console())
     with bar:
         record, _ = run_validation(b, r, progress=progress, artifacts=artifact, data=data, text_column=text_column,

@@ -1,5 +1,5 @@
-"""Writing directories so that a failed or interrupted run leaves nothing half-written: build in a temp dir
-beside the destination, rename into place at the end."""
+"""Writing directories and files so that a failed or interrupted run leaves nothing half-written: build in a
+temp dir (or file) beside the destination, rename into place at the end."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def write_directory(out: str | os.PathLike, fill: Callable[[Path], None]) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file beside it, renamed over ``path`` at the end."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,13 +79,24 @@ class Report:
         (directory / "report.md").write_text(render_markdown(self))
 
 
-def _fmt(value, spec: str = ".4f", none: str = "–") -> str:
-    if value is None:
+def fmt(value, spec: str = ".4f", none: str = "–") -> str:
+    """A number for a report cell: ``format(value, spec)``, ``none`` for a missing value (None or NaN, which
+    the pipeline uses for "not measured"), ``str(value)`` for what is not a number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return none
     try:
         return format(value, spec)
     except (TypeError, ValueError):
         return str(value)
+
+
+def markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    """A Markdown table (header, rule, one line per row) of display-string rows sharing their keys; [] if none."""
+    if not rows:
+        return []
+    head = list(rows[0])
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(r[h] for h in head) + " |" for r in rows])
 
 
 def artifact_rows(report: Report) -> list[dict[str, str]]:
@@ -97,18 +109,18 @@ def artifact_rows(report: Report) -> list[dict[str, str]]:
             "format": a.format,
             "quant": a.quant,
             "pruned": f"{a.sparsity:.0%}",
-            "size MB": _fmt(a.size_mb, ".1f"),
-            "× fp32": _fmt(a.size_vs_fp32, ".2f"),
-            "cosine": _fmt(f.get("cosine_mean")),
-            "top-1": _fmt(f.get("top1_agreement"), ".3f"),
-            "accuracy %": _fmt(f.get("accuracy"), ".2f"),
-            "max err": _fmt(f.get("max_abs_error"), ".2e"),
-            "p50 ms": _fmt(a.latency.get("p50_ms"), ".2f"),
-            "p90 ms": _fmt(a.latency.get("p90_ms"), ".2f"),
-            "× eager": _fmt(a.speedup_vs_eager, ".1f"),
-            "RSS MB": _fmt(a.peak_rss_mb, ".0f"),
-            "est. device ms": _fmt(a.estimate.get("latency_ms"), ".1f"),
-            "est. device RAM MB": _fmt(a.estimate.get("peak_ram_mb"), ".0f"),
+            "size MB": fmt(a.size_mb, ".1f"),
+            "× fp32": fmt(a.size_vs_fp32, ".2f"),
+            "cosine": fmt(f.get("cosine_mean")),
+            "top-1": fmt(f.get("top1_agreement"), ".3f"),
+            "accuracy %": fmt(f.get("accuracy"), ".2f"),
+            "max err": fmt(f.get("max_abs_error"), ".2e"),
+            "p50 ms": fmt(a.latency.get("p50_ms"), ".2f"),
+            "p90 ms": fmt(a.latency.get("p90_ms"), ".2f"),
+            "× eager": fmt(a.speedup_vs_eager, ".1f"),
+            "RSS MB": fmt(a.peak_rss_mb, ".0f"),
+            "est. device ms": fmt(a.estimate.get("latency_ms"), ".1f"),
+            "est. device RAM MB": fmt(a.estimate.get("peak_ram_mb"), ".0f"),
             "gate": "PASS" if a.passed else "FAIL",
         })
     return rows
@@ -127,8 +139,8 @@ def search_markdown(search: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for c in search["candidates"]:
         lines.append(
-            f"| {c['format']} | {c['sparsity']:.0%} | {c['label']} | {_fmt(c.get('est_latency_ms'), '.1f')} | "
-            f"{_fmt(c.get('size_mb'), '.1f')} | {_fmt(c.get('accuracy'), '.2f')} | {_fmt(c.get('accuracy_drop'), '+.2f')} "
+            f"| {c['format']} | {c['sparsity']:.0%} | {c['label']} | {fmt(c.get('est_latency_ms'), '.1f')} | "
+            f"{fmt(c.get('size_mb'), '.1f')} | {fmt(c.get('accuracy'), '.2f')} | {fmt(c.get('accuracy_drop'), '+.2f')} "
             f"| {'**chosen**' if c['status'] == 'chosen' else c['status']} |")
     return lines + [""]
 
@@ -142,7 +154,7 @@ def adapters_markdown(adapters: list[dict]) -> list[str]:
     for a in adapters:
         f = a["fidelity"]
         lines.append(f"| {a['artifact']} | {a['name']} | {a['file']} | {a['size_bytes'] / 1e3:.1f} | "
-                     f"{_fmt(f.get('cosine_mean'))} | {_fmt(f.get('top1_agreement'))} | {_fmt(f.get('accuracy'), '.2f')} |")
+                     f"{fmt(f.get('cosine_mean'))} | {fmt(f.get('top1_agreement'))} | {fmt(f.get('accuracy'), '.2f')} |")
     return lines + [""]
 
 
@@ -157,7 +169,7 @@ def render_markdown(report: Report) -> str:
         f"{report.model.get('num_parameters', 0) / 1e6:.1f} M parameters, output `{report.model.get('output')}`)",
         f"- **Data:** {report.data.get('source')} ({report.data.get('count')} inputs"
         f"{', labeled' if report.data.get('labeled') else ''}), seq_len {report.recipe.get('seq_len')}",
-        f"- **Reference:** PyTorch eager fp32 on this host: p50 {_fmt(ref.get('eager_p50_ms'), '.2f')} ms at "
+        f"- **Reference:** PyTorch eager fp32 on this host: p50 {fmt(ref.get('eager_p50_ms'), '.2f')} ms at "
         f"{ref.get('threads')} thread(s)"
         + (f", accuracy {ref['accuracy']:.2f}%" if ref.get("accuracy") is not None else ""),
         f"- **Wall time:** {report.wall_seconds:.1f} s",
@@ -165,12 +177,7 @@ def render_markdown(report: Report) -> str:
         "## Artifacts (host runner)",
         "",
     ]
-    rows = artifact_rows(report)
-    if rows:
-        head = list(rows[0])
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
+    lines += markdown_table(artifact_rows(report))
     lines += [
         "",
         "Latency: batch 1, the recipe's seq_len, p50/p90 over the timed runs after warm-up, measured on the host "
@@ -203,7 +210,7 @@ def render_markdown(report: Report) -> str:
             lines.append(f"- error: {a.error}")
         for name, g in a.gates.items():
             op = "≤" if name.startswith("max") else "≥"
-            lines.append(f"- {name}: {_fmt(g['value'])} {op} {_fmt(g['limit'])} → {'ok' if g['passed'] else 'FAILED'}")
+            lines.append(f"- {name}: {fmt(g['value'])} {op} {fmt(g['limit'])} → {'ok' if g['passed'] else 'FAILED'}")
         lines.append("")
     lines += ["## Reproduce", "", "```", report.data.get("command", ""), "```", ""]
     return "\n".join(lines)

@@ -73,15 +73,15 @@ def record(pytestconfig, bundle) -> dict:
     """The runner's validation record (see :func:`edgelm.validate.bundle.evaluate`)."""
     from edgelm.errors import EdgeLMError
     from edgelm.validate.bundle import bundle_runner, evaluate, run_bundle
+    from edgelm.validate.runners import parse_env
 
     opt = pytestconfig.getoption
     try:
         results = opt("--results")
         if results is None:
-            env = dict(kv.split("=", 1) for kv in opt("--remote-env") or [])
             runner = bundle_runner(bundle, opt("--runner"), cpu=opt("--cpu"), sysroot=opt("--sysroot"),
                                    key_file=opt("--key"), known_hosts=opt("--known-hosts"),
-                                   remote_python=opt("--remote-python"), remote_env=env)
+                                   remote_python=opt("--remote-python"), remote_env=parse_env(opt("--remote-env")))
             results = run_bundle(bundle, runner, artifacts=opt("--artifact"), data=opt("--data"),
                                  text_column=opt("--text-column"), label_column=opt("--label-column"),
                                  limit=opt("--limit"), threads=opt("--threads"), warmup=opt("--warmup"),

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +31,8 @@ import numpy as np
 
 import exporters
 from edgelm.errors import ValidationError
-from edgelm.fsutil import install
+from edgelm.fsutil import write_directory, write_text_atomic
+from edgelm.report import fmt, markdown_table
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats, top1_agreement
 from edgelm.validate.runners import ArtifactRun, BundleJob, HostRunner, RunnerDropped, RunResult
 
@@ -233,14 +232,12 @@ def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | Non
         bundle.artifact(n)
     if threads is None:
         threads = bundle.threads
-        if threads and runner.describe()["kind"] in ("host", "emulator"):
+        if threads and runner.kind in ("host", "emulator"):
             threads = min(threads, os.cpu_count() or 1)
     base = bundle.path / RESULTS_DIR
     created_base = not base.exists()
-    base.mkdir(exist_ok=True)
-    final = base / runner_slug(runner.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=base))
-    try:
+
+    def fill(tmp: Path) -> None:
         eval_info = None
         if data is not None:
             eval_info = encode_eval_set(bundle, data, tmp / EVAL_FILE, text_column=text_column,
@@ -267,43 +264,56 @@ def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | Non
         t0 = time.perf_counter()
         try:
             runner.run_bundle(job, on_result)
-        except RunnerDropped as exc:
+        except RunnerDropped as exc:  # keep what was received: the record says the runner dropped
             info["dropped"] = str(exc)
         info["seconds"] = time.perf_counter() - t0
         (tmp / "runner.json").write_text(json.dumps(info, indent=2) + "\n")
-        install(tmp, final)
+
+    try:
+        return write_directory(base / runner_slug(runner.name), fill)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_base and not any(base.iterdir()):
+        if created_base and base.is_dir() and not any(base.iterdir()):
             base.rmdir()
         raise
-    return final
 
 
 def _check(passed: bool, value, limit, detail: str) -> dict:
     return {"passed": bool(passed), "value": value, "limit": limit, "detail": detail}
 
 
-def checksum_check(bundle: Bundle, name: str) -> dict:
-    """sha256 of the artifact and each of its companion files against the manifest."""
-    entry = bundle.artifact(name)
-    files = [(name, entry["sha256"])] + [(c["file"], c["sha256"]) for c in entry.get("companions") or []]
-    bad = []
+def _sha256_mismatches(bundle: Bundle, files: list[tuple[str, str]]) -> dict[str, str]:
+    """For each ``(file, sha256 from the manifest)`` whose file in the bundle is missing or differs: file -> a
+    line saying so."""
+    bad = {}
     for f, want in files:
         p = bundle.path / f
         got = exporters.sha256_file(p) if p.is_file() else "missing"
         if got != want:
-            bad.append(f"{f}: {got[:12]} != manifest {want[:12]}")
+            bad[f] = f"{f}: {got[:12]} != manifest {want[:12]}"
+    return bad
+
+
+def checksum_check(bundle: Bundle, name: str) -> dict:
+    """sha256 of the artifact and each of its companion files against the manifest."""
+    entry = bundle.artifact(name)
+    files = [(name, entry["sha256"])] + [(c["file"], c["sha256"]) for c in entry.get("companions") or []]
+    bad = _sha256_mismatches(bundle, files)
     return _check(not bad, len(files) - len(bad), len(files),
-                  "; ".join(bad) if bad else f"{len(files)} file(s) match the manifest")
+                  "; ".join(bad.values()) if bad else f"{len(files)} file(s) match the manifest")
+
+
+def golden_max_abs_error(scheme: str, reference: np.ndarray) -> float:
+    """The largest |artifact - PyTorch fp32| a ``scheme`` artifact may show on ``reference`` (float [N, D]):
+    :data:`GOLDEN_MAX_REL_ERROR` of the reference's largest |value| (0.5 for a scheme not listed)."""
+    return GOLDEN_MAX_REL_ERROR.get(scheme, 0.5) * float(np.abs(reference).max())
 
 
 def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
     """Golden outputs within the quantization's tolerance: cosine and top-1 at least the recipe's gates,
-    max error at most :data:`GOLDEN_MAX_REL_ERROR` of the reference's largest value."""
+    max error at most :func:`golden_max_abs_error`."""
     plan = bundle.plan(name)
     gates, scheme = plan["gates"], plan["quant"]["scheme"]
-    max_err = GOLDEN_MAX_REL_ERROR.get(scheme, 0.5) * float(np.abs(ref).max())
+    max_err = golden_max_abs_error(scheme, ref)
     fails = []
     if not fid["cosine_mean"] >= gates["min_cosine"]:
         fails.append(f"cosine {fid['cosine_mean']:.4f} < {gates['min_cosine']}")
@@ -372,14 +382,13 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             eval_labels = z["labels"]
     record = {k: v for k, v in info.items() if k != "artifacts"}
     record["artifacts"] = {}
-    golden_ok = (exporters.sha256_file(bundle.path / bundle.manifest["golden"]["file"])
-                 == bundle.manifest["golden"]["sha256"])
+    golden = bundle.manifest["golden"]
+    golden_ok = not _sha256_mismatches(bundle, [(golden["file"], golden["sha256"])])
     bundle_checks = {"golden_sha256": _check(golden_ok, None, None, "the golden set matches the manifest" if golden_ok
                                              else "the golden set differs from the manifest's sha256")}
     adapters = bundle.manifest.get("adapters") or []
     if adapters:  # the weights files of further swappable adapters (edgelm export --adapter)
-        bad = [a["file"] for a in adapters if not (bundle.path / a["file"]).is_file()
-               or exporters.sha256_file(bundle.path / a["file"]) != a["sha256"]]
+        bad = list(_sha256_mismatches(bundle, [(a["file"], a["sha256"]) for a in adapters]))
         bundle_checks["adapters_sha256"] = _check(not bad, len(adapters) - len(bad), len(adapters),
                                                   f"differ from the manifest: {', '.join(bad)}" if bad
                                                   else f"{len(adapters)} adapter file(s) match the manifest")
@@ -451,22 +460,12 @@ def write_validation(bundle: Bundle, record: dict) -> Path:
         doc = {}
     doc.update(bundle=str(bundle.path.resolve()), device=bundle.device, manifest_sha256=record.get("manifest_sha256"))
     doc.setdefault("runners", {})[record["runner"]] = record
-    _write_atomic(vpath, json.dumps(doc, indent=2, default=str) + "\n")
+    write_text_atomic(vpath, json.dumps(doc, indent=2, default=str) + "\n")
     report = bundle.path / "report.md"
     text = report.read_text() if report.is_file() else f"# edgelm report: {bundle.device}\n"
     text = text.split(REPORT_MARKER)[0].rstrip() + "\n\n" + REPORT_MARKER + "\n\n" + render_markdown(doc)
-    _write_atomic(report, text)
+    write_text_atomic(report, text)
     return vpath
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _f(value, spec: str) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
@@ -481,23 +480,15 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
             if a is None:
                 continue
             fid, lat, vs = a.get("fidelity") or {}, a.get("latency") or {}, a.get("vs_host") or {}
-            p50 = ("functional only" if lat.get("emulated") else _f(lat.get("p50_ms"), ".2f")) if lat else "–"
+            p50 = ("functional only" if lat.get("emulated") else fmt(lat.get("p50_ms"), ".2f")) if lat else "–"
             rows.append({"artifact": name, "runner": r["runner"], "machine": str(a.get("machine") or "–"),
-                         "status": a["status"], "accuracy %": _f(fid.get("accuracy"), ".2f"),
-                         "top-1": _f(fid.get("top1_agreement"), ".4f"), "cosine": _f(fid.get("cosine_mean"), ".5f"),
-                         "max error": _f(fid.get("max_abs_error"), ".2e"),
-                         "Δ vs host": _f(vs.get("max_abs_diff"), ".2e"),
-                         "top-1 vs host": _f(vs.get("top1_agreement"), ".4f"),
-                         "eval acc %": _f((a.get("eval") or {}).get("accuracy"), ".2f"), "p50 ms": p50})
+                         "status": a["status"], "accuracy %": fmt(fid.get("accuracy"), ".2f"),
+                         "top-1": fmt(fid.get("top1_agreement"), ".4f"), "cosine": fmt(fid.get("cosine_mean"), ".5f"),
+                         "max error": fmt(fid.get("max_abs_error"), ".2e"),
+                         "Δ vs host": fmt(vs.get("max_abs_diff"), ".2e"),
+                         "top-1 vs host": fmt(vs.get("top1_agreement"), ".4f"),
+                         "eval acc %": fmt((a.get("eval") or {}).get("accuracy"), ".2f"), "p50 ms": p50})
     return rows
-
-
-def _table(rows: list[dict[str, str]]) -> list[str]:
-    if not rows:
-        return ["(nothing)"]
-    cols = list(rows[0])
-    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
-        "| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
 
 
 def render_markdown(doc: dict) -> str:
@@ -506,7 +497,8 @@ def render_markdown(doc: dict) -> str:
              "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
              "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
              "top-1 vs host: share of inputs with the same class). "
-             "Emulated latency is functional only, never device speed.", "", *_table(side_by_side_rows(doc)), ""]
+             "Emulated latency is functional only, never device speed.", "",
+             *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]), ""]
     for r in doc.get("runners", {}).values():
         verdict = "PASSED" if r.get("passed") else "FAILED"
         lines += [f"## Validation on {r['runner']}: {verdict}", ""]
@@ -514,7 +506,7 @@ def render_markdown(doc: dict) -> str:
                    "started": r.get("started"), "threads": r.get("threads"), "warm-up / runs":
                    f"{r.get('warmup')} / {r.get('runs')}",
                    "eval set": (f"{r['eval_set']['source']} ({r['eval_set']['rows']} rows)" if r.get("eval_set")
-                                else None), "seconds": _f(r.get("seconds"), ".1f")}
+                                else None), "seconds": fmt(r.get("seconds"), ".1f")}
         lines += [f"- {k}: {v}" for k, v in details.items() if v not in (None, "")]
         if r.get("dropped"):
             lines.append(f"- **runner dropped**: {r['dropped']} (results received before it are kept)")
@@ -530,9 +522,9 @@ def render_markdown(doc: dict) -> str:
             notes = "; ".join(f"{k}: {c['detail']}" for k, c in checks.items() if not c["passed"])
             notes = notes or a.get("skipped") or ""
             lines.append(f"| {name} | {a['status']} | {ok}/{len(checks)} | "
-                         f"{'functional only' if emu else _f(lat.get('p50_ms'), '.2f')} | "
-                         f"{'–' if emu else _f(lat.get('p90_ms'), '.2f')} | {_f(a.get('load_ms'), '.0f')} | "
-                         f"{_f(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |")
+                         f"{'functional only' if emu else fmt(lat.get('p50_ms'), '.2f')} | "
+                         f"{'–' if emu else fmt(lat.get('p90_ms'), '.2f')} | {fmt(a.get('load_ms'), '.0f')} | "
+                         f"{fmt(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
 

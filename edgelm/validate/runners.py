@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -111,6 +111,7 @@ class HostRunner:
     """
 
     name = "host"
+    kind = "host"
     #: latency measured here is emulated (functional only, never device speed)
     emulated = False
 
@@ -121,7 +122,7 @@ class HostRunner:
         """What the runner is, for validation.json: ``runner``, ``kind``, ``emulated`` and target details."""
         import platform
 
-        return {"runner": self.name, "kind": "host", "emulated": False, "machine": platform.machine(),
+        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated, "machine": platform.machine(),
                 "cpu_count": os.cpu_count()}
 
     def skip_reason(self, artifact: Path) -> str | None:
@@ -169,11 +170,16 @@ class HostRunner:
                     f"{artifact.name}: the {self.name} runner timed out after {self.timeout_s:.0f} s"
                 ) from None
             if proc.returncode != 0:
-                lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-                msg = next((ln for ln in reversed(lines) if ln.startswith("edgelm target:")),
-                           lines[-1] if lines else f"exit code {proc.returncode}")
-                raise ValidationError(f"{artifact.name} failed on the {self.name} runner: {msg}")
+                raise ValidationError(f"{artifact.name} failed on the {self.name} runner: {failure_line(proc)}")
             return read_target_output(Path(tmp))
+
+
+def failure_line(proc: subprocess.CompletedProcess) -> str:
+    """The line that says why a process failed: the target script's own ``edgelm target:`` line, else the
+    last line of stderr, else the exit code."""
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if ln.startswith("edgelm target:")),
+                lines[-1] if lines else f"exit code {proc.returncode}")
 
 
 def target_options(threads: int | None, warmup: int, runs: int, adapter: Path | None = None,
@@ -210,7 +216,7 @@ class EmulatorRunner(HostRunner):
     Raises EmulatorError (from the constructor) when qemu or the sysroot is missing.
     """
 
-    name = "emulator"
+    name = kind = "emulator"
     emulated = True
 
     def __init__(self, sysroot: Path | None = None, cpu: str | None = None, timeout_s: float = 1800.0):
@@ -235,7 +241,8 @@ class EmulatorRunner(HostRunner):
         return env
 
     def describe(self) -> dict:
-        return {"runner": self.name, "kind": "emulator", "emulated": True, "machine": "aarch64 (qemu user mode)",
+        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated,
+                "machine": "aarch64 (qemu user mode)",
                 "qemu_cpu": self.cpu, "sysroot": str(self.sysroot), "qemu": self.qemu,
                 "executorch": self._has_executorch()}
 
@@ -291,7 +298,7 @@ class SSHRunner(HostRunner):
         ValidationError: a malformed target, or a key / known_hosts file that does not exist.
     """
 
-    name = "ssh"
+    name = kind = "ssh"
 
     def __init__(self, target: str, *, key_file: Path, known_hosts: Path, remote_python: str = "python3",
                  remote_env: dict[str, str] | None = None, timeout_s: float = 600.0, connect_timeout_s: int = 10):
@@ -308,11 +315,12 @@ class SSHRunner(HostRunner):
                 raise ValidationError(f"SSH {what} not found: {p}")
         self.key_file, self.known_hosts = Path(key_file), Path(known_hosts)
         self.remote_python, self.remote_env = remote_python, dict(remote_env or {})
+        self.emulated = "qemu" in remote_python  # an arm64 board emulated on the far side
         self.connect_timeout_s = connect_timeout_s
         self.name = f"ssh://{self.user}@{self.host}:{self.port}"
 
     def describe(self) -> dict:
-        return {"runner": self.name, "kind": "ssh", "emulated": "qemu" in self.remote_python,
+        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated,
                 "host": self.host, "port": self.port, "user": self.user, "remote_python": self.remote_python}
 
     def _options(self) -> list[str]:
@@ -344,9 +352,7 @@ class SSHRunner(HostRunner):
                 continue
             if proc.returncode == 0:
                 return proc.stdout
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            last = next((ln for ln in reversed(lines) if ln.startswith("edgelm target:")),
-                        lines[-1] if lines else f"exit code {proc.returncode}")
+            last = failure_line(proc)
             if proc.returncode != 255:  # the remote command failed: retrying would not help
                 raise ValidationError(f"{what} on {self.name} failed: {last}")
         raise RunnerDropped(f"{what} on {self.name} failed twice (connection dropped or timed out): {last}. "
@@ -403,10 +409,10 @@ class SSHRunner(HostRunner):
         Raises RunnerDropped when the board is lost (after one retry)."""
         shared = [job.golden] + ([job.eval_set] if job.eval_set else [])
         remote = self._open(shared)
+        args = ["--golden", job.golden.name, *target_options(
+            job.threads, job.warmup, job.runs, None, job.eval_set.name if job.eval_set else None)]
         try:
             for i, name in enumerate(job.artifacts):
-                args = ["--golden", job.golden.name, *target_options(
-                    job.threads, job.warmup, job.runs, None, job.eval_set.name if job.eval_set else None)]
                 deliver(on_result, name, lambda: self._run_remote(remote, job.files(name), args, f"out-{i}"))
         finally:
             self._close(remote)
@@ -458,10 +464,10 @@ class AdbRunner(HostRunner):
     Pushes the bundle's Android app folder (``android/edgelm/`` from ``edgelm export --bundle android``: its
     manifest, vocabulary, labels, golden set and the artifacts to run) and the eval set into the demo app's
     external files directory (``/sdcard/Android/data/<app>/files/edgelm/<bundle>/``, readable by the app
-    without a permission), runs
-    the app's instrumented on-device accuracy check (``am instrument -w`` with the bundle, artifacts, threads,
-    warm-up and runs as ``-e`` arguments), pulls the results JSON it writes (:data:`DEVICE_RESULTS_SCHEMA`) and
-    reads it. The app is examples/android; build and install it first (its README says how).
+    without a permission), runs the app's instrumented on-device accuracy check (``am instrument -w`` with the
+    bundle, artifacts, threads, warm-up and runs as ``-e`` arguments), pulls the results JSON it writes
+    (:data:`DEVICE_RESULTS_SCHEMA`) and reads it. The app is examples/android; build and install it first (its
+    README says how).
 
     Args:
         target: ``adb`` or ``adb:SERIAL`` (a serial from ``adb devices``).
@@ -471,7 +477,7 @@ class AdbRunner(HostRunner):
         ValidationError: a malformed target, or adb not installed.
     """
 
-    name = "adb"
+    name = kind = "adb"
     APP_ID = "dev.edgelm.demo"
     TEST_RUNNER = "androidx.test.runner.AndroidJUnitRunner"
     RESULTS_FILE = "edgelm-results.json"
@@ -491,7 +497,8 @@ class AdbRunner(HostRunner):
         self.name = f"adb:{self.serial}" if self.serial else "adb"
 
     def describe(self) -> dict:
-        return {"runner": self.name, "kind": "adb", "emulated": False, "serial": self.serial, "app": self.app_id}
+        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated, "serial": self.serial,
+                "app": self.app_id}
 
     def remote_dir(self, bundle: Path) -> str:
         """Where the bundle goes on the phone: the app's external files directory."""
@@ -549,7 +556,9 @@ class AdbRunner(HostRunner):
     def app_bundle(bundle: Path) -> Path:
         """The bundle's Android app folder (``<bundle>/android/edgelm``, from ``edgelm export --bundle android``):
         the app reads its manifest. Raises ValidationError when the bundle has none."""
-        app = Path(bundle) / "android" / "edgelm"
+        from edgelm.appbundle import android_assets
+
+        app = android_assets(bundle)
         if not (app / "manifest.json").is_file():
             raise ValidationError(f"{bundle} has no Android app bundle: export it with `edgelm export --device ... "
                                   "--bundle android` (the demo app reads android/edgelm/manifest.json)")
@@ -637,6 +646,17 @@ class AdbRunner(HostRunner):
 
 
 RUNNER_SPECS = "host, emulator, ssh://user@host[:port], adb or adb:SERIAL"
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """``["K=V", ...]`` (``--remote-env``) -> ``{K: V}``. Raises ValidationError for an item without ``=``."""
+    env = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise ValidationError(f"--remote-env {kv!r}: use K=V")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    return env
 
 
 def make_runner(spec: str, *, emulator_cpu: str | None = None, sysroot: Path | None = None,
