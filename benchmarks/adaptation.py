@@ -41,12 +41,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _write_tsv(path: Path, texts: list[str], labels: list[int]) -> Path:
-    path.write_text("\n".join(["sentence\tlabel"] + [f"{t}\t{y}" for t, y in zip(texts, labels)]) + "\n")
+    path.write_text("\n".join(["sentence\tlabel"] + [f"{t}\t{y}" for t, y in zip(texts, labels, strict=False)]) + "\n")
     return path
 
 
 def _dev(data_dir: Path, tokenizer):
-    from edgelm.data import encode, load_dataset, label_indices
+    from edgelm.data import encode, label_indices, load_dataset
 
     dev = load_dataset(data_dir / "sst2" / "dev.tsv")
     ids, mask = encode(tokenizer, dev)
@@ -80,20 +80,23 @@ def _export_accuracy(module, fmt: str, ids, mask, labels, work: Path) -> float:
     import torch
 
     import exporters
-    from exporters.base import QuantSpec, trim_padding
     from edgelm.validate.metrics import accuracy
+    from exporters.base import QuantSpec, trim_padding
 
     ex = {"input_ids": torch.ones(1, 64, dtype=torch.int64), "attention_mask": torch.ones(1, 64, dtype=torch.int64)}
     path = work / f"m{exporters.suffix(fmt)}"
     exporters.get(fmt).export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), path, output_name="logits")
     sess = exporters.load(path, threads=2)
-    outs = [next(iter(sess.run(trim_padding({"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]})).values()))
-            for i in range(len(ids))]
+    outs = [
+        next(iter(sess.run(trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})).values()))
+        for i in range(len(ids))
+    ]
     return accuracy(np.concatenate(outs), labels)
 
 
-def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[str, ...], done: dict | None = None,
-            save=None) -> dict:
+def run_one(
+    k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[str, ...], done: dict | None = None, save=None
+) -> dict:
     """One (K, seed): every method not already in ``done`` (rows are cached per method; ``save(out)`` after
     each one)."""
     from edgelm.adapt.hypernet import adapt_with_hypernetwork
@@ -119,8 +122,9 @@ def run_one(k: int, seed: int, pool, hn_dir: Path, dev, export_formats: tuple[st
                 module, seconds = _demos_head(demos)
             else:
                 prompt = method != "lora"
-                cfg = AdaptConfig(method=method, epochs=50 if prompt else 30, lr=1e-2 if prompt else 1e-3,
-                                  seed=seed, seq_len=64)
+                cfg = AdaptConfig(
+                    method=method, epochs=50 if prompt else 30, lr=1e-2 if prompt else 1e-3, seed=seed, seq_len=64
+                )
                 res = run_adapt("default", demos, ckpt, cfg)
                 module, seconds = load_model(ckpt).module, res.seconds
             row = {"accuracy": accuracy(module, ids, mask, labels), "seconds": seconds}
@@ -150,7 +154,7 @@ def in_domain_control(data_dir: Path, hn_dir: Path, k: int = 8, seeds: int = 3, 
 
     classes = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}
     with open(data_dir / "agnews" / "test.csv", newline="") as f:
-        rows = list(csv.reader(f))[1:n_test + 1]
+        rows = list(csv.reader(f))[1 : n_test + 1]
     test = TextDataset([f"{r[1]} {r[2]}" for r in rows], None, [classes[r[0]] for r in rows])
     train = load_task(data_dir, "agnews")
     y, names = labels_for(train)
@@ -165,44 +169,65 @@ def in_domain_control(data_dir: Path, hn_dir: Path, k: int = 8, seeds: int = 3, 
             adapt_with_hypernetwork(hn_dir, demos, Path(tmp) / "hn")
             out["hypernetwork"].append(accuracy(load_model(Path(tmp) / "hn").module, ids, mask, yt))
             out["demos head"].append(accuracy(_demos_head(demos, names)[0], ids, mask, yt))
-        print(f"in-domain control seed {seed}: hypernetwork {out['hypernetwork'][-1]:.2f}, demos head "
-              f"{out['demos head'][-1]:.2f}", flush=True)
+        print(
+            f"in-domain control seed {seed}: hypernetwork {out['hypernetwork'][-1]:.2f}, demos head "
+            f"{out['demos head'][-1]:.2f}",
+            flush=True,
+        )
     return out
 
 
 def _markdown(results: dict) -> str:
     runs, meta = results["runs"], results["hypernetwork"]
-    lines = ["# Few-shot adaptation on held-out SST-2 (all-MiniLM-L6-v2)", "",
-             f"SST-2 dev, all {results['dev_examples']} sentences, accuracy % as mean ± std over "
-             f"{results['seeds']} seeds (the same K demonstrations per class for every method in a seed). "
-             "Time: the method's own adaptation work on this CPU (2 cores), s. "
-             f"Hypernetwork meta-trained for {meta['episodes_run']} episodes ({meta['seconds']:.0f} s) on "
-             f"{', '.join(meta['tasks'])}; SST-2 held out.", "",
-             "| K per class | method | accuracy % | adapt time s | seed 0: fp32 → int8 ONNX % |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Few-shot adaptation on held-out SST-2 (all-MiniLM-L6-v2)",
+        "",
+        f"SST-2 dev, all {results['dev_examples']} sentences, accuracy % as mean ± std over "
+        f"{results['seeds']} seeds (the same K demonstrations per class for every method in a seed). "
+        "Time: the method's own adaptation work on this CPU (2 cores), s. "
+        f"Hypernetwork meta-trained for {meta['episodes_run']} episodes ({meta['seconds']:.0f} s) on "
+        f"{', '.join(meta['tasks'])}; SST-2 held out.",
+        "",
+        "| K per class | method | accuracy % | adapt time s | seed 0: fp32 → int8 ONNX % |",
+        "|---|---|---|---|---|",
+    ]
     for k in results["shots"]:
         for m in METHODS:
             accs = [runs[f"{k}/{s}"][m]["accuracy"] for s in range(results["seeds"]) if f"{k}/{s}" in runs]
             secs = [runs[f"{k}/{s}"][m]["seconds"] for s in range(results["seeds"]) if f"{k}/{s}" in runs]
             r0 = runs.get(f"{k}/0", {}).get(m, {})
             onnx = r0.get("int8_onnx_accuracy")
-            lines.append(f"| {k} | {m} | {np.mean(accs):.2f} ± {np.std(accs):.2f} | {np.mean(secs):.2f} | "
-                         + (f"{r0['accuracy']:.2f} → {onnx:.2f}" if onnx is not None else "–") + " |")
+            lines.append(
+                f"| {k} | {m} | {np.mean(accs):.2f} ± {np.std(accs):.2f} | {np.mean(secs):.2f} | "
+                + (f"{r0['accuracy']:.2f} → {onnx:.2f}" if onnx is not None else "–")
+                + " |"
+            )
     k16 = runs.get("16/0", {})
     if any("int8_executorch_accuracy" in v for v in k16.values()):
-        lines += ["", "Exported int8 (dynamic) artifacts, K = 16, seed 0, accuracy % on SST-2 dev in each runtime:", "",
-                  "| method | PyTorch fp32 | ONNX Runtime | ExecuTorch | LiteRT |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Exported int8 (dynamic) artifacts, K = 16, seed 0, accuracy % on SST-2 dev in each runtime:",
+            "",
+            "| method | PyTorch fp32 | ONNX Runtime | ExecuTorch | LiteRT |",
+            "|---|---|---|---|---|",
+        ]
         for m in METHODS:
             r = k16[m]
-            lines.append(f"| {m} | {r['accuracy']:.2f} | {r.get('int8_onnx_accuracy', float('nan')):.2f} | "
-                         f"{r.get('int8_executorch_accuracy', float('nan')):.2f} | {r.get('int8_tflite_accuracy', float('nan')):.2f} |")
+            lines.append(
+                f"| {m} | {r['accuracy']:.2f} | {r.get('int8_onnx_accuracy', float('nan')):.2f} | "
+                f"{r.get('int8_executorch_accuracy', float('nan')):.2f} | {r.get('int8_tflite_accuracy', float('nan')):.2f} |"
+            )
     ctl = results.get("in_domain_control")
     if ctl:
-        lines += ["", f"In-domain control: on {ctl['task']}, a meta-training task (K = {ctl['k']} demonstrations per "
-                  f"class from its train file; the first {ctl['test_examples']} rows of its test split, never read "
-                  "in meta-training), accuracy % per seed:", "",
-                  "| method | " + " | ".join(f"seed {i}" for i in range(len(ctl["hypernetwork"]))) + " | mean |",
-                  "|---|" + "---|" * (len(ctl["hypernetwork"]) + 1)]
+        lines += [
+            "",
+            f"In-domain control: on {ctl['task']}, a meta-training task (K = {ctl['k']} demonstrations per "
+            f"class from its train file; the first {ctl['test_examples']} rows of its test split, never read "
+            "in meta-training), accuracy % per seed:",
+            "",
+            "| method | " + " | ".join(f"seed {i}" for i in range(len(ctl["hypernetwork"]))) + " | mean |",
+            "|---|" + "---|" * (len(ctl["hypernetwork"]) + 1),
+        ]
         for m in ("hypernetwork", "demos head"):
             lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in ctl[m]) + f" | {np.mean(ctl[m]):.2f} |")
     lines += ["", "## Targets", ""]
@@ -220,12 +245,20 @@ def _targets(results: dict) -> list[dict]:
         secs = {m: float(np.mean([runs[x][m]["seconds"] for x in keys])) for m in METHODS}
         gap = mean["lora"] - mean["hypernetwork"]
         speed = secs["lora"] / max(secs["hypernetwork"], 1e-9)
-        out.append({"name": f"K={k}: hypernetwork within 2 points of K-shot LoRA at ≥ 50× less adaptation time",
-                    "value": f"{mean['hypernetwork']:.2f} vs {mean['lora']:.2f} (gap {gap:+.2f} pt), {speed:.0f}× faster",
-                    "met": bool(gap <= 2.0 and speed >= 50)})
-        out.append({"name": f"K={k}: scaled prompt tuning ≥ prompt tuning",
-                    "value": f"{mean['scaled-prompt-tuning']:.2f} vs {mean['prompt-tuning']:.2f}",
-                    "met": bool(mean["scaled-prompt-tuning"] >= mean["prompt-tuning"])})
+        out.append(
+            {
+                "name": f"K={k}: hypernetwork within 2 points of K-shot LoRA at ≥ 50× less adaptation time",
+                "value": f"{mean['hypernetwork']:.2f} vs {mean['lora']:.2f} (gap {gap:+.2f} pt), {speed:.0f}× faster",
+                "met": bool(gap <= 2.0 and speed >= 50),
+            }
+        )
+        out.append(
+            {
+                "name": f"K={k}: scaled prompt tuning ≥ prompt tuning",
+                "value": f"{mean['scaled-prompt-tuning']:.2f} vs {mean['prompt-tuning']:.2f}",
+                "met": bool(mean["scaled-prompt-tuning"] >= mean["prompt-tuning"]),
+            }
+        )
     return out
 
 
@@ -276,9 +309,16 @@ def main() -> None:
                 cache_path.write_text(json.dumps(runs, indent=1))
 
             run_one(k, seed, pool, hn_dir, dev, fmts, runs.get(key), save)
-    results = {"shots": a.shots, "seeds": a.seeds, "dev_examples": int(len(dev[2])), "runs": runs,
-               "hypernetwork": {k: hn_record[k] for k in ("episodes_run", "seconds", "tasks", "config",
-                                                           "query_accuracy_first", "query_accuracy_last")}}
+    results = {
+        "shots": a.shots,
+        "seeds": a.seeds,
+        "dev_examples": len(dev[2]),
+        "runs": runs,
+        "hypernetwork": {
+            k: hn_record[k]
+            for k in ("episodes_run", "seconds", "tasks", "config", "query_accuracy_first", "query_accuracy_last")
+        },
+    }
     ctl_path = CACHE / "adaptation_in_domain.json"
     if not ctl_path.is_file() or json.loads(ctl_path.read_text()).get("hn_id") != hn_id:
         ctl_path.write_text(json.dumps({**in_domain_control(a.data_dir, hn_dir), "hn_id": hn_id}))

@@ -50,22 +50,44 @@ def train_models(args) -> dict[str, Path]:
     paths = {"fine-tuned": CACHE / f"ft-{args.train_limit}"}
     if not paths["fine-tuned"].is_dir():
         log("fine-tuning MiniLM on SST-2")
-        r = run_finetune("default", train, paths["fine-tuned"], eval_data=dev, limit=args.train_limit,
-                         cfg=TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=32, seq_len=64, seed=0))
+        r = run_finetune(
+            "default",
+            train,
+            paths["fine-tuned"],
+            eval_data=dev,
+            limit=args.train_limit,
+            cfg=TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=32, seq_len=64, seed=0),
+        )
         log(f"fine-tuned: {[(e.epoch, e.eval_accuracy) for e in r.history]} in {r.seconds:.0f} s")
     for sparsity in (0.3, 0.5):
         name = f"pruned {int(sparsity * 100)}% + distill"
         paths[name] = CACHE / f"platon-distill-{int(sparsity * 100)}-{args.train_limit}-aligned32"
         if not paths[name].is_dir():
             log(f"PLATON pruning {sparsity:.0%} with distillation")
-            r, s = run_compress(paths["fine-tuned"], train, paths[name], sparsity=sparsity, method="platon",
-                                distill=True, eval_data=dev, limit=args.train_limit,
-                                cfg=TrainConfig(epochs=args.prune_epochs, lr=1e-4, batch_size=32, seq_len=64))
+            r, s = run_compress(
+                paths["fine-tuned"],
+                train,
+                paths[name],
+                sparsity=sparsity,
+                method="platon",
+                distill=True,
+                eval_data=dev,
+                limit=args.train_limit,
+                cfg=TrainConfig(epochs=args.prune_epochs, lr=1e-4, batch_size=32, seq_len=64),
+            )
             log(f"{name}: {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} in {r.seconds:.0f} s")
     paths["pruned 50% one-shot magnitude"] = CACHE / f"magnitude-50-{args.train_limit}-aligned32"
     if not paths["pruned 50% one-shot magnitude"].is_dir():
-        run_compress(paths["fine-tuned"], train, paths["pruned 50% one-shot magnitude"], sparsity=0.5,
-                     method="magnitude", eval_data=dev, limit=200, cfg=TrainConfig(epochs=0))
+        run_compress(
+            paths["fine-tuned"],
+            train,
+            paths["pruned 50% one-shot magnitude"],
+            sparsity=0.5,
+            method="magnitude",
+            eval_data=dev,
+            limit=200,
+            cfg=TrainConfig(epochs=0),
+        )
     return paths
 
 
@@ -121,34 +143,56 @@ def main() -> None:
                 li, lm = latency_input(ids, mask, seq)
                 g = tmp / f"golden-{len(goldens)}.npz"
                 rows = slice(None) if seq == SEQ else slice(0, 8)
-                np.savez(g, input_ids=ids[rows], attention_mask=mask[rows], latency_input_ids=li,
-                         latency_attention_mask=lm)
+                np.savez(
+                    g, input_ids=ids[rows], attention_mask=mask[rows], latency_input_ids=li, latency_attention_mask=lm
+                )
                 goldens[(name, seq)] = g
                 if name in ("fine-tuned",) or name.startswith("pruned"):
                     eager[(name, seq)] = eager_latency_ms(m, li, lm, 1)["p50_ms"]
             with torch.no_grad():
-                logits = torch.cat([m.module(torch.from_numpy(ids[i:i + 64]), torch.from_numpy(mask[i:i + 64]))
-                                    for i in range(0, len(ids), 64)]).numpy()
+                logits = torch.cat(
+                    [
+                        m.module(torch.from_numpy(ids[i : i + 64]), torch.from_numpy(mask[i : i + 64]))
+                        for i in range(0, len(ids), 64)
+                    ]
+                ).numpy()
             from edgelm.compress.pruning import structure_counts
 
             heads, ffn = structure_counts(m.module)
-            results.append({"model": name, "format": "pytorch eager", "scheme": "fp32",
-                            "accuracy": accuracy(logits, labels),
-                            "size_mb": m.num_parameters * 4 / 1e6,
-                            "p50_ms_seq128": eager[(name, SEQ)], "p50_ms_seq64": eager[(name, 64)],
-                            "parameters": m.num_parameters, "heads_per_layer": heads, "ffn_per_layer": ffn})
+            results.append(
+                {
+                    "model": name,
+                    "format": "pytorch eager",
+                    "scheme": "fp32",
+                    "accuracy": accuracy(logits, labels),
+                    "size_mb": m.num_parameters * 4 / 1e6,
+                    "p50_ms_seq128": eager[(name, SEQ)],
+                    "p50_ms_seq64": eager[(name, 64)],
+                    "parameters": m.num_parameters,
+                    "heads_per_layer": heads,
+                    "ffn_per_layer": ffn,
+                }
+            )
             models[name] = (m, labels)
             log(f"eager {name}: acc {results[-1]['accuracy']:.2f}, {eager[(name, SEQ)]:.2f} ms")
         for name, fmt, scheme in plan(paths):
             m, labels = models[name]
-            quant = exporters.QuantSpec(scheme, embedding_bits=None if scheme == "fp32" else 8,
-                                        float_layers=("ffn_output",) if scheme == "int8_static" else ())
-            ex = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
+            quant = exporters.QuantSpec(
+                scheme,
+                embedding_bits=None if scheme == "fp32" else 8,
+                float_layers=("ffn_output",) if scheme == "int8_static" else (),
+            )
+            ex = {
+                "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
+                "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
+            }
             calib = None
             if scheme == "int8_static":
                 g = np.load(goldens[(name, SEQ)])
-                calib = [{"input_ids": g["input_ids"][i:i + 1], "attention_mask": g["attention_mask"][i:i + 1]}
-                         for i in range(0, 256, 2)]
+                calib = [
+                    {"input_ids": g["input_ids"][i : i + 1], "attention_mask": g["attention_mask"][i : i + 1]}
+                    for i in range(0, 256, 2)
+                ]
             path = tmp / f"{name.split()[0]}-{len(results)}.{scheme}{exporters.suffix(fmt)}"
             t = time.perf_counter()
             with captured_output(tmp / "export.log"):
@@ -157,19 +201,29 @@ def main() -> None:
             run = runner.run_artifact(path, goldens[(name, SEQ)], threads=1, warmup=WARMUP, runs=RUNS)
             run64 = runner.run_artifact(path, goldens[(name, 64)], threads=1, warmup=WARMUP, runs=RUNS)
             acc = accuracy(run.outputs, labels)
-            results.append({"model": name, "format": fmt, "scheme": scheme, "accuracy": acc,
-                            "size_mb": path.stat().st_size / 1e6,
-                            "p50_ms_seq128": float(np.median(run.result["latency_samples_ms"])),
-                            "p50_ms_seq64": float(np.median(run64.result["latency_samples_ms"])),
-                            "export_s": export_s})
-            log(f"{name} {fmt} {scheme}: acc {acc:.2f}, {results[-1]['size_mb']:.1f} MB, "
-                f"{results[-1]['p50_ms_seq128']:.2f} ms")
+            results.append(
+                {
+                    "model": name,
+                    "format": fmt,
+                    "scheme": scheme,
+                    "accuracy": acc,
+                    "size_mb": path.stat().st_size / 1e6,
+                    "p50_ms_seq128": float(np.median(run.result["latency_samples_ms"])),
+                    "p50_ms_seq64": float(np.median(run64.result["latency_samples_ms"])),
+                    "export_s": export_s,
+                }
+            )
+            log(
+                f"{name} {fmt} {scheme}: acc {acc:.2f}, {results[-1]['size_mb']:.1f} MB, "
+                f"{results[-1]['p50_ms_seq128']:.2f} ms"
+            )
             path.unlink()
     write(results, args, eager)
 
 
 def targets(results: list[dict]) -> list[dict]:
     """The issue's targets, evaluated on this run's rows."""
+
     def row(model, fmt, scheme):
         return next((r for r in results if r["model"] == model and r["format"] == fmt and r["scheme"] == scheme), None)
 
@@ -178,20 +232,40 @@ def targets(results: list[dict]) -> list[dict]:
     for fmt in ("onnx", "executorch", "tflite"):
         r = row("fine-tuned", fmt, "int8_dynamic")
         if r:
-            out.append({"target": f"{fmt} int8 within 0.5 point of fp32", "value": round(base - r["accuracy"], 2),
-                        "met": base - r["accuracy"] <= 0.5})
+            out.append(
+                {
+                    "target": f"{fmt} int8 within 0.5 point of fp32",
+                    "value": round(base - r["accuracy"], 2),
+                    "met": base - r["accuracy"] <= 0.5,
+                }
+            )
         p = row("pruned 50% + distill", fmt, "int8_dynamic")
         if p and r:
-            out.append({"target": f"{fmt} 50% pruned + distilled + int8 within 1.5 points",
-                        "value": round(base - p["accuracy"], 2), "met": base - p["accuracy"] <= 1.5})
+            out.append(
+                {
+                    "target": f"{fmt} 50% pruned + distilled + int8 within 1.5 points",
+                    "value": round(base - p["accuracy"], 2),
+                    "met": base - p["accuracy"] <= 1.5,
+                }
+            )
             speed = r["p50_ms_seq128"] / p["p50_ms_seq128"]
-            out.append({"target": f"{fmt} 50% pruned int8 >= 1.6x faster than unpruned int8 (seq 128)",
-                        "value": round(speed, 2), "met": speed >= 1.6})
+            out.append(
+                {
+                    "target": f"{fmt} 50% pruned int8 >= 1.6x faster than unpruned int8 (seq 128)",
+                    "value": round(speed, 2),
+                    "met": speed >= 1.6,
+                }
+            )
     for fmt in ("onnx", "executorch"):
         r = row("fine-tuned", fmt, "int8_static")
         if r:
-            out.append({"target": f"{fmt} static int8 within 1 point", "value": round(base - r["accuracy"], 2),
-                        "met": base - r["accuracy"] <= 1.0})
+            out.append(
+                {
+                    "target": f"{fmt} static int8 within 1 point",
+                    "value": round(base - r["accuracy"], 2),
+                    "met": base - r["accuracy"] <= 1.0,
+                }
+            )
     return out
 
 
@@ -203,15 +277,25 @@ def plot(results: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"pytorch eager": "black", "onnx": "tab:blue", "executorch": "tab:orange", "tflite": "tab:green"}
-    markers = {"fine-tuned": "o", "pruned 30% + distill": "s", "pruned 50% + distill": "D",
-               "pruned 50% one-shot magnitude": "x"}
+    markers = {
+        "fine-tuned": "o",
+        "pruned 30% + distill": "s",
+        "pruned 50% + distill": "D",
+        "pruned 50% one-shot magnitude": "x",
+    }
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in results:
-        ax.scatter(r["p50_ms_seq128"], r["accuracy"], c=colours.get(r["format"], "grey"),
-                   marker=markers.get(r["model"], "*"), s=45)
+        ax.scatter(
+            r["p50_ms_seq128"],
+            r["accuracy"],
+            c=colours.get(r["format"], "grey"),
+            marker=markers.get(r["model"], "*"),
+            s=45,
+        )
         if r["scheme"] != "int8_dynamic" and r["format"] != "pytorch eager":
-            ax.annotate(r["scheme"], (r["p50_ms_seq128"], r["accuracy"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                r["scheme"], (r["p50_ms_seq128"], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=f) for f, c in colours.items()]
     handles += [plt.Line2D([], [], color="grey", marker=m, linestyle="", label=n) for n, m in markers.items()]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
@@ -232,23 +316,36 @@ def write(results: list[dict], args, eager) -> None:
         r["speedup_vs_eager_seq128"] = round(base["p50_ms_seq128"] / r["p50_ms_seq128"], 2)
         r["speedup_vs_eager_seq64"] = round(base["p50_ms_seq64"] / r["p50_ms_seq64"], 2)
     tg = targets(results)
-    payload = {"benchmark": "compression_sst2", "host": platform.processor() or platform.machine(),
-               "train_subset": f"first {args.train_limit} of 67,349 SST-2 train rows", "epochs": args.epochs,
-               "prune_epochs": args.prune_epochs, "dev": "SST-2 dev, 872 sentences", "threads": 1,
-               "warmup": WARMUP, "runs": RUNS, "results": results, "targets": tg}
+    payload = {
+        "benchmark": "compression_sst2",
+        "host": platform.processor() or platform.machine(),
+        "train_subset": f"first {args.train_limit} of 67,349 SST-2 train rows",
+        "epochs": args.epochs,
+        "prune_epochs": args.prune_epochs,
+        "dev": "SST-2 dev, 872 sentences",
+        "threads": 1,
+        "warmup": WARMUP,
+        "runs": RUNS,
+        "results": results,
+        "targets": tg,
+    }
     (RESULTS / "compression_sst2.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "# Compression on SST-2 (MiniLM-L6, 1 thread, batch 1)", "",
+        "# Compression on SST-2 (MiniLM-L6, 1 thread, batch 1)",
+        "",
         f"Fine-tuned on the first {args.train_limit} SST-2 train rows ({args.epochs} epochs, seq 64); "
         "accuracy on all 872 dev sentences; latency p50 over "
-        f"{RUNS} runs after {WARMUP} warm-up, each artifact in its own runtime in a fresh process.", "",
+        f"{RUNS} runs after {WARMUP} warm-up, each artifact in its own runtime in a fresh process.",
+        "",
         "| model | format | scheme | dev acc % | drop (pts) | size MB | p50 ms seq128 | p50 ms seq64 | × eager (128) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['format']} | {r['scheme']} | {r['accuracy']:.2f} | {r['accuracy_drop']:+.2f} "
-                     f"| {r['size_mb']:.1f} | {r['p50_ms_seq128']:.2f} | {r['p50_ms_seq64']:.2f} | "
-                     f"{r['speedup_vs_eager_seq128']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['scheme']} | {r['accuracy']:.2f} | {r['accuracy_drop']:+.2f} "
+            f"| {r['size_mb']:.1f} | {r['p50_ms_seq128']:.2f} | {r['p50_ms_seq64']:.2f} | "
+            f"{r['speedup_vs_eager_seq128']:.2f} |"
+        )
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in tg]
     (RESULTS / "compression_sst2.md").write_text("\n".join(lines) + "\n")

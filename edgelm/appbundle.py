@@ -40,34 +40,54 @@ def wordpiece_settings(directory: Path, max_length: int) -> dict:
         tok = json.loads(tj.read_text(encoding="utf-8"))
         model, norm = tok.get("model") or {}, tok.get("normalizer") or {}
         if model.get("type") != "WordPiece" or norm.get("type") != "BertNormalizer":
-            raise ExportError(f"--bundle android: the demo app tokenizes with BERT WordPiece, but this model's "
-                              f"tokenizer is {model.get('type')} with {norm.get('type')} (e.g. RoBERTa's BPE); export "
-                              "it without --bundle android and tokenize in the app yourself")
+            raise ExportError(
+                f"--bundle android: the demo app tokenizes with BERT WordPiece, but this model's "
+                f"tokenizer is {model.get('type')} with {norm.get('type')} (e.g. RoBERTa's BPE); export "
+                "it without --bundle android and tokenize in the app yourself"
+            )
         lowercase = bool(norm.get("lowercase", True))
-        settings = {"lowercase": lowercase, "strip_accents": norm.get("strip_accents"),
-                    "clean_text": bool(norm.get("clean_text", True)),
-                    "handle_chinese_chars": bool(norm.get("handle_chinese_chars", True)),
-                    "unk_token": model.get("unk_token", "[UNK]"),
-                    "continuing_subword_prefix": model.get("continuing_subword_prefix", "##"),
-                    "max_input_chars_per_word": int(model.get("max_input_chars_per_word", 100))}
+        settings = {
+            "lowercase": lowercase,
+            "strip_accents": norm.get("strip_accents"),
+            "clean_text": bool(norm.get("clean_text", True)),
+            "handle_chinese_chars": bool(norm.get("handle_chinese_chars", True)),
+            "unk_token": model.get("unk_token", "[UNK]"),
+            "continuing_subword_prefix": model.get("continuing_subword_prefix", "##"),
+            "max_input_chars_per_word": int(model.get("max_input_chars_per_word", 100)),
+        }
     else:
-        settings = {"lowercase": bool(cfg.get("do_lower_case", True)), "strip_accents": cfg.get("strip_accents"),
-                    "clean_text": True, "handle_chinese_chars": bool(cfg.get("tokenize_chinese_chars", True)),
-                    "unk_token": cfg.get("unk_token", "[UNK]"), "continuing_subword_prefix": "##",
-                    "max_input_chars_per_word": 100}
+        settings = {
+            "lowercase": bool(cfg.get("do_lower_case", True)),
+            "strip_accents": cfg.get("strip_accents"),
+            "clean_text": True,
+            "handle_chinese_chars": bool(cfg.get("tokenize_chinese_chars", True)),
+            "unk_token": cfg.get("unk_token", "[UNK]"),
+            "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100,
+        }
     if settings["strip_accents"] is None:  # Hugging Face: accents are stripped when lower-casing unless told
         settings["strip_accents"] = settings["lowercase"]
-    vocab = (directory / "vocab.txt")
+    vocab = directory / "vocab.txt"
     if not vocab.is_file():
         raise ExportError("--bundle android needs the WordPiece vocabulary (vocab.txt) beside the model")
     words = vocab.read_text(encoding="utf-8").splitlines()
-    specials = {k: cfg.get(k) if isinstance(cfg.get(k), str) else d for k, d in
-                (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"))}
+    specials = {
+        k: cfg.get(k) if isinstance(cfg.get(k), str) else d
+        for k, d in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"))
+    }
     for token in (*specials.values(), settings["unk_token"]):
         if token not in words:
             raise ExportError(f"--bundle android: special token {token} is not in vocab.txt")
-    return {"type": "wordpiece", "vocab": "vocab.txt", **settings, **specials, "max_length": int(max_length),
-            "truncation": "longest_first", "padding": "right, to max_length", "vocab_size": len(words)}
+    return {
+        "type": "wordpiece",
+        "vocab": "vocab.txt",
+        **settings,
+        **specials,
+        "max_length": int(max_length),
+        "truncation": "longest_first",
+        "padding": "right, to max_length",
+        "vocab_size": len(words),
+    }
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
@@ -104,26 +124,49 @@ def write_android_bundle(bundle_dir: Path) -> Path:
         ref_key = a.get("golden_reference", "reference")
         for f in [a["file"]] + [c["file"] for c in a.get("companions") or []]:
             _link_or_copy(bundle.path / f, out / f)
-        artifacts.append({
-            "file": a["file"], "format": a["format"], "runtime": APP_RUNTIMES[a["format"]], "scheme": scheme,
-            "sha256": a["sha256"], "size_bytes": a["size_bytes"], "inputs": a["inputs"], "outputs": a["outputs"],
-            "max_seq_len": a.get("details", {}).get("max_seq_len", manifest["tokenizer"]["max_length"]),
-            "seq_buckets": a.get("details", {}).get("seq_buckets"),
-            "companions": a.get("companions") or [], "golden_reference": ref_key,
-            "tolerance": {"min_cosine": g.get("min_cosine"), "min_top1_agreement": g.get("min_top1_agreement"),
-                          "max_abs_error": golden_max_abs_error(scheme, bundle.reference(a["file"])),
-                          "max_accuracy_drop": g.get("max_accuracy_drop")},
-            "reference_accuracy": bundle.baseline_accuracy,
-        })
+        artifacts.append(
+            {
+                "file": a["file"],
+                "format": a["format"],
+                "runtime": APP_RUNTIMES[a["format"]],
+                "scheme": scheme,
+                "sha256": a["sha256"],
+                "size_bytes": a["size_bytes"],
+                "inputs": a["inputs"],
+                "outputs": a["outputs"],
+                "max_seq_len": a.get("details", {}).get("max_seq_len", manifest["tokenizer"]["max_length"]),
+                "seq_buckets": a.get("details", {}).get("seq_buckets"),
+                "companions": a.get("companions") or [],
+                "golden_reference": ref_key,
+                "tolerance": {
+                    "min_cosine": g.get("min_cosine"),
+                    "min_top1_agreement": g.get("min_top1_agreement"),
+                    "max_abs_error": golden_max_abs_error(scheme, bundle.reference(a["file"])),
+                    "max_accuracy_drop": g.get("max_accuracy_drop"),
+                },
+                "reference_accuracy": bundle.baseline_accuracy,
+            }
+        )
     labels = manifest.get("labels")
     if labels:
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-    doc = {"schema": ANDROID_SCHEMA, "edgelm_version": edgelm.__version__, "created": manifest.get("created"),
-           "device": {k: manifest["device"].get(k) for k in ("name", "display_name")},
-           "model": {k: manifest["model"].get(k) for k in ("kind", "output", "model_type", "source")},
-           "labels": labels, "threads": manifest["recipe"].get("threads"), "tokenizer": tokenizer,
-           "golden": {"file": golden_file, "sha256": manifest["golden"]["sha256"], "count": manifest["golden"]["count"],
-                      "labeled": "labels" in bundle.golden, "source": manifest["golden"].get("source")},
-           "artifacts": artifacts}
+    doc = {
+        "schema": ANDROID_SCHEMA,
+        "edgelm_version": edgelm.__version__,
+        "created": manifest.get("created"),
+        "device": {k: manifest["device"].get(k) for k in ("name", "display_name")},
+        "model": {k: manifest["model"].get(k) for k in ("kind", "output", "model_type", "source")},
+        "labels": labels,
+        "threads": manifest["recipe"].get("threads"),
+        "tokenizer": tokenizer,
+        "golden": {
+            "file": golden_file,
+            "sha256": manifest["golden"]["sha256"],
+            "count": manifest["golden"]["count"],
+            "labeled": "labels" in bundle.golden,
+            "source": manifest["golden"].get("source"),
+        },
+        "artifacts": artifacts,
+    }
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return out

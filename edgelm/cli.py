@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,17 +28,30 @@ app = typer.Typer(
 )
 devices_app = typer.Typer(help="List device profiles, or show one.", invoke_without_command=True)
 app.add_typer(devices_app, name="devices")
-emulator_app = typer.Typer(help="The arm64 emulator (qemu user mode over a Debian arm64 sysroot).",
-                           no_args_is_help=True)
+emulator_app = typer.Typer(
+    help="The arm64 emulator (qemu user mode over a Debian arm64 sysroot).", no_args_is_help=True
+)
 app.add_typer(emulator_app, name="emulator")
-hypernet_app = typer.Typer(help="Meta-train a hypernetwork that adapts the backbone from a few demonstrations.",
-                           no_args_is_help=True)
+hypernet_app = typer.Typer(
+    help="Meta-train a hypernetwork that adapts the backbone from a few demonstrations.", no_args_is_help=True
+)
 app.add_typer(hypernet_app, name="hypernet")
 
 out_console = Console()
 #: the report columns shown in the terminal summary (report.md has them all)
-TERMINAL_COLUMNS = ("artifact", "pruned", "size MB", "cosine", "top-1", "accuracy %", "p50 ms", "× eager", "RSS MB",
-                    "est. device ms", "gate")
+TERMINAL_COLUMNS = (
+    "artifact",
+    "pruned",
+    "size MB",
+    "cosine",
+    "top-1",
+    "accuracy %",
+    "p50 ms",
+    "× eager",
+    "RSS MB",
+    "est. device ms",
+    "gate",
+)
 
 
 def _err_console() -> Console:
@@ -73,67 +86,192 @@ def _split(values: list[str] | None) -> list[str] | None:
 @app.command()
 @handle_errors
 def export(
-    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name (see `edgelm devices`) or a .toml path.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a Hugging Face checkpoint directory.")] = "default",
-    data: Annotated[Optional[str], typer.Option("--data", help="Eval data: .tsv/.csv/.jsonl with a text column and an optional label column. Default: built-in probe sentences.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output root; artifacts go to OUT/<device>/.")] = Path("dist"),
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="Formats to export (repeat or comma-separate): executorch, tflite, onnx. Default: the profile's.")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quantization for every format (fp32, fp16, int8_dynamic, int8_static, 8da4w, int4_weight_only) or FORMAT=SCHEME,...")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Max sequence length in tokens (default: the profile's latency_seq_len).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime CPU threads (default: the profile's; capped at this host's cores when validating here).")] = None,
-    text_column: Annotated[Optional[str], typer.Option("--text-column", help="Name of the text column in --data.")] = None,
-    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Name of the label column in --data.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many rows of --data.")] = None,
-    prune: Annotated[Optional[float], typer.Option("--prune", help="Prune this share (0-1) of attention heads and FFN neurons before export (one-shot magnitude; classifiers).")] = None,
-    train_data: Annotated[Optional[str], typer.Option("--train-data", help="Labeled file to distill pruned models on, from the unpruned model.")] = None,
-    distill_epochs: Annotated[int, typer.Option("--distill-epochs", help="Epochs of distillation on --train-data for each pruned model.")] = 1,
-    search: Annotated[bool, typer.Option("--search", help="Pick a pruning ratio and scheme per format within the accuracy and device budgets (needs labeled --data).")] = False,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget in points against the fp32 model (default: the profile's gate, else 1.0).")] = None,
-    max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Largest pruning ratio --search tries (0, 0.3 or 0.5; default: the profile's compression.max_sparsity, 0.5).")] = None,
+    device: Annotated[
+        str, typer.Option("--device", "-d", help="Device profile name (see `edgelm devices`) or a .toml path.")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a Hugging Face checkpoint directory."
+        ),
+    ] = "default",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Eval data: .tsv/.csv/.jsonl with a text column and an optional label column. Default: built-in probe sentences.",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output root; artifacts go to OUT/<device>/.")] = Path(
+        "dist"
+    ),
+    fmt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="Formats to export (repeat or comma-separate): executorch, tflite, onnx. Default: the profile's.",
+        ),
+    ] = None,
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            "-q",
+            help="Quantization for every format (fp32, fp16, int8_dynamic, int8_static, 8da4w, int4_weight_only) or FORMAT=SCHEME,...",
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option("--seq-len", help="Max sequence length in tokens (default: the profile's latency_seq_len)."),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="Runtime CPU threads (default: the profile's; capped at this host's cores when validating here).",
+        ),
+    ] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column", help="Name of the text column in --data.")] = None,
+    label_column: Annotated[
+        str | None, typer.Option("--label-column", help="Name of the label column in --data.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use at most this many rows of --data.")] = None,
+    prune: Annotated[
+        float | None,
+        typer.Option(
+            "--prune",
+            help="Prune this share (0-1) of attention heads and FFN neurons before export (one-shot magnitude; classifiers).",
+        ),
+    ] = None,
+    train_data: Annotated[
+        str | None,
+        typer.Option("--train-data", help="Labeled file to distill pruned models on, from the unpruned model."),
+    ] = None,
+    distill_epochs: Annotated[
+        int, typer.Option("--distill-epochs", help="Epochs of distillation on --train-data for each pruned model.")
+    ] = 1,
+    search: Annotated[
+        bool,
+        typer.Option(
+            "--search",
+            help="Pick a pruning ratio and scheme per format within the accuracy and device budgets (needs labeled --data).",
+        ),
+    ] = False,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-accuracy-drop",
+            help="Accuracy budget in points against the fp32 model (default: the profile's gate, else 1.0).",
+        ),
+    ] = None,
+    max_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--max-sparsity",
+            help="Largest pruning ratio --search tries (0, 0.3 or 0.5; default: the profile's compression.max_sparsity, 0.5).",
+        ),
+    ] = None,
     search_time: Annotated[float, typer.Option("--search-time", help="Time limit of --search per format, s.")] = 900.0,
-    lora: Annotated[str, typer.Option("--lora", help="merged (LoRA folded into the weights), or separate: a base artifact plus a swappable adapter weights file (ONNX, ExecuTorch).")] = "merged",
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="With --lora separate: another LoRA-adapted checkpoint of the same base; writes only its weights file (repeatable).")] = None,
-    bundle: Annotated[Optional[str], typer.Option("--bundle", help="android: also write the Android demo app's assets (OUT/<device>/android/edgelm/: artifacts, vocabulary, labels, golden set, manifest).")] = None,
+    lora: Annotated[
+        str,
+        typer.Option(
+            "--lora",
+            help="merged (LoRA folded into the weights), or separate: a base artifact plus a swappable adapter weights file (ONNX, ExecuTorch).",
+        ),
+    ] = "merged",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="With --lora separate: another LoRA-adapted checkpoint of the same base; writes only its weights file (repeatable).",
+        ),
+    ] = None,
+    bundle: Annotated[
+        str | None,
+        typer.Option(
+            "--bundle",
+            help="android: also write the Android demo app's assets (OUT/<device>/android/edgelm/: artifacts, vocabulary, labels, golden set, manifest).",
+        ),
+    ] = None,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
     from edgelm.pipeline import export_for_device, prepare
 
-    prepared = prepare(device, formats=_split(fmt), quant=quant, seq_len=seq_len, threads=threads, sparsity=prune,
-                       max_accuracy_drop=max_accuracy_drop)
+    prepared = prepare(
+        device,
+        formats=_split(fmt),
+        quant=quant,
+        seq_len=seq_len,
+        threads=threads,
+        sparsity=prune,
+        max_accuracy_drop=max_accuracy_drop,
+    )
     err = _err_console()
     command = "edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     def show_recipe(recipe) -> None:
-        t = Table(title=f"recipe for {recipe.device}: seq_len {recipe.seq_len}, batch {recipe.batch}, "
-                        f"{recipe.threads} threads", title_justify="left")
+        t = Table(
+            title=f"recipe for {recipe.device}: seq_len {recipe.seq_len}, batch {recipe.batch}, "
+            f"{recipe.threads} threads",
+            title_justify="left",
+        )
         for col in ("artifact", "delegate", "gates"):
             t.add_column(col, no_wrap=col == "artifact")
         for p in recipe.plans:
             g = p.gates
-            t.add_row(p.artifact_name + (" (+ 8-bit embeddings)" if p.quant.embedding_bits else ""), p.delegate,
-                      f"cosine ≥ {g.min_cosine}, top-1 ≥ {g.min_top1_agreement}, "
-                      f"acc drop ≤ {g.max_accuracy_drop} pt, ≤ {g.max_size_mb:g} MB")
+            t.add_row(
+                p.artifact_name + (" (+ 8-bit embeddings)" if p.quant.embedding_bits else ""),
+                p.delegate,
+                f"cosine ≥ {g.min_cosine}, top-1 ≥ {g.min_top1_agreement}, "
+                f"acc drop ≤ {g.max_accuracy_drop} pt, ≤ {g.max_size_mb:g} MB",
+            )
         err.print(t)
 
     if search:
-        err.print("[bold]--search[/]: each format's scheme and pruning ratio are chosen by measured accuracy "
-                  f"(time limit {search_time:.0f} s per format); the recipe below is the starting point")
+        err.print(
+            "[bold]--search[/]: each format's scheme and pruning ratio are chosen by measured accuracy "
+            f"(time limit {search_time:.0f} s per format); the recipe below is the starting point"
+        )
     show_recipe(prepared[1])
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as bar:
         task = bar.add_task("starting", total=None)
 
         def progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=done, total=total)
 
         report = export_for_device(
-            device, model=model, data=data, out=out, formats=_split(fmt), quant=quant, seq_len=seq_len,
-            threads=threads, text_column=text_column, label_column=label_column, limit=limit,
-            progress=progress, command=command, prepared=prepared, train_data=train_data,
-            distill_epochs=distill_epochs, search=search, search_time=search_time,
+            device,
+            model=model,
+            data=data,
+            out=out,
+            formats=_split(fmt),
+            quant=quant,
+            seq_len=seq_len,
+            threads=threads,
+            text_column=text_column,
+            label_column=label_column,
+            limit=limit,
+            progress=progress,
+            command=command,
+            prepared=prepared,
+            train_data=train_data,
+            distill_epochs=distill_epochs,
+            search=search,
+            search_time=search_time,
             max_sparsity=prepared[0].compression.max_sparsity if max_sparsity is None else max_sparsity,
-            lora=lora, adapters=adapter or [], bundle=bundle,
+            lora=lora,
+            adapters=adapter or [],
+            bundle=bundle,
         )
     from edgelm.report import artifact_rows
 
@@ -141,9 +279,11 @@ def export(
     # only the columns that say something for this model (no top-1/accuracy for an embedding model)
     cols = [k for k in TERMINAL_COLUMNS if any(r[k] != "–" for r in rows)]
     rows = [{k: r[k] for k in cols} for r in rows]
-    table = Table(title=f"{report.device}: {report.output_dir}  (PyTorch eager fp32 p50 "
-                        f"{report.reference['eager_p50_ms']:.1f} ms, {report.reference['threads']} thread(s))",
-                  title_justify="left")
+    table = Table(
+        title=f"{report.device}: {report.output_dir}  (PyTorch eager fp32 p50 "
+        f"{report.reference['eager_p50_ms']:.1f} ms, {report.reference['threads']} thread(s))",
+        title_justify="left",
+    )
     for col in rows[0]:
         table.add_column(col, justify="left" if col == "artifact" else "right", no_wrap=col == "artifact")
     for r in rows:
@@ -156,15 +296,21 @@ def export(
             out_console.print(f"[red]{a.file} failed[/]: {a.error or ', '.join(failed)}")
     if report.search:
         chosen = [c for c in report.search["candidates"] if c["status"] == "chosen"]
-        out_console.print(f"search: {len([c for c in report.search['candidates'] if c['accuracy'] is not None])} "
-                          "candidates measured; chosen: " + "; ".join(
-                              f"{c['format']} {c['sparsity']:.0%} pruned {c['label']} (drop {c['accuracy_drop']:+.2f})"
-                              for c in chosen)
-                          + (" [time limit reached]" if report.search["time_limit_reached"] else ""))
+        out_console.print(
+            f"search: {len([c for c in report.search['candidates'] if c['accuracy'] is not None])} "
+            "candidates measured; chosen: "
+            + "; ".join(
+                f"{c['format']} {c['sparsity']:.0%} pruned {c['label']} (drop {c['accuracy_drop']:+.2f})"
+                for c in chosen
+            )
+            + (" [time limit reached]" if report.search["time_limit_reached"] else "")
+        )
     out_console.print(f"report: {Path(report.output_dir) / 'report.md'}  ({report.wall_seconds:.0f} s)")
     if bundle:
-        out_console.print(f"{bundle} bundle: {Path(report.output_dir) / bundle}  (examples/android/README.md: "
-                          "build the app with -Pedgelm.bundle=<that folder>)")
+        out_console.print(
+            f"{bundle} bundle: {Path(report.output_dir) / bundle}  (examples/android/README.md: "
+            "build the app with -Pedgelm.bundle=<that folder>)"
+        )
     if not report.passed:
         raise typer.Exit(1)
 
@@ -173,21 +319,47 @@ def export(
 @handle_errors
 def validate(
     bundle: Annotated[Path, typer.Argument(help="The bundle to validate: dist/<device>/ from `edgelm export`.")],
-    runner: Annotated[str, typer.Option("--runner", "-r", help="host, emulator, ssh://user@host[:port] (or ssh: the profile's board), adb or adb:SERIAL, or profile (the profile's runner).")] = "host",
-    data: Annotated[Optional[str], typer.Option("--data", help="An extra labeled eval file (TSV/CSV/JSONL) run on the target beside the golden set.")] = None,
-    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
-    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many rows of --data.")] = None,
-    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", help="Validate only this artifact (repeatable).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime threads on the target (default: the recipe's).")] = None,
+    runner: Annotated[
+        str,
+        typer.Option(
+            "--runner",
+            "-r",
+            help="host, emulator, ssh://user@host[:port] (or ssh: the profile's board), adb or adb:SERIAL, or profile (the profile's runner).",
+        ),
+    ] = "host",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="An extra labeled eval file (TSV/CSV/JSONL) run on the target beside the golden set."
+        ),
+    ] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use at most this many rows of --data.")] = None,
+    artifact: Annotated[
+        list[str] | None, typer.Option("--artifact", help="Validate only this artifact (repeatable).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Runtime threads on the target (default: the recipe's).")
+    ] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Timing runs discarded.")] = 5,
     runs: Annotated[int, typer.Option("--runs", help="Timing runs measured (p50/p90).")] = 20,
-    cpu: Annotated[Optional[str], typer.Option("--cpu", help="Emulator: qemu CPU model (default: from the device profile).")] = None,
-    sysroot: Annotated[Optional[Path], typer.Option("--sysroot", help="Emulator: the sysroot from `edgelm emulator setup`.")] = None,
-    key: Annotated[Optional[Path], typer.Option("--key", help="SSH: private key file.")] = None,
-    known_hosts: Annotated[Optional[Path], typer.Option("--known-hosts", help="SSH: pinned known_hosts file with the board's host key.")] = None,
-    remote_python: Annotated[str, typer.Option("--remote-python", help="SSH: the command that starts Python on the board.")] = "python3",
-    remote_env: Annotated[Optional[list[str]], typer.Option("--remote-env", help="SSH: K=V set for the target script (repeatable).")] = None,
+    cpu: Annotated[
+        str | None, typer.Option("--cpu", help="Emulator: qemu CPU model (default: from the device profile).")
+    ] = None,
+    sysroot: Annotated[
+        Path | None, typer.Option("--sysroot", help="Emulator: the sysroot from `edgelm emulator setup`.")
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="SSH: private key file.")] = None,
+    known_hosts: Annotated[
+        Path | None, typer.Option("--known-hosts", help="SSH: pinned known_hosts file with the board's host key.")
+    ] = None,
+    remote_python: Annotated[
+        str, typer.Option("--remote-python", help="SSH: the command that starts Python on the board.")
+    ] = "python3",
+    remote_env: Annotated[
+        list[str] | None, typer.Option("--remote-env", help="SSH: K=V set for the target script (repeatable).")
+    ] = None,
 ):
     """Run a bundle's artifacts on a target (golden set, optional eval set, latency), check them with the
     runtime_tests suite, and write validation.json and the report's side-by-side table."""
@@ -196,15 +368,43 @@ def validate(
     from edgelm.validate.runners import parse_env
 
     b = Bundle.load(bundle)
-    r = bundle_runner(b, runner, cpu=cpu, sysroot=sysroot, key_file=key, known_hosts=known_hosts,
-                      remote_python=remote_python, remote_env=parse_env(remote_env))
+    r = bundle_runner(
+        b,
+        runner,
+        cpu=cpu,
+        sysroot=sysroot,
+        key_file=key,
+        known_hosts=known_hosts,
+        remote_python=remote_python,
+        remote_env=parse_env(remote_env),
+    )
     bar, progress = _fit_progress(_err_console())
     with bar:
-        record, _ = run_validation(b, r, progress=progress, artifacts=artifact, data=data, text_column=text_column,
-                                   label_column=label_column, limit=limit, threads=threads, warmup=warmup, runs=runs)
+        record, _ = run_validation(
+            b,
+            r,
+            progress=progress,
+            artifacts=artifact,
+            data=data,
+            text_column=text_column,
+            label_column=label_column,
+            limit=limit,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+        )
     rows = side_by_side_rows({"runners": {record["runner"]: record}})
     t = Table(title=f"{b.device} on {record['runner']}", title_justify="left")
-    cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "Δ vs host", "top-1 vs host", "p50 ms")  # all: report.md
+    cols = (
+        "artifact",
+        "status",
+        "accuracy %",
+        "top-1",
+        "cosine",
+        "Δ vs host",
+        "top-1 vs host",
+        "p50 ms",
+    )  # all: report.md
     for c in cols:
         t.add_column(c, justify="left" if c in ("artifact", "status") else "right", no_wrap=c == "artifact")
     for row in rows:
@@ -217,8 +417,9 @@ def validate(
         if a.get("skipped"):
             out_console.print(f"[yellow]skipped[/] {a['skipped']}", highlight=False)
     if record.get("dropped"):
-        out_console.print(f"[red]runner dropped[/]: {record['dropped']} (results received before it are kept)",
-                          highlight=False)
+        out_console.print(
+            f"[red]runner dropped[/]: {record['dropped']} (results received before it are kept)", highlight=False
+        )
     if record.get("emulated"):
         out_console.print("latency under emulation is functional only, not device speed", highlight=False)
     out_console.print(f"validation: {b.path / 'validation.json'}  report: {b.path / 'report.md'}")
@@ -228,8 +429,14 @@ def validate(
 
 def _fit_progress(err: Console):
     """A rich progress bar and the (description, done, total) callback that drives it."""
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                   TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=err)
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=err,
+    )
     task = bar.add_task("loading", total=None)
     return bar, lambda desc, done, total: bar.update(task, description=desc, completed=done, total=total)
 
@@ -239,28 +446,47 @@ def _history_table(result, title: str) -> Table:
     for col in ("epoch", "train loss", "eval accuracy %", "heads pruned", "FFN pruned", ""):
         t.add_column(col, justify="right")
     for e in result.history:
-        t.add_row(str(e.epoch), f"{e.train_loss:.4f}", "–" if e.eval_accuracy is None else f"{e.eval_accuracy:.2f}",
-                  f"{e.head_sparsity:.0%}", f"{e.neuron_sparsity:.0%}", "kept" if e.epoch == result.best_epoch else "")
+        t.add_row(
+            str(e.epoch),
+            f"{e.train_loss:.4f}",
+            "–" if e.eval_accuracy is None else f"{e.eval_accuracy:.2f}",
+            f"{e.head_sparsity:.0%}",
+            f"{e.neuron_sparsity:.0%}",
+            "kept" if e.epoch == result.best_epoch else "",
+        )
     return t
 
 
 @app.command()
 @handle_errors
 def finetune(
-    data: Annotated[str, typer.Option("--data", help="Labeled training data (.tsv/.csv/.jsonl with text and label columns).")],
+    data: Annotated[
+        str, typer.Option("--data", help="Labeled training data (.tsv/.csv/.jsonl with text and label columns).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (Hugging Face layout).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a checkpoint directory.")] = "default",
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Labeled eval data; the best epoch on it is kept.")] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a checkpoint directory.")
+    ] = "default",
+    eval_data: Annotated[
+        str | None, typer.Option("--eval", help="Labeled eval data; the best epoch on it is kept.")
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up and decay).")] = 5e-5,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw, or sage (sensitivity-guided adaptive learning rate, Liang et al. 2022).")] = "adamw",
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            "--optimizer", help="adamw, or sage (sensitivity-guided adaptive learning rate, Liang et al. 2022)."
+        ),
+    ] = "adamw",
     seq_len: Annotated[int, typer.Option("--seq-len", help="Max tokens per training example.")] = 128,
-    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same checkpoint on the same machine.")] = 0,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N training rows.")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Use the first N eval rows.")] = None,
-    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
-    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed: the same seed gives the same checkpoint on the same machine.")
+    ] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use the first N training rows.")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Use the first N eval rows.")] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column")] = None,
 ):
     """Fine-tune an encoder into a sequence classifier and write a Hugging Face checkpoint."""
     from edgelm.compress.jobs import run_finetune
@@ -269,8 +495,18 @@ def finetune(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
     bar, progress = _fit_progress(_err_console())
     with bar:
-        result = run_finetune(model, data, out, eval_data=eval_data, cfg=cfg, limit=limit, eval_limit=eval_limit,
-                              text_column=text_column, label_column=label_column, progress=progress)
+        result = run_finetune(
+            model,
+            data,
+            out,
+            eval_data=eval_data,
+            cfg=cfg,
+            limit=limit,
+            eval_limit=eval_limit,
+            text_column=text_column,
+            label_column=label_column,
+            progress=progress,
+        )
     out_console.print(_history_table(result, f"fine-tuning ({optimizer}, {result.seconds:.0f} s)"))
     out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
 
@@ -278,26 +514,59 @@ def finetune(
 @app.command()
 @handle_errors
 def adapt(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (export it like any fine-tuned model).")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Labeled training data (.tsv/.csv/.jsonl) for --method.")] = None,
-    method: Annotated[str, typer.Option("--method", help="lora, prompt-tuning or scaled-prompt-tuning (peft).")] = "lora",
-    shots: Annotated[Optional[int], typer.Option("--shots", help="Train on N labeled examples per class drawn from --data (seeded); all of it when omitted.")] = None,
-    hypernetwork: Annotated[Optional[Path], typer.Option("--hypernetwork", help="A trained hypernetwork (edgelm hypernet train): adapt from --demos with no gradient step.")] = None,
-    demos: Annotated[Optional[str], typer.Option("--demos", help="With --hypernetwork: the labeled demonstrations of the new task.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a checkpoint directory.")] = "default",
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Labeled eval data: accuracy after adaptation.")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint directory to write (export it like any fine-tuned model).")
+    ],
+    data: Annotated[
+        str | None, typer.Option("--data", help="Labeled training data (.tsv/.csv/.jsonl) for --method.")
+    ] = None,
+    method: Annotated[
+        str, typer.Option("--method", help="lora, prompt-tuning or scaled-prompt-tuning (peft).")
+    ] = "lora",
+    shots: Annotated[
+        int | None,
+        typer.Option(
+            "--shots", help="Train on N labeled examples per class drawn from --data (seeded); all of it when omitted."
+        ),
+    ] = None,
+    hypernetwork: Annotated[
+        Path | None,
+        typer.Option(
+            "--hypernetwork",
+            help="A trained hypernetwork (edgelm hypernet train): adapt from --demos with no gradient step.",
+        ),
+    ] = None,
+    demos: Annotated[
+        str | None, typer.Option("--demos", help="With --hypernetwork: the labeled demonstrations of the new task.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a checkpoint directory.")
+    ] = "default",
+    eval_data: Annotated[
+        str | None, typer.Option("--eval", help="Labeled eval data: accuracy after adaptation.")
+    ] = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scaling alpha/r).")] = 16.0,
-    virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt length of (scaled) prompt tuning.")] = 16,
-    pooling: Annotated[str, typer.Option("--pooling", help="mean (masked mean of the last layer; BERT), mean-l2 (that mean L2-normalised) or cls (the checkpoint's pooler).")] = "mean",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Default: 1e-3 (LoRA), 1e-2 (prompts).")] = None,
+    virtual_tokens: Annotated[
+        int, typer.Option("--virtual-tokens", help="Prompt length of (scaled) prompt tuning.")
+    ] = 16,
+    pooling: Annotated[
+        str,
+        typer.Option(
+            "--pooling",
+            help="mean (masked mean of the last layer; BERT), mean-l2 (that mean L2-normalised) or cls (the checkpoint's pooler).",
+        ),
+    ] = "mean",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-3 (LoRA), 1e-2 (prompts).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the shot sampling, the head and the shuffling.")] = 0,
-    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit")] = None,
-    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
-    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit")] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column")] = None,
 ):
     """Adapt a model to a task with LoRA, prompt tuning or scaled prompt tuning, or from a few
     demonstrations with a hypernetwork; writes a checkpoint `edgelm export` takes."""
@@ -310,24 +579,50 @@ def adapt(
 
         rec = adapt_with_hypernetwork(hypernetwork, demos, out, text_column=text_column, label_column=label_column)
         per = ", ".join(f"{k}: {v}" for k, v in rec["demonstrations_per_class"].items())
-        out_console.print(f"hypernetwork adaptation in {rec['generate_seconds']:.2f} s (no gradient steps; "
-                          f"{rec['seconds']:.1f} s with loading); demonstrations per class: {per}")
+        out_console.print(
+            f"hypernetwork adaptation in {rec['generate_seconds']:.2f} s (no gradient steps; "
+            f"{rec['seconds']:.1f} s with loading); demonstrations per class: {per}"
+        )
         if eval_data:
-            out_console.print(f"accuracy on {eval_data}: {_eval_checkpoint(out, eval_data, eval_limit, text_column, label_column):.2f}%")
+            out_console.print(
+                f"accuracy on {eval_data}: {_eval_checkpoint(out, eval_data, eval_limit, text_column, label_column):.2f}%"
+            )
     else:
         if not data:
             raise RecipeError("pass --data (labeled training data) for --method, or --hypernetwork with --demos")
         from edgelm.adapt.peft_methods import AdaptConfig, run_adapt
 
-        cfg = AdaptConfig(method=method, shots=shots, rank=rank, alpha=alpha, num_virtual_tokens=virtual_tokens,
-                          pooling=pooling, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seq_len=seq_len)
+        cfg = AdaptConfig(
+            method=method,
+            shots=shots,
+            rank=rank,
+            alpha=alpha,
+            num_virtual_tokens=virtual_tokens,
+            pooling=pooling,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            seq_len=seq_len,
+        )
         bar, progress = _fit_progress(_err_console())
         with bar:
-            res = run_adapt(model, data, out, cfg, eval_data=eval_data, eval_limit=eval_limit,
-                            text_column=text_column, label_column=label_column, progress=progress)
-        out_console.print(f"{method}: {res.examples} examples, {res.trainable_parameters:,} trainable parameters, "
-                          f"{res.seconds:.1f} s" + (f"; accuracy on {eval_data}: {res.eval_accuracy:.2f}%"
-                                                    if res.eval_accuracy is not None else ""))
+            res = run_adapt(
+                model,
+                data,
+                out,
+                cfg,
+                eval_data=eval_data,
+                eval_limit=eval_limit,
+                text_column=text_column,
+                label_column=label_column,
+                progress=progress,
+            )
+        out_console.print(
+            f"{method}: {res.examples} examples, {res.trainable_parameters:,} trainable parameters, "
+            f"{res.seconds:.1f} s"
+            + (f"; accuracy on {eval_data}: {res.eval_accuracy:.2f}%" if res.eval_accuracy is not None else "")
+        )
     out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
 
 
@@ -346,8 +641,17 @@ def _eval_checkpoint(model: Path, data: str, limit, text_column, label_column) -
 @emulator_app.command("setup")
 @handle_errors
 def emulator_setup(
-    sysroot: Annotated[Optional[Path], typer.Option("--sysroot", help="Where to build it (default: the user cache, ~/.cache/edgelm/emulator/).")] = None,
-    executorch: Annotated[bool, typer.Option("--executorch", help="Also install the aarch64 torch and executorch wheels (about 1 GB) to run .pte artifacts.")] = False,
+    sysroot: Annotated[
+        Path | None,
+        typer.Option("--sysroot", help="Where to build it (default: the user cache, ~/.cache/edgelm/emulator/)."),
+    ] = None,
+    executorch: Annotated[
+        bool,
+        typer.Option(
+            "--executorch",
+            help="Also install the aarch64 torch and executorch wheels (about 1 GB) to run .pte artifacts.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete sysroot is there.")] = False,
 ):
     """Build (once) and cache the arm64 sysroot the emulator runner uses: Debian arm64 python3.11 and
@@ -365,9 +669,19 @@ def emulator_setup(
 @handle_errors
 def hypernet_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the hypernetwork to.")],
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="The shared data folder (cola/, mrpc/, rte/, qnli/, trec/, agnews/, sms_spam/, cb/).")] = Path("../shared/data"),
-    model: Annotated[str, typer.Option("--model", "-m", help="Backbone: 'default' (all-MiniLM-L6-v2) or a BERT checkpoint.")] = "default",
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated meta-training tasks (default: all but sst2, which is held out).")] = None,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data-dir", help="The shared data folder (cola/, mrpc/, rte/, qnli/, trec/, agnews/, sms_spam/, cb/)."
+        ),
+    ] = Path("../shared/data"),
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Backbone: 'default' (all-MiniLM-L6-v2) or a BERT checkpoint.")
+    ] = "default",
+    tasks: Annotated[
+        str | None,
+        typer.Option("--tasks", help="Comma-separated meta-training tasks (default: all but sst2, which is held out)."),
+    ] = None,
     episodes: Annotated[int, typer.Option("--episodes", help="Meta-training episodes.")] = 600,
     rank: Annotated[int, typer.Option("--rank", help="Rank of the generated LoRA updates.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 64,
@@ -383,33 +697,56 @@ def hypernet_train(
     bar, progress = _fit_progress(_err_console())
     with bar:
         rec = meta_train(model, data_dir, out, cfg, progress=progress)
-    out_console.print(f"meta-trained on {', '.join(rec['tasks'])} for {rec['episodes_run']} episodes in {rec['seconds']:.0f} s: "
-                      f"query loss {rec['loss_first']:.3f} → {rec['loss_last']:.3f}, query accuracy "
-                      f"{rec['query_accuracy_first']:.1f}% → {rec['query_accuracy_last']:.1f}% (first → last 10%)")
-    out_console.print(f"hypernetwork: {Path(out).resolve()}  (use it: edgelm adapt --hypernetwork {out} --demos FEW.tsv --out DIR)")
+    out_console.print(
+        f"meta-trained on {', '.join(rec['tasks'])} for {rec['episodes_run']} episodes in {rec['seconds']:.0f} s: "
+        f"query loss {rec['loss_first']:.3f} → {rec['loss_last']:.3f}, query accuracy "
+        f"{rec['query_accuracy_first']:.1f}% → {rec['query_accuracy_last']:.1f}% (first → last 10%)"
+    )
+    out_console.print(
+        f"hypernetwork: {Path(out).resolve()}  (use it: edgelm adapt --hypernetwork {out} --demos FEW.tsv --out DIR)"
+    )
 
 
 @app.command()
 @handle_errors
 def compress(
-    model: Annotated[str, typer.Option("--model", "-m", help="A fine-tuned classifier checkpoint (from `edgelm finetune`).")],
-    data: Annotated[str, typer.Option("--data", help="Labeled training data for pruning-aware training / distillation.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="A fine-tuned classifier checkpoint (from `edgelm finetune`).")
+    ],
+    data: Annotated[
+        str, typer.Option("--data", help="Labeled training data for pruning-aware training / distillation.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Labeled eval data.")] = None,
-    sparsity: Annotated[float, typer.Option("--sparsity", help="Share of FFN neurons (and heads) to remove, 0-1.")] = 0.5,
-    head_sparsity: Annotated[Optional[float], typer.Option("--head-sparsity", help="Share of attention heads to remove (default: --sparsity).")] = None,
-    method: Annotated[str, typer.Option("--method", help="platon (sensitivity + uncertainty, cubic schedule during training) or magnitude (one-shot).")] = "platon",
-    distill: Annotated[bool, typer.Option("--distill", help="Distil from the unpruned model (CE + KL + hidden MSE); with platon: HomoDistil-style.")] = False,
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Labeled eval data.")] = None,
+    sparsity: Annotated[
+        float, typer.Option("--sparsity", help="Share of FFN neurons (and heads) to remove, 0-1.")
+    ] = 0.5,
+    head_sparsity: Annotated[
+        float | None, typer.Option("--head-sparsity", help="Share of attention heads to remove (default: --sparsity).")
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="platon (sensitivity + uncertainty, cubic schedule during training) or magnitude (one-shot).",
+        ),
+    ] = "platon",
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill", help="Distil from the unpruned model (CE + KL + hidden MSE); with platon: HomoDistil-style."
+        ),
+    ] = False,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (magnitude: 0 for pruning only).")] = 2,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     lr: Annotated[float, typer.Option("--lr")] = 5e-5,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sage.")] = "adamw",
     seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    limit: Annotated[Optional[int], typer.Option("--limit")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit")] = None,
-    text_column: Annotated[Optional[str], typer.Option("--text-column")] = None,
-    label_column: Annotated[Optional[str], typer.Option("--label-column")] = None,
+    limit: Annotated[int | None, typer.Option("--limit")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit")] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column")] = None,
 ):
     """Remove attention heads and FFN neurons for real (structured pruning), optionally with distillation."""
     from edgelm.compress.jobs import run_compress
@@ -418,17 +755,33 @@ def compress(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
     bar, progress = _fit_progress(_err_console())
     with bar:
-        result, summary = run_compress(model, data, out, sparsity=sparsity, head_sparsity=head_sparsity,
-                                       method=method, distill=distill, eval_data=eval_data, cfg=cfg, limit=limit,
-                                       eval_limit=eval_limit, text_column=text_column, label_column=label_column,
-                                       progress=progress)
+        result, summary = run_compress(
+            model,
+            data,
+            out,
+            sparsity=sparsity,
+            head_sparsity=head_sparsity,
+            method=method,
+            distill=distill,
+            eval_data=eval_data,
+            cfg=cfg,
+            limit=limit,
+            eval_limit=eval_limit,
+            text_column=text_column,
+            label_column=label_column,
+            progress=progress,
+        )
     if result.history:
         out_console.print(_history_table(result, f"{method} pruning{' + distillation' if distill else ''}"))
     s = summary
-    acc = " ".join(f"{k.replace('accuracy_', '')} {v:.2f}%" for k, v in s.items() if k.startswith("accuracy") and v is not None)
-    out_console.print(f"encoder parameters {s['encoder_parameters_before']:,} → {s['encoder_parameters_after']:,}; "
-                      f"heads per layer {s['heads_per_layer']}; FFN neurons per layer {s['ffn_neurons_per_layer']}"
-                      + (f"; accuracy: {acc}" if acc else ""))
+    acc = " ".join(
+        f"{k.replace('accuracy_', '')} {v:.2f}%" for k, v in s.items() if k.startswith("accuracy") and v is not None
+    )
+    out_console.print(
+        f"encoder parameters {s['encoder_parameters_before']:,} → {s['encoder_parameters_after']:,}; "
+        f"heads per layer {s['heads_per_layer']}; FFN neurons per layer {s['ffn_neurons_per_layer']}"
+        + (f"; accuracy: {acc}" if acc else "")
+    )
     out_console.print(f"checkpoint: {Path(out).resolve()}")
 
 
@@ -437,9 +790,12 @@ def compress(
 def estimate(
     device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")],
     model: Annotated[str, typer.Option("--model", "-m", help="'default' or a checkpoint directory.")] = "default",
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Scheme(s) to estimate, comma-separated (default: fp32 and the profile's).")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    quant: Annotated[
+        str | None,
+        typer.Option("--quant", "-q", help="Scheme(s) to estimate, comma-separated (default: fp32 and the profile's)."),
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
+    threads: Annotated[int | None, typer.Option("--threads")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
     """Estimate parameters, MACs, weight and activation memory, latency and peak RAM on a device, before export."""
@@ -459,25 +815,46 @@ def estimate(
         if sc not in WEIGHT_BITS:
             raise RecipeError(f"unknown scheme {sc!r}; choose from {', '.join(WEIGHT_BITS)}")
     loaded = load_model(model)
-    rows = [cost(loaded.module, profile, scheme=sc, fmt="pytorch" if sc == "fp32" else next(
-        (f for f, q in profile.quantization.items() if q == sc), "onnx"), seq_len=recipe.seq_len,
-        threads=recipe.threads).to_dict() for sc in schemes]
+    rows = [
+        cost(
+            loaded.module,
+            profile,
+            scheme=sc,
+            fmt="pytorch" if sc == "fp32" else next((f for f, q in profile.quantization.items() if q == sc), "onnx"),
+            seq_len=recipe.seq_len,
+            threads=recipe.threads,
+        ).to_dict()
+        for sc in schemes
+    ]
     if as_json:
         out_console.print_json(_json.dumps(rows))
         return
     b = profile.budgets
-    t = Table(title=f"estimate: {model} on {profile.display_name} ({rows[0]['threads']} threads, seq "
-                    f"{rows[0]['seq_len']}, batch 1; budget {b.target_latency_ms:g} ms, {b.max_peak_ram_mb:g} MB RAM, "
-                    f"{b.max_artifact_mb:g} MB file)", title_justify="left")
+    t = Table(
+        title=f"estimate: {model} on {profile.display_name} ({rows[0]['threads']} threads, seq "
+        f"{rows[0]['seq_len']}, batch 1; budget {b.target_latency_ms:g} ms, {b.max_peak_ram_mb:g} MB RAM, "
+        f"{b.max_artifact_mb:g} MB file)",
+        title_justify="left",
+    )
     for col in ("scheme", "runtime", "params M", "GMACs", "weights MB", "act. MB", "latency ms", "RAM MB"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        t.add_row(r["scheme"], r["format"], f"{r['parameters'] / 1e6:.2f}", f"{r['macs'] / 1e9:.2f}",
-                  f"{r['weight_mb']:.1f}", f"{r['activation_mb']:.1f}", f"{r['latency_ms']:.1f}",
-                  f"{r['peak_ram_mb']:.0f}")
+        t.add_row(
+            r["scheme"],
+            r["format"],
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['macs'] / 1e9:.2f}",
+            f"{r['weight_mb']:.1f}",
+            f"{r['activation_mb']:.1f}",
+            f"{r['latency_ms']:.1f}",
+            f"{r['peak_ram_mb']:.0f}",
+        )
     out_console.print(t)
-    out_console.print("Roofline estimate from the profile's \\[hardware] figures (edgelm.compress.estimate); "
-                      "`edgelm export` reports it beside the measurement.", highlight=False)
+    out_console.print(
+        "Roofline estimate from the profile's \\[hardware] figures (edgelm.compress.estimate); "
+        "`edgelm export` reports it beside the measurement.",
+        highlight=False,
+    )
 
 
 @devices_app.callback()
@@ -493,9 +870,16 @@ def devices(ctx: typer.Context):
         t.add_column(col, overflow="fold", no_wrap=col == "name")
     for p in all_profiles():
         b = p.budgets
-        t.add_row(p.name, p.hardware.soc, str(p.hardware.cpu_cores), str(p.hardware.ram_mb),
-                  ", ".join(p.quantization), f"{b.max_artifact_mb:g}",
-                  f"{b.target_latency_ms:g}@{b.latency_seq_len}", p.validation.runner)
+        t.add_row(
+            p.name,
+            p.hardware.soc,
+            str(p.hardware.cpu_cores),
+            str(p.hardware.ram_mb),
+            ", ".join(p.quantization),
+            f"{b.max_artifact_mb:g}",
+            f"{b.target_latency_ms:g}@{b.latency_seq_len}",
+            p.validation.runner,
+        )
     out_console.print(t)
 
 
@@ -522,12 +906,12 @@ def devices_show(name: Annotated[str, typer.Argument(help="Profile name, e.g. pi
 @handle_errors
 def recipe(
     device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")],
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
-    prune: Annotated[Optional[float], typer.Option("--prune")] = None,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop")] = None,
+    fmt: Annotated[list[str] | None, typer.Option("--format", "-f")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", "-q")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
+    threads: Annotated[int | None, typer.Option("--threads")] = None,
+    prune: Annotated[float | None, typer.Option("--prune")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop")] = None,
 ):
     """Print the recipe (as JSON) that `edgelm export` would follow for a device."""
     import json
@@ -535,8 +919,15 @@ def recipe(
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_recipe
 
-    r = make_recipe(load_profile(device), formats=_split(fmt), quant=quant, seq_len=seq_len, threads=threads,
-                    sparsity=prune, max_accuracy_drop=max_accuracy_drop)
+    r = make_recipe(
+        load_profile(device),
+        formats=_split(fmt),
+        quant=quant,
+        seq_len=seq_len,
+        threads=threads,
+        sparsity=prune,
+        max_accuracy_drop=max_accuracy_drop,
+    )
     out_console.print_json(json.dumps(r.to_dict()))
 
 

@@ -278,7 +278,7 @@ def load_tokenizer(directory: Path, seq_len: int):
 def encode(tokenizer, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize ``data`` -> (input_ids int64 [N, seq_len], attention_mask int64 [N, seq_len])."""
     if data.pairs:
-        encs = tokenizer.encode_batch(list(zip(data.texts, data.pairs)))
+        encs = tokenizer.encode_batch(list(zip(data.texts, data.pairs, strict=False)))
     else:
         encs = tokenizer.encode_batch(data.texts)
     ids = np.asarray([e.ids for e in encs], dtype=np.int64)

@@ -116,7 +116,9 @@ def _read_config(directory: Path) -> dict:
             f"({', '.join(SUPPORTED_MODEL_TYPES)}); convert or fine-tune one of those"
         )
     if not any((directory / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
-        raise ModelError(f"{directory} has no tokenizer (tokenizer.json or vocab.txt): save the tokenizer with the model")
+        raise ModelError(
+            f"{directory} has no tokenizer (tokenizer.json or vocab.txt): save the tokenizer with the model"
+        )
     return cfg
 
 
@@ -124,8 +126,13 @@ def build_wrappers():
     """The wrapper classes (defined lazily so that importing this module does not import torch)."""
     import torch
 
-    def encode(base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               collect: list | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        base: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        collect: list | None = None,
+        prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run embeddings and encoder layers; returns hidden states float32 [batch, seq, hidden]. With
         ``collect``, appends the embedding output and every layer's output to it (L + 1 tensors).
 
@@ -140,8 +147,9 @@ def build_wrappers():
             words = base.embeddings.word_embeddings(input_ids)
             virtual = prompt.to(words.dtype)[None].expand(words.shape[0], -1, -1)
             embeds = torch.cat([virtual, words], dim=1)
-            hidden = base.embeddings(inputs_embeds=embeds,
-                                     token_type_ids=torch.zeros(embeds.shape[:2], dtype=torch.int64))
+            hidden = base.embeddings(
+                inputs_embeds=embeds, token_type_ids=torch.zeros(embeds.shape[:2], dtype=torch.int64)
+            )
         if collect is not None:
             collect.append(hidden)
         for layer in base.encoder.layer:
@@ -200,8 +208,9 @@ def build_wrappers():
             """The virtual-token embeddings float32 [n_virtual, hidden], or None."""
             return self.prompt_source() if self.prompt_source is not None else self.prompt
 
-        def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           collect: list | None = None) -> tuple[torch.Tensor, list]:
+        def forward_hidden(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, collect: list | None = None
+        ) -> tuple[torch.Tensor, list]:
             """``(logits [batch, num_labels], hidden states)``: with ``collect`` (a list), the embedding
             output and each layer's output float32 [batch, seq, hidden] are appended to it (distillation)."""
             input_ids = input_ids.to(torch.int64)

@@ -15,8 +15,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -69,12 +69,20 @@ def reference_outputs(model: LoadedModel, ids: np.ndarray, mask: np.ndarray, bat
     outs = []
     with torch.no_grad():
         for i in range(0, len(ids), batch):
-            outs.append(model.module(torch.from_numpy(ids[i : i + batch]), torch.from_numpy(mask[i : i + batch])).numpy())
+            outs.append(
+                model.module(torch.from_numpy(ids[i : i + batch]), torch.from_numpy(mask[i : i + batch])).numpy()
+            )
     return np.concatenate(outs, axis=0).astype(np.float32)
 
 
-def eager_latency_ms(model: LoadedModel, ids: np.ndarray, mask: np.ndarray, threads: int,
-                     warmup: int = WARMUP_RUNS, runs: int = TIMED_RUNS) -> dict[str, float]:
+def eager_latency_ms(
+    model: LoadedModel,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    threads: int,
+    warmup: int = WARMUP_RUNS,
+    runs: int = TIMED_RUNS,
+) -> dict[str, float]:
     """p50/p90 latency (ms) of the PyTorch eager fp32 module at ``threads`` threads on one input [1, seq]."""
     import torch
 
@@ -112,18 +120,29 @@ def check_gates(result: ArtifactResult, plan: FormatPlan, kind: str) -> None:
         "min_cosine": (f["cosine_mean"], g.min_cosine, f["cosine_mean"] >= g.min_cosine),
     }
     if kind == "classifier":
-        gates["min_top1_agreement"] = (f["top1_agreement"], g.min_top1_agreement,
-                                       f["top1_agreement"] >= g.min_top1_agreement)
+        gates["min_top1_agreement"] = (
+            f["top1_agreement"],
+            g.min_top1_agreement,
+            f["top1_agreement"] >= g.min_top1_agreement,
+        )
         if "accuracy_drop" in f:
-            gates["max_accuracy_drop"] = (f["accuracy_drop"], g.max_accuracy_drop,
-                                          f["accuracy_drop"] <= g.max_accuracy_drop)
+            gates["max_accuracy_drop"] = (
+                f["accuracy_drop"],
+                g.max_accuracy_drop,
+                f["accuracy_drop"] <= g.max_accuracy_drop,
+            )
     result.gates = {k: {"value": v, "limit": lim, "passed": bool(ok)} for k, (v, lim, ok) in gates.items()}
     result.passed = result.error is None and all(x["passed"] for x in result.gates.values())
 
 
-def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, directory: Path,
-                    calibration: list[dict[str, np.ndarray]] | None = None,
-                    adapter_modules: tuple[str, ...] = ()) -> exporters.Artifact:
+def export_artifact(
+    model: LoadedModel,
+    plan: FormatPlan,
+    seq_len: int,
+    directory: Path,
+    calibration: list[dict[str, np.ndarray]] | None = None,
+    adapter_modules: tuple[str, ...] = (),
+) -> exporters.Artifact:
     """Export one plan's artifact into ``directory`` (``calibration``: feeds for int8_static;
     ``adapter_modules``: store those modules' weights in a swappable file beside the artifact).
     Raises RuntimeMissingError or ExportError."""
@@ -135,8 +154,13 @@ def export_artifact(model: LoadedModel, plan: FormatPlan, seq_len: int, director
     }
     try:
         return exporters.get(plan.format).export(
-            model.module, example, plan.quant, directory / plan.artifact_name, output_name=model.output_name,
-            calibration=calibration, adapter_modules=adapter_modules,
+            model.module,
+            example,
+            plan.quant,
+            directory / plan.artifact_name,
+            output_name=model.output_name,
+            calibration=calibration,
+            adapter_modules=adapter_modules,
         )
     except exporters.RuntimeNotInstalledError as exc:
         raise RuntimeMissingError(str(exc)) from None
@@ -154,14 +178,28 @@ def _copy_tokenizer(model: LoadedModel, directory: Path) -> list[str]:
     return copied
 
 
-def prepare(device: str, *, formats: list[str] | None = None, quant: str | None = None,
-            seq_len: int | None = None, threads: int | None = None, sparsity: float | None = None,
-            max_accuracy_drop: float | None = None) -> tuple[DeviceProfile, Recipe]:
+def prepare(
+    device: str,
+    *,
+    formats: list[str] | None = None,
+    quant: str | None = None,
+    seq_len: int | None = None,
+    threads: int | None = None,
+    sparsity: float | None = None,
+    max_accuracy_drop: float | None = None,
+) -> tuple[DeviceProfile, Recipe]:
     """Load the profile, derive the recipe, and check that every format's packages are installed.
     Cheap (no model loading). Raises ProfileError, RecipeError or RuntimeMissingError."""
     profile = load_profile(device)
-    recipe = make_recipe(profile, formats=formats, quant=quant, seq_len=seq_len, threads=threads,
-                         sparsity=sparsity, max_accuracy_drop=max_accuracy_drop)
+    recipe = make_recipe(
+        profile,
+        formats=formats,
+        quant=quant,
+        seq_len=seq_len,
+        threads=threads,
+        sparsity=sparsity,
+        max_accuracy_drop=max_accuracy_drop,
+    )
     for plan in recipe.plans:
         try:
             exporters.get(plan.format).check_installed()
@@ -234,8 +272,15 @@ def export_for_device(
 
     if bundle is not None and bundle not in BUNDLE_KINDS:
         raise RecipeError(f"unknown --bundle {bundle!r}: use {', '.join(BUNDLE_KINDS)}")
-    profile, recipe = prepared or prepare(device, formats=formats, quant=quant, seq_len=seq_len, threads=threads,
-                                          sparsity=sparsity, max_accuracy_drop=max_accuracy_drop)
+    profile, recipe = prepared or prepare(
+        device,
+        formats=formats,
+        quant=quant,
+        seq_len=seq_len,
+        threads=threads,
+        sparsity=sparsity,
+        max_accuracy_drop=max_accuracy_drop,
+    )
     if on_recipe:
         on_recipe(recipe)
     total = 4 + 2 * len(recipe.plans)
@@ -256,11 +301,28 @@ def export_for_device(
     try:
         (tmp / "logs").mkdir()
         with captured_output(tmp / "logs" / "export.log"):
-            report = _export_into(tmp, final, profile, recipe, model=model, data=data, text_column=text_column,
-                                  label_column=label_column, limit=limit, step=step, command=command, start=start,
-                                  train_data=train_data, distill_epochs=distill_epochs, search=search,
-                                  max_sparsity=max_sparsity, search_time=search_time, lora=lora,
-                                  adapters=adapters or [], app_bundle=bundle)
+            report = _export_into(
+                tmp,
+                final,
+                profile,
+                recipe,
+                model=model,
+                data=data,
+                text_column=text_column,
+                label_column=label_column,
+                limit=limit,
+                step=step,
+                command=command,
+                start=start,
+                train_data=train_data,
+                distill_epochs=distill_epochs,
+                search=search,
+                max_sparsity=max_sparsity,
+                search_time=search_time,
+                lora=lora,
+                adapters=adapters or [],
+                app_bundle=bundle,
+            )
             if bundle == "android":
                 from edgelm.appbundle import write_android_bundle
 
@@ -285,7 +347,7 @@ def calibration_rows(ids: np.ndarray, mask: np.ndarray, n: int = CALIBRATION_ROW
     rows = []
     for i in idx:
         length = max(2, int(mask[i].sum()))
-        rows.append({"input_ids": ids[i:i + 1, :length], "attention_mask": mask[i:i + 1, :length]})
+        rows.append({"input_ids": ids[i : i + 1, :length], "attention_mask": mask[i : i + 1, :length]})
     return rows
 
 
@@ -293,8 +355,15 @@ class _Variants:
     """The model at each sparsity, built on demand and cached: 0 is the loaded model; others are one-shot
     magnitude-pruned copies, distilled from the unpruned model when training data is given."""
 
-    def __init__(self, loaded: LoadedModel, ids: np.ndarray, mask: np.ndarray, train: tuple | None,
-                 distill_epochs: int, seq_len: int):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        train: tuple | None,
+        distill_epochs: int,
+        seq_len: int,
+    ):
         self.loaded, self.ids, self.mask, self.train = loaded, ids, mask, train
         self.distill_epochs, self.seq_len = distill_epochs, seq_len
         self._cache: dict[float, tuple[LoadedModel, np.ndarray, dict | None]] = {}
@@ -316,8 +385,13 @@ class _Variants:
         m = copy.deepcopy(self.loaded)
         before = pruning.encoder_parameter_count(m.module)
         record = pruning.prune_one_shot(m.module, sparsity)
-        info = {"method": "magnitude (one-shot)", "sparsity": sparsity, "encoder_parameters_before": before,
-                "encoder_parameters_after": pruning.encoder_parameter_count(m.module), "record": record}
+        info = {
+            "method": "magnitude (one-shot)",
+            "sparsity": sparsity,
+            "encoder_parameters_before": before,
+            "encoder_parameters_after": pruning.encoder_parameter_count(m.module),
+            "record": record,
+        }
         return m, info
 
     def get(self, sparsity: float) -> tuple[LoadedModel, np.ndarray, dict | None]:
@@ -330,19 +404,41 @@ class _Variants:
 
                 m, info = self._pruned(sparsity)
                 if self.train is not None and self.distill_epochs > 0:
-                    res = fit(m.module, self.train, None, TrainConfig(epochs=self.distill_epochs, lr=1e-4,
-                                                                     seq_len=self.seq_len),
-                              teacher=teacher_copy(self.loaded.module))
+                    res = fit(
+                        m.module,
+                        self.train,
+                        None,
+                        TrainConfig(epochs=self.distill_epochs, lr=1e-4, seq_len=self.seq_len),
+                        teacher=teacher_copy(self.loaded.module),
+                    )
                     info.update(distill_epochs=self.distill_epochs, distill_seconds=res.seconds)
                 self._cache[sparsity] = (m, reference_outputs(m, self.ids, self.mask), info)
         return self._cache[sparsity]
 
 
-def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe, *, model, data, text_column,
-                 label_column, limit, step: Callable[[str], None], command: str, start: float,
-                 train_data: str | None = None, distill_epochs: int = 1, search: bool = False,
-                 max_sparsity: float = 0.5, search_time: float = 900.0, lora: str = "merged",
-                 adapters: list[str] | None = None, app_bundle: str | None = None) -> Report:
+def _export_into(
+    tmp: Path,
+    final: Path,
+    profile: DeviceProfile,
+    recipe: Recipe,
+    *,
+    model,
+    data,
+    text_column,
+    label_column,
+    limit,
+    step: Callable[[str], None],
+    command: str,
+    start: float,
+    train_data: str | None = None,
+    distill_epochs: int = 1,
+    search: bool = False,
+    max_sparsity: float = 0.5,
+    search_time: float = 900.0,
+    lora: str = "merged",
+    adapters: list[str] | None = None,
+    app_bundle: str | None = None,
+) -> Report:
     """The body of :func:`export_for_device`: everything is written into ``tmp``."""
     from edgelm.compress.estimate import estimate
 
@@ -361,8 +457,10 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     if recipe.seq_len > loaded.max_positions:
         raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
     if (recipe.sparsity > 0 or search) and loaded.kind != "classifier":
-        raise RecipeError("pruning and the accuracy-budget search need a fine-tuned classifier (--model from "
-                          "`edgelm finetune`); an embedding model has no task accuracy to guard")
+        raise RecipeError(
+            "pruning and the accuracy-budget search need a fine-tuned classifier (--model from "
+            "`edgelm finetune`); an embedding model has no task accuracy to guard"
+        )
     step("reading data")
     dataset = data_mod.load_dataset(data, text_column, label_column, limit) if data else data_mod.probe_dataset()
     labels = None
@@ -376,8 +474,9 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     if train_data:
         from edgelm.compress.train import encode_labeled
 
-        train = encode_labeled(tokenizer, data_mod.load_dataset(train_data, text_column, label_column),
-                               loaded.labels)[0]
+        train = encode_labeled(tokenizer, data_mod.load_dataset(train_data, text_column, label_column), loaded.labels)[
+            0
+        ]
     step("PyTorch fp32 reference")
     variants = _Variants(loaded, ids, mask, train, distill_epochs, recipe.seq_len)
     ref = variants.get(0.0)[1]
@@ -388,8 +487,14 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     fp32_bytes = loaded.num_parameters * 4
     calibration = calibration_rows(ids, mask)
 
-    golden = {"input_ids": ids, "attention_mask": mask, "reference": ref, "texts": np.asarray(dataset.texts),
-              "latency_input_ids": lat_ids, "latency_attention_mask": lat_mask}
+    golden = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "reference": ref,
+        "texts": np.asarray(dataset.texts),
+        "latency_input_ids": lat_ids,
+        "latency_attention_mask": lat_mask,
+    }
     if labels is not None:
         golden["labels"] = labels
     np.savez(tmp / "golden.npz", **golden)
@@ -400,9 +505,16 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     runner = HostRunner()
 
     def cost(model_: LoadedModel, fmt: str, quant: exporters.QuantSpec) -> dict:
-        return estimate(model_.module, profile, scheme=quant.scheme, fmt=fmt, seq_len=recipe.seq_len,
-                        threads=recipe.threads, embedding_bits=quant.embedding_bits,
-                        group_size=quant.group_size).to_dict()
+        return estimate(
+            model_.module,
+            profile,
+            scheme=quant.scheme,
+            fmt=fmt,
+            seq_len=recipe.seq_len,
+            threads=recipe.threads,
+            embedding_bits=quant.embedding_bits,
+            group_size=quant.group_size,
+        ).to_dict()
 
     def build(plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
         model_, ref_, _ = variants.get(sparsity)
@@ -410,14 +522,21 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
             art = export_artifact(model_, plan, recipe.seq_len, directory, calibration, adapter_modules)
         res = ArtifactResult(
-            file=art.path.name, format=plan.format, quant=plan.quant.label, delegate=plan.delegate,
-            size_mb=art.size_bytes / 1e6, size_vs_fp32=art.size_bytes / fp32_bytes,
-            export_seconds=art.export_seconds, threads=host_threads, sparsity=sparsity,
+            file=art.path.name,
+            format=plan.format,
+            quant=plan.quant.label,
+            delegate=plan.delegate,
+            size_mb=art.size_bytes / 1e6,
+            size_vs_fp32=art.size_bytes / fp32_bytes,
+            export_seconds=art.export_seconds,
+            threads=host_threads,
+            sparsity=sparsity,
             estimate=cost(model_, plan.format, plan.quant),
         )
         try:
-            run = runner.run_artifact(art.path, tmp / "golden.npz", threads=host_threads,
-                                      warmup=WARMUP_RUNS, runs=TIMED_RUNS)
+            run = runner.run_artifact(
+                art.path, tmp / "golden.npz", threads=host_threads, warmup=WARMUP_RUNS, runs=TIMED_RUNS
+            )
             res.fidelity = fidelity(run.outputs, ref_, loaded.kind, labels, baseline_accuracy=baseline)
             res.latency = latency_stats(run.result["latency_samples_ms"])
             res.speedup_vs_eager = eager["p50_ms"] / res.latency["p50_ms"]
@@ -436,8 +555,9 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
         if not search:
             art, res = build(plan, recipe.sparsity, tmp)
         else:
-            art, res, summary = _search_format(plan, profile, recipe, variants, build, cost, tmp,
-                                               max_sparsity, search_time)
+            art, res, summary = _search_format(
+                plan, profile, recipe, variants, build, cost, tmp, max_sparsity, search_time
+            )
             searches.append(summary)
         artifacts.append(art)
         results.append(res)
@@ -445,8 +565,9 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     adapter_results = []
     for adapter_dir in adapters or []:
         step(f"adapter {Path(adapter_dir).name}")
-        adapter_results += _extra_adapter(adapter_dir, loaded, artifacts, recipe, tmp, golden, ids, mask, labels,
-                                          runner, host_threads, calibration)
+        adapter_results += _extra_adapter(
+            adapter_dir, loaded, artifacts, recipe, tmp, golden, ids, mask, labels, runner, host_threads, calibration
+        )
 
     step("writing manifest and report")
     used = sorted({r.sparsity for r in results})
@@ -456,34 +577,56 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
             info = dict(variants.get(s_)[2])
             info.pop("record", None)
             info["train"] = train_data
-            golden[f"reference_sparsity_{int(round(s_ * 100))}"] = variants.get(s_)[1]
+            golden[f"reference_sparsity_{round(s_ * 100)}"] = variants.get(s_)[1]
             compression = info
     if adapter_results or compression is not None:  # references added after the runs that read the inputs
         np.savez(tmp / "golden.npz", **golden)
     data_info = {"source": dataset.source, "count": len(dataset), "labeled": labels is not None, "command": command}
-    reference = {"eager_p50_ms": eager["p50_ms"], "eager_p90_ms": eager["p90_ms"], "threads": host_threads,
-                 "accuracy": baseline}
+    reference = {
+        "eager_p50_ms": eager["p50_ms"],
+        "eager_p90_ms": eager["p90_ms"],
+        "threads": host_threads,
+        "accuracy": baseline,
+    }
     versions = exporters.base.package_versions(
-        "edgelm", "torch", "transformers", "executorch", "torchao", "onnx", "onnxruntime", "litert-torch",
-        "ai-edge-litert", "numpy")
+        "edgelm",
+        "torch",
+        "transformers",
+        "executorch",
+        "torchao",
+        "onnx",
+        "onnxruntime",
+        "litert-torch",
+        "ai-edge-litert",
+        "numpy",
+    )
     artifact_dicts = []
-    for a, r in zip(artifacts, results):
+    for a, r in zip(artifacts, results, strict=False):
         d = a.to_dict()
         d["sparsity"] = r.sparsity
-        d["golden_reference"] = "reference" if r.sparsity == 0 else f"reference_sparsity_{int(round(r.sparsity * 100))}"
+        d["golden_reference"] = "reference" if r.sparsity == 0 else f"reference_sparsity_{round(r.sparsity * 100)}"
         d["estimate"] = r.estimate
         artifact_dicts.append(d)
     manifest = {
         "edgelm_version": edgelm.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device": profile.to_dict(),
         "recipe": recipe.to_dict(),
         "model": loaded.describe(),
-        "tokenizer": {"files": tok_files, "max_length": recipe.seq_len, "padding": "right",
-                      "pad_to": "seq_len (ONNX/ExecuTorch accept any length 2..seq_len; TFLite pads to a bucket)"},
+        "tokenizer": {
+            "files": tok_files,
+            "max_length": recipe.seq_len,
+            "padding": "right",
+            "pad_to": "seq_len (ONNX/ExecuTorch accept any length 2..seq_len; TFLite pads to a bucket)",
+        },
         "labels": loaded.labels,
-        "golden": {"file": "golden.npz", "sha256": exporters.sha256_file(tmp / "golden.npz"),
-                   "count": len(dataset), "source": dataset.source, "output": loaded.output_name},
+        "golden": {
+            "file": "golden.npz",
+            "sha256": exporters.sha256_file(tmp / "golden.npz"),
+            "count": len(dataset),
+            "source": dataset.source,
+            "output": loaded.output_name,
+        },
         "compression": compression,
         "artifacts": artifact_dicts,
         "adapters": adapter_results,
@@ -492,14 +635,26 @@ def _export_into(tmp: Path, final: Path, profile: DeviceProfile, recipe: Recipe,
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     search_info = None
     if searches:
-        search_info = {**{k: v for k, v in searches[0].items() if k not in ("candidates", "format", "seconds")},
-                       "seconds": sum(x["seconds"] for x in searches),
-                       "time_limit_reached": any(x["time_limit_reached"] for x in searches),
-                       "candidates": [c for x in searches for c in x["candidates"]]}
-    report = Report(device=profile.name, model=loaded.describe(), data=data_info, recipe=recipe.to_dict(),
-                    reference=reference, artifacts=results, output_dir=str(final),
-                    wall_seconds=time.perf_counter() - start, versions=versions, compression=compression,
-                    search=search_info, adapters=adapter_results)
+        search_info = {
+            **{k: v for k, v in searches[0].items() if k not in ("candidates", "format", "seconds")},
+            "seconds": sum(x["seconds"] for x in searches),
+            "time_limit_reached": any(x["time_limit_reached"] for x in searches),
+            "candidates": [c for x in searches for c in x["candidates"]],
+        }
+    report = Report(
+        device=profile.name,
+        model=loaded.describe(),
+        data=data_info,
+        recipe=recipe.to_dict(),
+        reference=reference,
+        artifacts=results,
+        output_dir=str(final),
+        wall_seconds=time.perf_counter() - start,
+        versions=versions,
+        compression=compression,
+        search=search_info,
+        adapters=adapter_results,
+    )
     report.write(tmp)
     return report
 
@@ -516,12 +671,15 @@ def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) ->
             raise RecipeError("--adapter needs --lora separate (one base artifact, one weights file per adapter)")
         return ()
     if recipe.sparsity > 0 or search:
-        raise RecipeError("--lora separate exports the adapters' shared base as it is: it cannot be combined with "
-                          "pruning or --search")
+        raise RecipeError(
+            "--lora separate exports the adapters' shared base as it is: it cannot be combined with pruning or --search"
+        )
     static = [p.format for p in recipe.plans if p.quant.scheme == "int8_static"]
     if static:
-        raise RecipeError(f"--lora separate with int8_static ({', '.join(static)}): calibrated activation scales "
-                          "depend on the adapter, so adapters could not share one base; use int8_dynamic or 8da4w")
+        raise RecipeError(
+            f"--lora separate with int8_static ({', '.join(static)}): calibrated activation scales "
+            "depend on the adapter, so adapters could not share one base; use int8_dynamic or 8da4w"
+        )
     if any(p.format == "tflite" for p in recipe.plans):
         from exporters.tflite import NO_SEPARATE_ADAPTERS
 
@@ -529,8 +687,20 @@ def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) ->
     return exporters.base.ADAPTER_MODULES
 
 
-def _extra_adapter(adapter_dir: str, loaded: LoadedModel, artifacts: list, recipe: Recipe, tmp: Path, golden: dict,
-                   ids: np.ndarray, mask: np.ndarray, labels, runner, threads: int, calibration) -> list[dict]:
+def _extra_adapter(
+    adapter_dir: str,
+    loaded: LoadedModel,
+    artifacts: list,
+    recipe: Recipe,
+    tmp: Path,
+    golden: dict,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    labels,
+    runner,
+    threads: int,
+    calibration,
+) -> list[dict]:
     """Export ``adapter_dir`` (another LoRA adapter of the same base) for every artifact, check that its base
     file is byte-identical to the one written, keep only its weights file (``<stem>.<name>.adapter<ext>``)
     and validate the base artifact with it against the adapter's PyTorch model (``golden`` gains the adapter's
@@ -547,24 +717,45 @@ def _extra_adapter(adapter_dir: str, loaded: LoadedModel, artifacts: list, recip
         plan = next(p for p in recipe.plans if p.artifact_name == art.path.name)
         with tempfile.TemporaryDirectory(dir=tmp) as work:
             with captured_output(tmp / "logs" / f"export-{plan.format}-adapter-{name}.log"):
-                other_art = export_artifact(other, plan, recipe.seq_len, Path(work), calibration,
-                                            exporters.base.ADAPTER_MODULES)
+                other_art = export_artifact(
+                    other, plan, recipe.seq_len, Path(work), calibration, exporters.base.ADAPTER_MODULES
+                )
             if other_art.sha256() != art.sha256():
-                raise ExportError(f"adapter {adapter_dir} does not share the base of {loaded.source}: its "
-                                  f"{plan.format} base artifact differs (adapt both from the same base model)")
+                raise ExportError(
+                    f"adapter {adapter_dir} does not share the base of {loaded.source}: its "
+                    f"{plan.format} base artifact differs (adapt both from the same base model)"
+                )
             src = other_art.companions[0]
             dest = tmp / src.name.replace(".adapter", f".{name}.adapter")
             shutil.copy2(src, dest)
         run = runner.run_artifact(art.path, tmp / "golden.npz", threads=threads, warmup=1, runs=3, adapter=dest)
         fid = fidelity(run.outputs, golden[key], loaded.kind, labels)
-        rows.append({"adapter": str(adapter_dir), "name": name, "artifact": art.path.name, "file": dest.name,
-                     "sha256": exporters.sha256_file(dest), "size_bytes": dest.stat().st_size,
-                     "golden_reference": key, "fidelity": fid})
+        rows.append(
+            {
+                "adapter": str(adapter_dir),
+                "name": name,
+                "artifact": art.path.name,
+                "file": dest.name,
+                "sha256": exporters.sha256_file(dest),
+                "size_bytes": dest.stat().st_size,
+                "golden_reference": key,
+                "fidelity": fid,
+            }
+        )
     return rows
 
 
-def _search_format(plan: FormatPlan, profile: DeviceProfile, recipe: Recipe, variants: _Variants, build, cost,
-                   tmp: Path, max_sparsity: float, search_time: float):
+def _search_format(
+    plan: FormatPlan,
+    profile: DeviceProfile,
+    recipe: Recipe,
+    variants: _Variants,
+    build,
+    cost,
+    tmp: Path,
+    max_sparsity: float,
+    search_time: float,
+):
     """Run the accuracy-budget search for one format; the chosen artifact is moved into ``tmp``."""
     from edgelm.recipe import gates_for
     from edgelm.search import candidates, run_search
@@ -574,8 +765,9 @@ def _search_format(plan: FormatPlan, profile: DeviceProfile, recipe: Recipe, var
     fmt_mod = exporters.get(plan.format)
 
     def cplan(c) -> FormatPlan:
-        return FormatPlan(plan.format, c.quant, plan.delegate,
-                          gates_for(profile, c.quant.scheme, plan.gates.max_accuracy_drop))
+        return FormatPlan(
+            plan.format, c.quant, plan.delegate, gates_for(profile, c.quant.scheme, plan.gates.max_accuracy_drop)
+        )
 
     def evaluate(c) -> None:
         directory = work / f"{plan.format}-{len(list(work.iterdir()))}"
@@ -583,7 +775,9 @@ def _search_format(plan: FormatPlan, profile: DeviceProfile, recipe: Recipe, var
         try:
             art, res = build(cplan(c), c.sparsity, directory)
         except EdgeLMError as exc:  # a converter failure rejects the candidate, it does not end the search
-            c.result = ArtifactResult(file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(exc))
+            c.result = ArtifactResult(
+                file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(exc)
+            )
             return
         c.artifact, c.result = art, res
         c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
@@ -591,10 +785,15 @@ def _search_format(plan: FormatPlan, profile: DeviceProfile, recipe: Recipe, var
 
     cands = candidates(plan.format, fmt_mod.SCHEMES, max_sparsity)
     chosen, summary = run_search(
-        cands, estimate=lambda c: cost(variants.structure(c.sparsity), plan.format, c.quant), evaluate=evaluate,
-        max_accuracy_drop=plan.gates.max_accuracy_drop, max_size_mb=profile.budgets.max_artifact_mb,
-        target_latency_ms=profile.budgets.target_latency_ms, max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
-        time_limit_s=search_time)
+        cands,
+        estimate=lambda c: cost(variants.structure(c.sparsity), plan.format, c.quant),
+        evaluate=evaluate,
+        max_accuracy_drop=plan.gates.max_accuracy_drop,
+        max_size_mb=profile.budgets.max_artifact_mb,
+        target_latency_ms=profile.budgets.target_latency_ms,
+        max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
+        time_limit_s=search_time,
+    )
     final_plan = cplan(chosen)
     target = tmp / final_plan.artifact_name
     os.replace(chosen.artifact.path, target)

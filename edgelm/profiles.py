@@ -120,7 +120,7 @@ class DeviceProfile(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _reachable(self) -> "DeviceProfile":
+    def _reachable(self) -> DeviceProfile:
         if self.validation.runner == "ssh" and not self.validation.ssh:
             raise ValueError("validation.runner is 'ssh' but validation.ssh (ssh://user@host) is not set")
         return self

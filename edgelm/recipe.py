@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import exporters
-from exporters import QuantSpec, UnsupportedQuantError
 from edgelm.errors import RecipeError
 from edgelm.profiles import DeviceProfile
+from exporters import QuantSpec, UnsupportedQuantError
 
 #: Default gates per quantization scheme: (min cosine to the PyTorch fp32 reference, min top-1 agreement).
 #: fp32 artifacts must match PyTorch to rounding; int8 dynamic per-channel keeps MiniLM at cosine ~0.993-0.998.
@@ -87,7 +87,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for plan, pd in zip(self.plans, d["plans"]):
+        for plan, pd in zip(self.plans, d["plans"], strict=False):
             pd["artifact"] = plan.artifact_name
         return d
 
@@ -117,8 +117,13 @@ def quant_spec(scheme: str, float_layers: tuple[str, ...] | None = None) -> Quan
     Raises UnsupportedQuantError for an unknown scheme."""
     if float_layers is None:
         float_layers = DEFAULT_STATIC_FLOAT_LAYERS if scheme == "int8_static" else ()
-    return QuantSpec(scheme=scheme, per_channel=True, embedding_bits=None if scheme in ("fp32", "fp16") else 8,
-                     group_size=32, float_layers=tuple(float_layers))
+    return QuantSpec(
+        scheme=scheme,
+        per_channel=True,
+        embedding_bits=None if scheme in ("fp32", "fp16") else 8,
+        group_size=32,
+        float_layers=tuple(float_layers),
+    )
 
 
 def gates_for(profile: DeviceProfile, scheme: str, max_accuracy_drop: float | None = None) -> Gates:
@@ -126,8 +131,11 @@ def gates_for(profile: DeviceProfile, scheme: str, max_accuracy_drop: float | No
     ``[gates]`` overrides, ``max_accuracy_drop`` (points) when given, and the profile's size budget."""
     min_cos, min_top1 = DEFAULT_GATES.get(scheme, DEFAULT_GATES["int8_dynamic"])
     g = profile.gates
-    drop = max_accuracy_drop if max_accuracy_drop is not None else (
-        g.max_accuracy_drop if g.max_accuracy_drop is not None else DEFAULT_MAX_ACCURACY_DROP)
+    drop = (
+        max_accuracy_drop
+        if max_accuracy_drop is not None
+        else (g.max_accuracy_drop if g.max_accuracy_drop is not None else DEFAULT_MAX_ACCURACY_DROP)
+    )
     return Gates(
         min_cosine=g.min_cosine if g.min_cosine is not None else min_cos,
         min_top1_agreement=g.min_top1_agreement if g.min_top1_agreement is not None else min_top1,
@@ -200,7 +208,8 @@ def make_recipe(
         if scheme not in supported:
             why = getattr(exporters.get(fmt), "UNSUPPORTED", {}).get(scheme)
             raise RecipeError(
-                f"{fmt} cannot do quantization {scheme!r}" + (f" ({why})" if why else "")
+                f"{fmt} cannot do quantization {scheme!r}"
+                + (f" ({why})" if why else "")
                 + f"; it supports {', '.join(supported)}"
             )
         try:

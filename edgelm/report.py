@@ -95,8 +95,9 @@ def markdown_table(rows: list[dict[str, str]]) -> list[str]:
     if not rows:
         return []
     head = list(rows[0])
-    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            + ["| " + " | ".join(r[h] for h in head) + " |" for r in rows])
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(r[h] for h in head) + " |" for r in rows
+    ]
 
 
 def artifact_rows(report: Report) -> list[dict[str, str]]:
@@ -104,58 +105,75 @@ def artifact_rows(report: Report) -> list[dict[str, str]]:
     rows = []
     for a in report.artifacts:
         f = a.fidelity
-        rows.append({
-            "artifact": a.file,
-            "format": a.format,
-            "quant": a.quant,
-            "pruned": f"{a.sparsity:.0%}",
-            "size MB": fmt(a.size_mb, ".1f"),
-            "× fp32": fmt(a.size_vs_fp32, ".2f"),
-            "cosine": fmt(f.get("cosine_mean")),
-            "top-1": fmt(f.get("top1_agreement"), ".3f"),
-            "accuracy %": fmt(f.get("accuracy"), ".2f"),
-            "max err": fmt(f.get("max_abs_error"), ".2e"),
-            "p50 ms": fmt(a.latency.get("p50_ms"), ".2f"),
-            "p90 ms": fmt(a.latency.get("p90_ms"), ".2f"),
-            "× eager": fmt(a.speedup_vs_eager, ".1f"),
-            "RSS MB": fmt(a.peak_rss_mb, ".0f"),
-            "est. device ms": fmt(a.estimate.get("latency_ms"), ".1f"),
-            "est. device RAM MB": fmt(a.estimate.get("peak_ram_mb"), ".0f"),
-            "gate": "PASS" if a.passed else "FAIL",
-        })
+        rows.append(
+            {
+                "artifact": a.file,
+                "format": a.format,
+                "quant": a.quant,
+                "pruned": f"{a.sparsity:.0%}",
+                "size MB": fmt(a.size_mb, ".1f"),
+                "× fp32": fmt(a.size_vs_fp32, ".2f"),
+                "cosine": fmt(f.get("cosine_mean")),
+                "top-1": fmt(f.get("top1_agreement"), ".3f"),
+                "accuracy %": fmt(f.get("accuracy"), ".2f"),
+                "max err": fmt(f.get("max_abs_error"), ".2e"),
+                "p50 ms": fmt(a.latency.get("p50_ms"), ".2f"),
+                "p90 ms": fmt(a.latency.get("p90_ms"), ".2f"),
+                "× eager": fmt(a.speedup_vs_eager, ".1f"),
+                "RSS MB": fmt(a.peak_rss_mb, ".0f"),
+                "est. device ms": fmt(a.estimate.get("latency_ms"), ".1f"),
+                "est. device RAM MB": fmt(a.estimate.get("peak_ram_mb"), ".0f"),
+                "gate": "PASS" if a.passed else "FAIL",
+            }
+        )
     return rows
 
 
 def search_markdown(search: dict) -> list[str]:
     """The accuracy-budget search as Markdown: one row per candidate tried, the chosen one marked."""
-    lines = ["## Accuracy-budget search", "",
-             f"Budget: accuracy drop ≤ {search['max_accuracy_drop']} points against the fp32 model, size ≤ "
-             f"{search['max_size_mb']} MB, estimated device latency ≤ {search['target_latency_ms']} ms and peak RAM ≤ "
-             f"{search['max_peak_ram_mb']} MB. Candidates are tried fastest first (by the cost model) and the first "
-             f"within every budget is chosen. Time limit {search['time_limit_s']:.0f} s"
-             + (" — **reached: candidates after it were not tried**." if search.get("time_limit_reached") else
-                f"; used {search['seconds']:.0f} s."), "",
-             "| format | pruned | scheme | est. device ms | size MB | accuracy % | drop | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Accuracy-budget search",
+        "",
+        f"Budget: accuracy drop ≤ {search['max_accuracy_drop']} points against the fp32 model, size ≤ "
+        f"{search['max_size_mb']} MB, estimated device latency ≤ {search['target_latency_ms']} ms and peak RAM ≤ "
+        f"{search['max_peak_ram_mb']} MB. Candidates are tried fastest first (by the cost model) and the first "
+        f"within every budget is chosen. Time limit {search['time_limit_s']:.0f} s"
+        + (
+            " — **reached: candidates after it were not tried**."
+            if search.get("time_limit_reached")
+            else f"; used {search['seconds']:.0f} s."
+        ),
+        "",
+        "| format | pruned | scheme | est. device ms | size MB | accuracy % | drop | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in search["candidates"]:
         lines.append(
             f"| {c['format']} | {c['sparsity']:.0%} | {c['label']} | {fmt(c.get('est_latency_ms'), '.1f')} | "
             f"{fmt(c.get('size_mb'), '.1f')} | {fmt(c.get('accuracy'), '.2f')} | {fmt(c.get('accuracy_drop'), '+.2f')} "
-            f"| {'**chosen**' if c['status'] == 'chosen' else c['status']} |")
-    return lines + [""]
+            f"| {'**chosen**' if c['status'] == 'chosen' else c['status']} |"
+        )
+    return [*lines, ""]
 
 
 def adapters_markdown(adapters: list[dict]) -> list[str]:
     """Further LoRA adapters served by the same base artifacts: one row per adapter and artifact."""
-    lines = ["## Swappable adapters", "",
-             "Each base artifact was run with these adapters' weights files swapped in, against each adapter's own "
-             "PyTorch model (the adapter of the exported checkpoint is in the table above).", "",
-             "| base artifact | adapter | weights file | KB | cosine | top-1 | accuracy % |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Swappable adapters",
+        "",
+        "Each base artifact was run with these adapters' weights files swapped in, against each adapter's own "
+        "PyTorch model (the adapter of the exported checkpoint is in the table above).",
+        "",
+        "| base artifact | adapter | weights file | KB | cosine | top-1 | accuracy % |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for a in adapters:
         f = a["fidelity"]
-        lines.append(f"| {a['artifact']} | {a['name']} | {a['file']} | {a['size_bytes'] / 1e3:.1f} | "
-                     f"{fmt(f.get('cosine_mean'))} | {fmt(f.get('top1_agreement'))} | {fmt(f.get('accuracy'), '.2f')} |")
-    return lines + [""]
+        lines.append(
+            f"| {a['artifact']} | {a['name']} | {a['file']} | {a['size_bytes'] / 1e3:.1f} | "
+            f"{fmt(f.get('cosine_mean'))} | {fmt(f.get('top1_agreement'))} | {fmt(f.get('accuracy'), '.2f')} |"
+        )
+    return [*lines, ""]
 
 
 def render_markdown(report: Report) -> str:
@@ -191,11 +209,18 @@ def render_markdown(report: Report) -> str:
     ]
     if report.compression:
         c = report.compression
-        lines += ["## Compression", "",
-                  f"- structured pruning: {c.get('method')} at {c.get('sparsity', 0):.0%} of heads and FFN neurons; "
-                  f"encoder parameters {c.get('encoder_parameters_before')} → {c.get('encoder_parameters_after')}"
-                  + (f"; distilled {c.get('distill_epochs')} epoch(s) on {c.get('train')}" if c.get("distill_epochs") else
-                     " (no retraining: pass --train-data to distill)"), ""]
+        lines += [
+            "## Compression",
+            "",
+            f"- structured pruning: {c.get('method')} at {c.get('sparsity', 0):.0%} of heads and FFN neurons; "
+            f"encoder parameters {c.get('encoder_parameters_before')} → {c.get('encoder_parameters_after')}"
+            + (
+                f"; distilled {c.get('distill_epochs')} epoch(s) on {c.get('train')}"
+                if c.get("distill_epochs")
+                else " (no retraining: pass --train-data to distill)"
+            ),
+            "",
+        ]
     if report.search:
         lines += search_markdown(report.search)
     if report.adapters:

@@ -13,12 +13,13 @@ its time limit is reached, and says which.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from exporters import QuantSpec
 from edgelm.errors import BudgetError
 from edgelm.recipe import quant_spec
+from exporters import QuantSpec
 
 #: Schemes (with the layer groups kept float) the search considers, most aggressive first.
 LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -53,15 +54,25 @@ class Candidate:
         return self.quant.label
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "sparsity": self.sparsity, "scheme": self.quant.scheme,
-                "float_layers": list(self.quant.float_layers), "label": self.label,
-                "est_latency_ms": self.estimate.get("latency_ms"), "est_peak_ram_mb": self.estimate.get("peak_ram_mb"),
-                "est_weight_mb": self.estimate.get("weight_mb"), "size_mb": self.size_mb, "accuracy": self.accuracy,
-                "accuracy_drop": self.accuracy_drop, "status": self.status}
+        return {
+            "format": self.format,
+            "sparsity": self.sparsity,
+            "scheme": self.quant.scheme,
+            "float_layers": list(self.quant.float_layers),
+            "label": self.label,
+            "est_latency_ms": self.estimate.get("latency_ms"),
+            "est_peak_ram_mb": self.estimate.get("peak_ram_mb"),
+            "est_weight_mb": self.estimate.get("weight_mb"),
+            "size_mb": self.size_mb,
+            "accuracy": self.accuracy,
+            "accuracy_drop": self.accuracy_drop,
+            "status": self.status,
+        }
 
 
-def candidates(fmt: str, supported: tuple[str, ...], max_sparsity: float,
-               sparsities: tuple[float, ...] = SPARSITIES) -> list[Candidate]:
+def candidates(
+    fmt: str, supported: tuple[str, ...], max_sparsity: float, sparsities: tuple[float, ...] = SPARSITIES
+) -> list[Candidate]:
     """All candidates for one format: sparsities up to ``max_sparsity`` (0 always) × the :data:`LADDER`
     schemes in ``supported``."""
     out = []
@@ -101,9 +112,15 @@ def run_search(
     limit_reached = False
     for c in cands:
         e = c.estimate
-        over = [name for name, value, limit in (("size", e["weight_mb"], max_size_mb),
-                                                ("latency", e["latency_ms"], target_latency_ms),
-                                                ("peak RAM", e["peak_ram_mb"], max_peak_ram_mb)) if value > limit]
+        over = [
+            name
+            for name, value, limit in (
+                ("size", e["weight_mb"], max_size_mb),
+                ("latency", e["latency_ms"], target_latency_ms),
+                ("peak RAM", e["peak_ram_mb"], max_peak_ram_mb),
+            )
+            if value > limit
+        ]
         if over:
             c.status = f"skipped: estimated {', '.join(over)} over budget"
             continue
@@ -120,30 +137,48 @@ def run_search(
         else:
             why = getattr(c.result, "error", None) or _failed_gates(c.result)
             c.status = f"rejected: {why}"
-    summary = {"format": cands[0].format if cands else None, "candidates": [c.to_dict() for c in cands],
-               "time_limit_s": time_limit_s, "time_limit_reached": limit_reached, "seconds": clock() - start,
-               "max_accuracy_drop": max_accuracy_drop, "max_size_mb": max_size_mb,
-               "target_latency_ms": target_latency_ms, "max_peak_ram_mb": max_peak_ram_mb}
+    summary = {
+        "format": cands[0].format if cands else None,
+        "candidates": [c.to_dict() for c in cands],
+        "time_limit_s": time_limit_s,
+        "time_limit_reached": limit_reached,
+        "seconds": clock() - start,
+        "max_accuracy_drop": max_accuracy_drop,
+        "max_size_mb": max_size_mb,
+        "target_latency_ms": target_latency_ms,
+        "max_peak_ram_mb": max_peak_ram_mb,
+    }
     if chosen is None:
         tried = [c for c in cands if c.accuracy_drop is not None]
         fmt = cands[0].format if cands else "?"
         if tried:
             best = min(tried, key=lambda c: c.accuracy_drop)
-            closest = (f"closest: {best.sparsity:.0%} pruned, {best.label}, accuracy drop {best.accuracy_drop:.2f} "
-                       f"points (budget {max_accuracy_drop}), {best.status}")
+            closest = (
+                f"closest: {best.sparsity:.0%} pruned, {best.label}, accuracy drop {best.accuracy_drop:.2f} "
+                f"points (budget {max_accuracy_drop}), {best.status}"
+            )
         elif cands:
-            best = min(cands, key=lambda c: max(c.estimate["weight_mb"] / max_size_mb,
-                                                c.estimate["latency_ms"] / target_latency_ms,
-                                                c.estimate["peak_ram_mb"] / max_peak_ram_mb))
+            best = min(
+                cands,
+                key=lambda c: max(
+                    c.estimate["weight_mb"] / max_size_mb,
+                    c.estimate["latency_ms"] / target_latency_ms,
+                    c.estimate["peak_ram_mb"] / max_peak_ram_mb,
+                ),
+            )
             e = best.estimate
-            closest = (f"closest: {best.sparsity:.0%} pruned, {best.label}, estimated {e['weight_mb']:.1f} MB, "
-                       f"{e['latency_ms']:.1f} ms, {e['peak_ram_mb']:.0f} MB RAM against budgets of {max_size_mb:g} MB, "
-                       f"{target_latency_ms:g} ms, {max_peak_ram_mb:g} MB ({best.status})")
+            closest = (
+                f"closest: {best.sparsity:.0%} pruned, {best.label}, estimated {e['weight_mb']:.1f} MB, "
+                f"{e['latency_ms']:.1f} ms, {e['peak_ram_mb']:.0f} MB RAM against budgets of {max_size_mb:g} MB, "
+                f"{target_latency_ms:g} ms, {max_peak_ram_mb:g} MB ({best.status})"
+            )
         else:
             closest = "the format has no candidate scheme"
         more = " (the time limit was reached: raise --search-time)" if limit_reached else ""
-        raise BudgetError(f"no {fmt} candidate fits the budgets{more}; {closest}. Loosen the budget "
-                          "(--max-accuracy-drop, the profile's [budgets]) or train the model longer")
+        raise BudgetError(
+            f"no {fmt} candidate fits the budgets{more}; {closest}. Loosen the budget "
+            "(--max-accuracy-drop, the profile's [budgets]) or train the model longer"
+        )
     return chosen, summary
 
 

@@ -19,8 +19,17 @@ def _vocab() -> list[str]:
     return SPECIALS + list("abcdefghijklmnopqrstuvwxyz0123456789") + pieces + words
 
 
-def make_checkpoint(directory: Path, *, kind: str = "embedding", model_type: str = "bert", num_labels: int = 2,
-                    hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+def make_checkpoint(
+    directory: Path,
+    *,
+    kind: str = "embedding",
+    model_type: str = "bert",
+    num_labels: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+) -> Path:
     """Save a tiny random checkpoint to ``directory``: config.json, model.safetensors (``hidden`` wide,
     ``layers`` deep, ``heads`` heads; ``kind`` "embedding" or "classifier" with ``num_labels`` classes named
     negative/positive/neutral), tokenizer.json, vocab.txt (~800 WordPiece tokens) and tokenizer_config.json.
@@ -33,8 +42,14 @@ def make_checkpoint(directory: Path, *, kind: str = "embedding", model_type: str
     vocab = _vocab()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    common = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=hidden * 2, max_position_embeddings=130 if model_type == "roberta" else 128)
+    common = dict(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=130 if model_type == "roberta" else 128,
+    )
     if model_type == "bert":
         config = transformers.BertConfig(**common)
         cls = transformers.BertForSequenceClassification if kind == "classifier" else transformers.BertModel

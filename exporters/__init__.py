@@ -36,9 +36,22 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
-    "SCHEMES", "Artifact", "ArtifactLoadError", "ExporterError", "ExportFailedError", "QuantSpec",
-    "RuntimeNotInstalledError", "Session", "TensorSpec", "UnsupportedQuantError", "formats", "get",
-    "format_for_path", "load", "sha256_file", "suffix",
+    "SCHEMES",
+    "Artifact",
+    "ArtifactLoadError",
+    "ExportFailedError",
+    "ExporterError",
+    "QuantSpec",
+    "RuntimeNotInstalledError",
+    "Session",
+    "TensorSpec",
+    "UnsupportedQuantError",
+    "format_for_path",
+    "formats",
+    "get",
+    "load",
+    "sha256_file",
+    "suffix",
 ]
 
 

@@ -201,8 +201,15 @@ class Artifact:
             "runtime": dict(self.runtime),
             "details": dict(self.details),
             "export_seconds": round(self.export_seconds, 3),
-            "companions": [{"file": Path(c).name, "role": "adapter weights", "sha256": sha256_file(Path(c)),
-                            "size_bytes": Path(c).stat().st_size} for c in self.companions],
+            "companions": [
+                {
+                    "file": Path(c).name,
+                    "role": "adapter weights",
+                    "sha256": sha256_file(Path(c)),
+                    "size_bytes": Path(c).stat().st_size,
+                }
+                for c in self.companions
+            ],
         }
 
 
@@ -222,14 +229,14 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str,
-                  reasons: dict[str, str] | None = None) -> None:
+def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str, reasons: dict[str, str] | None = None) -> None:
     """Raise :class:`UnsupportedQuantError` if ``quant.scheme`` is not one the format ``fmt`` can produce;
     ``reasons`` maps such schemes to why not (added to the message). Never falls back silently."""
     if quant.scheme not in schemes:
         why = (reasons or {}).get(quant.scheme)
         raise UnsupportedQuantError(
-            f"{fmt} export cannot do {quant.scheme!r}" + (f" ({why})" if why else "")
+            f"{fmt} export cannot do {quant.scheme!r}"
+            + (f" ({why})" if why else "")
             + f"; it supports {', '.join(schemes)}"
         )
 

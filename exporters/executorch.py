@@ -34,17 +34,17 @@ from exporters.base import (
     ExportFailedError,
     QuantSpec,
     TensorSpec,
+    adapter_path,
     check_artifact_file,
     ensure_scheme,
+    in_modules,
     is_float_layer,
-    require_calibration,
     output_shape,
     package_versions,
     require,
+    require_calibration,
     require_installed,
     split_rows,
-    adapter_path,
-    in_modules,
 )
 
 FORMAT = "executorch"
@@ -53,9 +53,9 @@ SCHEMES = ("fp32", "int8_dynamic", "int8_static", "8da4w")
 #: Why the other schemes are refused (the message of the UnsupportedQuantError).
 UNSUPPORTED = {
     "fp16": "fp16 targets GPU delegates (Vulkan, CoreML, QNN), which edgelm does not lower to yet; "
-            "XNNPACK on CPU gains nothing from it",
+    "XNNPACK on CPU gains nothing from it",
     "int4_weight_only": "XNNPACK has no weight-only int4 linear kernel; use 8da4w (int4 weights, int8 dynamic "
-                        "activations)",
+    "activations)",
 }
 DELEGATE = "XnnpackPartitioner"
 #: Profile backend names this exporter can lower to.
@@ -64,8 +64,9 @@ DELEGATES = ("xnnpack",)
 
 def check_installed() -> None:
     """Raise RuntimeNotInstalledError unless executorch and torchao are installed."""
-    require_installed(("executorch", "executorch"), ("torchao", "torchao"),
-                      purpose="for ExecuTorch export and validation")
+    require_installed(
+        ("executorch", "executorch"), ("torchao", "torchao"), purpose="for ExecuTorch export and validation"
+    )
 
 
 def runtime_versions() -> dict[str, str]:
@@ -76,8 +77,9 @@ def _quantize_embeddings(module: Any) -> int:
     """Replace every ``nn.Embedding`` in ``module`` (in place) by an int8 per-row table. Returns the count."""
     import torch
 
-    require("executorch.exir.passes._quant_patterns_and_replacements", "executorch",
-            "for the 8-bit embedding op")  # registers torch.ops.quantized_decomposed.embedding_byte
+    require(
+        "executorch.exir.passes._quant_patterns_and_replacements", "executorch", "for the 8-bit embedding op"
+    )  # registers torch.ops.quantized_decomposed.embedding_byte
 
     class ByteEmbedding(torch.nn.Module):
         """int8 [num_embeddings, dim] table, fp32 [num_embeddings] scales (symmetric, per row)."""
@@ -103,8 +105,15 @@ def _quantize_embeddings(module: Any) -> int:
     return count
 
 
-def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec,
-               calibration: list[dict[str, Any]], details: dict[str, Any], adapter_modules: tuple[str, ...] = ()) -> Any:
+def _pt2e_int8(
+    module: Any,
+    args: tuple,
+    dynamic_shapes: tuple,
+    quant: QuantSpec,
+    calibration: list[dict[str, Any]],
+    details: dict[str, Any],
+    adapter_modules: tuple[str, ...] = (),
+) -> Any:
     """PT2E int8 with the XNNPACK quantizer: dynamic (no calibration) or static (observers run over
     ``calibration``). Static annotates only ``nn.Linear`` modules, minus ``quant.float_layers``. Modules
     of ``adapter_modules`` stay float."""
@@ -121,8 +130,9 @@ def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec
     else:
         # every path to a Linear: a wrapper may reach one module by two names (``model.bert...`` and
         # ``base...``), and the quantizer matches the name the forward pass used
-        kept = [name for name in linears
-                if is_float_layer(name, quant.float_layers) or in_modules(name, adapter_modules)]
+        kept = [
+            name for name in linears if is_float_layer(name, quant.float_layers) or in_modules(name, adapter_modules)
+        ]
         for name in linears:
             if name not in kept:
                 quantizer.set_module_name(name, config)
@@ -134,15 +144,20 @@ def _pt2e_int8(module: Any, args: tuple, dynamic_shapes: tuple, quant: QuantSpec
         details["quantized_ops"] = ["linear (int8 weights per channel, dynamic int8 activations)"]
     else:
         for row in calibration:
-            graph(torch.as_tensor(row["input_ids"], dtype=torch.int64),
-                  torch.as_tensor(row["attention_mask"], dtype=torch.int64))
-        details["quantized_ops"] = [f"linear (int8 weights per channel, static int8 activations from "
-                                    f"{len(calibration)} calibration inputs)"]
+            graph(
+                torch.as_tensor(row["input_ids"], dtype=torch.int64),
+                torch.as_tensor(row["attention_mask"], dtype=torch.int64),
+            )
+        details["quantized_ops"] = [
+            f"linear (int8 weights per channel, static int8 activations from {len(calibration)} calibration inputs)"
+        ]
     details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
     return pt2e.convert_pt2e(graph)
 
 
-def _torchao_8da4w(module: Any, quant: QuantSpec, details: dict[str, Any], adapter_modules: tuple[str, ...] = ()) -> None:
+def _torchao_8da4w(
+    module: Any, quant: QuantSpec, details: dict[str, Any], adapter_modules: tuple[str, ...] = ()
+) -> None:
     """torchao ``Int8DynamicActivationIntxWeightConfig``: int4 symmetric weights in groups of
     ``quant.group_size``, int8 dynamic activations, on every Linear (in place); XNNPACK lowers it."""
     import torch
@@ -158,8 +173,13 @@ def _torchao_8da4w(module: Any, quant: QuantSpec, details: dict[str, Any], adapt
         seen.add(id(m))
         return True
 
-    tq.quantize_(module, tq.Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int4, weight_granularity=granularity.PerGroup(quant.group_size)), filter_fn=once)
+    tq.quantize_(
+        module,
+        tq.Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=granularity.PerGroup(quant.group_size)
+        ),
+        filter_fn=once,
+    )
     utils.unwrap_tensor_subclass(module)  # plain tensors + quant ops, as ExecuTorch's own XNNPACK recipe does
     details["quantized_ops"] = [f"linear (int4 weights, groups of {quant.group_size}; dynamic int8 activations)"]
     details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
@@ -198,8 +218,7 @@ def export(
     import torch
 
     exir = require("executorch.exir", "executorch", "to export .pte programs")
-    xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch",
-                  "for the XNNPACK delegate")
+    xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch", "for the XNNPACK delegate")
     path = Path(path)
     start = time.perf_counter()
     args = (example_inputs["input_ids"], example_inputs["attention_mask"])
@@ -224,8 +243,11 @@ def export(
             if adapter_modules:
                 tag = data.name[: -len(".ptd")]
                 lower = tuple(m.lower() for m in adapter_modules)  # placeholder names are lower-cased paths
-                program = edge.to_executorch(exir.ExecutorchBackendConfig(
-                    external_constants=lambda n: tag if in_modules(n.name.lower(), lower) else None))
+                program = edge.to_executorch(
+                    exir.ExecutorchBackendConfig(
+                        external_constants=lambda n: tag if in_modules(n.name.lower(), lower) else None
+                    )
+                )
             else:
                 program = edge.to_executorch()
             buffer = program.buffer
@@ -236,8 +258,10 @@ def export(
     companions = []
     if adapter_modules:
         if not data.is_file():
-            raise ExportFailedError(f"no weights of modules matching {', '.join(adapter_modules)} in the program: "
-                                    "the model has no adapter to store separately")
+            raise ExportFailedError(
+                f"no weights of modules matching {', '.join(adapter_modules)} in the program: "
+                "the model has no adapter to store separately"
+            )
         companions.append(data)
         details["adapter_file"] = data.name
     path.write_bytes(buffer)
@@ -282,8 +306,9 @@ class ExecuTorchSession:
     reads their weights from ``adapter`` (a ``.ptd`` file), by default ``<stem>.adapter.ptd`` beside it.
     """
 
-    def __init__(self, path: Path, threads: int | None = None, output_name: str = "output",
-                 adapter: Path | None = None):
+    def __init__(
+        self, path: Path, threads: int | None = None, output_name: str = "output", adapter: Path | None = None
+    ):
         path = check_artifact_file(path, SUFFIX, "ExecuTorch")
         data = Path(adapter) if adapter is not None else adapter_path(path, ".ptd")
         if adapter is not None and not data.is_file():
@@ -312,8 +337,9 @@ class ExecuTorchSession:
         return {self.output_names[0]: np.concatenate(outs, axis=0)}
 
 
-def load(path: Path, threads: int | None = None, output_name: str = "output",
-         adapter: Path | None = None) -> ExecuTorchSession:
+def load(
+    path: Path, threads: int | None = None, output_name: str = "output", adapter: Path | None = None
+) -> ExecuTorchSession:
     """Open a ``.pte`` artifact (``adapter``: a ``.ptd`` of adapter weights to use, see
     :class:`ExecuTorchSession`). Raises ArtifactLoadError or RuntimeNotInstalledError."""
     return ExecuTorchSession(path, threads, output_name, adapter)

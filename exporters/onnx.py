@@ -41,16 +41,16 @@ from exporters.base import (
     ExportFailedError,
     QuantSpec,
     TensorSpec,
+    adapter_path,
     check_artifact_file,
     ensure_scheme,
+    in_modules,
     is_float_layer,
-    require_calibration,
     output_shape,
     package_versions,
     require,
+    require_calibration,
     require_installed,
-    adapter_path,
-    in_modules,
 )
 
 FORMAT = "onnx"
@@ -64,8 +64,12 @@ OPSET = 18
 
 def check_installed() -> None:
     """Raise RuntimeNotInstalledError unless the ONNX converter and runtime packages are installed."""
-    require_installed(("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"),
-                      purpose="for ONNX export and validation")
+    require_installed(
+        ("onnx", "onnx"),
+        ("onnxscript", "onnxscript"),
+        ("onnxruntime", "onnxruntime"),
+        purpose="for ONNX export and validation",
+    )
 
 
 def runtime_versions() -> dict[str, str]:
@@ -146,8 +150,10 @@ def export(
         path=path,
         format=FORMAT,
         quant=quant,
-        inputs=[TensorSpec("input_ids", "int64", ("batch", "seq")),
-                TensorSpec("attention_mask", "int64", ("batch", "seq"))],
+        inputs=[
+            TensorSpec("input_ids", "int64", ("batch", "seq")),
+            TensorSpec("attention_mask", "int64", ("batch", "seq")),
+        ],
         outputs=[TensorSpec(output_name, "float32", ("batch", *out_shape))],
         runtime=runtime_versions(),
         details={**details, "max_seq_len": max_seq},
@@ -196,8 +202,10 @@ def _isolate_adapter(path: Path, adapter_modules: tuple[str, ...]) -> list[str]:
                 node.input[k] = x = copy_name
             names.add(x)
     if not names:
-        raise ExportFailedError(f"no weights of modules matching {', '.join(adapter_modules)} in the graph: "
-                                "the model has no adapter to store separately")
+        raise ExportFailedError(
+            f"no weights of modules matching {', '.join(adapter_modules)} in the graph: "
+            "the model has no adapter to store separately"
+        )
     onnx.save(model, str(path))
     return sorted(names)
 
@@ -247,8 +255,14 @@ def _linear_nodes(model: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[dict[str, Any]] | None,
-              tmp: Path, adapter_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+def _quantize(
+    fp32_path: Path,
+    path: Path,
+    quant: QuantSpec,
+    calibration: list[dict[str, Any]] | None,
+    tmp: Path,
+    adapter_modules: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Quantize the fp32 graph at ``fp32_path`` into ``path`` by ``quant.scheme``; returns report details.
 
     - fp16: ``onnxruntime.transformers.float16`` (inputs and outputs stay int64 / float32).
@@ -268,8 +282,11 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
     gather = quant.embedding_bits == 8
     try:
         # a Gemm is rewritten to "<name>_MatMul" (+ Add) before quantization: exclude that name too
-        adapter = [x for n in _adapter_nodes(model, adapter_modules) for x in (n.name, f"{n.name}_MatMul")] \
-            if adapter_modules else []
+        adapter = (
+            [x for n in _adapter_nodes(model, adapter_modules) for x in (n.name, f"{n.name}_MatMul")]
+            if adapter_modules
+            else []
+        )
         if quant.scheme == "fp16":
             f16 = require("onnxruntime.transformers.float16", "onnxruntime", "for fp16 conversion")
             onnx.save(f16.convert_float_to_float16(model, keep_io_types=True), str(path))
@@ -278,9 +295,14 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
         onnx.save(model, str(cleared))
         if quant.scheme == "int8_dynamic":
             op_types = ["MatMul", "Gemm"] + (["Gather"] if gather else [])
-            qz.quantize_dynamic(str(cleared), str(path), per_channel=quant.per_channel,
-                                weight_type=qz.QuantType.QInt8, op_types_to_quantize=op_types,
-                                nodes_to_exclude=adapter)
+            qz.quantize_dynamic(
+                str(cleared),
+                str(path),
+                per_channel=quant.per_channel,
+                weight_type=qz.QuantType.QInt8,
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=adapter,
+            )
             return {**details, "quantized_op_types": op_types}
         linear = _linear_nodes(model)
         kept = [(n, m) for n, m in linear if is_float_layer(m, quant.float_layers) or n in adapter]
@@ -297,27 +319,42 @@ def _quantize(fp32_path: Path, path: Path, quant: QuantSpec, calibration: list[d
                     return next(self._it, None)
 
             qz.quantize_static(
-                str(cleared), str(stage), Reader(), quant_format=qz.QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=chosen,
-                per_channel=quant.per_channel, activation_type=qz.QuantType.QUInt8,
-                weight_type=qz.QuantType.QInt8, calibrate_method=qz.CalibrationMethod.MinMax,
+                str(cleared),
+                str(stage),
+                Reader(),
+                quant_format=qz.QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_quantize=chosen,
+                per_channel=quant.per_channel,
+                activation_type=qz.QuantType.QUInt8,
+                weight_type=qz.QuantType.QInt8,
+                calibrate_method=qz.CalibrationMethod.MinMax,
             )
-            details.update(activations="uint8 static (MinMax over %d calibration inputs)" % len(feeds))
+            details.update(activations=f"uint8 static (MinMax over {len(feeds)} calibration inputs)")
         else:
             nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime", "for int4")
             level = 4 if quant.scheme == "8da4w" else 0
-            q = nbits.MatMulNBitsQuantizer(model, block_size=quant.group_size, is_symmetric=True,
-                                          accuracy_level=level, nodes_to_exclude=[n for n, _ in kept])
+            q = nbits.MatMulNBitsQuantizer(
+                model,
+                block_size=quant.group_size,
+                is_symmetric=True,
+                accuracy_level=level,
+                nodes_to_exclude=[n for n, _ in kept],
+            )
             q.process()
             q.model.save_model_to_file(str(stage), use_external_data_format=False)
-            details.update(weights=f"int4 symmetric, blocks of {quant.group_size} (MatMulNBits)",
-                           activations="int8 in the kernel (accuracy_level 4)" if level else "float")
+            details.update(
+                weights=f"int4 symmetric, blocks of {quant.group_size} (MatMulNBits)",
+                activations="int8 in the kernel (accuracy_level 4)" if level else "float",
+            )
         if gather:
             qz.quantize_dynamic(str(stage), str(path), weight_type=qz.QuantType.QInt8, op_types_to_quantize=["Gather"])
         else:
             os.replace(stage, path)
     except Exception as exc:
-        raise ExportFailedError(f"onnxruntime quantization ({quant.scheme}) failed: {type(exc).__name__}: {exc}") from exc
+        raise ExportFailedError(
+            f"onnxruntime quantization ({quant.scheme}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
     details["quantized_linear_nodes"] = len(chosen)
     details["float_linear_layers"] = sorted({m for _, m in kept})
     return details
@@ -348,15 +385,18 @@ class OnnxSession:
         try:
             self._sess = ort.InferenceSession(str(path), opts, providers=[DELEGATE])
         except Exception as exc:
-            raise ArtifactLoadError(f"ONNX Runtime could not load {path}" + (f" with adapter {adapter.name}" if adapter
-                                    else "") + f": {exc}") from exc
+            raise ArtifactLoadError(
+                f"ONNX Runtime could not load {path}"
+                + (f" with adapter {adapter.name}" if adapter else "")
+                + f": {exc}"
+            ) from exc
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {k: np.ascontiguousarray(feeds[k], dtype=np.int64) for k in self.input_names}
         outs = self._sess.run(self.output_names, arrays)
-        return dict(zip(self.output_names, outs))
+        return dict(zip(self.output_names, outs, strict=False))
 
 
 def load(path: Path, threads: int | None = None, adapter: Path | None = None) -> OnnxSession:

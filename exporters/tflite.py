@@ -21,8 +21,9 @@ The default XNNPACK delegate is kept on (without it MiniLM took 98 ms instead of
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,8 @@ from exporters.base import (
     UnsupportedQuantError,
     check_artifact_file,
     ensure_scheme,
-    output_shape,
     is_installed,
+    output_shape,
     package_versions,
     require,
     require_installed,
@@ -50,10 +51,10 @@ SCHEMES = ("fp32", "fp16", "int8_dynamic", "8da4w")
 #: Why the other schemes are refused (the message of the UnsupportedQuantError).
 UNSUPPORTED = {
     "int8_static": "litert-torch and ai-edge-quantizer quantize every op's activations statically (w8a8), "
-                   "which collapsed MiniLM to cosine 0.64, and cannot keep the sensitive layers float here; "
-                   "use int8_dynamic for TFLite, or int8_static with ONNX or ExecuTorch",
+    "which collapsed MiniLM to cosine 0.64, and cannot keep the sensitive layers float here; "
+    "use int8_dynamic for TFLite, or int8_static with ONNX or ExecuTorch",
     "int4_weight_only": "litert-torch's recipe matrix has no int4 weight-only layer recipe; use 8da4w (int4 "
-                        "blockwise weights, dynamic-range int8 activations)",
+    "blockwise weights, dynamic-range int8 activations)",
 }
 #: Why TFLite has no separate adapter weights (the message of the error).
 NO_SEPARATE_ADAPTERS = (
@@ -80,7 +81,7 @@ def runtime_versions() -> dict[str, str]:
 def default_buckets(max_seq: int) -> list[int]:
     """Sequence buckets: powers of two from 16 below ``max_seq``, then ``max_seq`` itself."""
     buckets = [b for b in (16, 32, 64, 128, 256, 512) if b < max_seq]
-    return buckets + [max_seq]
+    return [*buckets, max_seq]
 
 
 def _recipe(quant: QuantSpec) -> tuple[Any, str]:
@@ -90,11 +91,15 @@ def _recipe(quant: QuantSpec) -> tuple[Any, str]:
     if quant.scheme == "fp16":
         return recipes.full_fp16_recipe(), "litert_torch full_fp16_recipe (float16 weights, float32 compute)"
     if quant.scheme == "int8_dynamic":
-        return (recipes.full_dynamic_recipe(),
-                "litert_torch full_dynamic_recipe (int8 channelwise weights, dynamic-range int8 activations)")
+        return (
+            recipes.full_dynamic_recipe(),
+            "litert_torch full_dynamic_recipe (int8 channelwise weights, dynamic-range int8 activations)",
+        )
     block = getattr(attrs.Granularity, f"BLOCKWISE_{quant.group_size}")
-    return (recipes.full_dynamic_recipe(weight_dtype=attrs.Dtype.INT4, granularity=block),
-            f"litert_torch full_dynamic_recipe (int4 weights, blocks of {quant.group_size}; dynamic-range int8 activations)")
+    return (
+        recipes.full_dynamic_recipe(weight_dtype=attrs.Dtype.INT4, granularity=block),
+        f"litert_torch full_dynamic_recipe (int4 weights, blocks of {quant.group_size}; dynamic-range int8 activations)",
+    )
 
 
 def export(
@@ -148,12 +153,19 @@ def export(
     wrapped = Int32Inputs(module).eval()
     converter = None
     for b in buckets:
-        kwargs = {"input_ids": torch.ones(1, b, dtype=torch.int32), "attention_mask": torch.ones(1, b, dtype=torch.int32)}
+        kwargs = {
+            "input_ids": torch.ones(1, b, dtype=torch.int32),
+            "attention_mask": torch.ones(1, b, dtype=torch.int32),
+        }
         converter = (litert_torch.signature if converter is None else converter.signature)(
             f"seq_{b}", wrapped, sample_kwargs=kwargs
         )
     quant_config = None
-    details: dict[str, Any] = {"delegate": DELEGATE, "seq_buckets": buckets, "signatures": [f"seq_{b}" for b in buckets]}
+    details: dict[str, Any] = {
+        "delegate": DELEGATE,
+        "seq_buckets": buckets,
+        "signatures": [f"seq_{b}" for b in buckets],
+    }
     if quant.is_quantized:
         quant_config, details["recipe"] = _recipe(quant)
         details["float_ops"] = ["layer_norm", "softmax", "gelu", "add (residual)"]
@@ -167,8 +179,10 @@ def export(
         path=path,
         format=FORMAT,
         quant=quant,
-        inputs=[TensorSpec("input_ids", "int32", (1, "seq_bucket")),
-                TensorSpec("attention_mask", "int32", (1, "seq_bucket"))],
+        inputs=[
+            TensorSpec("input_ids", "int32", (1, "seq_bucket")),
+            TensorSpec("attention_mask", "int32", (1, "seq_bucket")),
+        ],
         outputs=[TensorSpec(output_name, "float32", (1, *out_shape))],
         runtime=runtime_versions(),
         details=details,

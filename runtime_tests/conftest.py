@@ -26,7 +26,9 @@ def pytest_addoption(parser):
     g.addoption("--bundle", help="the export bundle to validate (dist/<device>/)")
     g.addoption("--runner", default="host", help="host, emulator, ssh://user@host[:port], adb or adb:SERIAL")
     g.addoption("--results", default=None, help="check the results stored in this directory; do not run")
-    g.addoption("--data", default=None, help="an extra labeled eval file (TSV/CSV/JSONL), tokenized with the bundle's tokenizer")
+    g.addoption(
+        "--data", default=None, help="an extra labeled eval file (TSV/CSV/JSONL), tokenized with the bundle's tokenizer"
+    )
     g.addoption("--text-column", default=None)
     g.addoption("--label-column", default=None)
     g.addoption("--limit", type=int, default=None, help="use at most this many rows of --data")
@@ -79,13 +81,28 @@ def record(pytestconfig, bundle) -> dict:
     try:
         results = opt("--results")
         if results is None:
-            runner = bundle_runner(bundle, opt("--runner"), cpu=opt("--cpu"), sysroot=opt("--sysroot"),
-                                   key_file=opt("--key"), known_hosts=opt("--known-hosts"),
-                                   remote_python=opt("--remote-python"), remote_env=parse_env(opt("--remote-env")))
-            results = run_bundle(bundle, runner, artifacts=opt("--artifact"), data=opt("--data"),
-                                 text_column=opt("--text-column"), label_column=opt("--label-column"),
-                                 limit=opt("--limit"), threads=opt("--threads"), warmup=opt("--warmup"),
-                                 runs=opt("--runs"))
+            runner = bundle_runner(
+                bundle,
+                opt("--runner"),
+                cpu=opt("--cpu"),
+                sysroot=opt("--sysroot"),
+                key_file=opt("--key"),
+                known_hosts=opt("--known-hosts"),
+                remote_python=opt("--remote-python"),
+                remote_env=parse_env(opt("--remote-env")),
+            )
+            results = run_bundle(
+                bundle,
+                runner,
+                artifacts=opt("--artifact"),
+                data=opt("--data"),
+                text_column=opt("--text-column"),
+                label_column=opt("--label-column"),
+                limit=opt("--limit"),
+                threads=opt("--threads"),
+                warmup=opt("--warmup"),
+                runs=opt("--runs"),
+            )
         rec = evaluate(bundle, Path(results))
     except EdgeLMError as exc:
         pytest.fail(f"cannot validate {bundle.path} on {opt('--runner')}: {exc}", pytrace=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelm.testing import make_checkpoint  # noqa: F401  (tests import it from here)
+from edgelm.testing import make_checkpoint
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -23,8 +23,9 @@ def tiny_classifier(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_roberta_classifier(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny-roberta"), kind="classifier", model_type="roberta",
-                           num_labels=3, seed=2)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("tiny-roberta"), kind="classifier", model_type="roberta", num_labels=3, seed=2
+    )
 
 
 @pytest.fixture
@@ -56,8 +57,7 @@ def trained_classifier(tmp_path_factory, memo_tsv) -> Path:
 
     base = make_checkpoint(tmp_path_factory.mktemp("enc"), heads=2, seed=3)
     out = tmp_path_factory.mktemp("trained") / "ft"
-    run_finetune(base, memo_tsv, out, eval_data=memo_tsv,
-                 cfg=TrainConfig(epochs=8, lr=3e-3, batch_size=8, seq_len=32))
+    run_finetune(base, memo_tsv, out, eval_data=memo_tsv, cfg=TrainConfig(epochs=8, lr=3e-3, batch_size=8, seq_len=32))
     return out
 
 
@@ -91,13 +91,18 @@ def runner_artifacts(tmp_path_factory, tiny_classifier):
     mask = np.ones_like(ids)
     mask[2, 10:] = 0
     ids[2, 10:] = 0
-    np.savez(d / "golden.npz", input_ids=ids, attention_mask=mask, latency_input_ids=ids[:1],
-             latency_attention_mask=mask[:1])
+    np.savez(
+        d / "golden.npz", input_ids=ids, attention_mask=mask, latency_input_ids=ids[:1], latency_attention_mask=mask[:1]
+    )
     module = load_model(tiny_classifier).module
     ex = {"input_ids": torch.ones(1, 32, dtype=torch.int64), "attention_mask": torch.ones(1, 32, dtype=torch.int64)}
     names = {"onnx": "model with space.onnx", "tflite": "m.tflite", "executorch": "m.pte"}
-    arts = {fmt: exporters.get(fmt).export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), d / name,
-                                           output_name="logits").path for fmt, name in names.items()}
+    arts = {
+        fmt: exporters.get(fmt)
+        .export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), d / name, output_name="logits")
+        .path
+        for fmt, name in names.items()
+    }
     return d / "golden.npz", arts
 
 
@@ -120,11 +125,25 @@ def start_sshd(d: Path):
     shutil.copy(d / "user_key.pub", d / "authorized_keys")
     os.chmod(d / "authorized_keys", 0o600)
     port = free_port()
-    (d / "sshd_config").write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin prohibit-password",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-        f"PidFile {d / 'sshd.pid'}", "LogLevel ERROR", "Subsystem sftp internal-sftp", ""]))
+    (d / "sshd_config").write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {d / 'host_key'}",
+                f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                f"PidFile {d / 'sshd.pid'}",
+                "LogLevel ERROR",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
+    )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)
     proc = subprocess.Popen([sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
@@ -165,7 +184,25 @@ def pixel8_bundle(tmp_path_factory, tiny_classifier, memo_tsv) -> Path:
     from edgelm.cli import app
 
     out = tmp_path_factory.mktemp("bundle")
-    r = CliRunner().invoke(app, ["export", "--device", "pixel8", "--model", str(tiny_classifier), "--data", str(memo_tsv),
-                                 "--limit", "24", "--seq-len", "32", "--out", str(out), "--bundle", "android"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--device",
+            "pixel8",
+            "--model",
+            str(tiny_classifier),
+            "--data",
+            str(memo_tsv),
+            "--limit",
+            "24",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+            "--bundle",
+            "android",
+        ],
+    )
     assert r.exit_code == 0, r.output
     return out / "pixel8"

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, make_checkpoint
 from typer.testing import CliRunner
 
 import exporters
-from conftest import SHARED_DATA, make_checkpoint
 from edgelm.adapt.peft_methods import AdaptConfig, attach_peft, load_unmerged, run_adapt, sample_shots
 from edgelm.cli import app
 from edgelm.errors import DataError
@@ -29,8 +29,12 @@ def encoder(tmp_path_factory):
 def lora_pair(tmp_path_factory, encoder, memo_tsv):
     """Two LoRA adapters of the same tiny encoder (different seeds and shots)."""
     root = tmp_path_factory.mktemp("lora")
-    a = run_adapt(encoder, memo_tsv, root / "a", AdaptConfig(method="lora", shots=12, epochs=6, lr=5e-3, seq_len=32, seed=1))
-    b = run_adapt(encoder, memo_tsv, root / "b", AdaptConfig(method="lora", shots=8, epochs=6, lr=5e-3, seq_len=32, seed=2))
+    a = run_adapt(
+        encoder, memo_tsv, root / "a", AdaptConfig(method="lora", shots=12, epochs=6, lr=5e-3, seq_len=32, seed=1)
+    )
+    b = run_adapt(
+        encoder, memo_tsv, root / "b", AdaptConfig(method="lora", shots=8, epochs=6, lr=5e-3, seq_len=32, seed=2)
+    )
     return a.out, b.out
 
 
@@ -85,14 +89,27 @@ def test_separate_adapter_artifact_matches_merged_and_swaps(lora_pair, tmp_path,
     for name, m in (("a", a), ("b", b)):
         d = tmp_path / name
         d.mkdir()
-        arts.append(exporters.get(fmt).export(m.module, _example(), QuantSpec("fp32"), d / f"model{exporters.suffix(fmt)}",
-                                              output_name="logits", adapter_modules=ADAPTER_MODULES))
+        arts.append(
+            exporters.get(fmt).export(
+                m.module,
+                _example(),
+                QuantSpec("fp32"),
+                d / f"model{exporters.suffix(fmt)}",
+                output_name="logits",
+                adapter_modules=ADAPTER_MODULES,
+            )
+        )
     assert arts[0].sha256() == arts[1].sha256()  # one base program for both adapters
     assert arts[0].companions[0].name == f"model.adapter{'.data' if fmt == 'onnx' else '.ptd'}"
     merged_a, merged_b = load_model(lora_pair[0]), load_model(lora_pair[1])
     out_a = next(iter(exporters.load(arts[0].path).run({"input_ids": ids, "attention_mask": mask}).values()))
-    out_b = next(iter(exporters.load(arts[0].path, adapter=arts[1].companions[0])
-                      .run({"input_ids": ids, "attention_mask": mask}).values()))
+    out_b = next(
+        iter(
+            exporters.load(arts[0].path, adapter=arts[1].companions[0])
+            .run({"input_ids": ids, "attention_mask": mask})
+            .values()
+        )
+    )
     assert np.abs(out_a - _torch(merged_a.module, ids, mask)).max() < 1e-4
     assert np.abs(out_b - _torch(merged_b.module, ids, mask)).max() < 1e-4
     assert np.abs(out_a - out_b).max() > 1e-3  # the swap really changed the weights
@@ -102,18 +119,45 @@ def test_tflite_refuses_separate_adapters(lora_pair, tmp_path):
     from exporters.base import UnsupportedQuantError
 
     with pytest.raises(UnsupportedQuantError, match="flatbuffer"):
-        exporters.get("tflite").export(load_unmerged(lora_pair[0]).module, _example(), QuantSpec("fp32"),
-                                       tmp_path / "m.tflite", adapter_modules=ADAPTER_MODULES)
-    r = runner.invoke(app, ["export", "-d", "pixel8", "-m", str(lora_pair[0]), "--lora", "separate",
-                            "--out", str(tmp_path / "dist")])
+        exporters.get("tflite").export(
+            load_unmerged(lora_pair[0]).module,
+            _example(),
+            QuantSpec("fp32"),
+            tmp_path / "m.tflite",
+            adapter_modules=ADAPTER_MODULES,
+        )
+    r = runner.invoke(
+        app, ["export", "-d", "pixel8", "-m", str(lora_pair[0]), "--lora", "separate", "--out", str(tmp_path / "dist")]
+    )
     assert r.exit_code == 2 and "--format onnx,executorch" in r.output
     assert not (tmp_path / "dist").exists()
 
 
 def test_export_lora_separate_with_second_adapter(lora_pair, tmp_path, memo_tsv):
-    r = runner.invoke(app, ["export", "-d", "pixel8", "-m", str(lora_pair[0]), "--lora", "separate", "--adapter",
-                            str(lora_pair[1]), "-f", "onnx", "-q", "fp32", "--data", str(memo_tsv), "--seq-len", "32",
-                            "--out", str(tmp_path)])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            "-d",
+            "pixel8",
+            "-m",
+            str(lora_pair[0]),
+            "--lora",
+            "separate",
+            "--adapter",
+            str(lora_pair[1]),
+            "-f",
+            "onnx",
+            "-q",
+            "fp32",
+            "--data",
+            str(memo_tsv),
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     d = tmp_path / "pixel8"
     manifest = json.loads((d / "manifest.json").read_text())
@@ -151,8 +195,12 @@ def test_prompt_tuning_matches_peft_forward(encoder, memo_tsv):
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "scaled-prompt-tuning"])
 def test_prompt_tuned_export_matches_pytorch(encoder, memo_tsv, tmp_path, method):
-    res = run_adapt(encoder, memo_tsv, tmp_path / "pt", AdaptConfig(method=method, shots=8, epochs=4, seq_len=32,
-                                                                     num_virtual_tokens=6))
+    res = run_adapt(
+        encoder,
+        memo_tsv,
+        tmp_path / "pt",
+        AdaptConfig(method=method, shots=8, epochs=4, seq_len=32, num_virtual_tokens=6),
+    )
     hidden = 64
     assert res.trainable_parameters == 6 * hidden + (hidden if method.startswith("scaled") else 0) + (hidden * 2 + 2)
     loaded = load_model(res.out)
@@ -161,8 +209,9 @@ def test_prompt_tuned_export_matches_pytorch(encoder, memo_tsv, tmp_path, method
     ids, mask = _feeds(seq=24)
     ref = _torch(loaded.module, ids, mask)
     for fmt in ("onnx", "executorch", "tflite"):
-        art = exporters.get(fmt).export(loaded.module, _example(32), QuantSpec("fp32"),
-                                        tmp_path / f"m{exporters.suffix(fmt)}", output_name="logits")
+        art = exporters.get(fmt).export(
+            loaded.module, _example(32), QuantSpec("fp32"), tmp_path / f"m{exporters.suffix(fmt)}", output_name="logits"
+        )
         assert [t.name for t in art.inputs] == ["input_ids", "attention_mask"]
         out = next(iter(exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask}).values()))
         assert np.abs(out - ref).max() < 1e-4, fmt
@@ -183,27 +232,35 @@ def test_scaled_prompt_starts_at_vocabulary_scale(encoder):
 
 # ---------------------------------------------------------------- hypernetwork
 
+
 def test_hypernetwork_output_shapes_fit_the_target_layers(encoder):
     from edgelm.adapt.hypernet import build_hypernetwork, target_layers
     from edgelm.compress.train import load_classifier
 
     wrapper, _, _ = load_classifier(encoder, ["0", "1"], pooling="mean")
     layers = target_layers(wrapper.base)
-    assert [p for p, _ in layers][:6] == ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
-                                          "encoder.layer.0.attention.self.value", "encoder.layer.0.attention.output.dense",
-                                          "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"]
+    assert [p for p, _ in layers][:6] == [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.key",
+        "encoder.layer.0.attention.self.value",
+        "encoder.layer.0.attention.output.dense",
+        "encoder.layer.0.intermediate.dense",
+        "encoder.layer.0.output.dense",
+    ]
     shapes = [tuple(m.weight.shape) for _, m in layers]
     hn = build_hypernetwork(64, shapes, rank=4, task_dim=16)
     feats, labels = torch.randn(10, 64), torch.tensor([0, 1, 2] * 3 + [0])
     a, b = hn(feats, labels)
     assert [tuple(x.shape) for x in a] == [(4, d_in) for _, d_in in shapes]
     assert [tuple(x.shape) for x in b] == [(d_out, 4) for d_out, _ in shapes]
-    assert max(float((bb @ aa).abs().max()) for aa, bb in zip(a, b)) == 0.0  # zero-initialised mixing: ΔW = 0
+    assert (
+        max(float((bb @ aa).abs().max()) for aa, bb in zip(a, b, strict=False)) == 0.0
+    )  # zero-initialised mixing: ΔW = 0
     with torch.no_grad():
         hn.mix.normal_()
     a, b = hn(feats, labels)
-    assert min(float(torch.linalg.matrix_rank(bb @ aa)) for aa, bb in zip(a, b)) <= 4
-    assert max(float((bb @ aa).abs().max()) for aa, bb in zip(a, b)) > 0
+    assert min(float(torch.linalg.matrix_rank(bb @ aa)) for aa, bb in zip(a, b, strict=False)) <= 4
+    assert max(float((bb @ aa).abs().max()) for aa, bb in zip(a, b, strict=False)) > 0
     # the task code ignores the order of demonstrations
     perm = torch.randperm(10)
     assert torch.allclose(hn.task_code(feats, labels), hn.task_code(feats[perm], labels[perm]), atol=1e-6)
@@ -222,12 +279,25 @@ def hypernet(tmp_path_factory, encoder):
 
 
 def test_adapt_with_hypernetwork_is_deterministic_and_exports(hypernet, memo_tsv, tmp_path):
-    r1 = runner.invoke(app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(memo_tsv), "--out",
-                             str(tmp_path / "a1"), "--eval", str(memo_tsv)])
+    r1 = runner.invoke(
+        app,
+        [
+            "adapt",
+            "--hypernetwork",
+            str(hypernet),
+            "--demos",
+            str(memo_tsv),
+            "--out",
+            str(tmp_path / "a1"),
+            "--eval",
+            str(memo_tsv),
+        ],
+    )
     assert r1.exit_code == 0, r1.output
     assert "no gradient steps" in r1.output and "accuracy on" in r1.output
-    r2 = runner.invoke(app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(memo_tsv), "--out",
-                             str(tmp_path / "a2")])
+    r2 = runner.invoke(
+        app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(memo_tsv), "--out", str(tmp_path / "a2")]
+    )
     assert r2.exit_code == 0, r2.output
     b1 = (tmp_path / "a1" / "model.safetensors").read_bytes()
     assert b1 == (tmp_path / "a2" / "model.safetensors").read_bytes()
@@ -243,24 +313,52 @@ def test_adapt_with_hypernetwork_is_deterministic_and_exports(hypernet, memo_tsv
 def test_bad_demonstrations_are_refused(hypernet, tmp_path):
     one = tmp_path / "one.tsv"
     one.write_text("sentence\tlabel\na good film\t1\nanother good one\t1\n")
-    r = runner.invoke(app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(one), "--out", str(tmp_path / "o")])
+    r = runner.invoke(
+        app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(one), "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "only one class" in r.output
     nolab = tmp_path / "nolab.tsv"
     nolab.write_text("sentence\na good film\na bad film\n")
-    r = runner.invoke(app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(nolab), "--out", str(tmp_path / "o")])
+    r = runner.invoke(
+        app, ["adapt", "--hypernetwork", str(hypernet), "--demos", str(nolab), "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "no label column" in r.output
-    r = runner.invoke(app, ["adapt", "--hypernetwork", str(tmp_path), "--demos", str(nolab), "--out", str(tmp_path / "o")])
+    r = runner.invoke(
+        app, ["adapt", "--hypernetwork", str(tmp_path), "--demos", str(nolab), "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "hypernet train" in r.output
     assert not (tmp_path / "o").exists()
 
 
 def test_adapt_cli_few_shot_and_errors(encoder, memo_tsv, tmp_path):
-    r = runner.invoke(app, ["adapt", "-m", str(encoder), "--data", str(memo_tsv), "--method", "lora", "--shots", "4",
-                            "--epochs", "2", "--seq-len", "32", "--out", str(tmp_path / "l")])
+    r = runner.invoke(
+        app,
+        [
+            "adapt",
+            "-m",
+            str(encoder),
+            "--data",
+            str(memo_tsv),
+            "--method",
+            "lora",
+            "--shots",
+            "4",
+            "--epochs",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "l"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "8 examples" in r.output
-    r = runner.invoke(app, ["adapt", "-m", str(encoder), "--data", str(memo_tsv), "--shots", "50", "--out", str(tmp_path / "x")])
+    r = runner.invoke(
+        app, ["adapt", "-m", str(encoder), "--data", str(memo_tsv), "--shots", "50", "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code == 2 and "fewer than --shots 50" in r.output
-    r = runner.invoke(app, ["adapt", "-m", str(encoder), "--data", str(memo_tsv), "--method", "ia3", "--out", str(tmp_path / "x")])
+    r = runner.invoke(
+        app, ["adapt", "-m", str(encoder), "--data", str(memo_tsv), "--method", "ia3", "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code == 2 and "unknown adaptation method" in r.output
     assert not (tmp_path / "x").exists()

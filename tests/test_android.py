@@ -27,17 +27,24 @@ def test_android_bundle_holds_what_the_app_needs(pixel8_bundle):
     d = pixel8_bundle / "android" / "edgelm"
     m = json.loads((d / "manifest.json").read_text())
     assert m["schema"] == "edgelm-android-bundle/1" and m["device"]["name"] == "pixel8"
-    assert m["model"] == {**m["model"], "kind": "classifier", "output": "logits"} and m["labels"] == ["negative", "positive"]
+    assert m["model"] == {**m["model"], "kind": "classifier", "output": "logits"} and m["labels"] == [
+        "negative",
+        "positive",
+    ]
     assert json.loads((d / "labels.json").read_text()) == ["negative", "positive"]
     tok = m["tokenizer"]
     assert tok["type"] == "wordpiece" and tok["lowercase"] is True and tok["strip_accents"] is True  # HF default
-    assert tok["max_length"] == 32 and tok["cls_token"] == "[CLS]" and tok["vocab_sha256"] == exporters.sha256_file(d / "vocab.txt")
+    assert (
+        tok["max_length"] == 32
+        and tok["cls_token"] == "[CLS]"
+        and tok["vocab_sha256"] == exporters.sha256_file(d / "vocab.txt")
+    )
     assert [a["runtime"] for a in m["artifacts"]] == ["executorch", "litert", "onnxruntime"]
     with np.load(d / "golden.npz") as z:
         max_ref = float(np.abs(z["reference"]).max())
         assert len(z["texts"]) == 24 and z["labels"].shape == (24,)
     main = json.loads((pixel8_bundle / "manifest.json").read_text())
-    for a, ref in zip(m["artifacts"], main["artifacts"]):
+    for a, ref in zip(m["artifacts"], main["artifacts"], strict=False):
         assert a["sha256"] == exporters.sha256_file(d / a["file"]) == ref["sha256"]
         assert a["tolerance"]["max_abs_error"] == pytest.approx(0.25 * max_ref)  # int8 dynamic: 25% of the range
         assert a["tolerance"]["min_cosine"] == 0.99 and a["inputs"] == ref["inputs"]
@@ -58,8 +65,22 @@ def test_android_bundle_refuses_a_tokenizer_the_app_cannot_run(tiny_roberta_clas
     bpe.train_from_iterator(PROBE_SENTENCES, vocab_size=300, min_frequency=1)
     bpe.save(str(model / "tokenizer.json"))
     out = tmp_path / "dist"
-    r = cli.invoke(app, ["export", "--device", "pixel8", "--model", str(model), "--format", "onnx",
-                         "--out", str(out), "--bundle", "android"])
+    r = cli.invoke(
+        app,
+        [
+            "export",
+            "--device",
+            "pixel8",
+            "--model",
+            str(model),
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+            "--bundle",
+            "android",
+        ],
+    )
     assert r.exit_code == 2 and "WordPiece" in r.output and not out.exists()
     r = cli.invoke(app, ["export", "--device", "pixel8", "--out", str(out), "--bundle", "ios"])
     assert r.exit_code == 2 and "unknown --bundle 'ios'" in r.output and not out.exists()
@@ -69,8 +90,13 @@ def test_android_bundle_refuses_a_tokenizer_the_app_cannot_run(tiny_roberta_clas
 def test_jvm_core_with_the_jdk():
     """examples/android/jvm-test.sh as CI runs it."""
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "examples" / "android" / "jvm-test.sh")], capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples" / "android" / "jvm-test.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "OK " in out and ", 0 failed" in out and "edgelm and the JVM core agree" in out

@@ -79,7 +79,9 @@ def test_corrupt_weights(tiny_bert, tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "gpt" / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     out_dir = tmp_path / "dist"
     code, out = run_cli("export", "--device", "pixel8", "--model", str(tmp_path / "gpt"), "--out", str(out_dir))
     assert_clean_failure(code, out, out_dir, "unsupported architecture 'gpt2'")
@@ -87,8 +89,17 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unreadable_data_file(tiny_bert, tmp_path):
     out_dir = tmp_path / "dist"
-    code, out = run_cli("export", "--device", "pixel8", "--model", str(tiny_bert), "--data",
-                        str(tmp_path / "missing.tsv"), "--out", str(out_dir))
+    code, out = run_cli(
+        "export",
+        "--device",
+        "pixel8",
+        "--model",
+        str(tiny_bert),
+        "--data",
+        str(tmp_path / "missing.tsv"),
+        "--out",
+        str(out_dir),
+    )
     assert_clean_failure(code, out, out_dir, "data file not found")
 
 
@@ -96,8 +107,9 @@ def test_data_without_text_column(tiny_bert, tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("id,score\n1,0.5\n")
     out_dir = tmp_path / "dist"
-    code, out = run_cli("export", "--device", "pixel8", "--model", str(tiny_bert), "--data", str(data),
-                        "--out", str(out_dir))
+    code, out = run_cli(
+        "export", "--device", "pixel8", "--model", str(tiny_bert), "--data", str(data), "--out", str(out_dir)
+    )
     assert_clean_failure(code, out, out_dir, "has no text column")
 
 
@@ -111,7 +123,8 @@ def test_runtime_not_installed(tiny_bert, tmp_path):
     """A converter that is not installed: hidden from a real subprocess by a meta-path blocker."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent("""
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent("""
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
@@ -119,11 +132,27 @@ def test_runtime_not_installed(tiny_bert, tmp_path):
                     raise ModuleNotFoundError(f"No module named {name!r}")
                 return None
         sys.meta_path.insert(0, Block())
-    """))
+    """)
+    )
     env = dict(os.environ, PYTHONPATH=str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out_dir = tmp_path / "dist"
-    proc = subprocess.run([sys.executable, "-m", "edgelm.cli", "export", "--device", "pixel8", "--model",
-                           str(tiny_bert), "--out", str(out_dir)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm.cli",
+            "export",
+            "--device",
+            "pixel8",
+            "--model",
+            str(tiny_bert),
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert_clean_failure(proc.returncode, proc.stdout + proc.stderr, out_dir, "litert-torch is not installed")
     assert "pip install litert-torch" in proc.stderr
 
@@ -144,8 +173,19 @@ def _check_bundle(bundle, n_artifacts):
 
 def test_export_tiny_model_all_formats(tiny_bert, tmp_path):
     out_dir = tmp_path / "dist"
-    code, out = run_cli("export", "--device", "pixel8", "--model", str(tiny_bert), "--out", str(out_dir),
-                        "--seq-len", "64", "--threads", "1")
+    code, out = run_cli(
+        "export",
+        "--device",
+        "pixel8",
+        "--model",
+        str(tiny_bert),
+        "--out",
+        str(out_dir),
+        "--seq-len",
+        "64",
+        "--threads",
+        "1",
+    )
     assert code == 0, out
     assert "PASS" in out and "FAIL" not in out
     manifest, report = _check_bundle(out_dir / "pixel8", 3)
@@ -157,8 +197,21 @@ def test_export_tiny_model_all_formats(tiny_bert, tmp_path):
     golden = np.load(out_dir / "pixel8" / "golden.npz")
     assert golden["input_ids"].shape == (74, 64) and golden["reference"].shape == (74, 64)
     # a second run replaces the folder in place
-    code, out = run_cli("export", "--device", "pixel8", "--model", str(tiny_bert), "--out", str(out_dir),
-                        "--seq-len", "64", "--format", "onnx", "--quant", "fp32")
+    code, out = run_cli(
+        "export",
+        "--device",
+        "pixel8",
+        "--model",
+        str(tiny_bert),
+        "--out",
+        str(out_dir),
+        "--seq-len",
+        "64",
+        "--format",
+        "onnx",
+        "--quant",
+        "fp32",
+    )
     assert code == 0, out
     manifest, _ = _check_bundle(out_dir / "pixel8", 1)
     assert not (out_dir / "pixel8" / "model.int8_dynamic.pte").exists()
@@ -166,9 +219,23 @@ def test_export_tiny_model_all_formats(tiny_bert, tmp_path):
 
 def test_export_classifier_with_labels(tiny_classifier, labeled_tsv, tmp_path):
     out_dir = tmp_path / "dist"
-    code, out = run_cli("export", "--device", "x86-64-host", "--model", str(tiny_classifier), "--data",
-                        str(labeled_tsv), "--out", str(out_dir), "--format", "onnx", "--quant", "fp32",
-                        "--seq-len", "32")
+    code, out = run_cli(
+        "export",
+        "--device",
+        "x86-64-host",
+        "--model",
+        str(tiny_classifier),
+        "--data",
+        str(labeled_tsv),
+        "--out",
+        str(out_dir),
+        "--format",
+        "onnx",
+        "--quant",
+        "fp32",
+        "--seq-len",
+        "32",
+    )
     assert code == 0, out
     manifest, report = _check_bundle(out_dir / "x86-64-host", 1)
     assert manifest["labels"] == ["negative", "positive"] and manifest["model"]["output"] == "logits"
@@ -181,13 +248,27 @@ def test_export_classifier_with_labels(tiny_classifier, labeled_tsv, tmp_path):
 
 
 def test_missed_gate_exits_1_and_keeps_the_report(tiny_bert, tmp_path):
-    profile = (tmp_path / "tiny-budget.toml")
+    profile = tmp_path / "tiny-budget.toml"
     text = (profiles_dir() / "x86-64-host.toml").read_text()
-    profile.write_text(text.replace('name = "x86-64-host"', 'name = "tiny-budget"')
-                       .replace("max_artifact_mb = 512", "max_artifact_mb = 0.01"))
+    profile.write_text(
+        text.replace('name = "x86-64-host"', 'name = "tiny-budget"').replace(
+            "max_artifact_mb = 512", "max_artifact_mb = 0.01"
+        )
+    )
     out_dir = tmp_path / "dist"
-    code, out = run_cli("export", "--device", str(profile), "--model", str(tiny_bert), "--out", str(out_dir),
-                        "--format", "onnx", "--seq-len", "32")
+    code, out = run_cli(
+        "export",
+        "--device",
+        str(profile),
+        "--model",
+        str(tiny_bert),
+        "--out",
+        str(out_dir),
+        "--format",
+        "onnx",
+        "--seq-len",
+        "32",
+    )
     assert code == 1, out
     assert "FAIL" in out and "max_size_mb" in out
     report = json.loads((out_dir / "tiny-budget" / "report.json").read_text())

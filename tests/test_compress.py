@@ -1,6 +1,7 @@
 """Fine-tuning, structured pruning, distillation and the cost model on tiny models."""
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -12,8 +13,16 @@ from edgelm.compress import pruning
 from edgelm.compress.estimate import estimate
 from edgelm.compress.jobs import run_compress, run_finetune
 from edgelm.compress.sage import Sage
-from edgelm.compress.train import (DistillConfig, TrainConfig, accuracy, distillation_loss,
-                                   encode_labeled, fit, layer_map, teacher_copy)
+from edgelm.compress.train import (
+    DistillConfig,
+    TrainConfig,
+    accuracy,
+    distillation_loss,
+    encode_labeled,
+    fit,
+    layer_map,
+    teacher_copy,
+)
 from edgelm.data import load_dataset, load_tokenizer
 from edgelm.errors import DataError, ModelError, RecipeError
 from edgelm.models import load_model
@@ -48,7 +57,7 @@ def test_finetune_learns_and_is_deterministic(trained_classifier, memo_tsv, tmp_
     b = run_finetune(base, memo_tsv, tmp_path / "b", cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8, seq_len=SEQ))
     assert a.history[0].train_loss == b.history[0].train_loss
     wa, wb = load_model(tmp_path / "a").module, load_model(tmp_path / "b").module
-    assert all(torch.equal(x, y) for x, y in zip(wa.state_dict().values(), wb.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(wa.state_dict().values(), wb.state_dict().values(), strict=False))
 
 
 def test_sage_scales_steps_by_sensitivity():
@@ -80,8 +89,10 @@ def test_pruning_removes_what_it_says(trained_classifier):
     assert abs(sum(neurons) - 128) <= 32 and all(n % 32 == 0 for n in neurons)  # aligned for int4 groups
     d, dh = 64, 32
     # q,k,v: d*(h*dh)+h*dh each; attention out: (h*dh)*d + d; FFN in: d*n + n; FFN out: n*d + d; 2 LayerNorms: 4d
-    expected = sum(3 * (d * h * dh + h * dh) + (h * dh * d + d) + (d * n + n) + (n * d + d) + 4 * d
-                   for h, n in zip(heads, neurons))
+    expected = sum(
+        3 * (d * h * dh + h * dh) + (h * dh * d + d) + (d * n + n) + (n * d + d) + 4 * d
+        for h, n in zip(heads, neurons, strict=False)
+    )
     assert pruning.encoder_parameter_count(wrapper) == expected < before
     layer = pruning.encoder_layers(wrapper)[0]
     assert layer.attention.self.query.weight.shape == (heads[0] * dh, d)
@@ -102,8 +113,16 @@ def test_masked_model_equals_removed_model(trained_classifier, memo_tsv):
 @pytest.fixture(scope="module")
 def pruned_ckpt(trained_classifier, memo_tsv, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "p"
-    result, summary = run_compress(trained_classifier, memo_tsv, out, sparsity=0.5, method="platon", distill=True,
-                                   eval_data=memo_tsv, cfg=TrainConfig(epochs=2, lr=1e-3, batch_size=8, seq_len=SEQ))
+    result, summary = run_compress(
+        trained_classifier,
+        memo_tsv,
+        out,
+        sparsity=0.5,
+        method="platon",
+        distill=True,
+        eval_data=memo_tsv,
+        cfg=TrainConfig(epochs=2, lr=1e-3, batch_size=8, seq_len=SEQ),
+    )
     return out, result, summary
 
 
@@ -123,9 +142,17 @@ def test_pruned_model_exports_and_matches(pruned_ckpt, memo_tsv, tmp_path, fmt):
     loaded = load_model(pruned_ckpt[0])
     ids, mask, _ = _data(loaded, memo_tsv)
     ids, mask = ids[:12], mask[:12]
-    example = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
-    art = exporters.get(fmt).export(loaded.module, example, exporters.QuantSpec("fp32"),
-                                    tmp_path / f"m{exporters.suffix(fmt)}", output_name="logits")
+    example = {
+        "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
+        "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
+    }
+    art = exporters.get(fmt).export(
+        loaded.module,
+        example,
+        exporters.QuantSpec("fp32"),
+        tmp_path / f"m{exporters.suffix(fmt)}",
+        output_name="logits",
+    )
     out = next(iter(exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask}).values()))
     np.testing.assert_allclose(out, _logits(loaded.module, ids, mask), atol=1e-4)
 
@@ -155,7 +182,7 @@ def test_distillation_lowers_the_students_loss(trained_classifier, memo_tsv):
 def test_cubic_schedule():
     values = [pruning.cubic_sparsity(s, 100, 0.5) for s in range(101)]
     assert values[:10] == [0.0] * 10 and values[80:] == [0.5] * 21
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(values))
     assert values[20] > 0.5 * (20 - 10) / 70  # cubic: fast at first
 
 

@@ -2,12 +2,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from edgelm.data import PROBE_SENTENCES, encode, label_indices, load_dataset, load_tokenizer, probe_dataset
 from edgelm.errors import DataError
 from edgelm.models import default_model_dir
-
-from conftest import SHARED_DATA
 
 
 def test_probe_sentences_vary_in_length():
@@ -25,7 +24,7 @@ def test_tokenizer_matches_hugging_face():
 
     hf = AutoTokenizer.from_pretrained(default_model_dir())
     ours = load_tokenizer(default_model_dir(), 64)
-    texts = list(PROBE_SENTENCES[:20]) + ["Crème brûlée, naïve café!"]
+    texts = [*list(PROBE_SENTENCES[:20]), "Crème brûlée, naïve café!"]
     ids, mask = encode(ours, probe_dataset().__class__(texts=texts))
     ref = hf(texts, padding="max_length", max_length=64, truncation=True, return_tensors="np")
     np.testing.assert_array_equal(ids, ref["input_ids"])
@@ -33,7 +32,7 @@ def test_tokenizer_matches_hugging_face():
 
 
 def test_tsv_csv_jsonl(tmp_path):
-    (tmp_path / "a.tsv").write_text('sentence\tlabel\nit\'s "great\t1\nbad\t0\n')
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\nit's \"great\t1\nbad\t0\n")
     (tmp_path / "a.csv").write_text('text,label\n"hello, world",positive\nbye,negative\n')
     (tmp_path / "a.jsonl").write_text(json.dumps({"premise": "p1", "hypothesis": "h1", "label": 2}) + "\n")
     d = load_dataset(tmp_path / "a.tsv")
@@ -45,13 +44,16 @@ def test_tsv_csv_jsonl(tmp_path):
     assert d.texts == ["p1"] and d.pairs == ["h1"] and d.labels == [2]
 
 
-@pytest.mark.parametrize("content, suffix, msg", [
-    ("foo\tbar\nx\ty\n", ".tsv", "no text column"),
-    ("", ".tsv", "empty"),
-    ("[1, 2]\n", ".jsonl", "JSON object"),
-    ("text\n", ".tsv", "no data rows"),
-    ("x", ".parquet", "unknown data format"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, msg",
+    [
+        ("foo\tbar\nx\ty\n", ".tsv", "no text column"),
+        ("", ".tsv", "empty"),
+        ("[1, 2]\n", ".jsonl", "JSON object"),
+        ("text\n", ".tsv", "no data rows"),
+        ("x", ".parquet", "unknown data format"),
+    ],
+)
 def test_bad_data_files(tmp_path, content, suffix, msg):
     f = tmp_path / f"d{suffix}"
     f.write_text(content)

@@ -14,12 +14,17 @@ from edgelm.profiles import load_profile
 from edgelm.validate import emulator
 from edgelm.validate.runners import EmulatorRunner, HostRunner
 
-needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None,
-                                reason="qemu-user-static (and apt-get) not installed: apt-get install qemu-user-static")
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None,
+    reason="qemu-user-static (and apt-get) not installed: apt-get install qemu-user-static",
+)
 
 
 def test_qemu_cpu_follows_the_profile():
-    assert emulator.qemu_cpu_for(load_profile("raspberry-pi-5").hardware.cpu) == ("cortex-a76", "the profile's cortex-a76")
+    assert emulator.qemu_cpu_for(load_profile("raspberry-pi-5").hardware.cpu) == (
+        "cortex-a76",
+        "the profile's cortex-a76",
+    )
     assert emulator.qemu_cpu_for(load_profile("raspberry-pi-zero-2w").hardware.cpu)[0] == "cortex-a53"
     cpu, why = emulator.qemu_cpu_for(load_profile("pixel8").hardware.cpu)
     assert cpu == "cortex-a76" and "no cortex-x3 model" in why

@@ -26,7 +26,10 @@ def _inputs(model_dir, n=12):
 
 
 def _export(loaded, fmt, quant, path):
-    example = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
+    example = {
+        "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
+        "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
+    }
     return exporters.get(fmt).export(loaded.module, example, quant, path, output_name=loaded.output_name)
 
 
@@ -34,9 +37,16 @@ def _run_rows(session, ids, mask):
     """Run each row at its own (trimmed) length, as the validation runner does."""
     from exporters.base import trim_padding
 
-    return np.concatenate([next(iter(session.run(trim_padding({"input_ids": ids[i:i + 1],
-                                                                "attention_mask": mask[i:i + 1]})).values()))
-                           for i in range(len(ids))])
+    return np.concatenate(
+        [
+            next(
+                iter(
+                    session.run(trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})).values()
+                )
+            )
+            for i in range(len(ids))
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +165,29 @@ def test_runtime_side_imports_no_torch(exported, tmp_path):
     """The target script runs ONNX and TFLite artifacts without importing torch (what a board runs)."""
     _, arts = exported
     ids = np.ones((2, 10), np.int64)
-    np.savez(tmp_path / "g.npz", input_ids=ids, attention_mask=ids, latency_input_ids=ids[:1],
-             latency_attention_mask=ids[:1])
+    np.savez(
+        tmp_path / "g.npz", input_ids=ids, attention_mask=ids, latency_input_ids=ids[:1], latency_attention_mask=ids[:1]
+    )
     for fmt in ("onnx", "tflite"):
         out = tmp_path / fmt
-        code = subprocess.run([sys.executable, "-m", "edgelm.validate.target", str(arts[(fmt, "int8_dynamic")].path),
-                               "--golden", str(tmp_path / "g.npz"), "--out", str(out), "--runs", "3", "--warmup", "1"],
-                              capture_output=True, text=True)
+        code = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgelm.validate.target",
+                str(arts[(fmt, "int8_dynamic")].path),
+                "--golden",
+                str(tmp_path / "g.npz"),
+                "--out",
+                str(out),
+                "--runs",
+                "3",
+                "--warmup",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert code.returncode == 0, code.stderr
         result = json.loads((out / "result.json").read_text())
         assert result["torch_imported"] is False

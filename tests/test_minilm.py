@@ -14,8 +14,9 @@ pytestmark = pytest.mark.minilm
 
 def test_export_pixel8_default_model(tmp_path):
     out_dir = tmp_path / "dist"
-    result = CliRunner().invoke(app, ["export", "--device", "pixel8", "--out", str(out_dir)],
-                                catch_exceptions=False, env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app, ["export", "--device", "pixel8", "--out", str(out_dir)], catch_exceptions=False, env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     bundle = out_dir / "pixel8"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -51,11 +52,20 @@ def test_minilm_schemes_and_estimate(tmp_path):
     ids, mask = encode(load_tokenizer(m.tokenizer_dir, 128), probe_dataset())
     with torch.no_grad():
         ref = m.module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    example = {"input_ids": torch.ones(1, 128, dtype=torch.int64), "attention_mask": torch.ones(1, 128, dtype=torch.int64)}
+    example = {
+        "input_ids": torch.ones(1, 128, dtype=torch.int64),
+        "attention_mask": torch.ones(1, 128, dtype=torch.int64),
+    }
     cos = {}
     for scheme in ("int8_static", "8da4w"):
-        art = exporters.get("onnx").export(m.module, example, quant_spec(scheme), tmp_path / f"{scheme}.onnx",
-                                           output_name="embeddings", calibration=calibration_rows(ids, mask))
+        art = exporters.get("onnx").export(
+            m.module,
+            example,
+            quant_spec(scheme),
+            tmp_path / f"{scheme}.onnx",
+            output_name="embeddings",
+            calibration=calibration_rows(ids, mask),
+        )
         out = exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask})["embeddings"]
         cos[scheme] = float((out * ref).sum(1).mean())  # both L2-normalised
         # fp32 is ~90 MB; static int8 keeps 6 FFN down-projections (14 MB) float

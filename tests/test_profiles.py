@@ -3,16 +3,24 @@ import pytest
 from edgelm.errors import ProfileError
 from edgelm.profiles import all_profiles, available_profiles, load_profile, load_profile_file
 
-REQUIRED = {"pixel8", "galaxy-s24", "iphone-15-pro", "raspberry-pi-5", "raspberry-pi-zero-2w", "jetson-orin-nano",
-            "android-low-end", "x86-64-host"}
+REQUIRED = {
+    "pixel8",
+    "galaxy-s24",
+    "iphone-15-pro",
+    "raspberry-pi-5",
+    "raspberry-pi-zero-2w",
+    "jetson-orin-nano",
+    "android-low-end",
+    "x86-64-host",
+}
 
 PIXEL8 = (
     'name = "p"\ndisplay_name = "P"\nkind = "phone"\n'
     '[hardware]\nsoc = "S"\ncpu = "C"\ncpu_cores = 8\narch = "arm64"\nisa_features = ["neon"]\nram_mb = 4096\n'
-    'cpu_gflops_fp32 = 20.0\ncpu_gops_int8 = 80.0\nmemory_bandwidth_gbs = 10.0\n'
+    "cpu_gflops_fp32 = 20.0\ncpu_gops_int8 = 80.0\nmemory_bandwidth_gbs = 10.0\n"
     '[runtimes]\nexecutorch_backends = ["xnnpack"]\ntflite_delegates = ["xnnpack"]\n'
     'onnx_execution_providers = ["CPUExecutionProvider"]\n'
-    '[budgets]\nmax_artifact_mb = 64\nmax_peak_ram_mb = 256\ntarget_latency_ms = 20\nlatency_seq_len = 128\n'
+    "[budgets]\nmax_artifact_mb = 64\nmax_peak_ram_mb = 256\ntarget_latency_ms = 20\nlatency_seq_len = 128\n"
     '[quantization]\nonnx = "int8_dynamic"\n'
     '[validation]\nrunner = "adb"\n'
 )
@@ -47,7 +55,12 @@ def test_custom_profile_path(tmp_path):
     "edit, expected",
     [
         (lambda t: t.replace('kind = "phone"', 'kind = "phone"\ncolour = "blue"'), "unknown key 'colour'"),
-        (lambda t: t.replace('ram_mb = 4096\ncpu_gflops_fp32 = 20.0\ncpu_gops_int8 = 80.0\nmemory_bandwidth_gbs = 10.0\n', ''), "missing field 'hardware.ram_mb'"),
+        (
+            lambda t: t.replace(
+                "ram_mb = 4096\ncpu_gflops_fp32 = 20.0\ncpu_gops_int8 = 80.0\nmemory_bandwidth_gbs = 10.0\n", ""
+            ),
+            "missing field 'hardware.ram_mb'",
+        ),
         (lambda t: t.replace("cpu_cores = 8", 'cpu_cores = "eight"'), "key 'hardware.cpu_cores'"),
         (lambda t: t.replace('onnx = "int8_dynamic"', 'onnx = "int3"'), "unknown scheme 'int3'"),
         (lambda t: t.replace('onnx = "int8_dynamic"', 'coreml = "fp32"'), "unknown format 'coreml'"),

@@ -27,9 +27,13 @@ def setup(tiny_classifier):
 
 def _export_and_run(setup, fmt, quant, path):
     loaded, ids, mask, _ = setup
-    example = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
-    art = exporters.get(fmt).export(loaded.module, example, quant, path, output_name=loaded.output_name,
-                                    calibration=calibration_rows(ids, mask, 16))
+    example = {
+        "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
+        "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
+    }
+    art = exporters.get(fmt).export(
+        loaded.module, example, quant, path, output_name=loaded.output_name, calibration=calibration_rows(ids, mask, 16)
+    )
     out = next(iter(exporters.load(art.path, threads=1).run({"input_ids": ids, "attention_mask": mask}).values()))
     return art, out
 
@@ -38,11 +42,18 @@ def _cos(a, b):
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
 
 
-@pytest.mark.parametrize("fmt,scheme,min_cos", [
-    ("onnx", "int8_static", 0.95), ("executorch", "int8_static", 0.95),
-    ("onnx", "8da4w", 0.9), ("executorch", "8da4w", 0.85), ("onnx", "int4_weight_only", 0.9),
-    ("onnx", "fp16", 0.999), ("tflite", "fp16", 0.999),
-])
+@pytest.mark.parametrize(
+    "fmt,scheme,min_cos",
+    [
+        ("onnx", "int8_static", 0.95),
+        ("executorch", "int8_static", 0.95),
+        ("onnx", "8da4w", 0.9),
+        ("executorch", "8da4w", 0.85),
+        ("onnx", "int4_weight_only", 0.9),
+        ("onnx", "fp16", 0.999),
+        ("tflite", "fp16", 0.999),
+    ],
+)
 def test_scheme_runs_and_stays_close(setup, tmp_path, fmt, scheme, min_cos):
     art, out = _export_and_run(setup, fmt, quant_spec(scheme), tmp_path / f"m.{scheme}{exporters.suffix(fmt)}")
     ref = setup[3]
@@ -74,12 +85,15 @@ def test_int4_is_smaller_than_int8(setup, tmp_path):
     assert int4.size_bytes < int8.size_bytes < fp16.size_bytes < fp32.size_bytes
 
 
-@pytest.mark.parametrize("fmt,scheme,reason", [
-    ("executorch", "fp16", "GPU delegates"),
-    ("executorch", "int4_weight_only", "use 8da4w"),
-    ("tflite", "int8_static", "cosine 0.64"),
-    ("tflite", "int4_weight_only", "use 8da4w"),
-])
+@pytest.mark.parametrize(
+    "fmt,scheme,reason",
+    [
+        ("executorch", "fp16", "GPU delegates"),
+        ("executorch", "int4_weight_only", "use 8da4w"),
+        ("tflite", "int8_static", "cosine 0.64"),
+        ("tflite", "int4_weight_only", "use 8da4w"),
+    ],
+)
 def test_schemes_a_format_cannot_do_say_why(setup, tmp_path, fmt, scheme, reason):
     with pytest.raises(exporters.UnsupportedQuantError, match=reason):
         _export_and_run(setup, fmt, quant_spec(scheme), tmp_path / f"m{exporters.suffix(fmt)}")
@@ -88,7 +102,10 @@ def test_schemes_a_format_cannot_do_say_why(setup, tmp_path, fmt, scheme, reason
 
 def test_static_needs_calibration(setup, tmp_path):
     loaded = setup[0]
-    example = {"input_ids": torch.ones(1, SEQ, dtype=torch.int64), "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}
+    example = {
+        "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
+        "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
+    }
     with pytest.raises(exporters.UnsupportedQuantError, match="calibration"):
         exporters.get("onnx").export(loaded.module, example, quant_spec("int8_static"), tmp_path / "m.onnx")
 

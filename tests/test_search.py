@@ -21,7 +21,9 @@ GATE_KEYS = ("min_cosine", "min_top1_agreement", "max_accuracy_drop")
 
 def _profile(tmp_path, **changes):
     """x86-64-host's profile with some values replaced (a budget) or gates added (a tighter gate)."""
-    lines = (profiles_dir() / "x86-64-host.toml").read_text().replace('name = "x86-64-host"', 'name = "dev"').splitlines()
+    lines = (
+        (profiles_dir() / "x86-64-host.toml").read_text().replace('name = "x86-64-host"', 'name = "dev"').splitlines()
+    )
     gates = [f"{k} = {v}" for k, v in changes.items() if k in GATE_KEYS]
     for key, value in changes.items():
         if key not in GATE_KEYS:
@@ -29,14 +31,31 @@ def _profile(tmp_path, **changes):
             lines[i] = f"{key} = {value}"
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "dev.toml"
-    path.write_text("\n".join(lines + (["[gates]"] + gates if gates else [])) + "\n")
+    path.write_text("\n".join(lines + (["[gates]", *gates] if gates else [])) + "\n")
     return path
 
 
 def _search(tmp_path, model, data, profile, *extra, fmt="onnx", max_sparsity=0.3):
     out = tmp_path / "dist"
-    code, text = run_cli("export", "-d", profile, "-m", model, "--data", data, "-o", out, "-f", fmt,
-                         "--seq-len", 32, "--search", "--max-sparsity", max_sparsity, *extra)
+    code, text = run_cli(
+        "export",
+        "-d",
+        profile,
+        "-m",
+        model,
+        "--data",
+        data,
+        "-o",
+        out,
+        "-f",
+        fmt,
+        "--seq-len",
+        32,
+        "--search",
+        "--max-sparsity",
+        max_sparsity,
+        *extra,
+    )
     return code, text, out
 
 
@@ -63,7 +82,7 @@ def test_loose_budget_picks_the_fastest_and_tight_budget_a_milder_one(tiny_class
     assert code == 0, text
     cands = json.loads((out / "dev" / "report.json").read_text())["search"]["candidates"]
     tried = [c for c in cands if c["accuracy"] is not None]
-    chosen = [c for c in cands if c["status"] == "chosen"][0]
+    chosen = next(c for c in cands if c["status"] == "chosen")
     assert len(tried) > 1 and all(c["status"].startswith("rejected: min_cosine") for c in tried[:-1])
     assert cands[0]["scheme"] == "8da4w" and chosen["scheme"] != "8da4w"
     assert chosen["est_latency_ms"] >= cands[0]["est_latency_ms"]
@@ -92,9 +111,27 @@ def test_search_needs_labels_and_a_classifier(tiny_bert, trained_classifier, tmp
 
 def test_export_with_pruning_distillation_and_static_int8(trained_classifier, memo_tsv, tmp_path):
     out = tmp_path / "dist"
-    code, text = run_cli("export", "-d", "x86-64-host", "-m", trained_classifier, "--data", memo_tsv, "-o", out,
-                         "-f", "onnx,executorch", "--quant", "onnx=int8_static,executorch=8da4w", "--seq-len", 32,
-                         "--prune", 0.5, "--train-data", memo_tsv)
+    code, text = run_cli(
+        "export",
+        "-d",
+        "x86-64-host",
+        "-m",
+        trained_classifier,
+        "--data",
+        memo_tsv,
+        "-o",
+        out,
+        "-f",
+        "onnx,executorch",
+        "--quant",
+        "onnx=int8_static,executorch=8da4w",
+        "--seq-len",
+        32,
+        "--prune",
+        0.5,
+        "--train-data",
+        memo_tsv,
+    )
     assert code in (0, 1), text
     report = json.loads((out / "x86-64-host" / "report.json").read_text())
     assert report["compression"]["distill_epochs"] == 1
@@ -106,13 +143,45 @@ def test_export_with_pruning_distillation_and_static_int8(trained_classifier, me
 
 def test_finetune_compress_estimate_commands(tiny_bert, memo_tsv, tmp_path):
     ft = tmp_path / "ft"
-    code, text = run_cli("finetune", "--model", tiny_bert, "--data", memo_tsv, "--eval", memo_tsv, "--out", ft,
-                         "--epochs", 2, "--lr", 1e-3, "--batch-size", 16, "--seq-len", 32, "--optimizer", "sage")
+    code, text = run_cli(
+        "finetune",
+        "--model",
+        tiny_bert,
+        "--data",
+        memo_tsv,
+        "--eval",
+        memo_tsv,
+        "--out",
+        ft,
+        "--epochs",
+        2,
+        "--lr",
+        1e-3,
+        "--batch-size",
+        16,
+        "--seq-len",
+        32,
+        "--optimizer",
+        "sage",
+    )
     assert code == 0, text
     assert "kept" in text and (ft / "model.safetensors").is_file() and (ft / "tokenizer.json").is_file()
     pruned = tmp_path / "pruned"
-    code, text = run_cli("compress", "--model", ft, "--data", memo_tsv, "--out", pruned, "--sparsity", 0.5,
-                         "--method", "magnitude", "--epochs", 0)
+    code, text = run_cli(
+        "compress",
+        "--model",
+        ft,
+        "--data",
+        memo_tsv,
+        "--out",
+        pruned,
+        "--sparsity",
+        0.5,
+        "--method",
+        "magnitude",
+        "--epochs",
+        0,
+    )
     assert code == 0, text and "encoder parameters" in text
     code, text = run_cli("estimate", "-d", "raspberry-pi-5", "-m", pruned, "-q", "fp32,int8_dynamic", "--json")
     rows = json.loads(text)

@@ -45,7 +45,7 @@ def test_ssh_runner_refuses_unknown_host_key_and_bad_targets(board, runner_artif
 
 
 def test_ssh_command_quotes_every_remote_argument(board):
-    target, key, known, port = board
+    target, key, known, _port = board
     r = SSHRunner(target, key_file=key, known_hosts=known)
     argv = r.ssh_command(["ls", "a b", "$(reboot)", "x;y"])
     assert argv[:2] == ["ssh", "-o"] and "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv
@@ -61,9 +61,13 @@ def test_ssh_board_running_arm64_python_under_the_emulator(board, runner_artifac
     golden, arts = runner_artifacts
     path = arts["onnx"]
     root = sysroot / "root"
-    runner = SSHRunner(target, key_file=key, known_hosts=known,
-                       remote_python=f"{emulator.qemu_binary()} -L {root} {root / 'usr/bin/python3.11'}",
-                       remote_env={"PYTHONPATH": f".:{sysroot / 'site'}", "QEMU_CPU": "cortex-a76"})
+    runner = SSHRunner(
+        target,
+        key_file=key,
+        known_hosts=known,
+        remote_python=f"{emulator.qemu_binary()} -L {root} {root / 'usr/bin/python3.11'}",
+        remote_env={"PYTHONPATH": f".:{sysroot / 'site'}", "QEMU_CPU": "cortex-a76"},
+    )
     remote = runner.run_artifact(path, golden, threads=1, warmup=0, runs=1)
     host = HostRunner().run_artifact(path, golden, threads=1, warmup=0, runs=1)
     assert remote.result["machine"] == "aarch64"

@@ -18,8 +18,14 @@ from typer.testing import CliRunner
 from edgelm.cli import app
 from edgelm.errors import ValidationError
 from edgelm.validate import bundle as vb
-from edgelm.validate.runners import (DEVICE_RESULTS_SCHEMA, AdbRunner, BundleJob, SSHRunner, make_runner,
-                                     parse_device_results)
+from edgelm.validate.runners import (
+    DEVICE_RESULTS_SCHEMA,
+    AdbRunner,
+    BundleJob,
+    SSHRunner,
+    make_runner,
+    parse_device_results,
+)
 
 cli = CliRunner()
 FORMATS = ("model.int8_dynamic.pte", "model.int8_dynamic.tflite", "model.int8_dynamic.onnx")
@@ -38,9 +44,26 @@ def bundle_copy(exported, tmp_path) -> Path:
 
 
 def _suite(bundle: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", str(vb.runtime_tests_dir()), "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(vb.runtime_tests_dir()), "-rfs", "--bundle", str(bundle), *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(vb.runtime_tests_dir()),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(vb.runtime_tests_dir()),
+            "-rfs",
+            "--bundle",
+            str(bundle),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_host_emulator_and_ssh_board_side_by_side(exported, sysroot, board, memo_tsv):
@@ -51,13 +74,45 @@ def test_host_emulator_and_ssh_board_side_by_side(exported, sysroot, board, memo
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passed" in proc.stdout and "failed" not in proc.stdout
 
-    r = cli.invoke(app, ["validate", str(exported), "--runner", "emulator", "--sysroot", str(sysroot),
-                         "--data", str(memo_tsv), "--runs", "3", "--warmup", "1"])
+    r = cli.invoke(
+        app,
+        [
+            "validate",
+            str(exported),
+            "--runner",
+            "emulator",
+            "--sysroot",
+            str(sysroot),
+            "--data",
+            str(memo_tsv),
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "functional only" in r.output and "edgelm emulator setup --executorch" in r.output.replace("\n", " ")
 
-    r = cli.invoke(app, ["validate", str(exported), "--runner", target, "--key", str(key), "--known-hosts", str(known),
-                         "--remote-python", sys.executable, "--runs", "3", "--warmup", "1"])
+    r = cli.invoke(
+        app,
+        [
+            "validate",
+            str(exported),
+            "--runner",
+            target,
+            "--key",
+            str(key),
+            "--known-hosts",
+            str(known),
+            "--remote-python",
+            sys.executable,
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
 
     doc = json.loads((exported / "validation.json").read_text())
@@ -73,11 +128,19 @@ def test_host_emulator_and_ssh_board_side_by_side(exported, sysroot, board, memo
         assert a["latency"]["emulated"] is True and a["vs_host"]["max_abs_diff"] < 1e-3
         assert a["vs_host"]["top1_agreement"] == 1.0
         # the eval set ran on both and the emulator's accuracy is compared with the host's
-        assert a["eval"]["rows"] == 74 and "below the same artifact on the host" in a["checks"]["eval_accuracy"]["detail"]
+        assert (
+            a["eval"]["rows"] == 74 and "below the same artifact on the host" in a["checks"]["eval_accuracy"]["detail"]
+        )
     for name in FORMATS:
         h, s = host["artifacts"][name], ssh["artifacts"][name]
-        assert h["status"] == "passed" and set(h["checks"]) == {"sha256", "ran", "golden", "accuracy",
-                                                               "eval_accuracy", "latency"}
+        assert h["status"] == "passed" and set(h["checks"]) == {
+            "sha256",
+            "ran",
+            "golden",
+            "accuracy",
+            "eval_accuracy",
+            "latency",
+        }
         assert h["latency"]["runs"] == 3 and h["latency"]["warmup"] == 1 and h["latency"]["p50_ms"] > 0
         assert h["fidelity"]["accuracy"] == pytest.approx(h["fidelity"]["reference_accuracy"], abs=1.0)
         assert s["status"] == "passed" and s["vs_host"]["max_abs_diff"] < 1e-5 and "eval" not in s
@@ -102,8 +165,9 @@ def test_tampered_and_broken_artifacts_fail_their_checks(bundle_copy):
     r = cli.invoke(app, ["validate", str(bundle_copy), "--runs", "2", "--warmup", "0"])
     assert r.exit_code == 1, r.output
     rec = json.loads((bundle_copy / "validation.json").read_text())["runners"]["host"]
-    onnx, tflite, pte = (rec["artifacts"][n] for n in ("model.int8_dynamic.onnx", "model.int8_dynamic.tflite",
-                                                         "model.int8_dynamic.pte"))
+    onnx, tflite, pte = (
+        rec["artifacts"][n] for n in ("model.int8_dynamic.onnx", "model.int8_dynamic.tflite", "model.int8_dynamic.pte")
+    )
     assert onnx["status"] == "failed" and not onnx["checks"]["sha256"]["passed"]
     assert all(c["passed"] for k, c in onnx["checks"].items() if k != "sha256")
     assert tflite["status"] == "error" and not tflite["checks"]["ran"]["passed"]
@@ -139,8 +203,7 @@ def test_a_board_that_drops_keeps_the_results_already_received(bundle_copy, tmp_
     target, key, known, _, proc = start_sshd(d)
     try:
         b = vb.Bundle.load(bundle_copy)
-        runner = SSHRunner(target, key_file=key, known_hosts=known, remote_python=sys.executable,
-                           connect_timeout_s=3)
+        runner = SSHRunner(target, key_file=key, known_hosts=known, remote_python=sys.executable, connect_timeout_s=3)
 
         def progress(desc, done, total):
             if done == 1:
@@ -173,23 +236,39 @@ def adb():
 def test_adb_runner_commands(exported, adb, tmp_path):
     r = make_runner("adb:R5CX21ABC")
     assert isinstance(r, AdbRunner) and r.serial == "R5CX21ABC"
-    job = BundleJob(exported, list(FORMATS), exported / "golden.npz", tmp_path / "eval.npz", threads=4, warmup=2, runs=7)
+    job = BundleJob(
+        exported, list(FORMATS), exported / "golden.npz", tmp_path / "eval.npz", threads=4, warmup=2, runs=7
+    )
     remote = "/sdcard/Android/data/dev.edgelm.demo/files/edgelm/pixel8"
     rm, mkdir, push = r.push_commands(job, "R5CX21ABC")
     assert rm == [adb, "-s", "R5CX21ABC", "shell", f"rm -rf {remote}"]
     assert mkdir == [adb, "-s", "R5CX21ABC", "shell", f"mkdir -p {remote}"]
     assert push[:4] == [adb, "-s", "R5CX21ABC", "push"] and push[-1] == remote + "/"
     app = exported / "android" / "edgelm"
-    assert {Path(p).name for p in push[4:-1]} == {"manifest.json", "vocab.txt", "labels.json", "golden.npz",
-                                                  "eval.npz", *FORMATS}
+    assert {Path(p).name for p in push[4:-1]} == {
+        "manifest.json",
+        "vocab.txt",
+        "labels.json",
+        "golden.npz",
+        "eval.npz",
+        *FORMATS,
+    }
     assert all(Path(p).parent == app for p in push[4:-1] if Path(p).name != "eval.npz")  # the app's bundle
     inst = r.instrument_command(job, "R5CX21ABC")
     assert inst[:4] == [adb, "-s", "R5CX21ABC", "shell"]
-    assert inst[4] == (f"am instrument -w -e bundle {remote} -e artifacts {','.join(FORMATS)} -e golden golden.npz "
-                       f"-e warmup 2 -e runs 7 -e results {remote}/edgelm-results.json -e threads 4 -e eval eval.npz "
-                       "dev.edgelm.demo.test/androidx.test.runner.AndroidJUnitRunner")
+    assert inst[4] == (
+        f"am instrument -w -e bundle {remote} -e artifacts {','.join(FORMATS)} -e golden golden.npz "
+        f"-e warmup 2 -e runs 7 -e results {remote}/edgelm-results.json -e threads 4 -e eval eval.npz "
+        "dev.edgelm.demo.test/androidx.test.runner.AndroidJUnitRunner"
+    )
     assert r.pull_command(job, "R5CX21ABC", tmp_path / "r.json") == [
-        adb, "-s", "R5CX21ABC", "pull", f"{remote}/edgelm-results.json", str(tmp_path / "r.json")]
+        adb,
+        "-s",
+        "R5CX21ABC",
+        "pull",
+        f"{remote}/edgelm-results.json",
+        str(tmp_path / "r.json"),
+    ]
     # a bundle directory with a space in its name stays one argument on the device shell
     spaced = BundleJob(Path("/x/my bundle"), ["m.onnx"], Path("/x/my bundle/golden.npz"))
     with pytest.raises(ValidationError, match="--bundle android"):
@@ -216,12 +295,28 @@ def test_device_results_json_round_trip(bundle_copy, tmp_path):
     b = vb.Bundle.load(bundle_copy)
     host = vb.run_bundle(b, make_runner("host"), artifacts=["model.int8_dynamic.onnx"], warmup=0, runs=2)
     out = np.load(host / "model.int8_dynamic.onnx.outputs.npy")
-    doc = {"schema": DEVICE_RESULTS_SCHEMA, "device": {"model": "Pixel 8", "abi": "arm64-v8a", "sdk": 35},
-           "artifacts": [
-               {"artifact": "model.int8_dynamic.onnx", "error": None, "format": "onnx", "runtime": {"onnxruntime-android": "1.22"},
-                "threads": 4, "warmup": 2, "runs": 3, "latency_seq_len": 32, "latency_samples_ms": [3.1, 2.9, 3.0],
-                "load_ms": 41.0, "peak_rss_mb": 88.0, "outputs": out.tolist(), "eval_outputs": None},
-               {"artifact": "model.int8_dynamic.tflite", "error": "Interpreter: unsupported op"}]}
+    doc = {
+        "schema": DEVICE_RESULTS_SCHEMA,
+        "device": {"model": "Pixel 8", "abi": "arm64-v8a", "sdk": 35},
+        "artifacts": [
+            {
+                "artifact": "model.int8_dynamic.onnx",
+                "error": None,
+                "format": "onnx",
+                "runtime": {"onnxruntime-android": "1.22"},
+                "threads": 4,
+                "warmup": 2,
+                "runs": 3,
+                "latency_seq_len": 32,
+                "latency_samples_ms": [3.1, 2.9, 3.0],
+                "load_ms": 41.0,
+                "peak_rss_mb": 88.0,
+                "outputs": out.tolist(),
+                "eval_outputs": None,
+            },
+            {"artifact": "model.int8_dynamic.tflite", "error": "Interpreter: unsupported op"},
+        ],
+    }
     runs = parse_device_results(json.loads(json.dumps(doc)), list(FORMATS))
     by = {r.artifact: r for r in runs}
     assert np.allclose(by["model.int8_dynamic.onnx"].result.outputs, out)
@@ -235,8 +330,11 @@ def test_device_results_json_round_trip(bundle_copy, tmp_path):
     store = vb.ResultStore(store_dir)
     for run in runs:
         store.save(run)
-    (store_dir / "runner.json").write_text(json.dumps({"runner": "adb", "kind": "adb", "emulated": False,
-                                                       "artifacts": list(FORMATS), "warmup": 2, "runs": 3}))
+    (store_dir / "runner.json").write_text(
+        json.dumps(
+            {"runner": "adb", "kind": "adb", "emulated": False, "artifacts": list(FORMATS), "warmup": 2, "runs": 3}
+        )
+    )
     rec = vb.evaluate(b, store_dir)
     onnx = rec["artifacts"]["model.int8_dynamic.onnx"]
     assert onnx["status"] == "passed" and onnx["latency"]["p50_ms"] == pytest.approx(3.0)
@@ -294,13 +392,15 @@ def test_runners_from_the_device_profile(bundle_copy, board, sysroot):
 
 def test_the_validation_side_imports_no_torch(exported):
     """Runners, bundle checks, the app bundle writer and runtime_tests run on a board with numpy + runtimes."""
-    code = ("import sys\n"
-            "import runtime_tests.conftest, edgelm.appbundle\n"
-            "from edgelm.validate.bundle import Bundle, evaluate, side_by_side_rows\n"
-            "from edgelm.validate.runners import make_runner\n"
-            f"b = Bundle.load({str(exported)!r}); make_runner('host')\n"
-            "assert b.baseline_accuracy is not None and b.golden['input_ids'].shape[0] == 24\n"
-            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    code = (
+        "import sys\n"
+        "import runtime_tests.conftest, edgelm.appbundle\n"
+        "from edgelm.validate.bundle import Bundle, evaluate, side_by_side_rows\n"
+        "from edgelm.validate.runners import make_runner\n"
+        f"b = Bundle.load({str(exported)!r}); make_runner('host')\n"
+        "assert b.baseline_accuracy is not None and b.golden['input_ids'].shape[0] == 24\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]

@@ -36,17 +36,24 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from edgelm.errors import DataError, ModelError, RecipeError
 
 #: Linear layers of each encoder layer that receive generated LoRA weights (module paths in the layer).
-TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-           "intermediate.dense", "output.dense")
+TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 WEIGHTS_FILE = "hypernet.safetensors"
 #: The head's features: the masked mean of the last hidden states, L2-normalised (cosine geometry).
 POOLING = "mean-l2"
@@ -111,12 +118,17 @@ def build_hypernetwork(hidden: int, shapes: list[tuple[int, int]], rank: int, ta
         def __init__(self):
             super().__init__()
             self.task_encoder = torch.nn.Sequential(
-                torch.nn.Linear(2 * hidden, 4 * task_dim), torch.nn.GELU(), torch.nn.Linear(4 * task_dim, task_dim),
-                torch.nn.LayerNorm(task_dim))
+                torch.nn.Linear(2 * hidden, 4 * task_dim),
+                torch.nn.GELU(),
+                torch.nn.Linear(4 * task_dim, task_dim),
+                torch.nn.LayerNorm(task_dim),
+            )
             self.basis_a = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.randn(rank, d_in) / d_in ** 0.5) for _, d_in in shapes])
+                [torch.nn.Parameter(torch.randn(rank, d_in) / d_in**0.5) for _, d_in in shapes]
+            )
             self.basis_b = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.randn(d_out, rank) / rank ** 0.5 * 0.1) for d_out, _ in shapes])
+                [torch.nn.Parameter(torch.randn(d_out, rank) / rank**0.5 * 0.1) for d_out, _ in shapes]
+            )
             self.mix = torch.nn.Parameter(torch.zeros(len(shapes), rank * rank, task_dim))
             self.mix_bias = torch.nn.Parameter(torch.zeros(len(shapes), rank * rank))
             self.log_tau = torch.nn.Parameter(torch.tensor(float(np.log(10.0))))
@@ -151,11 +163,13 @@ class _GeneratedLoRA:
         self.weights: list | None = None
         self._handles = []
         for k, m in enumerate(self.layers):
+
             def hook(module, inputs, output, k=k):
                 if self.weights is None:
                     return output
                 a, b = self.weights[0][k], self.weights[1][k]
                 return output + torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
+
             self._handles.append(m.register_forward_hook(hook))
 
     def remove(self) -> None:
@@ -180,7 +194,7 @@ def _features(wrapper: Any, ids: np.ndarray, mask: np.ndarray, batch: int = 64):
 
     outs = []
     for i in range(0, len(ids), batch):
-        b = trim_padding({"input_ids": ids[i:i + batch], "attention_mask": mask[i:i + batch]})
+        b = trim_padding({"input_ids": ids[i : i + batch], "attention_mask": mask[i : i + batch]})
         outs.append(wrapper.features(torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"])))
     return torch.cat(outs)
 
@@ -249,8 +263,13 @@ def backbone_wrapper(model: str | os.PathLike | None):
     return wrapper, loaded
 
 
-def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out: str | os.PathLike,
-               cfg: HyperConfig | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+def meta_train(
+    model: str | os.PathLike | None,
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: HyperConfig | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Meta-train a hypernetwork for ``model``'s backbone (``"default"``: MiniLM) on the tasks under
     ``data_dir`` and write it to ``out`` (``hypernet.safetensors`` + ``hypernet.json``, atomically).
 
@@ -261,8 +280,8 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
     import torch
     from safetensors.torch import save_file
 
-    from edgelm.fsutil import write_directory
     from edgelm.data import load_tokenizer
+    from edgelm.fsutil import write_directory
 
     cfg = cfg or HyperConfig()
     if cfg.episodes < 1 or cfg.rank < 1 or cfg.task_dim < 1 or min(cfg.shots) < 1 or cfg.query < 1:
@@ -293,7 +312,7 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
             both = np.concatenate([sup, qry])
             feats = _features(wrapper, task.ids[both], task.mask[both])
             w, b = prototype_head(feats[: len(sup)], ys_t, int(ys.max()) + 1, hn.tau)
-            logits = feats[len(sup):] @ w.T + b
+            logits = feats[len(sup) :] @ w.T + b
             loss = torch.nn.functional.cross_entropy(logits, yq_t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -308,13 +327,19 @@ def meta_train(model: str | os.PathLike | None, data_dir: str | os.PathLike, out
     tenth = max(1, len(losses) // 10)
     record = {
         "backbone": "default" if model in (None, "default") else str(loaded.source),
-        "hidden_size": hidden, "targets": [p for p, _ in target_layers(wrapper.base)],
-        "target_shapes": [list(s) for s in shapes], "config": asdict(cfg),
-        "tasks": {t.name: {"examples": int(len(t.labels)), "classes": t.classes} for t in tasks},
-        "episodes_run": len(losses), "seconds": time.perf_counter() - start,
-        "loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:])),
-        "query_accuracy_first": float(np.mean(accs[:tenth])), "query_accuracy_last": float(np.mean(accs[-tenth:])),
+        "hidden_size": hidden,
+        "targets": [p for p, _ in target_layers(wrapper.base)],
+        "target_shapes": [list(s) for s in shapes],
+        "config": asdict(cfg),
+        "tasks": {t.name: {"examples": len(t.labels), "classes": t.classes} for t in tasks},
+        "episodes_run": len(losses),
+        "seconds": time.perf_counter() - start,
+        "loss_first": float(np.mean(losses[:tenth])),
+        "loss_last": float(np.mean(losses[-tenth:])),
+        "query_accuracy_first": float(np.mean(accs[:tenth])),
+        "query_accuracy_last": float(np.mean(accs[-tenth:])),
     }
+
     def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in hn.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -331,21 +356,30 @@ def load_hypernetwork(directory: str | os.PathLike):
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not cfg_path.is_file() or not w_path.is_file():
-        raise ModelError(f"{directory} is not a hypernetwork ({CONFIG_FILE} and {WEIGHTS_FILE} missing): "
-                         "train one with `edgelm hypernet train --out DIR`")
+        raise ModelError(
+            f"{directory} is not a hypernetwork ({CONFIG_FILE} and {WEIGHTS_FILE} missing): "
+            "train one with `edgelm hypernet train --out DIR`"
+        )
     try:
         record = json.loads(cfg_path.read_text())
         c = record["config"]
-        hn = build_hypernetwork(int(record["hidden_size"]), [tuple(s) for s in record["target_shapes"]],
-                                int(c["rank"]), int(c["task_dim"]))
+        hn = build_hypernetwork(
+            int(record["hidden_size"]), [tuple(s) for s in record["target_shapes"]], int(c["rank"]), int(c["task_dim"])
+        )
         hn.load_state_dict(load_file(str(w_path)))
     except Exception as exc:
         raise ModelError(f"the hypernetwork in {directory} is corrupt: {type(exc).__name__}: {exc}") from None
     return hn.eval(), record
 
 
-def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.PathLike, out: str | os.PathLike, *,
-                            text_column: str | None = None, label_column: str | None = None) -> dict:
+def adapt_with_hypernetwork(
+    hypernetwork: str | os.PathLike,
+    demos: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> dict:
     """Write a classifier checkpoint for the task of the labeled demonstrations file ``demos`` to ``out``,
     with no gradient step: the hypernetwork's LoRA weights (merged into the backbone; the unmerged peft
     adapter in ``adapter/``) and the prototype head. Deterministic for fixed demonstrations.
@@ -372,8 +406,9 @@ def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.Pat
     (ids, mask, labels), _ = encode_labeled(tokenizer, data, names)
     missing = [n for i, n in enumerate(names) if not (labels == i).any()]
     if missing:
-        raise DataError(f"{demos} has no demonstration of class(es) {', '.join(missing)}: give each class at "
-                        "least one example")
+        raise DataError(
+            f"{demos} has no demonstration of class(es) {', '.join(missing)}: give each class at least one example"
+        )
     shapes = [tuple(m.weight.shape) for _, m in target_layers(cls_wrapper.base)]
     if [list(s) for s in shapes] != record["target_shapes"]:
         raise ModelError("the hypernetwork was trained for another backbone shape")
@@ -396,8 +431,18 @@ def adapt_with_hypernetwork(hypernetwork: str | os.PathLike, demos: str | os.Pat
         head.bias.copy_(bias)
     generate_seconds = time.perf_counter() - t0
     counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
-    rec = {"job": "adapt", "method": "hypernetwork", "base_model": backbone, "hypernetwork": str(Path(hypernetwork)),
-           "demos": str(demos), "labels": names, "demonstrations_per_class": counts, "rank": rank,
-           "tau": float(hn.tau.detach()), "generate_seconds": generate_seconds, "seconds": time.perf_counter() - start}
+    rec = {
+        "job": "adapt",
+        "method": "hypernetwork",
+        "base_model": backbone,
+        "hypernetwork": str(Path(hypernetwork)),
+        "demos": str(demos),
+        "labels": names,
+        "demonstrations_per_class": counts,
+        "rank": rank,
+        "tau": float(hn.tau.detach()),
+        "generate_seconds": generate_seconds,
+        "seconds": time.perf_counter() - start,
+    }
     finish(cls_wrapper, hf, pm, cfg, loaded.tokenizer_dir, Path(out), rec)
     return rec

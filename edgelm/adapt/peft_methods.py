@@ -39,8 +39,10 @@ from edgelm.errors import DataError, ModelError, RecipeError
 
 METHODS = ("lora", "prompt-tuning", "scaled-prompt-tuning")
 #: peft ``target_modules`` (a regex, matched against the full module name): the attention and FFN Linears.
-LORA_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-                r"|intermediate\.dense|output\.dense)")
+LORA_TARGETS = (
+    r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
 #: What an adapted checkpoint records about its adaptation (next to config.json).
 ADAPT_FILE = "edgelm_adapt.json"
 #: The unmerged peft adapter inside an adapted checkpoint.
@@ -76,7 +78,7 @@ class AdaptConfig:
     seed: int = 0
     seq_len: int = 128
 
-    def resolved(self) -> "AdaptConfig":
+    def resolved(self) -> AdaptConfig:
         """A copy with the method's defaults filled in. Raises RecipeError for a bad value."""
         if self.method not in METHODS:
             raise RecipeError(f"unknown adaptation method {self.method!r}: use {', '.join(METHODS)}")
@@ -117,8 +119,10 @@ def sample_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         if len(idx) < shots:
-            raise DataError(f"class {int(c)} has only {len(idx)} examples, fewer than --shots {shots}: "
-                            "lower --shots or add examples")
+            raise DataError(
+                f"class {int(c)} has only {len(idx)} examples, fewer than --shots {shots}: "
+                "lower --shots or add examples"
+            )
         picked.append(rng.choice(idx, size=shots, replace=False))
     return np.sort(np.concatenate(picked))
 
@@ -154,13 +158,19 @@ def attach_peft(wrapper: Any, hf: Any, cfg: AdaptConfig) -> Any:
     import peft
 
     if cfg.method == "lora":
-        pc = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                             target_modules=LORA_TARGETS)
+        pc = peft.LoraConfig(
+            task_type=peft.TaskType.SEQ_CLS,
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+        )
         return peft.get_peft_model(hf, pc)
     pc = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=cfg.num_virtual_tokens)
     pm = peft.get_peft_model(hf, pc)
-    wrapper.prompt_source = _prompt_source(wrapper, pm.prompt_encoder["default"], cfg.num_virtual_tokens,
-                                           scaled=cfg.method == "scaled-prompt-tuning")
+    wrapper.prompt_source = _prompt_source(
+        wrapper, pm.prompt_encoder["default"], cfg.num_virtual_tokens, scaled=cfg.method == "scaled-prompt-tuning"
+    )
     return pm
 
 
@@ -206,10 +216,18 @@ def finish(wrapper: Any, hf: Any, pm: Any, cfg: AdaptConfig, tokenizer_dir: Path
         save_checkpoint(merged, tokenizer_dir, out, None, extra_files)
 
 
-def run_adapt(model: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike,
-              cfg: AdaptConfig | None = None, *, eval_data: str | os.PathLike | None = None,
-              eval_limit: int | None = None, text_column: str | None = None, label_column: str | None = None,
-              progress: Any = None) -> AdaptResult:
+def run_adapt(
+    model: str | os.PathLike | None,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: AdaptConfig | None = None,
+    *,
+    eval_data: str | os.PathLike | None = None,
+    eval_limit: int | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    progress: Any = None,
+) -> AdaptResult:
     """Adapt ``model`` (an encoder, ``"default"`` = MiniLM, or a classifier) to the labeled ``data`` with
     ``cfg.method`` and write the adapted checkpoint to ``out`` (see module docstring).
 
@@ -241,18 +259,29 @@ def run_adapt(model: str | os.PathLike | None, data: str | os.PathLike, out: str
     wrapper, hf, loaded = load_classifier(model, names, pooling=cfg.pooling, loaded=probe)
     pm = attach_peft(wrapper, hf, cfg)
     trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, seq_len=seq_len,
-                     weight_decay=0.0)
+    tc = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, seq_len=seq_len, weight_decay=0.0
+    )
     start = time.perf_counter()
     result = fit(wrapper, train, evals if cfg.shots is None else None, tc, progress=progress)
     seconds = time.perf_counter() - start
     acc = accuracy(wrapper, *evals) if evals is not None else None
-    record = {"job": "adapt", "method": cfg.method, "base_model": _model_ref(model, loaded), "train": str(data),
-              "examples": int(len(train[0])), "labels": names, "config": asdict(cfg),
-              "trainable_parameters": int(trainable), "seconds": seconds, "eval": str(eval_data) if eval_data else None,
-              "eval_accuracy": acc, "history": result.to_dict()["history"]}
+    record = {
+        "job": "adapt",
+        "method": cfg.method,
+        "base_model": _model_ref(model, loaded),
+        "train": str(data),
+        "examples": len(train[0]),
+        "labels": names,
+        "config": asdict(cfg),
+        "trainable_parameters": int(trainable),
+        "seconds": seconds,
+        "eval": str(eval_data) if eval_data else None,
+        "eval_accuracy": acc,
+        "history": result.to_dict()["history"],
+    }
     finish(wrapper, hf, pm, cfg, loaded.tokenizer_dir, Path(out), record)
-    return AdaptResult(cfg.method, int(len(train[0])), int(trainable), seconds, acc, Path(out).resolve())
+    return AdaptResult(cfg.method, len(train[0]), int(trainable), seconds, acc, Path(out).resolve())
 
 
 def _model_ref(model: Any, loaded: Any) -> str:
@@ -278,12 +307,16 @@ def load_unmerged(directory: str | os.PathLike):
     record_path = directory / ADAPT_FILE
     adapter = directory / ADAPTER_DIR
     if not record_path.is_file() or not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{directory} has no LoRA adapter ({ADAPT_FILE} and {ADAPTER_DIR}/): --lora separate needs "
-                         "a checkpoint written by `edgelm adapt --method lora` or `edgelm adapt --hypernetwork`")
+        raise ModelError(
+            f"{directory} has no LoRA adapter ({ADAPT_FILE} and {ADAPTER_DIR}/): --lora separate needs "
+            "a checkpoint written by `edgelm adapt --method lora` or `edgelm adapt --hypernetwork`"
+        )
     record = json.loads(record_path.read_text())
     if record.get("method") not in ("lora", "hypernetwork"):
-        raise ModelError(f"{directory} was adapted with {record.get('method')}, not LoRA: only LoRA adapters can be "
-                         "exported separately (a prompt-tuned model keeps its prompt in the graph)")
+        raise ModelError(
+            f"{directory} was adapted with {record.get('method')}, not LoRA: only LoRA adapters can be "
+            "exported separately (a prompt-tuned model keeps its prompt in the graph)"
+        )
     base = record.get("base_model")
     if base != "default" and not Path(str(base)).is_dir():
         raise ModelError(f"the base model of {directory} is missing: {base}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,8 +34,9 @@ def _cola(root: Path) -> TextDataset:
 
 def _mrpc(root: Path) -> TextDataset:
     rows = [r for r in _tsv(root / "mrpc" / "train.tsv", encoding="utf-8-sig") if len(r) == 5]
-    return TextDataset([r[3] for r in rows], [r[4] for r in rows],
-                       [("not_paraphrase", "paraphrase")[int(r[0])] for r in rows])
+    return TextDataset(
+        [r[3] for r in rows], [r[4] for r in rows], [("not_paraphrase", "paraphrase")[int(r[0])] for r in rows]
+    )
 
 
 def _rte(root: Path) -> TextDataset:
@@ -79,8 +80,15 @@ def _sst2(root: Path) -> TextDataset:
 
 
 READERS: dict[str, Callable[[Path], TextDataset]] = {
-    "cola": _cola, "mrpc": _mrpc, "rte": _rte, "qnli": _qnli, "trec": _trec, "agnews": _agnews,
-    "sms_spam": _sms, "cb": _cb, "sst2": _sst2,
+    "cola": _cola,
+    "mrpc": _mrpc,
+    "rte": _rte,
+    "qnli": _qnli,
+    "trec": _trec,
+    "agnews": _agnews,
+    "sms_spam": _sms,
+    "cb": _cb,
+    "sst2": _sst2,
 }
 #: Meta-training tasks by default: every task but the held-out one.
 META_TASKS = tuple(t for t in READERS if t != HELD_OUT)
@@ -98,13 +106,19 @@ def load_task(root: str | Path, name: str, limit: int | None = None, seed: int =
     try:
         data = READERS[name](root)
     except (OSError, IndexError, ValueError, KeyError) as exc:
-        raise DataError(f"cannot read task {name} under {root}: {type(exc).__name__}: {exc}. Pass --data-dir "
-                        "pointing at the shared data folder (it holds cola/, mrpc/, rte/, ...)") from None
+        raise DataError(
+            f"cannot read task {name} under {root}: {type(exc).__name__}: {exc}. Pass --data-dir "
+            "pointing at the shared data folder (it holds cola/, mrpc/, rte/, ...)"
+        ) from None
     data.source = f"{root / name}"
     if not data.texts:
         raise DataError(f"task {name} under {root} has no examples")
     if limit is not None and len(data) > limit:
         idx = np.sort(np.random.default_rng(seed).choice(len(data), size=limit, replace=False))
-        data = TextDataset([data.texts[i] for i in idx], [data.pairs[i] for i in idx] if data.pairs else None,
-                           [data.labels[i] for i in idx], data.source)
+        data = TextDataset(
+            [data.texts[i] for i in idx],
+            [data.pairs[i] for i in idx] if data.pairs else None,
+            [data.labels[i] for i in idx],
+            data.source,
+        )
     return data

@@ -85,13 +85,26 @@ def _structure(wrapper: Any) -> dict:
     return {
         "parameters": sum(params.values()),
         "encoder_parameters": sum(v for k, v in params.items() if k in enc_ids),
-        "linears_enc": linears_enc, "linears_head": linears_head, "attn": attn,
-        "hidden": emb.shape[1], "vocab_params": emb.numel(), "vocab_rows": emb.shape[0],
+        "linears_enc": linears_enc,
+        "linears_head": linears_head,
+        "attn": attn,
+        "hidden": emb.shape[1],
+        "vocab_params": emb.numel(),
+        "vocab_rows": emb.shape[0],
     }
 
 
-def estimate(wrapper: Any, profile: Any, *, scheme: str = "fp32", fmt: str = "pytorch", seq_len: int | None = None,
-             threads: int | None = None, embedding_bits: int | None = None, group_size: int = 32) -> Estimate:
+def estimate(
+    wrapper: Any,
+    profile: Any,
+    *,
+    scheme: str = "fp32",
+    fmt: str = "pytorch",
+    seq_len: int | None = None,
+    threads: int | None = None,
+    embedding_bits: int | None = None,
+    group_size: int = 32,
+) -> Estimate:
     """Estimate the cost of ``wrapper`` (an edgelm model wrapper) on ``profile`` (a DeviceProfile).
 
     Args:
@@ -137,8 +150,16 @@ def estimate(wrapper: Any, profile: Any, *, scheme: str = "fp32", fmt: str = "py
     latency = max(compute_ms, memory_ms) + 0.2
     peak = (weight_bytes + act_bytes) / 1e6 + RUNTIME_OVERHEAD_MB.get(fmt, 0.0)
     return Estimate(
-        device=profile.name, scheme=scheme, format=fmt, seq_len=S, threads=n_threads,
-        parameters=int(s["parameters"]), encoder_parameters=int(s["encoder_parameters"]),
-        macs=int(lin_macs + attn_macs), weight_mb=weight_bytes / 1e6, activation_mb=act_bytes / 1e6,
-        latency_ms=latency, peak_ram_mb=peak,
+        device=profile.name,
+        scheme=scheme,
+        format=fmt,
+        seq_len=S,
+        threads=n_threads,
+        parameters=int(s["parameters"]),
+        encoder_parameters=int(s["encoder_parameters"]),
+        macs=int(lin_macs + attn_macs),
+        weight_mb=weight_bytes / 1e6,
+        activation_mb=act_bytes / 1e6,
+        latency_ms=latency,
+        peak_ram_mb=peak,
     )

@@ -32,10 +32,19 @@ def _data(path, limit, text_column, label_column, tokenizer, names):
     return encode_labeled(tokenizer, data, names)
 
 
-def run_finetune(model: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike, *,
-                 eval_data: str | os.PathLike | None = None, cfg: TrainConfig | None = None,
-                 limit: int | None = None, eval_limit: int | None = None, text_column: str | None = None,
-                 label_column: str | None = None, progress: Progress | None = None) -> FitResult:
+def run_finetune(
+    model: str | os.PathLike | None,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    eval_data: str | os.PathLike | None = None,
+    cfg: TrainConfig | None = None,
+    limit: int | None = None,
+    eval_limit: int | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    progress: Progress | None = None,
+) -> FitResult:
     """Fine-tune ``model`` (an encoder or a classifier checkpoint; ``"default"``: MiniLM) into a sequence
     classifier on labeled ``data`` and write a Hugging Face checkpoint to ``out`` (the best epoch on
     ``eval_data``; the last one without it).
@@ -56,17 +65,40 @@ def run_finetune(model: str | os.PathLike | None, data: str | os.PathLike, out: 
     torch.manual_seed(cfg.seed)  # the new classification head's initialisation
     wrapper, hf, loaded = load_classifier(model, names, loaded=probe)
     result = fit(wrapper, train, evals, cfg, progress=progress)
-    save_checkpoint(hf, loaded.tokenizer_dir, Path(out), {
-        "job": "finetune", "base_model": str(loaded.source), "train": str(data), "eval": str(eval_data),
-        "train_examples": int(len(train[0])), "config": asdict(cfg), "result": result.to_dict()})
+    save_checkpoint(
+        hf,
+        loaded.tokenizer_dir,
+        Path(out),
+        {
+            "job": "finetune",
+            "base_model": str(loaded.source),
+            "train": str(data),
+            "eval": str(eval_data),
+            "train_examples": len(train[0]),
+            "config": asdict(cfg),
+            "result": result.to_dict(),
+        },
+    )
     return result
 
 
-def run_compress(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
-                 sparsity: float = 0.5, head_sparsity: float | None = None, method: str = "platon",
-                 distill: bool = False, eval_data: str | os.PathLike | None = None, cfg: TrainConfig | None = None,
-                 limit: int | None = None, eval_limit: int | None = None, text_column: str | None = None,
-                 label_column: str | None = None, progress: Progress | None = None) -> tuple[FitResult, dict]:
+def run_compress(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    sparsity: float = 0.5,
+    head_sparsity: float | None = None,
+    method: str = "platon",
+    distill: bool = False,
+    eval_data: str | os.PathLike | None = None,
+    cfg: TrainConfig | None = None,
+    limit: int | None = None,
+    eval_limit: int | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[FitResult, dict]:
     """Prune heads and FFN neurons of a fine-tuned classifier and write the smaller checkpoint to ``out``.
 
     - ``method="platon"``: PLATON importance with a cubic schedule while training ``cfg.epochs`` on ``data``;
@@ -88,8 +120,10 @@ def run_compress(model: str | os.PathLike, data: str | os.PathLike, out: str | o
 
     loaded = load_model(model)
     if loaded.kind != "classifier":
-        raise ModelError(f"{loaded.source} is not a sequence classifier: run `edgelm finetune` first, then compress "
-                         "the fine-tuned checkpoint (pruning importance needs the task's loss)")
+        raise ModelError(
+            f"{loaded.source} is not a sequence classifier: run `edgelm finetune` first, then compress "
+            "the fine-tuned checkpoint (pruning importance needs the task's loss)"
+        )
     tokenizer = load_tokenizer(loaded.tokenizer_dir, min(cfg.seq_len, loaded.max_positions))
     train, names = _data(data, limit, text_column, label_column, tokenizer, loaded.labels)
     evals = _data(eval_data, eval_limit, text_column, label_column, tokenizer, names)[0] if eval_data else None
@@ -104,21 +138,42 @@ def run_compress(model: str | os.PathLike, data: str | os.PathLike, out: str | o
         result.pruning = record
     else:
         acc_one_shot = None
-        result = fit(wrapper, train, evals, cfg, prune=PruneConfig(sparsity=sparsity, head_sparsity=head_sparsity),
-                     teacher=teacher, progress=progress)
+        result = fit(
+            wrapper,
+            train,
+            evals,
+            cfg,
+            prune=PruneConfig(sparsity=sparsity, head_sparsity=head_sparsity),
+            teacher=teacher,
+            progress=progress,
+        )
     summary = {
-        "method": method, "distill": distill, "sparsity": sparsity,
+        "method": method,
+        "distill": distill,
+        "sparsity": sparsity,
         "head_sparsity": sparsity if head_sparsity is None else head_sparsity,
         "encoder_parameters_before": params_before,
         "encoder_parameters_after": pruning.encoder_parameter_count(wrapper),
         "heads_per_layer": pruning.structure_counts(wrapper)[0],
         "ffn_neurons_per_layer": pruning.structure_counts(wrapper)[1],
-        "accuracy_before": acc_before, "accuracy_after_one_shot": acc_one_shot,
+        "accuracy_before": acc_before,
+        "accuracy_after_one_shot": acc_one_shot,
         "accuracy_after": accuracy(wrapper, *evals) if evals else None,
     }
-    save_checkpoint(wrapper.model, loaded.tokenizer_dir, Path(out), {
-        "job": "compress", "source": str(loaded.source), "train": str(data), "config": asdict(cfg),
-        "distill": asdict(DistillConfig()) if distill else None, "summary": summary, "result": result.to_dict()})
+    save_checkpoint(
+        wrapper.model,
+        loaded.tokenizer_dir,
+        Path(out),
+        {
+            "job": "compress",
+            "source": str(loaded.source),
+            "train": str(data),
+            "config": asdict(cfg),
+            "distill": asdict(DistillConfig()) if distill else None,
+            "summary": summary,
+            "result": result.to_dict(),
+        },
+    )
     return result, summary
 
 

@@ -58,10 +58,16 @@ def structure_params(layer: Any) -> dict[str, list[tuple[Any, int]]]:
     """The weights of one layer's structures: ``{"heads": [(param, axis)...], "neurons": [...]}``; ``axis``
     is the dimension along which a structure's slice lies (0: output rows, 1: input columns)."""
     sa = layer.attention.self
-    heads = [(sa.query.weight, 0), (sa.query.bias, 0), (sa.key.weight, 0), (sa.key.bias, 0),
-             (sa.value.weight, 0), (sa.value.bias, 0), (layer.attention.output.dense.weight, 1)]
-    neurons = [(layer.intermediate.dense.weight, 0), (layer.intermediate.dense.bias, 0),
-               (layer.output.dense.weight, 1)]
+    heads = [
+        (sa.query.weight, 0),
+        (sa.query.bias, 0),
+        (sa.key.weight, 0),
+        (sa.key.bias, 0),
+        (sa.value.weight, 0),
+        (sa.value.bias, 0),
+        (layer.attention.output.dense.weight, 1),
+    ]
+    neurons = [(layer.intermediate.dense.weight, 0), (layer.intermediate.dense.bias, 0), (layer.output.dense.weight, 1)]
     return {"heads": heads, "neurons": neurons}
 
 
@@ -70,7 +76,11 @@ def _reduce(values: list[tuple[Any, int]], groups: int, fn) -> np.ndarray:
     total = np.zeros(groups)
     for tensor, axis in values:
         t = fn(tensor).detach().float()
-        t = t.reshape(groups, -1) if axis == 0 else t.reshape(t.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1)
+        t = (
+            t.reshape(groups, -1)
+            if axis == 0
+            else t.reshape(t.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1)
+        )
         total += t.sum(dim=1).double().cpu().numpy()
     return total
 
@@ -80,7 +90,7 @@ def magnitude_scores(wrapper: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
     Returns ``(head scores [L][H], neuron scores [L][I])`` (float64)."""
     heads, neurons = structure_counts(wrapper)
     hs, ns = [], []
-    for layer, h, n in zip(encoder_layers(wrapper), heads, neurons):
+    for layer, h, n in zip(encoder_layers(wrapper), heads, neurons, strict=False):
         p = structure_params(layer)
         hs.append(np.sqrt(_reduce(p["heads"], h, lambda t: t * t)))
         ns.append(np.sqrt(_reduce(p["neurons"], n, lambda t: t * t)))
@@ -133,15 +143,16 @@ class PlatonScorer:
         def score(t):
             return self._ema[id(t)] * self._unc[id(t)] if id(t) in self._ema else t * 0
 
-        for layer, h, n in zip(encoder_layers(self.wrapper), heads, neurons):
+        for layer, h, n in zip(encoder_layers(self.wrapper), heads, neurons, strict=False):
             p = structure_params(layer)
             hs.append(_reduce(p["heads"], h, score))
             ns.append(_reduce(p["neurons"], n, score))
         return hs, ns
 
 
-def cubic_sparsity(step: int, total_steps: int, final: float, warmup_frac: float = 0.1,
-                   final_frac: float = 0.2) -> float:
+def cubic_sparsity(
+    step: int, total_steps: int, final: float, warmup_frac: float = 0.1, final_frac: float = 0.2
+) -> float:
     """The cubic schedule of PLATON (after Zhu & Gupta 2017): 0 for the first ``warmup_frac`` of steps,
     then ``final · (1 - (1 - progress)^3)`` rising to ``final`` and held for the last ``final_frac``.
     Returns the target sparsity in [0, final]."""
@@ -163,7 +174,7 @@ class Masks:
     neurons: list[np.ndarray]
 
     @classmethod
-    def full(cls, wrapper: Any) -> "Masks":
+    def full(cls, wrapper: Any) -> Masks:
         h, n = structure_counts(wrapper)
         return cls([np.ones(x, bool) for x in h], [np.ones(x, bool) for x in n])
 
@@ -184,11 +195,11 @@ def _align(masks: list[np.ndarray], scores: list[np.ndarray], unit: int, align: 
     least one such step, at most the layer's size), in place: adding back the best-scored pruned structures
     or dropping the worst-scored kept ones."""
     step = align // int(np.gcd(align, unit))
-    for mask, sc in zip(masks, scores):
+    for mask, sc in zip(masks, scores, strict=False):
         if mask.size <= step:
             continue
         kept = int(mask.sum())
-        want = min(mask.size, max(step, int(round(kept / step)) * step))
+        want = min(mask.size, max(step, round(kept / step) * step))
         order = np.argsort(-sc, kind="stable")
         for j in order if want > kept else order[::-1]:
             if kept == want:
@@ -199,8 +210,14 @@ def _align(masks: list[np.ndarray], scores: list[np.ndarray], unit: int, align: 
                 mask[j], kept = False, kept - 1
 
 
-def select(head_scores: list[np.ndarray], neuron_scores: list[np.ndarray], sparsity: float,
-           head_sparsity: float | None = None, head_size: int = 1, align: int = ALIGN) -> Masks:
+def select(
+    head_scores: list[np.ndarray],
+    neuron_scores: list[np.ndarray],
+    sparsity: float,
+    head_sparsity: float | None = None,
+    head_size: int = 1,
+    align: int = ALIGN,
+) -> Masks:
     """Keep the highest-scoring structures: ``round(sparsity · total)`` neurons and
     ``round(head_sparsity · total)`` heads (default: ``sparsity``) are pruned, ranked globally across layers;
     every layer keeps at least one head and one neuron, and each layer's kept width is rounded to the nearest
@@ -213,7 +230,7 @@ def select(head_scores: list[np.ndarray], neuron_scores: list[np.ndarray], spars
 
     def keep(scores: list[np.ndarray], ratio: float) -> list[np.ndarray]:
         flat = np.concatenate(scores)
-        n_prune = int(round(ratio * flat.size))
+        n_prune = round(ratio * flat.size)
         masks = [np.ones(s.size, bool) for s in scores]
         if n_prune == 0:
             return masks
@@ -240,7 +257,7 @@ def apply_masks(wrapper: Any, masks: Masks) -> None:
     import torch
 
     with torch.no_grad():
-        for layer, hm, nm in zip(encoder_layers(wrapper), masks.heads, masks.neurons):
+        for layer, hm, nm in zip(encoder_layers(wrapper), masks.heads, masks.neurons, strict=False):
             p = structure_params(layer)
             for group, mask in ((p["heads"], hm), (p["neurons"], nm)):
                 if mask.all():
@@ -262,11 +279,12 @@ def remove_structures(wrapper: Any, masks: Masks) -> dict:
 
     record = {"heads": [], "intermediate_sizes": [], "original_heads": [], "original_intermediate_size": None}
     with torch.no_grad():
-        for layer, hm, nm in zip(encoder_layers(wrapper), masks.heads, masks.neurons):
+        for layer, hm, nm in zip(encoder_layers(wrapper), masks.heads, masks.neurons, strict=False):
             sa = layer.attention.self
             size = sa.attention_head_size
-            rows = torch.tensor([r for h in np.nonzero(hm)[0] for r in range(h * size, (h + 1) * size)],
-                                dtype=torch.long)
+            rows = torch.tensor(
+                [r for h in np.nonzero(hm)[0] for r in range(h * size, (h + 1) * size)], dtype=torch.long
+            )
             sa.query = prune_linear_layer(sa.query, rows, dim=0)
             sa.key = prune_linear_layer(sa.key, rows, dim=0)
             sa.value = prune_linear_layer(sa.value, rows, dim=0)
@@ -283,7 +301,9 @@ def remove_structures(wrapper: Any, masks: Masks) -> dict:
     config = getattr(getattr(wrapper, "model", None), "config", None) or wrapper.base.config
     previous = getattr(config, CONFIG_KEY, None)
     if previous:  # pruning a pruned model: head indices refer to the original layout
-        record["heads"] = [[prev[h] for h in kept] for prev, kept in zip(previous["heads"], record["heads"])]
+        record["heads"] = [
+            [prev[h] for h in kept] for prev, kept in zip(previous["heads"], record["heads"], strict=False)
+        ]
         record["original_heads"] = previous["original_heads"]
         record["original_intermediate_size"] = previous["original_intermediate_size"]
     setattr(config, CONFIG_KEY, record)
@@ -294,7 +314,7 @@ def restore_pruned_shapes(hf_model: Any, record: dict) -> None:
     """Give a freshly built (unpruned) Hugging Face model the shapes in an ``edgelm_pruning`` record so that a
     pruned checkpoint's state dict loads into it (used by :func:`edgelm.models.load_model`)."""
     masks = Masks(
-        heads=[np.isin(np.arange(n), kept) for n, kept in zip(record["original_heads"], record["heads"])],
+        heads=[np.isin(np.arange(n), kept) for n, kept in zip(record["original_heads"], record["heads"], strict=False)],
         neurons=[np.arange(record["original_intermediate_size"]) < k for k in record["intermediate_sizes"]],
     )
 

@@ -33,12 +33,22 @@ class Sage(torch.optim.Optimizer):
         max_ratio: upper clip of the SAGE ratio.
     """
 
-    def __init__(self, params, lr: float = 5e-5, betas: tuple[float, float] = (0.9, 0.999), beta3: float = 0.75,
-                 eps: float = 1e-8, sage_eps: float = 1e-12, weight_decay: float = 0.01, max_ratio: float = 10.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = 0.75,
+        eps: float = 1e-8,
+        sage_eps: float = 1e-12,
+        weight_decay: float = 0.01,
+        max_ratio: float = 10.0,
+    ):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, not {lr}")
-        defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, sage_eps=sage_eps, weight_decay=weight_decay,
-                        max_ratio=max_ratio)
+        defaults = dict(
+            lr=lr, betas=betas, beta3=beta3, eps=eps, sage_eps=sage_eps, weight_decay=weight_decay, max_ratio=max_ratio
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -68,10 +78,11 @@ class Sage(torch.optim.Optimizer):
                 state["ubar"].mul_(b3).add_((sens - state["ibar"]).abs(), alpha=1 - b3)
                 state["m"].mul_(b1).add_(g, alpha=1 - b1)
                 state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                m_hat = state["m"] / (1 - b1 ** t)
-                v_hat = state["v"] / (1 - b2 ** t)
+                m_hat = state["m"] / (1 - b1**t)
+                v_hat = state["v"] / (1 - b2**t)
                 ratio = ((state["ubar"] + group["sage_eps"]) / (state["ibar"] + group["sage_eps"])).clamp_(
-                    0, group["max_ratio"])
+                    0, group["max_ratio"]
+                )
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(-group["lr"] * ratio * m_hat / (v_hat.sqrt() + group["eps"]))
@@ -104,4 +115,3 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_f
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-

@@ -25,9 +25,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -123,11 +124,12 @@ class FitResult:
 def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
     """Map student hidden states to teacher ones (both counted with the embedding output at 0): student
     layer ``i`` of ``n_student`` learns from teacher layer ``round(i · n_teacher / n_student)``."""
-    return [(i, int(round(i * n_teacher / n_student))) for i in range(1, n_student + 1)]
+    return [(i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1)]
 
 
-def distillation_loss(student_logits, teacher_logits, labels, student_hidden: list, teacher_hidden: list,
-                      mask, cfg: DistillConfig):
+def distillation_loss(
+    student_logits, teacher_logits, labels, student_hidden: list, teacher_hidden: list, mask, cfg: DistillConfig
+):
     """Knowledge distillation loss (scalar tensor).
 
     Args:
@@ -146,15 +148,17 @@ def distillation_loss(student_logits, teacher_logits, labels, student_hidden: li
     if cfg.alpha_hidden and student_hidden and teacher_hidden:
         m = mask.to(student_logits.dtype)[:, :, None]
         pairs = layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
-        mse = sum((((student_hidden[s] - teacher_hidden[t]) ** 2) * m).sum() / (m.sum() * student_hidden[s].shape[-1])
-                  for s, t in pairs) / len(pairs)
+        mse = sum(
+            (((student_hidden[s] - teacher_hidden[t]) ** 2) * m).sum() / (m.sum() * student_hidden[s].shape[-1])
+            for s, t in pairs
+        ) / len(pairs)
         loss = loss + cfg.alpha_hidden * mse
     return loss
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def _trim(ids: np.ndarray, mask: np.ndarray):
@@ -188,10 +192,17 @@ def accuracy(wrapper: Any, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray
     return logits_accuracy(predict(wrapper, ids, mask), labels)
 
 
-def fit(wrapper: Any, train: tuple[np.ndarray, np.ndarray, np.ndarray],
-        eval_set: tuple[np.ndarray, np.ndarray, np.ndarray] | None, cfg: TrainConfig, *,
-        prune: PruneConfig | None = None, teacher: Any = None, distill: DistillConfig | None = None,
-        progress: Progress | None = None) -> FitResult:
+def fit(
+    wrapper: Any,
+    train: tuple[np.ndarray, np.ndarray, np.ndarray],
+    eval_set: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    cfg: TrainConfig,
+    *,
+    prune: PruneConfig | None = None,
+    teacher: Any = None,
+    distill: DistillConfig | None = None,
+    progress: Progress | None = None,
+) -> FitResult:
     """Train ``wrapper`` (in place) on ``train = (ids int64 [N, seq], mask int64 [N, seq], labels int64 [N])``.
 
     After each epoch the model is evaluated on ``eval_set`` and the best epoch's weights are restored at the
@@ -313,8 +324,9 @@ def encode_labeled(tokenizer, data, names: list[str] | None = None):
     return (ids, mask, labels), names
 
 
-def load_classifier(model: str | os.PathLike | None, names: list[str] | None = None, pooling: str = "cls",
-                    loaded: Any = None):
+def load_classifier(
+    model: str | os.PathLike | None, names: list[str] | None = None, pooling: str = "cls", loaded: Any = None
+):
     """A classifier wrapper to train: a ``*ForSequenceClassification`` checkpoint as it is, or any supported
     encoder (``"default"``: the packaged MiniLM) with a new classification head for ``names`` reading the
     ``pooling`` (``"cls"``, ``"mean"`` or ``"mean-l2"``, see ``SequenceClassifier``) of the last hidden states.
@@ -332,21 +344,32 @@ def load_classifier(model: str | os.PathLike | None, names: list[str] | None = N
     transformers.logging.set_verbosity_error()
     try:
         hf = transformers.AutoModelForSequenceClassification.from_pretrained(
-            loaded.source, num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, attn_implementation="eager")
+            loaded.source,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            attn_implementation="eager",
+        )
     except Exception as exc:
         raise ModelError(f"could not build a classifier from {loaded.source}: {exc}") from None
     if pooling != "cls" and loaded.config.get("model_type") != "bert":
-        raise ModelError(f"mean pooling needs a BERT encoder; {loaded.source} is {loaded.config.get('model_type')}: "
-                         "use --pooling cls")
+        raise ModelError(
+            f"mean pooling needs a BERT encoder; {loaded.source} is {loaded.config.get('model_type')}: "
+            "use --pooling cls"
+        )
     _, SequenceClassifier = build_wrappers()
     if pooling != "cls":
         hf.config.edgelm_pooling = pooling
     return SequenceClassifier(hf, pooling=pooling), hf, loaded
 
 
-def save_checkpoint(hf_model: Any, tokenizer_dir: Path, out: Path, extra: dict | None = None,
-                    write_more: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    hf_model: Any,
+    tokenizer_dir: Path,
+    out: Path,
+    extra: dict | None = None,
+    write_more: Callable[[Path], None] | None = None,
+) -> Path:
     """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files, and
     ``edgelm_training.json`` with ``extra``) to ``out`` atomically (:func:`edgelm.fsutil.write_directory`).
     ``write_more(directory)`` adds files before the rename. Returns ``out``."""

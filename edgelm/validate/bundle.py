@@ -24,8 +24,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,8 +45,14 @@ REPORT_MARKER = "<!-- edgelm validate: the sections below are rewritten by `edge
 #: the largest |reference| value. fp32 differs from PyTorch by kernel rounding only; fp16 keeps ~3 digits;
 #: int8 dynamic per-channel moves logits/embeddings by a few percent (MiniLM: cosine ~0.994-0.999); static
 #: int8 and 4-bit weights move them more. The cosine and top-1 limits are the recipe's gates (manifest).
-GOLDEN_MAX_REL_ERROR = {"fp32": 1e-3, "fp16": 1e-2, "int8_dynamic": 0.25, "int8_static": 0.5, "8da4w": 0.5,
-                        "int4_weight_only": 0.5}
+GOLDEN_MAX_REL_ERROR = {
+    "fp32": 1e-3,
+    "fp16": 1e-2,
+    "int8_dynamic": 0.25,
+    "int8_static": 0.5,
+    "8da4w": 0.5,
+    "int4_weight_only": 0.5,
+}
 #: What an artifact's status can be in validation.json.
 STATUSES = ("passed", "failed", "error", "skipped", "not run")
 
@@ -63,26 +69,33 @@ class Bundle:
         self._golden: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Bundle":
+    def load(cls, path: str | os.PathLike) -> Bundle:
         path = Path(path)
         if not path.is_dir():
-            raise ValidationError(f"bundle not found: {path} is not a directory (run `edgelm export --device ...` "
-                                  "first; it writes dist/<device>/)")
+            raise ValidationError(
+                f"bundle not found: {path} is not a directory (run `edgelm export --device ...` "
+                "first; it writes dist/<device>/)"
+            )
         mf = path / "manifest.json"
         if not mf.is_file():
             raise ValidationError(f"{path} is not an edgelm bundle: it has no manifest.json (run `edgelm export`)")
         try:
             manifest = json.loads(mf.read_text())
-            ok = (isinstance(manifest.get("artifacts"), list) and "file" in manifest.get("golden", {})
-                  and isinstance(manifest.get("recipe", {}).get("plans"), list))
+            ok = (
+                isinstance(manifest.get("artifacts"), list)
+                and "file" in manifest.get("golden", {})
+                and isinstance(manifest.get("recipe", {}).get("plans"), list)
+            )
         except (ValueError, AttributeError) as exc:
             raise ValidationError(f"{mf} is corrupt ({exc}): export the bundle again") from None
         if not ok:
-            raise ValidationError(f"{mf} is not an edgelm manifest (no artifacts, golden set or recipe): export the "
-                                  "bundle again")
+            raise ValidationError(
+                f"{mf} is not an edgelm manifest (no artifacts, golden set or recipe): export the bundle again"
+            )
         if not (path / manifest["golden"]["file"]).is_file():
-            raise ValidationError(f"{path} has no {manifest['golden']['file']}: the bundle is incomplete, export "
-                                  "it again")
+            raise ValidationError(
+                f"{path} has no {manifest['golden']['file']}: the bundle is incomplete, export it again"
+            )
         return cls(path, manifest)
 
     @property
@@ -116,8 +129,9 @@ class Bundle:
         """The recipe plan (format, quantization, gates) that produced artifact ``name``."""
         entry = self.artifact(name)
         for p in self.manifest["recipe"]["plans"]:
-            if p.get("artifact") == name or (p["format"] == entry["format"]
-                                             and p["quant"]["scheme"] == entry["quantization"]["scheme"]):
+            if p.get("artifact") == name or (
+                p["format"] == entry["format"] and p["quant"]["scheme"] == entry["quantization"]["scheme"]
+            ):
                 return p
         raise ValidationError(f"{name}: the manifest's recipe has no plan for it; export the bundle again")
 
@@ -151,8 +165,15 @@ def runner_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9@._-]+", "-", name.replace("ssh://", "ssh-")).strip("-") or "runner"
 
 
-def encode_eval_set(bundle: Bundle, data: str | os.PathLike, out: Path, *, text_column: str | None = None,
-                    label_column: str | None = None, limit: int | None = None) -> dict:
+def encode_eval_set(
+    bundle: Bundle,
+    data: str | os.PathLike,
+    out: Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    limit: int | None = None,
+) -> dict:
     """Tokenize a labeled eval file with the bundle's own tokenizer and write ``out`` (``eval.npz``: int64
     ``input_ids``/``attention_mask`` [M, seq_len], int64 ``labels`` [M]). Returns ``{"source", "rows"}``.
     Raises DataError (unreadable file, no label column, unknown labels) or ValidationError (embedding model)."""
@@ -180,8 +201,12 @@ class ResultStore:
 
     def save(self, run: ArtifactRun) -> None:
         d = self.directory
-        entry = {"artifact": run.artifact, "error": run.error, "skipped": run.skipped,
-                 "result": run.result.result if run.result else None}
+        entry = {
+            "artifact": run.artifact,
+            "error": run.error,
+            "skipped": run.skipped,
+            "result": run.result.result if run.result else None,
+        }
         if run.result is not None:
             np.save(d / f"{run.artifact}.outputs.npy", run.result.outputs)
             if run.result.eval_outputs is not None:
@@ -193,8 +218,9 @@ class ResultStore:
         try:
             return json.loads((self.directory / "runner.json").read_text())
         except (OSError, ValueError):
-            raise ValidationError(f"{self.directory} holds no runner results (runner.json): run `edgelm validate` "
-                                  "first") from None
+            raise ValidationError(
+                f"{self.directory} holds no runner results (runner.json): run `edgelm validate` first"
+            ) from None
 
     def load(self, artifacts: list[str]) -> dict[str, ArtifactRun]:
         """The stored run of each artifact; one with no stored result is "not run"."""
@@ -208,16 +234,29 @@ class ResultStore:
             res = None
             if entry.get("result") is not None:
                 ev = self.directory / f"{name}.eval.npy"
-                res = RunResult(np.load(self.directory / f"{name}.outputs.npy"), entry["result"],
-                                np.load(ev) if ev.is_file() else None)
+                res = RunResult(
+                    np.load(self.directory / f"{name}.outputs.npy"),
+                    entry["result"],
+                    np.load(ev) if ev.is_file() else None,
+                )
             runs[name] = ArtifactRun(name, res, entry.get("error"), entry.get("skipped"))
         return runs
 
 
-def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | None = None,
-               data: str | os.PathLike | None = None, text_column: str | None = None,
-               label_column: str | None = None, limit: int | None = None, threads: int | None = None,
-               warmup: int = 5, runs: int = 20, progress: ProgressFn | None = None) -> Path:
+def run_bundle(
+    bundle: Bundle,
+    runner: HostRunner,
+    *,
+    artifacts: list[str] | None = None,
+    data: str | os.PathLike | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    limit: int | None = None,
+    threads: int | None = None,
+    warmup: int = 5,
+    runs: int = 20,
+    progress: ProgressFn | None = None,
+) -> Path:
     """Run the bundle's artifacts (all, or ``artifacts``) on ``runner`` and store the raw results in
     ``<bundle>/validation/<runner>/`` (replacing an earlier run of the same runner). ``data``: a labeled eval
     file, tokenized here with the bundle's tokenizer and run on the target beside the golden set.
@@ -240,16 +279,32 @@ def run_bundle(bundle: Bundle, runner: HostRunner, *, artifacts: list[str] | Non
     def fill(tmp: Path) -> None:
         eval_info = None
         if data is not None:
-            eval_info = encode_eval_set(bundle, data, tmp / EVAL_FILE, text_column=text_column,
-                                        label_column=label_column, limit=limit)
+            eval_info = encode_eval_set(
+                bundle, data, tmp / EVAL_FILE, text_column=text_column, label_column=label_column, limit=limit
+            )
         store = ResultStore(tmp)
-        info = {**runner.describe(), "bundle": str(bundle.path.resolve()), "device": bundle.device,
-                "manifest_sha256": exporters.sha256_file(bundle.path / "manifest.json"),
-                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "artifacts": names, "threads": threads, "warmup": warmup, "runs": runs, "eval_set": eval_info,
-                "dropped": None}
-        job = BundleJob(bundle.path, names, bundle.path / bundle.manifest["golden"]["file"],
-                        tmp / EVAL_FILE if eval_info else None, threads, warmup, runs)
+        info = {
+            **runner.describe(),
+            "bundle": str(bundle.path.resolve()),
+            "device": bundle.device,
+            "manifest_sha256": exporters.sha256_file(bundle.path / "manifest.json"),
+            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "artifacts": names,
+            "threads": threads,
+            "warmup": warmup,
+            "runs": runs,
+            "eval_set": eval_info,
+            "dropped": None,
+        }
+        job = BundleJob(
+            bundle.path,
+            names,
+            bundle.path / bundle.manifest["golden"]["file"],
+            tmp / EVAL_FILE if eval_info else None,
+            threads,
+            warmup,
+            runs,
+        )
         done = 0
 
         def on_result(run: ArtifactRun) -> None:
@@ -298,8 +353,12 @@ def checksum_check(bundle: Bundle, name: str) -> dict:
     entry = bundle.artifact(name)
     files = [(name, entry["sha256"])] + [(c["file"], c["sha256"]) for c in entry.get("companions") or []]
     bad = _sha256_mismatches(bundle, files)
-    return _check(not bad, len(files) - len(bad), len(files),
-                  "; ".join(bad.values()) if bad else f"{len(files)} file(s) match the manifest")
+    return _check(
+        not bad,
+        len(files) - len(bad),
+        len(files),
+        "; ".join(bad.values()) if bad else f"{len(files)} file(s) match the manifest",
+    )
 
 
 def golden_max_abs_error(scheme: str, reference: np.ndarray) -> float:
@@ -324,9 +383,16 @@ def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
     limit = {"min_cosine": gates["min_cosine"], "max_abs_error": max_err}
     if "top1_agreement" in fid:
         limit["min_top1_agreement"] = gates["min_top1_agreement"]
-    return _check(not fails, {"cosine_mean": fid["cosine_mean"], "max_abs_error": fid["max_abs_error"],
-                              "top1_agreement": fid.get("top1_agreement")}, limit,
-                  "; ".join(fails) if fails else f"within the {scheme} tolerance")
+    return _check(
+        not fails,
+        {
+            "cosine_mean": fid["cosine_mean"],
+            "max_abs_error": fid["max_abs_error"],
+            "top1_agreement": fid.get("top1_agreement"),
+        },
+        limit,
+        "; ".join(fails) if fails else f"within the {scheme} tolerance",
+    )
 
 
 def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:
@@ -335,9 +401,13 @@ def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:
         return None
     limit = bundle.plan(name)["gates"]["max_accuracy_drop"]
     ok = fid["accuracy_drop"] <= limit
-    return _check(ok, fid["accuracy_drop"], limit,
-                  f"accuracy {fid['accuracy']:.2f}% vs PyTorch fp32 {fid['reference_accuracy']:.2f}%: drop "
-                  f"{fid['accuracy_drop']:.2f} points {'<=' if ok else '>'} {limit}")
+    return _check(
+        ok,
+        fid["accuracy_drop"],
+        limit,
+        f"accuracy {fid['accuracy']:.2f}% vs PyTorch fp32 {fid['reference_accuracy']:.2f}%: drop "
+        f"{fid['accuracy_drop']:.2f} points {'<=' if ok else '>'} {limit}",
+    )
 
 
 def latency_check(result: dict, warmup: int, runs: int, emulated: bool) -> tuple[dict, dict]:
@@ -345,10 +415,16 @@ def latency_check(result: dict, warmup: int, runs: int, emulated: bool) -> tuple
     samples = [float(x) for x in result.get("latency_samples_ms") or []]
     ok = len(samples) == runs and runs > 0 and all(math.isfinite(x) and x > 0 for x in samples)
     stats = latency_stats(samples) if samples else {}
-    stats.update(warmup=result.get("warmup", warmup), runs=len(samples), seq_len=result.get("latency_seq_len"),
-                 threads=result.get("threads"), emulated=emulated)
-    detail = (f"{len(samples)} of {runs} samples after {warmup} warm-up runs"
-              + ("; emulated: functional only, not device speed" if emulated else ""))
+    stats.update(
+        warmup=result.get("warmup", warmup),
+        runs=len(samples),
+        seq_len=result.get("latency_seq_len"),
+        threads=result.get("threads"),
+        emulated=emulated,
+    )
+    detail = f"{len(samples)} of {runs} samples after {warmup} warm-up runs" + (
+        "; emulated: functional only, not device speed" if emulated else ""
+    )
     return stats, _check(ok, stats.get("p50_ms"), None, detail)
 
 
@@ -384,41 +460,64 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
     record["artifacts"] = {}
     golden = bundle.manifest["golden"]
     golden_ok = not _sha256_mismatches(bundle, [(golden["file"], golden["sha256"])])
-    bundle_checks = {"golden_sha256": _check(golden_ok, None, None, "the golden set matches the manifest" if golden_ok
-                                             else "the golden set differs from the manifest's sha256")}
+    bundle_checks = {
+        "golden_sha256": _check(
+            golden_ok,
+            None,
+            None,
+            "the golden set matches the manifest" if golden_ok else "the golden set differs from the manifest's sha256",
+        )
+    }
     adapters = bundle.manifest.get("adapters") or []
     if adapters:  # the weights files of further swappable adapters (edgelm export --adapter)
         bad = list(_sha256_mismatches(bundle, [(a["file"], a["sha256"]) for a in adapters]))
-        bundle_checks["adapters_sha256"] = _check(not bad, len(adapters) - len(bad), len(adapters),
-                                                  f"differ from the manifest: {', '.join(bad)}" if bad
-                                                  else f"{len(adapters)} adapter file(s) match the manifest")
+        bundle_checks["adapters_sha256"] = _check(
+            not bad,
+            len(adapters) - len(bad),
+            len(adapters),
+            f"differ from the manifest: {', '.join(bad)}"
+            if bad
+            else f"{len(adapters)} adapter file(s) match the manifest",
+        )
     for name in names:
         run, plan = runs[name], bundle.plan(name)
-        rec = {"format": plan["format"], "quant": plan["quant"]["scheme"], "error": run.error,
-               "skipped": run.skipped, "checks": {"sha256": checksum_check(bundle, name)}}
+        rec = {
+            "format": plan["format"],
+            "quant": plan["quant"]["scheme"],
+            "error": run.error,
+            "skipped": run.skipped,
+            "checks": {"sha256": checksum_check(bundle, name)},
+        }
         if run.skipped:
             rec["status"] = "skipped" if rec["checks"]["sha256"]["passed"] else "failed"
         elif run.result is None:
             rec["status"] = "error" if run.error else "not run"
-            rec["checks"]["ran"] = _check(False, None, None, run.error or (
-                f"not run: {info['dropped']}" if info.get("dropped") else "not run"))
+            rec["checks"]["ran"] = _check(
+                False, None, None, run.error or (f"not run: {info['dropped']}" if info.get("dropped") else "not run")
+            )
         else:
             res = run.result
             rec["checks"]["ran"] = _check(True, None, None, f"ran on {res.result.get('machine', '?')}")
             ref = bundle.reference(name)
             if res.outputs.shape != ref.shape:
-                rec["checks"]["golden"] = _check(False, list(res.outputs.shape), list(ref.shape),
-                                                 f"outputs have shape {res.outputs.shape}, reference {ref.shape}")
+                rec["checks"]["golden"] = _check(
+                    False,
+                    list(res.outputs.shape),
+                    list(ref.shape),
+                    f"outputs have shape {res.outputs.shape}, reference {ref.shape}",
+                )
             else:
-                fid = fidelity(res.outputs, ref, bundle.kind, bundle.labels,
-                               baseline_accuracy=bundle.baseline_accuracy)
+                fid = fidelity(res.outputs, ref, bundle.kind, bundle.labels, baseline_accuracy=bundle.baseline_accuracy)
                 rec["fidelity"] = fid
                 rec["checks"]["golden"] = golden_check(bundle, name, fid, ref)
                 acc = accuracy_check(bundle, name, fid)
                 if acc:
                     rec["checks"]["accuracy"] = acc
-            host, host_eval = (None, None) if info.get("kind") == "host" else _host_outputs(
-                bundle, name, (info.get("eval_set") or {}).get("source"))
+            host, host_eval = (
+                (None, None)
+                if info.get("kind") == "host"
+                else _host_outputs(bundle, name, (info.get("eval_set") or {}).get("source"))
+            )
             if host is not None and host.shape == res.outputs.shape:
                 rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
                 if bundle.kind == "classifier":
@@ -427,24 +526,34 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                 rec["eval"] = {k: res.result["eval"].get(k) for k in ("accuracy", "rows", "source")}
             if eval_labels is not None and res.eval_outputs is not None:
                 acc_ = accuracy(res.eval_outputs, eval_labels)
-                rec["eval"] = {"accuracy": acc_, "rows": int(len(eval_labels))}
+                rec["eval"] = {"accuracy": acc_, "rows": len(eval_labels)}
                 limit = plan["gates"]["max_accuracy_drop"]
                 if host_eval is not None:
                     drop = accuracy(host_eval, eval_labels) - acc_
-                    rec["checks"]["eval_accuracy"] = _check(drop <= limit, drop, limit,
-                                                            f"eval accuracy {acc_:.2f}%, {drop:+.2f} points below "
-                                                            "the same artifact on the host")
+                    rec["checks"]["eval_accuracy"] = _check(
+                        drop <= limit,
+                        drop,
+                        limit,
+                        f"eval accuracy {acc_:.2f}%, {drop:+.2f} points below the same artifact on the host",
+                    )
                 else:
-                    rec["checks"]["eval_accuracy"] = _check(True, acc_, None, f"eval accuracy {acc_:.2f}% (no host "
-                                                            "run on the same eval set to compare with)")
+                    rec["checks"]["eval_accuracy"] = _check(
+                        True,
+                        acc_,
+                        None,
+                        f"eval accuracy {acc_:.2f}% (no host run on the same eval set to compare with)",
+                    )
             rec["latency"], rec["checks"]["latency"] = latency_check(res.result, info["warmup"], info["runs"], emulated)
             for k in ("load_ms", "peak_rss_mb", "runtime", "machine"):
                 rec[k] = res.result.get(k)
             rec["status"] = "passed" if all(c["passed"] for c in rec["checks"].values()) else "failed"
         record["artifacts"][name] = rec
     record["checks"] = bundle_checks
-    record["passed"] = (not info.get("dropped") and all(c["passed"] for c in bundle_checks.values())
-                        and all(a["status"] in ("passed", "skipped") for a in record["artifacts"].values()))
+    record["passed"] = (
+        not info.get("dropped")
+        and all(c["passed"] for c in bundle_checks.values())
+        and all(a["status"] in ("passed", "skipped") for a in record["artifacts"].values())
+    )
     return record
 
 
@@ -481,39 +590,61 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                 continue
             fid, lat, vs = a.get("fidelity") or {}, a.get("latency") or {}, a.get("vs_host") or {}
             p50 = ("functional only" if lat.get("emulated") else fmt(lat.get("p50_ms"), ".2f")) if lat else "–"
-            rows.append({"artifact": name, "runner": r["runner"], "machine": str(a.get("machine") or "–"),
-                         "status": a["status"], "accuracy %": fmt(fid.get("accuracy"), ".2f"),
-                         "top-1": fmt(fid.get("top1_agreement"), ".4f"), "cosine": fmt(fid.get("cosine_mean"), ".5f"),
-                         "max error": fmt(fid.get("max_abs_error"), ".2e"),
-                         "Δ vs host": fmt(vs.get("max_abs_diff"), ".2e"),
-                         "top-1 vs host": fmt(vs.get("top1_agreement"), ".4f"),
-                         "eval acc %": fmt((a.get("eval") or {}).get("accuracy"), ".2f"), "p50 ms": p50})
+            rows.append(
+                {
+                    "artifact": name,
+                    "runner": r["runner"],
+                    "machine": str(a.get("machine") or "–"),
+                    "status": a["status"],
+                    "accuracy %": fmt(fid.get("accuracy"), ".2f"),
+                    "top-1": fmt(fid.get("top1_agreement"), ".4f"),
+                    "cosine": fmt(fid.get("cosine_mean"), ".5f"),
+                    "max error": fmt(fid.get("max_abs_error"), ".2e"),
+                    "Δ vs host": fmt(vs.get("max_abs_diff"), ".2e"),
+                    "top-1 vs host": fmt(vs.get("top1_agreement"), ".4f"),
+                    "eval acc %": fmt((a.get("eval") or {}).get("accuracy"), ".2f"),
+                    "p50 ms": p50,
+                }
+            )
     return rows
 
 
 def render_markdown(doc: dict) -> str:
     """The validation part of report.md: the side-by-side table, then one section per runner."""
-    lines = ["## On-target validation: side by side", "",
-             "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
-             "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
-             "top-1 vs host: share of inputs with the same class). "
-             "Emulated latency is functional only, never device speed.", "",
-             *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]), ""]
+    lines = [
+        "## On-target validation: side by side",
+        "",
+        "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
+        "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
+        "top-1 vs host: share of inputs with the same class). "
+        "Emulated latency is functional only, never device speed.",
+        "",
+        *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]),
+        "",
+    ]
     for r in doc.get("runners", {}).values():
         verdict = "PASSED" if r.get("passed") else "FAILED"
         lines += [f"## Validation on {r['runner']}: {verdict}", ""]
-        details = {"kind": r.get("kind"), "machine": r.get("machine"), "qemu CPU": r.get("qemu_cpu"),
-                   "started": r.get("started"), "threads": r.get("threads"), "warm-up / runs":
-                   f"{r.get('warmup')} / {r.get('runs')}",
-                   "eval set": (f"{r['eval_set']['source']} ({r['eval_set']['rows']} rows)" if r.get("eval_set")
-                                else None), "seconds": fmt(r.get("seconds"), ".1f")}
+        details = {
+            "kind": r.get("kind"),
+            "machine": r.get("machine"),
+            "qemu CPU": r.get("qemu_cpu"),
+            "started": r.get("started"),
+            "threads": r.get("threads"),
+            "warm-up / runs": f"{r.get('warmup')} / {r.get('runs')}",
+            "eval set": (f"{r['eval_set']['source']} ({r['eval_set']['rows']} rows)" if r.get("eval_set") else None),
+            "seconds": fmt(r.get("seconds"), ".1f"),
+        }
         lines += [f"- {k}: {v}" for k, v in details.items() if v not in (None, "")]
         if r.get("dropped"):
             lines.append(f"- **runner dropped**: {r['dropped']} (results received before it are kept)")
         if r.get("emulated"):
             lines.append("- latency under emulation is functional only: it says the artifact runs, not how fast")
-        lines += ["", "| artifact | status | checks | p50 ms | p90 ms | load ms | peak RSS MB | notes |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| artifact | status | checks | p50 ms | p90 ms | load ms | peak RSS MB | notes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, a in r["artifacts"].items():
             checks = a.get("checks", {})
             ok = sum(c["passed"] for c in checks.values())
@@ -521,17 +652,27 @@ def render_markdown(doc: dict) -> str:
             emu = lat.get("emulated")
             notes = "; ".join(f"{k}: {c['detail']}" for k, c in checks.items() if not c["passed"])
             notes = notes or a.get("skipped") or ""
-            lines.append(f"| {name} | {a['status']} | {ok}/{len(checks)} | "
-                         f"{'functional only' if emu else fmt(lat.get('p50_ms'), '.2f')} | "
-                         f"{'–' if emu else fmt(lat.get('p90_ms'), '.2f')} | {fmt(a.get('load_ms'), '.0f')} | "
-                         f"{fmt(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |")
+            lines.append(
+                f"| {name} | {a['status']} | {ok}/{len(checks)} | "
+                f"{'functional only' if emu else fmt(lat.get('p50_ms'), '.2f')} | "
+                f"{'–' if emu else fmt(lat.get('p90_ms'), '.2f')} | {fmt(a.get('load_ms'), '.0f')} | "
+                f"{fmt(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def bundle_runner(bundle: Bundle, spec: str, *, cpu: str | None = None, sysroot: Path | None = None,
-                  key_file: Path | None = None, known_hosts: Path | None = None, remote_python: str = "python3",
-                  remote_env: dict[str, str] | None = None) -> HostRunner:
+def bundle_runner(
+    bundle: Bundle,
+    spec: str,
+    *,
+    cpu: str | None = None,
+    sysroot: Path | None = None,
+    key_file: Path | None = None,
+    known_hosts: Path | None = None,
+    remote_python: str = "python3",
+    remote_env: dict[str, str] | None = None,
+) -> HostRunner:
     """The runner ``spec`` configured for this bundle's device profile (its ``[validation]`` table):
 
     - ``emulator``: the qemu CPU model is ``cpu``, else the profile's ``emulator_cpu``, else its big core where
@@ -548,8 +689,10 @@ def bundle_runner(bundle: Bundle, spec: str, *, cpu: str | None = None, sysroot:
         spec = val.get("runner") or "host"
     if spec == "ssh":
         if not val.get("ssh"):
-            raise ValidationError(f"the {bundle.device} profile names no SSH board ([validation] ssh): pass "
-                                  "--runner ssh://user@host[:port]")
+            raise ValidationError(
+                f"the {bundle.device} profile names no SSH board ([validation] ssh): pass "
+                "--runner ssh://user@host[:port]"
+            )
         spec = val["ssh"]
     if spec == "adb" and val.get("adb_serial"):
         spec = f"adb:{val['adb_serial']}"
@@ -557,8 +700,15 @@ def bundle_runner(bundle: Bundle, spec: str, *, cpu: str | None = None, sysroot:
         from edgelm.validate.emulator import qemu_cpu_for
 
         cpu = val.get("emulator_cpu") or qemu_cpu_for((device.get("hardware") or {}).get("cpu", ""))[0]
-    return make_runner(spec, emulator_cpu=cpu, sysroot=sysroot, key_file=key_file, known_hosts=known_hosts,
-                       remote_python=remote_python, remote_env=remote_env)
+    return make_runner(
+        spec,
+        emulator_cpu=cpu,
+        sysroot=sysroot,
+        key_file=key_file,
+        known_hosts=known_hosts,
+        remote_python=remote_python,
+        remote_env=remote_env,
+    )
 
 
 def runtime_tests_dir() -> Path:
@@ -566,7 +716,9 @@ def runtime_tests_dir() -> Path:
     try:
         import runtime_tests
     except ImportError:
-        raise ValidationError("the runtime_tests suite is not installed: reinstall edgelm (pip install edgelm)") from None
+        raise ValidationError(
+            "the runtime_tests suite is not installed: reinstall edgelm (pip install edgelm)"
+        ) from None
     return Path(runtime_tests.__file__).resolve().parent
 
 
@@ -578,8 +730,25 @@ def run_runtime_tests(bundle: Bundle, runner_name: str, results_dir: Path, timeo
     import sys
 
     suite = runtime_tests_dir()
-    cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "--rootdir", str(suite),
-           "--tb=line", "-rfs", "--bundle", str(bundle.path), "--runner", runner_name, "--results", str(results_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(suite),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(suite),
+        "--tb=line",
+        "-rfs",
+        "--bundle",
+        str(bundle.path),
+        "--runner",
+        runner_name,
+        "--results",
+        str(results_dir),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except FileNotFoundError:
@@ -589,7 +758,9 @@ def run_runtime_tests(bundle: Bundle, runner_name: str, results_dir: Path, timeo
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def validate(bundle: Bundle, runner: HostRunner, *, progress: ProgressFn | None = None, **run_options) -> tuple[dict, str]:
+def validate(
+    bundle: Bundle, runner: HostRunner, *, progress: ProgressFn | None = None, **run_options
+) -> tuple[dict, str]:
     """What ``edgelm validate`` does: :func:`run_bundle` (``run_options``: artifacts, data, text_column,
     label_column, limit, threads, warmup, runs), then the runtime_tests suite on the stored results, which
     writes validation.json and report.md. Returns (this runner's record, the suite's output).
@@ -604,6 +775,7 @@ def validate(bundle: Bundle, runner: HostRunner, *, progress: ProgressFn | None 
     doc = json.loads((bundle.path / VALIDATION_FILE).read_text())
     record = doc["runners"][runner.name]
     if (rc == 0) != bool(record["passed"]) and not record.get("dropped"):
-        raise ValidationError(f"runtime_tests (exit {rc}) and validation.json (passed={record['passed']}) disagree:"
-                              f"\n{output[-2000:]}")
+        raise ValidationError(
+            f"runtime_tests (exit {rc}) and validation.json (passed={record['passed']}) disagree:\n{output[-2000:]}"
+        )
     return record, output

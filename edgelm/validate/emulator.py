@@ -26,8 +26,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from edgelm.errors import EdgeLMError
 from edgelm.fsutil import write_directory
@@ -47,7 +47,9 @@ MARKER = "edgelm-sysroot.json"
 ARM_CPUINFO = "".join(
     f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
     "asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: "
-    "0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n" for i in range(4))
+    "0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
+    for i in range(4)
+)
 
 
 class EmulatorError(EdgeLMError):
@@ -72,8 +74,10 @@ def qemu_binary() -> str:
     """Path of ``qemu-aarch64-static``. Raises EmulatorError saying how to install it."""
     path = shutil.which("qemu-aarch64-static")
     if not path:
-        raise EmulatorError("qemu-aarch64-static is not installed: run `apt-get install qemu-user-static` "
-                            "(Debian/Ubuntu), then `edgelm emulator setup`")
+        raise EmulatorError(
+            "qemu-aarch64-static is not installed: run `apt-get install qemu-user-static` "
+            "(Debian/Ubuntu), then `edgelm emulator setup`"
+        )
     return path
 
 
@@ -105,17 +109,34 @@ def _apt_config(work: Path) -> Path:
     (work / "etc" / "sources.list").write_text(f"deb [arch=arm64] {DEBIAN_MIRROR} {DEBIAN_SUITE} main\n")
     (work / "status").touch()
     conf = work / "apt.conf"
-    conf.write_text("\n".join([
-        'APT::Architecture "arm64";', 'APT::Architectures { "arm64"; };', 'APT::Install-Recommends "false";',
-        f'Dir::State "{work}";', f'Dir::State::status "{work}/status";', f'Dir::Cache "{work}/cache";',
-        f'Dir::Etc::sourcelist "{work}/etc/sources.list";', f'Dir::Etc::sourceparts "{work}/etc/sources.list.d";',
-        f'Dir::Etc::preferencesparts "{work}/etc/preferences.d";', 'Dir::Etc::Trusted "/etc/apt/trusted.gpg";',
-        'Dir::Etc::TrustedParts "/etc/apt/trusted.gpg.d";', ""]))
+    conf.write_text(
+        "\n".join(
+            [
+                'APT::Architecture "arm64";',
+                'APT::Architectures { "arm64"; };',
+                'APT::Install-Recommends "false";',
+                f'Dir::State "{work}";',
+                f'Dir::State::status "{work}/status";',
+                f'Dir::Cache "{work}/cache";',
+                f'Dir::Etc::sourcelist "{work}/etc/sources.list";',
+                f'Dir::Etc::sourceparts "{work}/etc/sources.list.d";',
+                f'Dir::Etc::preferencesparts "{work}/etc/preferences.d";',
+                'Dir::Etc::Trusted "/etc/apt/trusted.gpg";',
+                'Dir::Etc::TrustedParts "/etc/apt/trusted.gpg.d";',
+                "",
+            ]
+        )
+    )
     return conf
 
 
-def setup(dest: str | os.PathLike | None = None, *, executorch: bool = False, force: bool = False,
-          progress: Callable[[str, int, int], None] | None = None) -> Path:
+def setup(
+    dest: str | os.PathLike | None = None,
+    *,
+    executorch: bool = False,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
     """Build the arm64 sysroot into ``dest`` (default :func:`default_sysroot`) and return it; an existing,
     complete sysroot with the same wheel set is reused unless ``force``. Built in a temp dir beside
     ``dest`` and renamed at the end (:func:`edgelm.fsutil.write_directory`). Needs ``apt-get``,
@@ -160,19 +181,53 @@ def setup(dest: str | os.PathLike | None = None, *, executorch: bool = False, fo
         (root / "proc").mkdir(exist_ok=True)
         (root / "proc" / "cpuinfo").write_text(ARM_CPUINFO)
         tick(f"installing aarch64 wheels ({', '.join(wheels)})")
-        _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target",
-              str(tmp / "site"), "--only-binary=:all:", "--platform", "manylinux_2_27_aarch64", "--platform",
-              "manylinux_2_17_aarch64", "--platform", "manylinux2014_aarch64", "--python-version", "3.11",
-              "--implementation", "cp", *wheels], "pip install of the aarch64 wheels")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+                str(tmp / "site"),
+                "--only-binary=:all:",
+                "--platform",
+                "manylinux_2_27_aarch64",
+                "--platform",
+                "manylinux_2_17_aarch64",
+                "--platform",
+                "manylinux2014_aarch64",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                *wheels,
+            ],
+            "pip install of the aarch64 wheels",
+        )
         tick("checking the sysroot under emulation")
-        out = _run([qemu, "-L", str(root), str(root / "usr" / "bin" / "python3.11"), "-c",
-                    "import platform, numpy, onnxruntime; print(platform.machine(), onnxruntime.__version__)"],
-                   "importing onnxruntime under emulation",
-                   {**os.environ, "PYTHONPATH": str(tmp / "site"), "QEMU_CPU": FALLBACK_CPU}, timeout=600)
+        out = _run(
+            [
+                qemu,
+                "-L",
+                str(root),
+                str(root / "usr" / "bin" / "python3.11"),
+                "-c",
+                "import platform, numpy, onnxruntime; print(platform.machine(), onnxruntime.__version__)",
+            ],
+            "importing onnxruntime under emulation",
+            {**os.environ, "PYTHONPATH": str(tmp / "site"), "QEMU_CPU": FALLBACK_CPU},
+            timeout=600,
+        )
         shutil.rmtree(tmp / "apt", ignore_errors=True)
         shutil.rmtree(debs, ignore_errors=True)
-        (tmp / MARKER).write_text(json.dumps({"suite": DEBIAN_SUITE, "packages": pkgs, "wheels": list(wheels),
-                                              "check": out.strip()}, indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {"suite": DEBIAN_SUITE, "packages": pkgs, "wheels": list(wheels), "check": out.strip()}, indent=2
+            )
+            + "\n"
+        )
 
     write_directory(dest, build)
     tick("done")

@@ -42,8 +42,13 @@ def latency_stats(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def fidelity(pred: np.ndarray, ref: np.ndarray, kind: str, labels: np.ndarray | None = None,
-             baseline_accuracy: float | None = None) -> dict:
+def fidelity(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    kind: str,
+    labels: np.ndarray | None = None,
+    baseline_accuracy: float | None = None,
+) -> dict:
     """All fidelity numbers for one artifact.
 
     Args:

@@ -20,9 +20,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -122,8 +122,13 @@ class HostRunner:
         """What the runner is, for validation.json: ``runner``, ``kind``, ``emulated`` and target details."""
         import platform
 
-        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated, "machine": platform.machine(),
-                "cpu_count": os.cpu_count()}
+        return {
+            "runner": self.name,
+            "kind": self.kind,
+            "emulated": self.emulated,
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+        }
 
     def skip_reason(self, artifact: Path) -> str | None:
         """Why this runner does not run ``artifact`` at all (None: it does)."""
@@ -138,8 +143,13 @@ class HostRunner:
             if reason:
                 on_result(ArtifactRun(name, skipped=reason))
                 continue
-            deliver(on_result, name, lambda: self.run_artifact(
-                path, job.golden, threads=job.threads, warmup=job.warmup, runs=job.runs, eval_set=job.eval_set))
+            deliver(
+                on_result,
+                name,
+                lambda path=path: self.run_artifact(
+                    path, job.golden, threads=job.threads, warmup=job.warmup, runs=job.runs, eval_set=job.eval_set
+                ),
+            )
 
     def _python(self) -> list[str]:
         """The command that starts the target's Python."""
@@ -151,8 +161,17 @@ class HostRunner:
         env["PYTHONPATH"] = src_root + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def run_artifact(self, artifact: Path, golden: Path, *, threads: int | None, warmup: int = 5,
-                     runs: int = 20, adapter: Path | None = None, eval_set: Path | None = None) -> RunResult:
+    def run_artifact(
+        self,
+        artifact: Path,
+        golden: Path,
+        *,
+        threads: int | None,
+        warmup: int = 5,
+        runs: int = 20,
+        adapter: Path | None = None,
+        eval_set: Path | None = None,
+    ) -> RunResult:
         """Run one artifact on the golden set (with ``adapter``: another adapter's weights file swapped in;
         with ``eval_set``: also on that eval set). Raises ValidationError if it cannot run here, or if the
         process fails or times out."""
@@ -161,8 +180,17 @@ class HostRunner:
             raise ValidationError(reason)
         env = self._env()
         with tempfile.TemporaryDirectory(prefix="edgelm-run-") as tmp:
-            cmd = [*self._python(), "-m", "edgelm.validate.target", str(artifact), "--golden", str(golden),
-                   "--out", tmp, *target_options(threads, warmup, runs, adapter, eval_set)]
+            cmd = [
+                *self._python(),
+                "-m",
+                "edgelm.validate.target",
+                str(artifact),
+                "--golden",
+                str(golden),
+                "--out",
+                tmp,
+                *target_options(threads, warmup, runs, adapter, eval_set),
+            ]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env)
             except subprocess.TimeoutExpired:
@@ -178,12 +206,15 @@ def failure_line(proc: subprocess.CompletedProcess) -> str:
     """The line that says why a process failed: the target script's own ``edgelm target:`` line, else the
     last line of stderr, else the exit code."""
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return next((ln for ln in reversed(lines) if ln.startswith("edgelm target:")),
-                lines[-1] if lines else f"exit code {proc.returncode}")
+    return next(
+        (ln for ln in reversed(lines) if ln.startswith("edgelm target:")),
+        lines[-1] if lines else f"exit code {proc.returncode}",
+    )
 
 
-def target_options(threads: int | None, warmup: int, runs: int, adapter: Path | None = None,
-                   eval_set: Path | None = None) -> list[str]:
+def target_options(
+    threads: int | None, warmup: int, runs: int, adapter: Path | None = None, eval_set: Path | None = None
+) -> list[str]:
     """The target script's options (file arguments as given: local paths, or names in a remote directory)."""
     opts = ["--warmup", str(warmup), "--runs", str(runs)]
     if threads:
@@ -200,9 +231,11 @@ def read_target_output(directory: Path) -> RunResult:
     Raises ValidationError if a file is missing or unreadable."""
     try:
         ev = directory / "eval_outputs.npy"
-        return RunResult(outputs=np.load(directory / "outputs.npy"),
-                         result=json.loads((directory / "result.json").read_text()),
-                         eval_outputs=np.load(ev) if ev.is_file() else None)
+        return RunResult(
+            outputs=np.load(directory / "outputs.npy"),
+            result=json.loads((directory / "result.json").read_text()),
+            eval_outputs=np.load(ev) if ev.is_file() else None,
+        )
     except (OSError, ValueError) as exc:
         raise ValidationError(f"the target script's results are missing or unreadable: {exc}") from None
 
@@ -241,18 +274,26 @@ class EmulatorRunner(HostRunner):
         return env
 
     def describe(self) -> dict:
-        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated,
-                "machine": "aarch64 (qemu user mode)",
-                "qemu_cpu": self.cpu, "sysroot": str(self.sysroot), "qemu": self.qemu,
-                "executorch": self._has_executorch()}
+        return {
+            "runner": self.name,
+            "kind": self.kind,
+            "emulated": self.emulated,
+            "machine": "aarch64 (qemu user mode)",
+            "qemu_cpu": self.cpu,
+            "sysroot": str(self.sysroot),
+            "qemu": self.qemu,
+            "executorch": self._has_executorch(),
+        }
 
     def _has_executorch(self) -> bool:
         return any(w.startswith("executorch") for w in self.info.get("wheels", []))
 
     def skip_reason(self, artifact: Path) -> str | None:
         if artifact.suffix == ".pte" and not self._has_executorch():
-            return (f"{artifact.name}: ExecuTorch under emulation is opt-in: it needs the aarch64 torch and "
-                    "executorch wheels (about 1 GB); run `edgelm emulator setup --executorch`")
+            return (
+                f"{artifact.name}: ExecuTorch under emulation is opt-in: it needs the aarch64 torch and "
+                "executorch wheels (about 1 GB); run `edgelm emulator setup --executorch`"
+            )
         return None
 
 
@@ -300,8 +341,17 @@ class SSHRunner(HostRunner):
 
     name = kind = "ssh"
 
-    def __init__(self, target: str, *, key_file: Path, known_hosts: Path, remote_python: str = "python3",
-                 remote_env: dict[str, str] | None = None, timeout_s: float = 600.0, connect_timeout_s: int = 10):
+    def __init__(
+        self,
+        target: str,
+        *,
+        key_file: Path,
+        known_hosts: Path,
+        remote_python: str = "python3",
+        remote_env: dict[str, str] | None = None,
+        timeout_s: float = 600.0,
+        connect_timeout_s: int = 10,
+    ):
         super().__init__(timeout_s)
         m = re.fullmatch(r"ssh://([A-Za-z0-9._-]+)@([A-Za-z0-9.:_-]+?)(?::(\d+))?", target)
         if not m:
@@ -309,8 +359,10 @@ class SSHRunner(HostRunner):
         self.user, self.host, self.port = m.group(1), m.group(2), int(m.group(3) or 22)
         for what, opt, p in (("key file", "--key", key_file), ("known_hosts file", "--known-hosts", known_hosts)):
             if p is None:
-                raise ValidationError(f"the SSH runner needs a {what} ({opt} FILE): edgelm never prompts for a "
-                                      "password and never trusts an unknown host key")
+                raise ValidationError(
+                    f"the SSH runner needs a {what} ({opt} FILE): edgelm never prompts for a "
+                    "password and never trusts an unknown host key"
+                )
             if not Path(p).is_file():
                 raise ValidationError(f"SSH {what} not found: {p}")
         self.key_file, self.known_hosts = Path(key_file), Path(known_hosts)
@@ -320,21 +372,48 @@ class SSHRunner(HostRunner):
         self.name = f"ssh://{self.user}@{self.host}:{self.port}"
 
     def describe(self) -> dict:
-        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated,
-                "host": self.host, "port": self.port, "user": self.user, "remote_python": self.remote_python}
+        return {
+            "runner": self.name,
+            "kind": self.kind,
+            "emulated": self.emulated,
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "remote_python": self.remote_python,
+        }
 
     def _options(self) -> list[str]:
-        return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout_s}",
-                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-                "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR", "-i", str(self.key_file)]
+        return [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={self.connect_timeout_s}",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            str(self.key_file),
+        ]
 
     def ssh_command(self, remote: list[str]) -> list[str]:
         """The local argv that runs ``remote`` (argv, each element quoted) on the board."""
-        return ["ssh", *self._options(), "-p", str(self.port), f"{self.user}@{self.host}",
-                " ".join(shlex.quote(a) for a in remote)]
+        return [
+            "ssh",
+            *self._options(),
+            "-p",
+            str(self.port),
+            f"{self.user}@{self.host}",
+            " ".join(shlex.quote(a) for a in remote),
+        ]
 
     def scp_command(self, sources: list[str], dest: str) -> list[str]:
         """The local argv that copies ``sources`` to ``dest`` (a remote path is written ``:path``)."""
+
         def where(p: str) -> str:
             return f"{self.user}@{self.host}:{shlex.quote(p[1:])}" if p.startswith(":") else p
 
@@ -355,19 +434,24 @@ class SSHRunner(HostRunner):
             last = failure_line(proc)
             if proc.returncode != 255:  # the remote command failed: retrying would not help
                 raise ValidationError(f"{what} on {self.name} failed: {last}")
-        raise RunnerDropped(f"{what} on {self.name} failed twice (connection dropped or timed out): {last}. "
-                            "Check that the board is reachable and its host key is in the known_hosts file")
+        raise RunnerDropped(
+            f"{what} on {self.name} failed twice (connection dropped or timed out): {last}. "
+            "Check that the board is reachable and its host key is in the known_hosts file"
+        )
 
     def _open(self, shared: list[Path]) -> str:
         """Make the board's work directory and copy the payload and ``shared`` files in; returns its path."""
-        remote = self._call(self.ssh_command(["mktemp", "-d", "/tmp/edgelm-run-XXXXXX"]),
-                            "creating a work directory").strip()
+        remote = self._call(
+            self.ssh_command(["mktemp", "-d", "/tmp/edgelm-run-XXXXXX"]), "creating a work directory"
+        ).strip()
         with tempfile.TemporaryDirectory(prefix="edgelm-ssh-") as tmp:
             stage = target_payload(Path(tmp))
             for f in shared:
                 shutil.copy2(f, stage / f.name)
-            self._call(self.scp_command([str(p) for p in sorted(stage.iterdir())], f":{remote}/"),
-                       "copying the target script and golden set")
+            self._call(
+                self.scp_command([str(p) for p in sorted(stage.iterdir())], f":{remote}/"),
+                "copying the target script and golden set",
+            )
         return remote
 
     def _close(self, remote: str) -> None:
@@ -382,14 +466,33 @@ class SSHRunner(HostRunner):
         self._call(self.scp_command([str(f) for f in files], f":{remote}/"), f"copying {artifact}")
         env = {"PYTHONPATH": ".", **self.remote_env}
         argv = [*shlex.split(self.remote_python), "-m", "edgelm.validate.target", artifact, *args, "--out", out]
-        self._call(self.ssh_command(["sh", "-c", "cd \"$0\" && exec env " + " ".join(
-            shlex.quote(f"{k}={v}") for k, v in env.items()) + " \"$@\"", remote, *argv]), f"running {artifact}")
+        self._call(
+            self.ssh_command(
+                [
+                    "sh",
+                    "-c",
+                    'cd "$0" && exec env ' + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + ' "$@"',
+                    remote,
+                    *argv,
+                ]
+            ),
+            f"running {artifact}",
+        )
         with tempfile.TemporaryDirectory(prefix="edgelm-ssh-back-") as back:
             self._call(self.scp_command([f":{remote}/{out}"], back), f"copying the results of {artifact} back")
             return read_target_output(Path(back) / Path(out).name)
 
-    def run_artifact(self, artifact: Path, golden: Path, *, threads: int | None, warmup: int = 5,
-                     runs: int = 20, adapter: Path | None = None, eval_set: Path | None = None) -> RunResult:
+    def run_artifact(
+        self,
+        artifact: Path,
+        golden: Path,
+        *,
+        threads: int | None,
+        warmup: int = 5,
+        runs: int = 20,
+        adapter: Path | None = None,
+        eval_set: Path | None = None,
+    ) -> RunResult:
         """Run one artifact (and its companion files beside it) on the board. Raises ValidationError."""
         artifact, golden = Path(artifact), Path(golden)
         shared = [golden] + ([Path(eval_set)] if eval_set else [])
@@ -397,9 +500,17 @@ class SSHRunner(HostRunner):
         try:
             files = BundleJob(artifact.parent, [artifact.name], golden).files(artifact.name)
             files += [Path(adapter)] if adapter is not None else []
-            args = ["--golden", golden.name, *target_options(threads, warmup, runs,
-                                                             Path(adapter).name if adapter else None,
-                                                             Path(eval_set).name if eval_set else None)]
+            args = [
+                "--golden",
+                golden.name,
+                *target_options(
+                    threads,
+                    warmup,
+                    runs,
+                    Path(adapter).name if adapter else None,
+                    Path(eval_set).name if eval_set else None,
+                ),
+            ]
             return self._run_remote(remote, files, args, "out")
         finally:
             self._close(remote)
@@ -409,11 +520,16 @@ class SSHRunner(HostRunner):
         Raises RunnerDropped when the board is lost (after one retry)."""
         shared = [job.golden] + ([job.eval_set] if job.eval_set else [])
         remote = self._open(shared)
-        args = ["--golden", job.golden.name, *target_options(
-            job.threads, job.warmup, job.runs, None, job.eval_set.name if job.eval_set else None)]
+        args = [
+            "--golden",
+            job.golden.name,
+            *target_options(job.threads, job.warmup, job.runs, None, job.eval_set.name if job.eval_set else None),
+        ]
         try:
             for i, name in enumerate(job.artifacts):
-                deliver(on_result, name, lambda: self._run_remote(remote, job.files(name), args, f"out-{i}"))
+                deliver(
+                    on_result, name, lambda name=name, i=i: self._run_remote(remote, job.files(name), args, f"out-{i}")
+                )
         finally:
             self._close(remote)
 
@@ -431,8 +547,10 @@ def parse_device_results(data: dict, artifacts: list[str]) -> list[ArtifactRun]:
     artifact (one the app did not report is an error). Raises ValidationError for another schema."""
     if not isinstance(data, dict) or data.get("schema") != DEVICE_RESULTS_SCHEMA:
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise ValidationError(f"the device's results JSON is not {DEVICE_RESULTS_SCHEMA} (got {got!r}): install "
-                              "the demo app built from this edgelm's examples/android")
+        raise ValidationError(
+            f"the device's results JSON is not {DEVICE_RESULTS_SCHEMA} (got {got!r}): install "
+            "the demo app built from this edgelm's examples/android"
+        )
     device = data.get("device") or {}
     by_name = {a.get("artifact"): a for a in data.get("artifacts") or [] if isinstance(a, dict)}
     runs = []
@@ -451,8 +569,14 @@ def parse_device_results(data: dict, artifacts: list[str]) -> list[ArtifactRun]:
             result["latency_samples_ms"] = [float(x) for x in entry["latency_samples_ms"]]
             result.setdefault("machine", device.get("abi", "android"))
             result["device"] = device
-            runs.append(ArtifactRun(name, result=RunResult(
-                outputs=outputs, result=result, eval_outputs=None if ev is None else np.asarray(ev, np.float32))))
+            runs.append(
+                ArtifactRun(
+                    name,
+                    result=RunResult(
+                        outputs=outputs, result=result, eval_outputs=None if ev is None else np.asarray(ev, np.float32)
+                    ),
+                )
+            )
         except (KeyError, TypeError, ValueError) as exc:
             runs.append(ArtifactRun(name, error=f"{name}: malformed entry in the device's results JSON: {exc}"))
     return runs
@@ -482,8 +606,7 @@ class AdbRunner(HostRunner):
     TEST_RUNNER = "androidx.test.runner.AndroidJUnitRunner"
     RESULTS_FILE = "edgelm-results.json"
 
-    def __init__(self, target: str = "adb", *, adb: str | None = None, app_id: str = APP_ID,
-                 timeout_s: float = 1800.0):
+    def __init__(self, target: str = "adb", *, adb: str | None = None, app_id: str = APP_ID, timeout_s: float = 1800.0):
         super().__init__(timeout_s)
         m = re.fullmatch(r"adb(?::([A-Za-z0-9._:-]+))?", target)
         if not m:
@@ -491,14 +614,21 @@ class AdbRunner(HostRunner):
         self.serial = m.group(1)
         self.adb = adb or shutil.which("adb")
         if not self.adb:
-            raise ValidationError("adb is not installed: `apt-get install adb` (Debian/Ubuntu) or the Android SDK "
-                                  "platform-tools, then connect the phone with USB debugging on")
+            raise ValidationError(
+                "adb is not installed: `apt-get install adb` (Debian/Ubuntu) or the Android SDK "
+                "platform-tools, then connect the phone with USB debugging on"
+            )
         self.app_id = app_id
         self.name = f"adb:{self.serial}" if self.serial else "adb"
 
     def describe(self) -> dict:
-        return {"runner": self.name, "kind": self.kind, "emulated": self.emulated, "serial": self.serial,
-                "app": self.app_id}
+        return {
+            "runner": self.name,
+            "kind": self.kind,
+            "emulated": self.emulated,
+            "serial": self.serial,
+            "app": self.app_id,
+        }
 
     def remote_dir(self, bundle: Path) -> str:
         """Where the bundle goes on the phone: the app's external files directory."""
@@ -533,23 +663,35 @@ class AdbRunner(HostRunner):
             state = dict(found).get(self.serial)
             if state is None:
                 listed = ", ".join(f"{s} ({st})" for s, st in found) or "none"
-                raise ValidationError(f"no Android device {self.serial} attached (adb devices lists: {listed}); "
-                                      "check the cable or `adb connect HOST:PORT`")
+                raise ValidationError(
+                    f"no Android device {self.serial} attached (adb devices lists: {listed}); "
+                    "check the cable or `adb connect HOST:PORT`"
+                )
             if state != "device":
-                raise ValidationError(f"Android device {self.serial} is {state}: "
-                                      + ("accept the USB debugging prompt on the phone" if state == "unauthorized"
-                                         else "reconnect it (adb reconnect) and retry"))
+                raise ValidationError(
+                    f"Android device {self.serial} is {state}: "
+                    + (
+                        "accept the USB debugging prompt on the phone"
+                        if state == "unauthorized"
+                        else "reconnect it (adb reconnect) and retry"
+                    )
+                )
             return self.serial
         if not ready:
             if found:
                 states = ", ".join(f"{s} ({st})" for s, st in found)
-                raise ValidationError(f"no usable Android device: adb devices lists {states}; accept the USB "
-                                      "debugging prompt on the phone or reconnect it")
-            raise ValidationError("no Android device: `adb devices` lists none. Connect a phone with USB debugging "
-                                  "on (Settings > Developer options) or start an Android emulator, then retry")
+                raise ValidationError(
+                    f"no usable Android device: adb devices lists {states}; accept the USB "
+                    "debugging prompt on the phone or reconnect it"
+                )
+            raise ValidationError(
+                "no Android device: `adb devices` lists none. Connect a phone with USB debugging "
+                "on (Settings > Developer options) or start an Android emulator, then retry"
+            )
         if len(ready) > 1:
-            raise ValidationError(f"{len(ready)} Android devices attached ({', '.join(ready)}): pick one with "
-                                  f"--runner adb:{ready[0]}")
+            raise ValidationError(
+                f"{len(ready)} Android devices attached ({', '.join(ready)}): pick one with --runner adb:{ready[0]}"
+            )
         return ready[0]
 
     @staticmethod
@@ -560,8 +702,10 @@ class AdbRunner(HostRunner):
 
         app = android_assets(bundle)
         if not (app / "manifest.json").is_file():
-            raise ValidationError(f"{bundle} has no Android app bundle: export it with `edgelm export --device ... "
-                                  "--bundle android` (the demo app reads android/edgelm/manifest.json)")
+            raise ValidationError(
+                f"{bundle} has no Android app bundle: export it with `edgelm export --device ... "
+                "--bundle android` (the demo app reads android/edgelm/manifest.json)"
+            )
         return app
 
     def push_commands(self, job: BundleJob, serial: str) -> list[list[str]]:
@@ -574,15 +718,23 @@ class AdbRunner(HostRunner):
         files += [app / "labels.json"] if (app / "labels.json").is_file() else []
         files += [job.eval_set] if job.eval_set else []
         files += [f for name in job.artifacts for f in app_job.files(name)]
-        return [self.adb_command("shell", shlex.join(["rm", "-rf", remote]), serial=serial),
-                self.adb_command("shell", shlex.join(["mkdir", "-p", remote]), serial=serial),
-                self.adb_command("push", *[str(f) for f in files], remote + "/", serial=serial)]
+        return [
+            self.adb_command("shell", shlex.join(["rm", "-rf", remote]), serial=serial),
+            self.adb_command("shell", shlex.join(["mkdir", "-p", remote]), serial=serial),
+            self.adb_command("push", *[str(f) for f in files], remote + "/", serial=serial),
+        ]
 
     def instrument_command(self, job: BundleJob, serial: str) -> list[str]:
         """``adb shell am instrument -w -e ... <app>.test/<runner>``: the app's on-device accuracy check."""
         remote = self.remote_dir(job.bundle)
-        extras = {"bundle": remote, "artifacts": ",".join(job.artifacts), "golden": job.golden.name,
-                  "warmup": str(job.warmup), "runs": str(job.runs), "results": f"{remote}/{self.RESULTS_FILE}"}
+        extras = {
+            "bundle": remote,
+            "artifacts": ",".join(job.artifacts),
+            "golden": job.golden.name,
+            "warmup": str(job.warmup),
+            "runs": str(job.runs),
+            "results": f"{remote}/{self.RESULTS_FILE}",
+        }
         if job.threads:
             extras["threads"] = str(job.threads)
         if job.eval_set is not None:
@@ -619,8 +771,10 @@ class AdbRunner(HostRunner):
             self._adb_call(argv, "pushing the bundle")
         out = self._adb_call(self.instrument_command(job, serial), "the on-device accuracy check")
         if "Unable to find instrumentation" in out:
-            raise ValidationError(f"the edgelm demo app ({self.app_id}) and its test APK are not installed on "
-                                  f"{serial}: build and install them from examples/android")
+            raise ValidationError(
+                f"the edgelm demo app ({self.app_id}) and its test APK are not installed on "
+                f"{serial}: build and install them from examples/android"
+            )
         with tempfile.TemporaryDirectory(prefix="edgelm-adb-") as tmp:
             local = Path(tmp) / self.RESULTS_FILE
             self._adb_call(self.pull_command(job, serial, local), "pulling the results")
@@ -631,15 +785,28 @@ class AdbRunner(HostRunner):
         for run in parse_device_results(data, job.artifacts):
             on_result(run)
 
-    def run_artifact(self, artifact: Path, golden: Path, *, threads: int | None, warmup: int = 5,
-                     runs: int = 20, adapter: Path | None = None, eval_set: Path | None = None) -> RunResult:
+    def run_artifact(
+        self,
+        artifact: Path,
+        golden: Path,
+        *,
+        threads: int | None,
+        warmup: int = 5,
+        runs: int = 20,
+        adapter: Path | None = None,
+        eval_set: Path | None = None,
+    ) -> RunResult:
         """Run one artifact through the app (swapped adapters are not supported on the phone yet)."""
         if adapter is not None:
             raise ValidationError("the adb runner does not swap adapters yet: validate each adapter's bundle")
         got: list[ArtifactRun] = []
         artifact = Path(artifact)
-        self.run_bundle(BundleJob(artifact.parent, [artifact.name], Path(golden), eval_set and Path(eval_set),
-                                  threads, warmup, runs), got.append)
+        self.run_bundle(
+            BundleJob(
+                artifact.parent, [artifact.name], Path(golden), eval_set and Path(eval_set), threads, warmup, runs
+            ),
+            got.append,
+        )
         if got[0].error:
             raise ValidationError(got[0].error)
         return got[0].result
@@ -659,9 +826,16 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
-def make_runner(spec: str, *, emulator_cpu: str | None = None, sysroot: Path | None = None,
-                key_file: Path | None = None, known_hosts: Path | None = None, remote_python: str = "python3",
-                remote_env: dict[str, str] | None = None) -> HostRunner:
+def make_runner(
+    spec: str,
+    *,
+    emulator_cpu: str | None = None,
+    sysroot: Path | None = None,
+    key_file: Path | None = None,
+    known_hosts: Path | None = None,
+    remote_python: str = "python3",
+    remote_env: dict[str, str] | None = None,
+) -> HostRunner:
     """The runner for ``spec`` (:data:`RUNNER_SPECS`). ``emulator_cpu``/``sysroot`` configure ``emulator``;
     ``key_file``/``known_hosts``/``remote_python``/``remote_env`` configure ``ssh://``.
     Raises ValidationError (unknown spec, bad target, missing files) or EmulatorError (no qemu or sysroot)."""
@@ -671,8 +845,9 @@ def make_runner(spec: str, *, emulator_cpu: str | None = None, sysroot: Path | N
     if spec == "emulator":
         return EmulatorRunner(sysroot, emulator_cpu)
     if spec.startswith("ssh://"):
-        return SSHRunner(spec, key_file=key_file, known_hosts=known_hosts, remote_python=remote_python,
-                         remote_env=remote_env)
+        return SSHRunner(
+            spec, key_file=key_file, known_hosts=known_hosts, remote_python=remote_python, remote_env=remote_env
+        )
     if spec == "adb" or spec.startswith("adb:"):
         return AdbRunner(spec)
     raise ValidationError(f"unknown runner {spec!r}: use one of {RUNNER_SPECS}")

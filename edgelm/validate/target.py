@@ -50,8 +50,16 @@ def _outputs(session, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.concatenate(rows, axis=0).astype(np.float32)
 
 
-def run(artifact: Path, golden: Path, out: Path, threads: int | None, warmup: int, runs: int,
-        adapter: Path | None = None, eval_set: Path | None = None) -> dict:
+def run(
+    artifact: Path,
+    golden: Path,
+    out: Path,
+    threads: int | None,
+    warmup: int,
+    runs: int,
+    adapter: Path | None = None,
+    eval_set: Path | None = None,
+) -> dict:
     """Run ``artifact`` on every golden input (and every ``eval_set`` input), then time ``runs`` calls after
     ``warmup`` on the timing input. Returns the result dict (also written to ``out/result.json``)."""
     import exporters

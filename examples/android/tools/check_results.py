@@ -27,16 +27,27 @@ def main() -> int:
         for run in parse_device_results(results, names):
             store.save(run)
         first = results["artifacts"][0]
-        (Path(tmp) / "runner.json").write_text(json.dumps({"runner": "adb", "kind": "adb", "emulated": False,
-                                                           "artifacts": names, "warmup": first["warmup"],
-                                                           "runs": first["runs"]}))
+        (Path(tmp) / "runner.json").write_text(
+            json.dumps(
+                {
+                    "runner": "adb",
+                    "kind": "adb",
+                    "emulated": False,
+                    "artifacts": names,
+                    "warmup": first["warmup"],
+                    "runs": first["runs"],
+                }
+            )
+        )
         record = evaluate(bundle, Path(tmp))
     ok = True
     for name, a in record["artifacts"].items():
         want = "failed" if name.endswith(".onnx") else "passed"
         golden = a["checks"].get("golden", {})
-        print(f"check_results: {name}: {a['status']} (golden: {golden.get('detail')}); the JVM said "
-              f"{next(e['golden']['detail'] for e in results['artifacts'] if e['artifact'] == name)}")
+        print(
+            f"check_results: {name}: {a['status']} (golden: {golden.get('detail')}); the JVM said "
+            f"{next(e['golden']['detail'] for e in results['artifacts'] if e['artifact'] == name)}"
+        )
         ok &= a["status"] == want and a.get("eval", {}).get("rows") == len(bundle.golden["texts"])
     tok = results.get("tokenization") or {}
     ok &= tok.get("mismatched") == 0 and tok.get("rows", 0) > 0

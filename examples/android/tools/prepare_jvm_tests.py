@@ -21,11 +21,29 @@ import sys
 from pathlib import Path
 
 HARD_CASES = [
-    "", "   ", "Hello, World!", "Café déjà vu, naïve façade — Ångström", "e\u0301 vs \u00e9", "我爱北京天安门 ok",
-    "カタカナ and ひらがな", "한국어 문장", "tab\there\nnew\rline\u0000nul\ufffdreplacement", "zero\u200bwidth\u200djoiner",
-    "a\u00a0b\u2003c\u3000d", "ΟΔΟΣ ΣΑΣ όλοι", "İstanbul DİYARBAKIR", "I ❤️ 🍕 and 😀!", "a" * 150, "x" * 99 + " y",
-    "hello [MASK] world [SEP] [CLS]", "[mask] lower-case specials", "don’t “smart” quotes…", "1,234.56 $5 50% a/b c\\d",
-    "(parens) [brackets] {braces} <angles> ^caret~ `tick` |pipe|", "ＡＢＣ ｆｕｌｌ ｗｉｄｔｈ", "Zürich Straße ÆØÅ œuvre",
+    "",
+    "   ",
+    "Hello, World!",
+    "Café déjà vu, naïve façade — Ångström",
+    "e\u0301 vs \u00e9",
+    "我爱北京天安门 ok",
+    "カタカナ and ひらがな",
+    "한국어 문장",
+    "tab\there\nnew\rline\u0000nul\ufffdreplacement",
+    "zero\u200bwidth\u200djoiner",
+    "a\u00a0b\u2003c\u3000d",
+    "ΟΔΟΣ ΣΑΣ όλοι",
+    "İstanbul DİYARBAKIR",
+    "I ❤️ 🍕 and 😀!",
+    "a" * 150,
+    "x" * 99 + " y",
+    "hello [MASK] world [SEP] [CLS]",
+    "[mask] lower-case specials",
+    "don’t “smart” quotes…",
+    "1,234.56 $5 50% a/b c\\d",
+    "(parens) [brackets] {braces} <angles> ^caret~ `tick` |pipe|",
+    "ＡＢＣ ｆｕｌｌ ｗｉｄｔｈ",
+    "Zürich Straße ÆØÅ œuvre",
     "unbelievably antidisestablishmentarianism supercalifragilisticexpialidocious",
     "the quick brown fox jumps over the lazy dog " * 40,
 ]
@@ -70,7 +88,7 @@ def tokens(work: Path, data_dir: Path) -> int:
     if (data_dir / "mrpc" / "dev.tsv").is_file():
         mrpc = load_task(data_dir, "mrpc", limit=150)
         for n in (24, 128):
-            cases += [(a, b, n) for a, b in zip(mrpc.texts, mrpc.pairs)]
+            cases += [(a, b, n) for a, b in zip(mrpc.texts, mrpc.pairs, strict=False)]
     lines = []
     for max_len in sorted({c[2] for c in cases}):
         tok = load_tokenizer(src, max_len)
@@ -91,9 +109,26 @@ def bundle(work: Path) -> Path:
     model = make_checkpoint(work / "tiny", kind="classifier", seed=1)
     data = work / "probes.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(PROBE_SENTENCES[:24])))
-    r = CliRunner().invoke(app, ["export", "--device", "pixel8", "--model", str(model), "--data", str(data),
-                                 "--format", "onnx,tflite", "--seq-len", "32", "--out", str(work / "dist"),
-                                 "--bundle", "android"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--device",
+            "pixel8",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--format",
+            "onnx,tflite",
+            "--seq-len",
+            "32",
+            "--out",
+            str(work / "dist"),
+            "--bundle",
+            "android",
+        ],
+    )
     if r.exit_code not in (0, 1):
         sys.exit(f"prepare_jvm_tests: edgelm export failed:\n{r.output}")
     return work / "dist" / "pixel8" / "android" / "edgelm"
