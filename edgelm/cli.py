@@ -801,31 +801,13 @@ def estimate(
     """Estimate parameters, MACs, weight and activation memory, latency and peak RAM on a device, before export."""
     import json as _json
 
-    from edgelm.compress.estimate import WEIGHT_BITS
-    from edgelm.compress.estimate import estimate as cost
-    from edgelm.errors import RecipeError
-    from edgelm.models import load_model
+    from edgelm.compress.estimate import estimate_schemes
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_recipe
 
     profile = load_profile(device)
     recipe = make_recipe(profile, seq_len=seq_len, threads=threads)  # the same defaults and range checks as export
-    schemes = _split([quant]) if quant else list(dict.fromkeys(["fp32", *profile.quantization.values()]))
-    for sc in schemes:
-        if sc not in WEIGHT_BITS:
-            raise RecipeError(f"unknown scheme {sc!r}; choose from {', '.join(WEIGHT_BITS)}")
-    loaded = load_model(model)
-    rows = [
-        cost(
-            loaded.module,
-            profile,
-            scheme=sc,
-            fmt="pytorch" if sc == "fp32" else next((f for f, q in profile.quantization.items() if q == sc), "onnx"),
-            seq_len=recipe.seq_len,
-            threads=recipe.threads,
-        ).to_dict()
-        for sc in schemes
-    ]
+    rows = [e.to_dict() for e in estimate_schemes(model, profile, recipe, _split([quant]) if quant else None)]
     if as_json:
         out_console.print_json(_json.dumps(rows))
         return

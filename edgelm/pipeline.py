@@ -23,6 +23,7 @@ import numpy as np
 import edgelm
 import exporters
 from edgelm import data as data_mod
+from edgelm import schemes
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.fsutil import install
 from edgelm.models import LoadedModel, load_model
@@ -674,10 +675,10 @@ def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) ->
         raise RecipeError(
             "--lora separate exports the adapters' shared base as it is: it cannot be combined with pruning or --search"
         )
-    static = [p.format for p in recipe.plans if p.quant.scheme == "int8_static"]
+    static = [p for p in recipe.plans if not schemes.get(p.quant.scheme).adapters_share_base]
     if static:
         raise RecipeError(
-            f"--lora separate with int8_static ({', '.join(static)}): calibrated activation scales "
+            f"--lora separate with {', '.join(f'{p.format} {p.quant.scheme}' for p in static)}: calibrated activation scales "
             "depend on the adapter, so adapters could not share one base; use int8_dynamic or 8da4w"
         )
     if any(p.format == "tflite" for p in recipe.plans):

@@ -9,24 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import exporters
+from edgelm import schemes
 from edgelm.errors import RecipeError
 from edgelm.profiles import DeviceProfile
-from exporters import QuantSpec, UnsupportedQuantError
+from exporters import QuantSpec
 
-#: Default gates per quantization scheme: (min cosine to the PyTorch fp32 reference, min top-1 agreement).
-#: fp32 artifacts must match PyTorch to rounding; int8 dynamic per-channel keeps MiniLM at cosine ~0.993-0.998.
-#: fp16 keeps ~3 significant digits; static int8 (sensitive layers float) and int4 cost more fidelity, so
-#: with labels the accuracy-drop gate is the one that decides.
-DEFAULT_GATES = {
-    "fp32": (0.9999, 0.99),
-    "fp16": (0.999, 0.99),
-    "int8_dynamic": (0.99, 0.95),
-    "int8_static": (0.95, 0.90),
-    "8da4w": (0.90, 0.85),
-    "int4_weight_only": (0.90, 0.85),
-}
-#: Layer groups kept float by default under int8_static (the FFN down-projections lose the most accuracy).
-DEFAULT_STATIC_FLOAT_LAYERS = ("ffn_output",)
 #: Default maximum task-accuracy drop against the PyTorch fp32 model, in percentage points.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
 
@@ -111,25 +98,11 @@ def parse_quant_override(value: str | None, formats: list[str]) -> dict[str, str
     return out
 
 
-def quant_spec(scheme: str, float_layers: tuple[str, ...] | None = None) -> QuantSpec:
-    """The QuantSpec edgelm uses for ``scheme``: per-channel, 8-bit embedding tables for every quantized
-    scheme but fp16, int4 groups of 32, and :data:`DEFAULT_STATIC_FLOAT_LAYERS` float under int8_static.
-    Raises UnsupportedQuantError for an unknown scheme."""
-    if float_layers is None:
-        float_layers = DEFAULT_STATIC_FLOAT_LAYERS if scheme == "int8_static" else ()
-    return QuantSpec(
-        scheme=scheme,
-        per_channel=True,
-        embedding_bits=None if scheme in ("fp32", "fp16") else 8,
-        group_size=32,
-        float_layers=tuple(float_layers),
-    )
-
-
 def gates_for(profile: DeviceProfile, scheme: str, max_accuracy_drop: float | None = None) -> Gates:
-    """The acceptance gates of one artifact: the scheme's defaults (:data:`DEFAULT_GATES`), the profile's
+    """The acceptance gates of one artifact: the scheme's defaults (:data:`edgelm.schemes.TABLE`), the profile's
     ``[gates]`` overrides, ``max_accuracy_drop`` (points) when given, and the profile's size budget."""
-    min_cos, min_top1 = DEFAULT_GATES.get(scheme, DEFAULT_GATES["int8_dynamic"])
+    sch = schemes.get(scheme)
+    min_cos, min_top1 = sch.min_cosine, sch.min_top1_agreement
     g = profile.gates
     drop = (
         max_accuracy_drop
@@ -212,10 +185,7 @@ def make_recipe(
                 + (f" ({why})" if why else "")
                 + f"; it supports {', '.join(supported)}"
             )
-        try:
-            spec = quant_spec(scheme)
-        except UnsupportedQuantError as exc:
-            raise RecipeError(str(exc)) from None
+        spec = schemes.quant_spec(scheme)
         gates = gates_for(profile, scheme, max_accuracy_drop)
         plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))
     return Recipe(

@@ -17,19 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgelm import schemes
 from edgelm.errors import BudgetError
-from edgelm.recipe import quant_spec
 from exporters import QuantSpec
 
-#: Schemes (with the layer groups kept float) the search considers, most aggressive first.
-LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("8da4w", ()),
-    ("int8_static", ("ffn_output",)),
-    ("int8_static", ("ffn_output", "attention_output")),
-    ("int8_dynamic", ()),
-    ("fp16", ()),
-    ("fp32", ()),
-)
 #: Pruning ratios the search considers up to ``max_sparsity``.
 SPARSITIES = (0.5, 0.3, 0.0)
 
@@ -73,13 +64,13 @@ class Candidate:
 def candidates(
     fmt: str, supported: tuple[str, ...], max_sparsity: float, sparsities: tuple[float, ...] = SPARSITIES
 ) -> list[Candidate]:
-    """All candidates for one format: sparsities up to ``max_sparsity`` (0 always) × the :data:`LADDER`
-    schemes in ``supported``."""
+    """All candidates for one format: sparsities up to ``max_sparsity`` (0 always) × the schemes of
+    :func:`edgelm.schemes.search_ladder` in ``supported``."""
     out = []
     for s in sorted({x for x in sparsities if x <= max_sparsity + 1e-9} | {0.0}, reverse=True):
-        for scheme, float_layers in LADDER:
+        for scheme, float_layers in schemes.search_ladder():
             if scheme in supported:
-                out.append(Candidate(fmt, s, quant_spec(scheme, float_layers)))
+                out.append(Candidate(fmt, s, schemes.quant_spec(scheme, float_layers)))
     return out
 
 

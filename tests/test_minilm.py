@@ -46,7 +46,7 @@ def test_minilm_schemes_and_estimate(tmp_path):
     from edgelm.models import load_model
     from edgelm.pipeline import calibration_rows
     from edgelm.profiles import load_profile
-    from edgelm.recipe import quant_spec
+    from edgelm.schemes import quant_spec
 
     m = load_model("default")
     ids, mask = encode(load_tokenizer(m.tokenizer_dir, 128), probe_dataset())

@@ -9,7 +9,7 @@ import exporters
 from edgelm.data import encode, load_tokenizer, probe_dataset
 from edgelm.models import load_model
 from edgelm.pipeline import calibration_rows
-from edgelm.recipe import quant_spec
+from edgelm.schemes import quant_spec
 from exporters import QuantSpec
 
 SEQ = 32

@@ -24,12 +24,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgelm import schemes
+
 #: Resident memory of each runtime itself, MB (library + arena), added to the peak-RAM estimate.
 RUNTIME_OVERHEAD_MB = {"onnx": 25.0, "executorch": 8.0, "tflite": 6.0, "pytorch": 300.0}
-#: Bits per Linear weight by scheme (scales counted separately).
-WEIGHT_BITS = {"fp32": 32, "fp16": 16, "int8_dynamic": 8, "int8_static": 8, "8da4w": 4, "int4_weight_only": 4}
-#: Schemes whose Linear layers run on int8 kernels.
-INT8_COMPUTE = ("int8_dynamic", "int8_static", "8da4w")
 
 
 @dataclass
@@ -114,18 +112,17 @@ def estimate(
         seq_len / threads: default the profile's ``budgets.latency_seq_len`` / ``validation.threads``.
         embedding_bits: 8 to count the word-embedding table at 8 bits (default: 8 for quantized schemes).
     Raises:
-        ValueError: an unknown scheme.
+        RecipeError: an unknown scheme.
     """
-    if scheme not in WEIGHT_BITS:
-        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(WEIGHT_BITS)}")
+    sch = schemes.get(scheme)  # bits per weight and int8 kernels come from the scheme table
     s = _structure(wrapper)
     S = int(seq_len or profile.budgets.latency_seq_len)
     n_threads = int(threads or profile.validation.threads)
     if embedding_bits is None:
-        embedding_bits = 8 if scheme not in ("fp32", "fp16") else None
+        embedding_bits = sch.embedding_bits
     lin_macs = sum(S * i * o for i, o in s["linears_enc"]) + sum(i * o for i, o in s["linears_head"])
     attn_macs = sum(2 * S * S * h * dh for h, dh, _ in s["attn"])
-    bits = WEIGHT_BITS[scheme]
+    bits = sch.weight_bits
     lin_weights = sum(i * o for i, o in s["linears_enc"] + s["linears_head"])
     if bits == 8:
         scale_bytes = 4 * sum(o for _, o in s["linears_enc"] + s["linears_head"])
@@ -143,7 +140,7 @@ def estimate(
     d = s["hidden"]
     act_bytes = max((4 * (5 * S * d + h * S * S + S * ffn) for h, _, ffn in s["attn"]), default=0)
     hw = profile.hardware
-    lin_rate = hw.cpu_gops_int8 if scheme in INT8_COMPUTE else hw.cpu_gflops_fp32
+    lin_rate = hw.cpu_gops_int8 if sch.int8_compute else hw.cpu_gflops_fp32
     parallel = 1.0 if n_threads <= 1 else 0.8 * min(n_threads, hw.cpu_cores)
     compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw.cpu_gflops_fp32 * 1e9)) / parallel * 1e3
     memory_ms = weight_bytes / (hw.memory_bandwidth_gbs * 1e9) * 1e3
@@ -163,3 +160,27 @@ def estimate(
         latency_ms=latency,
         peak_ram_mb=peak,
     )
+
+
+def estimate_schemes(model: str, profile: Any, recipe: Any, scheme_names: list[str] | None = None) -> list[Estimate]:
+    """What ``edgelm estimate`` prints: the cost of ``model`` (``"default"`` or a checkpoint directory) on
+    ``profile`` under each of ``scheme_names`` (default: fp32 and the profile's schemes), at the recipe's
+    sequence length and threads. Each scheme is costed on the runtime that would run it: PyTorch eager for
+    fp32, else the first of the profile's formats that uses it, else ONNX Runtime.
+    Raises RecipeError for an unknown scheme (before the model is loaded) and ModelError for a bad model."""
+    from edgelm.models import load_model
+
+    names = scheme_names or list(dict.fromkeys(["fp32", *profile.quantization.values()]))
+    for name in names:
+        schemes.get(name)
+    loaded = load_model(model)
+
+    def runtime(scheme: str) -> str:
+        if scheme == "fp32":
+            return "pytorch"
+        return next((f for f, q in profile.quantization.items() if q == scheme), "onnx")
+
+    return [
+        estimate(loaded.module, profile, scheme=s, fmt=runtime(s), seq_len=recipe.seq_len, threads=recipe.threads)
+        for s in names
+    ]

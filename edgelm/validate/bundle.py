@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import exporters
+from edgelm import schemes
 from edgelm.errors import ValidationError
 from edgelm.fsutil import write_directory, write_text_atomic
 from edgelm.report import fmt, markdown_table
@@ -41,18 +42,6 @@ RESULTS_DIR = "validation"
 EVAL_FILE = "eval.npz"
 #: report.md from this line on is rewritten by every ``edgelm validate``
 REPORT_MARKER = "<!-- edgelm validate: the sections below are rewritten by `edgelm validate` -->"
-#: Golden-output tolerance by quantization scheme: the largest |artifact - PyTorch fp32| allowed, relative to
-#: the largest |reference| value. fp32 differs from PyTorch by kernel rounding only; fp16 keeps ~3 digits;
-#: int8 dynamic per-channel moves logits/embeddings by a few percent (MiniLM: cosine ~0.994-0.999); static
-#: int8 and 4-bit weights move them more. The cosine and top-1 limits are the recipe's gates (manifest).
-GOLDEN_MAX_REL_ERROR = {
-    "fp32": 1e-3,
-    "fp16": 1e-2,
-    "int8_dynamic": 0.25,
-    "int8_static": 0.5,
-    "8da4w": 0.5,
-    "int4_weight_only": 0.5,
-}
 #: What an artifact's status can be in validation.json.
 STATUSES = ("passed", "failed", "error", "skipped", "not run")
 
@@ -363,8 +352,8 @@ def checksum_check(bundle: Bundle, name: str) -> dict:
 
 def golden_max_abs_error(scheme: str, reference: np.ndarray) -> float:
     """The largest |artifact - PyTorch fp32| a ``scheme`` artifact may show on ``reference`` (float [N, D]):
-    :data:`GOLDEN_MAX_REL_ERROR` of the reference's largest |value| (0.5 for a scheme not listed)."""
-    return GOLDEN_MAX_REL_ERROR.get(scheme, 0.5) * float(np.abs(reference).max())
+    :attr:`edgelm.schemes.Scheme.golden_max_rel_error` of the reference's largest |value|."""
+    return schemes.get(scheme).golden_max_rel_error * float(np.abs(reference).max())
 
 
 def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
