@@ -85,7 +85,9 @@ def _export_accuracy(module, fmt: str, ids, mask, labels, work: Path) -> float:
 
     ex = {"input_ids": torch.ones(1, 64, dtype=torch.int64), "attention_mask": torch.ones(1, 64, dtype=torch.int64)}
     path = work / f"m{exporters.suffix(fmt)}"
-    exporters.get(fmt).export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), path, output_name="logits")
+    exporters.get(fmt).export(
+        module, ex, QuantSpec("int8_dynamic", embedding_bits=8), path, exporters.ExportOptions(output_name="logits")
+    )
     sess = exporters.load(path, threads=2)
     outs = [
         next(iter(sess.run(trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})).values()))

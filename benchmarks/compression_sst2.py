@@ -196,7 +196,9 @@ def main() -> None:
             path = tmp / f"{name.split()[0]}-{len(results)}.{scheme}{exporters.suffix(fmt)}"
             t = time.perf_counter()
             with captured_output(tmp / "export.log"):
-                exporters.get(fmt).export(m.module, ex, quant, path, output_name=m.output_name, calibration=calib)
+                exporters.get(fmt).export(
+                    m.module, ex, quant, path, exporters.ExportOptions(output_name=m.output_name, calibration=calib)
+                )
             export_s = time.perf_counter() - t
             run = runner.run_artifact(path, goldens[(name, SEQ)], threads=1, warmup=WARMUP, runs=RUNS)
             run64 = runner.run_artifact(path, goldens[(name, 64)], threads=1, warmup=WARMUP, runs=RUNS)

@@ -159,9 +159,9 @@ def export_artifact(
             example,
             plan.quant,
             directory / plan.artifact_name,
-            output_name=model.output_name,
-            calibration=calibration,
-            adapter_modules=adapter_modules,
+            exporters.ExportOptions(
+                output_name=model.output_name, calibration=calibration, adapter_modules=adapter_modules
+            ),
         )
     except exporters.RuntimeNotInstalledError as exc:
         raise RuntimeMissingError(str(exc)) from None
@@ -784,7 +784,7 @@ def _search_format(
         c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
         c.accuracy_drop = res.fidelity.get("accuracy_drop")
 
-    cands = candidates(plan.format, fmt_mod.SCHEMES, max_sparsity)
+    cands = candidates(plan.format, fmt_mod.schemes, max_sparsity)
     chosen, summary = run_search(
         cands,
         estimate=lambda c: cost(variants.structure(c.sparsity), plan.format, c.quant),

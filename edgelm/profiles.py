@@ -114,7 +114,7 @@ class DeviceProfile(_Strict):
         for fmt, scheme in value.items():
             if fmt not in exporters.formats():
                 raise ValueError(f"unknown format {fmt!r} (known: {', '.join(exporters.formats())})")
-            supported = exporters.get(fmt).SCHEMES
+            supported = exporters.get(fmt).schemes
             if scheme not in supported:
                 raise ValueError(f"{fmt}: unknown scheme {scheme!r} (supported: {', '.join(supported)})")
         return value

@@ -123,7 +123,7 @@ def _delegate(profile: DeviceProfile, fmt: str) -> str:
         "tflite": profile.runtimes.tflite_delegates,
         "onnx": profile.runtimes.onnx_execution_providers,
     }.get(fmt, [])
-    supported = exporters.get(fmt).DELEGATES
+    supported = exporters.get(fmt).delegates
     for name in listed:
         if name in supported:
             return name
@@ -177,9 +177,9 @@ def make_recipe(
     plans = []
     for fmt in chosen:
         scheme = overrides.get(fmt) or profile.quantization.get(fmt) or "int8_dynamic"
-        supported = exporters.get(fmt).SCHEMES
+        supported = exporters.get(fmt).schemes
         if scheme not in supported:
-            why = getattr(exporters.get(fmt), "UNSUPPORTED", {}).get(scheme)
+            why = exporters.get(fmt).unsupported.get(scheme)
             raise RecipeError(
                 f"{fmt} cannot do quantization {scheme!r}"
                 + (f" ({why})" if why else "")

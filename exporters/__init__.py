@@ -1,17 +1,17 @@
-"""exporters: one module per format behind one registry.
+"""exporters: one module per format, each a typed :class:`~exporters.base.Format` plug-in.
 
-Each format module defines ``FORMAT``, ``SUFFIX``, ``SCHEMES`` (the quantization schemes it can
-produce), ``DELEGATE``, ``export(module, example_inputs, quant, path, **options) -> Artifact`` and
-``load(path, threads=None) -> Session``. Adding a format is adding a module and one line in
-``_REGISTRY``; nothing else changes. This package knows nothing of device profiles and never imports
-``edgelm``; importing it does not import torch (the format modules import torch only inside ``export``).
+A format module defines one class satisfying the :class:`~exporters.base.Format` protocol (name, suffix,
+the schemes it can produce and the reason for each it refuses, ``export(module, example_inputs, spec,
+path, options) -> Artifact``, ``load(path, threads=, adapter=) -> Session``) and registers it with the
+:func:`register` decorator. Adding a format is adding a module and its name to :data:`BUILTIN`; nothing
+else changes. This package knows nothing of device profiles and never imports ``edgelm``; importing it
+does not import torch (the format modules import torch only inside ``export``).
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from types import ModuleType
 
 from exporters.base import (
     SCHEMES,
@@ -19,6 +19,8 @@ from exporters.base import (
     ArtifactLoadError,
     ExporterError,
     ExportFailedError,
+    ExportOptions,
+    Format,
     QuantSpec,
     RuntimeNotInstalledError,
     Session,
@@ -27,20 +29,19 @@ from exporters.base import (
     sha256_file,
 )
 
-# format name -> (module, suffix). Suffixes are listed here so that `load` and the registry's metadata
-# need no import of the format module's heavy dependencies.
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "onnx": ("exporters.onnx", ".onnx"),
-    "executorch": ("exporters.executorch", ".pte"),
-    "tflite": ("exporters.tflite", ".tflite"),
-}
+#: The format modules shipped with edgelm, imported (cheaply: no torch) on first use of the registry.
+BUILTIN = ("exporters.onnx", "exporters.executorch", "exporters.tflite")
+
+_REGISTRY: dict[str, Format] = {}
 
 __all__ = [
     "SCHEMES",
     "Artifact",
     "ArtifactLoadError",
     "ExportFailedError",
+    "ExportOptions",
     "ExporterError",
+    "Format",
     "QuantSpec",
     "RuntimeNotInstalledError",
     "Session",
@@ -50,45 +51,69 @@ __all__ = [
     "formats",
     "get",
     "load",
+    "register",
     "sha256_file",
     "suffix",
 ]
 
 
+def register(cls: type) -> type:
+    """Class decorator: register one instance of a :class:`~exporters.base.Format` class under its ``name``.
+    Raises ExporterError when the class does not satisfy the protocol, or its name or suffix is taken."""
+    fmt = cls()
+    if not isinstance(fmt, Format):
+        raise ExporterError(f"{cls.__name__} does not implement the exporters.base.Format protocol")
+    unknown = set(fmt.schemes) - set(SCHEMES)
+    if unknown or set(fmt.unsupported) & set(fmt.schemes):
+        raise ExporterError(f"{cls.__name__}: schemes {sorted(unknown)} are unknown, or refused and supported at once")
+    for other in _REGISTRY.values():
+        if other.name != fmt.name and other.suffix == fmt.suffix:
+            raise ExporterError(f"format {fmt.name!r}: suffix {fmt.suffix} is already {other.name!r}'s")
+    _REGISTRY[fmt.name] = fmt
+    return cls
+
+
+def _registry() -> dict[str, Format]:
+    for module in BUILTIN:
+        importlib.import_module(module)  # each registers its format
+    return _REGISTRY
+
+
 def formats() -> list[str]:
     """Registered format names, e.g. ``["onnx", "executorch", "tflite"]``."""
-    return list(_REGISTRY)
+    return list(_registry())
 
 
-def get(fmt: str) -> ModuleType:
-    """The format module for ``fmt``. Raises ExporterError for an unknown format."""
-    if fmt not in _REGISTRY:
-        raise ExporterError(f"unknown format {fmt!r}; known formats: {', '.join(_REGISTRY)}")
-    return importlib.import_module(_REGISTRY[fmt][0])
+def get(fmt: str) -> Format:
+    """The :class:`~exporters.base.Format` plug-in called ``fmt``. Raises ExporterError for an unknown format."""
+    registry = _registry()
+    if fmt not in registry:
+        raise ExporterError(f"unknown format {fmt!r}; known formats: {', '.join(registry)}")
+    return registry[fmt]
 
 
 def suffix(fmt: str) -> str:
     """File suffix of a format (``".pte"`` for executorch)."""
-    if fmt not in _REGISTRY:
-        raise ExporterError(f"unknown format {fmt!r}; known formats: {', '.join(_REGISTRY)}")
-    return _REGISTRY[fmt][1]
+    return get(fmt).suffix
 
 
 def format_for_path(path: str | Path) -> str:
     """The format of an artifact file from its suffix. Raises ArtifactLoadError for an unknown suffix."""
     sfx = Path(path).suffix
-    for name, (_, s) in _REGISTRY.items():
-        if s == sfx:
+    registry = _registry()
+    for name, fmt in registry.items():
+        if fmt.suffix == sfx:
             return name
     raise ArtifactLoadError(
-        f"{path}: unknown artifact type {sfx!r}; edgelm runs {', '.join(s for _, s in _REGISTRY.values())} files"
+        f"{path}: unknown artifact type {sfx!r}; edgelm runs {', '.join(f.suffix for f in registry.values())} files"
     )
 
 
 def load(path: str | Path, threads: int | None = None, adapter: str | Path | None = None) -> Session:
     """Load an artifact in its own runtime: returns a Session whose ``run(feeds)`` maps numpy arrays to
-    numpy arrays. ``threads``: intra-op CPU threads (None: the runtime's default). ``adapter``: the weights
-    file of another adapter of the same base (``.adapter.data`` for ONNX, ``.adapter.ptd`` for ExecuTorch)
-    to use instead of the one beside the artifact."""
-    kwargs = {"adapter": Path(adapter)} if adapter is not None else {}
-    return get(format_for_path(path)).load(Path(path), threads=threads, **kwargs)
+    numpy arrays, named as the artifact's signature says. ``threads``: intra-op CPU threads (None: the
+    runtime's default). ``adapter``: the weights file of another adapter of the same base (``.adapter.data``
+    for ONNX, ``.adapter.ptd`` for ExecuTorch) to use instead of the one beside the artifact."""
+    return get(format_for_path(path)).load(
+        Path(path), threads=threads, adapter=Path(adapter) if adapter is not None else None
+    )

@@ -213,6 +213,72 @@ class Artifact:
         }
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """Typed options of :meth:`Format.export` (a misspelt option is a TypeError, never silently ignored).
+
+    Attributes:
+        output_name: the artifact's output tensor name (``"embeddings"``, ``"logits"``); every format's
+            session returns its output under this name.
+        calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for schemes that calibrate
+            activation scales (``int8_static``).
+        adapter_modules: module-path pieces (e.g. :data:`ADAPTER_MODULES`) whose weights go to a swappable
+            file beside the artifact (ONNX external data, ExecuTorch ``.ptd``); formats that cannot refuse.
+        seq_buckets: sequence lengths of a static-shape format's signatures (TFLite; default: powers of two
+            from 16 up to the example's length). Formats with a dynamic sequence axis ignore it.
+    """
+
+    output_name: str = "output"
+    calibration: tuple[dict[str, Any], ...] | list[dict[str, Any]] | None = None
+    adapter_modules: tuple[str, ...] = ()
+    seq_buckets: tuple[int, ...] | None = None
+
+
+@runtime_checkable
+class Format(Protocol):
+    """A format plug-in: one module in ``exporters/`` defines one class that satisfies this protocol and
+    registers it with :func:`exporters.register`.
+
+    Attributes:
+        name: registry name (``"onnx"``); suffix: its file suffix (``".onnx"``).
+        schemes: the quantization schemes (:data:`SCHEMES`) it can produce.
+        unsupported: ``{scheme: why not}`` for each scheme of :data:`SCHEMES` it refuses.
+        delegates: the profile backend names its artifacts run with (``"xnnpack"``).
+    """
+
+    name: str
+    suffix: str
+    schemes: tuple[str, ...]
+    unsupported: dict[str, str]
+    delegates: tuple[str, ...]
+
+    def check_installed(self) -> None:
+        """Raise :class:`RuntimeNotInstalledError` unless the converter and runtime packages are installed."""
+        ...
+
+    def runtime_versions(self) -> dict[str, str]:
+        """``{package: version}`` of the converter and runtime packages installed."""
+        ...
+
+    def export(
+        self,
+        module: Any,
+        example_inputs: dict[str, Any],
+        spec: QuantSpec,
+        path: Path,
+        options: ExportOptions | None = None,
+    ) -> Artifact:
+        """Export ``module`` (``forward(input_ids, attention_mask) -> float32 [batch, ...]``; example inputs
+        int64 [1, max_seq]) to ``path`` quantized by ``spec``. Raises UnsupportedQuantError,
+        RuntimeNotInstalledError or ExportFailedError."""
+        ...
+
+    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> Session:
+        """Open an artifact in its runtime (``threads``: intra-op CPU threads; ``adapter``: another adapter's
+        weights file). Raises ArtifactLoadError or RuntimeNotInstalledError."""
+        ...
+
+
 @runtime_checkable
 class Session(Protocol):
     """A loaded artifact. ``run`` takes and returns numpy arrays and imports no torch (ExecuTorch's own

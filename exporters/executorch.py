@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from exporters import register
 from exporters.base import (
     Artifact,
     ArtifactLoadError,
     ExportFailedError,
+    ExportOptions,
     QuantSpec,
     TensorSpec,
     adapter_path,
@@ -58,6 +60,8 @@ UNSUPPORTED = {
     "activations)",
 }
 DELEGATE = "XnnpackPartitioner"
+#: The constant method that holds the program's output name (a string), read by :class:`ExecuTorchSession`.
+SIGNATURE_METHOD = "output_names"
 #: Profile backend names this exporter can lower to.
 DELEGATES = ("xnnpack",)
 
@@ -190,11 +194,7 @@ def export(
     example_inputs: dict[str, Any],
     quant: QuantSpec,
     path: Path,
-    *,
-    output_name: str = "output",
-    calibration: list[dict[str, Any]] | None = None,
-    adapter_modules: tuple[str, ...] = (),
-    **_: Any,
+    options: ExportOptions | None = None,
 ) -> Artifact:
     """Export ``module`` (forward(input_ids, attention_mask) -> float32 [1, ...]) to a ``.pte`` file.
 
@@ -202,9 +202,10 @@ def export(
         example_inputs: ``{"input_ids", "attention_mask"}`` int64 tensors [1, max_seq]; the sequence axis is
             exported dynamic in [2, max_seq].
         quant: one of :data:`SCHEMES` (see module docstring). The caller's module is not modified.
-        calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for ``int8_static``.
         path: the ``.pte`` file to write.
-        adapter_modules: module-path pieces (e.g. :data:`~exporters.base.ADAPTER_MODULES`) whose weights go to
+        options: :class:`~exporters.base.ExportOptions`: the output name (stored in the program as the
+            constant method ``output_names``, which :class:`ExecuTorchSession` reads), ``calibration`` feeds
+            for ``int8_static``, and ``adapter_modules``: module-path pieces (e.g. :data:`~exporters.base.ADAPTER_MODULES`) whose weights go to
             ``<stem>.adapter.ptd`` beside the program (ExecuTorch program-data separation) instead of into it.
             Those modules stay float and outside the XNNPACK delegate (XNNPACK keys its weights by content
             hash, which would tie the program to one adapter); every adapter of one base then shares a
@@ -212,6 +213,8 @@ def export(
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
+    options = options or ExportOptions()
+    output_name, calibration, adapter_modules = options.output_name, options.calibration, options.adapter_modules
     ensure_scheme(quant, SCHEMES, "ExecuTorch", UNSUPPORTED)
     if quant.scheme == "int8_static":
         calibration = require_calibration(calibration, "ExecuTorch")
@@ -238,7 +241,9 @@ def export(
                 _torchao_8da4w(module, quant, details, adapter_modules)
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
             partitioner = _base_partitioner(xnn, adapter_modules) if adapter_modules else xnn.XnnpackPartitioner()
-            edge = exir.to_edge_transform_and_lower(exported, partitioner=[partitioner])
+            edge = exir.to_edge_transform_and_lower(
+                exported, partitioner=[partitioner], constant_methods={SIGNATURE_METHOD: output_name}
+            )
             data = adapter_path(path, ".ptd")
             if adapter_modules:
                 tag = data.name[: -len(".ptd")]
@@ -304,11 +309,11 @@ class ExecuTorchSession:
     method invalidates the method). ``run(feeds)``: int arrays [batch, seq] -> ``{name: float32 [batch, ...]}``;
     rows run one at a time (the program is exported at batch 1). A program exported with adapter modules
     reads their weights from ``adapter`` (a ``.ptd`` file), by default ``<stem>.adapter.ptd`` beside it.
+    The output is named as the program's ``output_names`` constant method says (``"output"`` for a program
+    without one).
     """
 
-    def __init__(
-        self, path: Path, threads: int | None = None, output_name: str = "output", adapter: Path | None = None
-    ):
+    def __init__(self, path: Path, threads: int | None = None, adapter: Path | None = None):
         path = check_artifact_file(path, SUFFIX, "ExecuTorch")
         data = Path(adapter) if adapter is not None else adapter_path(path, ".ptd")
         if adapter is not None and not data.is_file():
@@ -323,10 +328,15 @@ class ExecuTorchSession:
         try:
             program = runtime.Runtime.get().load_program(path, data_path=data if data.is_file() else None)
             self._method = program.load_method("forward")
+            names = (
+                [str(n) for n in program.load_method(SIGNATURE_METHOD).execute([])]
+                if SIGNATURE_METHOD in program.method_names
+                else ["output"]
+            )
         except Exception as exc:
             raise ArtifactLoadError(f"ExecuTorch could not load {path}: {exc}") from exc
         self.input_names = ["input_ids", "attention_mask"]
-        self.output_names = [output_name]
+        self.output_names = names
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -337,9 +347,37 @@ class ExecuTorchSession:
         return {self.output_names[0]: np.concatenate(outs, axis=0)}
 
 
-def load(
-    path: Path, threads: int | None = None, output_name: str = "output", adapter: Path | None = None
-) -> ExecuTorchSession:
+def load(path: Path, threads: int | None = None, adapter: Path | None = None) -> ExecuTorchSession:
     """Open a ``.pte`` artifact (``adapter``: a ``.ptd`` of adapter weights to use, see
     :class:`ExecuTorchSession`). Raises ArtifactLoadError or RuntimeNotInstalledError."""
-    return ExecuTorchSession(path, threads, output_name, adapter)
+    return ExecuTorchSession(path, threads, adapter)
+
+
+@register
+class ExecuTorchFormat:
+    """ExecuTorch (``.pte``) lowered to the XNNPACK delegate; runs in ExecuTorch's Python runtime."""
+
+    name = FORMAT
+    suffix = SUFFIX
+    schemes = SCHEMES
+    unsupported = UNSUPPORTED
+    delegates = DELEGATES
+
+    def check_installed(self) -> None:
+        check_installed()
+
+    def runtime_versions(self) -> dict[str, str]:
+        return runtime_versions()
+
+    def export(
+        self,
+        module: Any,
+        example_inputs: dict[str, Any],
+        spec: QuantSpec,
+        path: Path,
+        options: ExportOptions | None = None,
+    ) -> Artifact:
+        return export(module, example_inputs, spec, path, options)
+
+    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> ExecuTorchSession:
+        return load(path, threads, adapter)

@@ -35,10 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from exporters import register
 from exporters.base import (
     Artifact,
     ArtifactLoadError,
     ExportFailedError,
+    ExportOptions,
     QuantSpec,
     TensorSpec,
     adapter_path,
@@ -81,11 +83,7 @@ def export(
     example_inputs: dict[str, Any],
     quant: QuantSpec,
     path: Path,
-    *,
-    output_name: str = "output",
-    calibration: list[dict[str, Any]] | None = None,
-    adapter_modules: tuple[str, ...] = (),
-    **_: Any,
+    options: ExportOptions | None = None,
 ) -> Artifact:
     """Export ``module`` (forward(input_ids, attention_mask) -> float32 [batch, ...]) to ``path``.
 
@@ -94,15 +92,17 @@ def export(
             dynamic sequence axis.
         quant: any of :data:`SCHEMES` (see module docstring).
         path: the ``.onnx`` file to write (a single file; no external data).
-        calibration: feeds ``{"input_ids", "attention_mask"}`` int64 [1, seq] for ``int8_static``.
-        adapter_modules: module-path pieces (e.g. :data:`~exporters.base.ADAPTER_MODULES`) whose weights are
-            stored as ONNX external data in ``<stem>.adapter.data`` beside the model and never quantized; a
-            file with the same layout from another adapter swaps in at load time (:func:`load`).
+        options: :class:`~exporters.base.ExportOptions`: the output name, ``calibration`` feeds for
+            ``int8_static``, and ``adapter_modules``, whose weights are stored as ONNX external data in
+            ``<stem>.adapter.data`` beside the model and never quantized; a file with the same layout from
+            another adapter swaps in at load time (:func:`load`).
     Raises:
         UnsupportedQuantError: a scheme not in :data:`SCHEMES`.
         RuntimeNotInstalledError: torch.onnx's dependencies or onnxruntime missing.
         ExportFailedError: torch.onnx or the quantizer failed.
     """
+    options = options or ExportOptions()
+    output_name, calibration, adapter_modules = options.output_name, options.calibration, options.adapter_modules
     ensure_scheme(quant, SCHEMES, "ONNX")
     if quant.scheme == "int8_static":
         calibration = require_calibration(calibration, "ONNX")
@@ -403,3 +403,33 @@ def load(path: Path, threads: int | None = None, adapter: Path | None = None) ->
     """Open an ``.onnx`` artifact (with ``adapter``: another adapter's weights file, see :class:`OnnxSession`).
     Raises ArtifactLoadError (missing/corrupt) or RuntimeNotInstalledError."""
     return OnnxSession(path, threads, adapter)
+
+
+@register
+class ONNXFormat:
+    """ONNX (``.onnx``) through ``torch.onnx`` (dynamo) and ONNX Runtime's quantizers; runs in ONNX Runtime."""
+
+    name = FORMAT
+    suffix = SUFFIX
+    schemes = SCHEMES
+    unsupported: dict[str, str] = {}
+    delegates = DELEGATES
+
+    def check_installed(self) -> None:
+        check_installed()
+
+    def runtime_versions(self) -> dict[str, str]:
+        return runtime_versions()
+
+    def export(
+        self,
+        module: Any,
+        example_inputs: dict[str, Any],
+        spec: QuantSpec,
+        path: Path,
+        options: ExportOptions | None = None,
+    ) -> Artifact:
+        return export(module, example_inputs, spec, path, options)
+
+    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> OnnxSession:
+        return load(path, threads, adapter)

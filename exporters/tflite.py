@@ -21,16 +21,17 @@ The default XNNPACK delegate is kept on (without it MiniLM took 98 ms instead of
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from exporters import register
 from exporters.base import (
     Artifact,
     ArtifactLoadError,
     ExportFailedError,
+    ExportOptions,
     QuantSpec,
     TensorSpec,
     UnsupportedQuantError,
@@ -107,22 +108,21 @@ def export(
     example_inputs: dict[str, Any],
     quant: QuantSpec,
     path: Path,
-    *,
-    output_name: str = "output",
-    seq_buckets: Sequence[int] | None = None,
-    adapter_modules: tuple[str, ...] = (),
-    **_: Any,
+    options: ExportOptions | None = None,
 ) -> Artifact:
     """Convert ``module`` (forward(input_ids, attention_mask) -> float32 [1, ...]) to a ``.tflite`` file.
 
     Args:
         example_inputs: ``{"input_ids", "attention_mask"}`` tensors [1, max_seq].
         quant: one of :data:`SCHEMES` (quantized ones need embedding_bits=8, see module docstring).
-        seq_buckets: sequence lengths to export one signature each for (default :func:`default_buckets`).
-        adapter_modules: must be empty (:data:`NO_SEPARATE_ADAPTERS`).
+        options: :class:`~exporters.base.ExportOptions`: the output name, ``seq_buckets`` (sequence lengths
+            to export one signature each for; default :func:`default_buckets`); ``adapter_modules`` must be
+            empty (:data:`NO_SEPARATE_ADAPTERS`); ``calibration`` is not used (no static scheme).
     Raises:
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
+    options = options or ExportOptions()
+    output_name, seq_buckets, adapter_modules = options.output_name, options.seq_buckets, options.adapter_modules
     ensure_scheme(quant, SCHEMES, "TFLite", UNSUPPORTED)
     if adapter_modules:
         raise UnsupportedQuantError(NO_SEPARATE_ADAPTERS)
@@ -253,3 +253,33 @@ def load(path: Path, threads: int | None = None, adapter: Path | None = None) ->
     if adapter is not None:
         raise ArtifactLoadError(NO_SEPARATE_ADAPTERS)
     return TFLiteSession(path, threads)
+
+
+@register
+class TFLiteFormat:
+    """TFLite / LiteRT (``.tflite``) through litert-torch; runs in the LiteRT interpreter with XNNPACK."""
+
+    name = FORMAT
+    suffix = SUFFIX
+    schemes = SCHEMES
+    unsupported = UNSUPPORTED
+    delegates = DELEGATES
+
+    def check_installed(self) -> None:
+        check_installed()
+
+    def runtime_versions(self) -> dict[str, str]:
+        return runtime_versions()
+
+    def export(
+        self,
+        module: Any,
+        example_inputs: dict[str, Any],
+        spec: QuantSpec,
+        path: Path,
+        options: ExportOptions | None = None,
+    ) -> Artifact:
+        return export(module, example_inputs, spec, path, options)
+
+    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> TFLiteSession:
+        return load(path, threads, adapter)

@@ -99,7 +99,7 @@ def runner_artifacts(tmp_path_factory, tiny_classifier):
     names = {"onnx": "model with space.onnx", "tflite": "m.tflite", "executorch": "m.pte"}
     arts = {
         fmt: exporters.get(fmt)
-        .export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), d / name, output_name="logits")
+        .export(module, ex, QuantSpec("int8_dynamic", embedding_bits=8), d / name, exporters.ExportOptions("logits"))
         .path
         for fmt, name in names.items()
     }

@@ -95,8 +95,7 @@ def test_separate_adapter_artifact_matches_merged_and_swaps(lora_pair, tmp_path,
                 _example(),
                 QuantSpec("fp32"),
                 d / f"model{exporters.suffix(fmt)}",
-                output_name="logits",
-                adapter_modules=ADAPTER_MODULES,
+                exporters.ExportOptions(output_name="logits", adapter_modules=ADAPTER_MODULES),
             )
         )
     assert arts[0].sha256() == arts[1].sha256()  # one base program for both adapters
@@ -124,7 +123,7 @@ def test_tflite_refuses_separate_adapters(lora_pair, tmp_path):
             _example(),
             QuantSpec("fp32"),
             tmp_path / "m.tflite",
-            adapter_modules=ADAPTER_MODULES,
+            exporters.ExportOptions(adapter_modules=ADAPTER_MODULES),
         )
     r = runner.invoke(
         app, ["export", "-d", "pixel8", "-m", str(lora_pair[0]), "--lora", "separate", "--out", str(tmp_path / "dist")]
@@ -210,7 +209,11 @@ def test_prompt_tuned_export_matches_pytorch(encoder, memo_tsv, tmp_path, method
     ref = _torch(loaded.module, ids, mask)
     for fmt in ("onnx", "executorch", "tflite"):
         art = exporters.get(fmt).export(
-            loaded.module, _example(32), QuantSpec("fp32"), tmp_path / f"m{exporters.suffix(fmt)}", output_name="logits"
+            loaded.module,
+            _example(32),
+            QuantSpec("fp32"),
+            tmp_path / f"m{exporters.suffix(fmt)}",
+            exporters.ExportOptions(output_name="logits"),
         )
         assert [t.name for t in art.inputs] == ["input_ids", "attention_mask"]
         out = next(iter(exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask}).values()))

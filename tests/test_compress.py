@@ -151,7 +151,7 @@ def test_pruned_model_exports_and_matches(pruned_ckpt, memo_tsv, tmp_path, fmt):
         example,
         exporters.QuantSpec("fp32"),
         tmp_path / f"m{exporters.suffix(fmt)}",
-        output_name="logits",
+        exporters.ExportOptions(output_name="logits"),
     )
     out = next(iter(exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask}).values()))
     np.testing.assert_allclose(out, _logits(loaded.module, ids, mask), atol=1e-4)

@@ -30,7 +30,9 @@ def _export(loaded, fmt, quant, path):
         "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
         "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
     }
-    return exporters.get(fmt).export(loaded.module, example, quant, path, output_name=loaded.output_name)
+    return exporters.get(fmt).export(
+        loaded.module, example, quant, path, exporters.ExportOptions(output_name=loaded.output_name)
+    )
 
 
 def _run_rows(session, ids, mask):
@@ -124,7 +126,10 @@ def test_classifier_exports_logits(tiny_roberta_classifier, tmp_path, fmt):
     ids, mask = _inputs(tiny_roberta_classifier, n=6)
     with torch.no_grad():
         ref = loaded.module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    out = _run_rows(exporters.load(art.path), ids, mask)
+    session = exporters.load(art.path)
+    # every format's session names its output as the artifact's signature says
+    assert session.output_names == ["logits"] == [t.name for t in art.outputs]
+    out = _run_rows(session, ids, mask)
     assert out.shape == (6, 3)
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
@@ -193,3 +198,23 @@ def test_runtime_side_imports_no_torch(exported, tmp_path):
         assert result["torch_imported"] is False
         assert len(result["latency_samples_ms"]) == 3 and result["peak_rss_mb"] < 1000
         assert np.load(out / "outputs.npy").shape == (2, 64)
+
+
+def test_formats_are_typed_plugins(tmp_path):
+    """Each registered format satisfies the Format protocol, says why it refuses a scheme, and takes typed
+    options: a misspelt option is an error, not silently swallowed."""
+    from exporters.base import SCHEMES, Format
+
+    assert exporters.formats() == ["onnx", "executorch", "tflite"]
+    for name in exporters.formats():
+        fmt = exporters.get(name)
+        assert isinstance(fmt, Format) and fmt.name == name
+        assert set(fmt.schemes) | set(fmt.unsupported) == set(SCHEMES)  # every scheme: supported or a reason
+    assert "cosine 0.64" in exporters.get("tflite").unsupported["int8_static"]
+    with pytest.raises(TypeError):
+        exporters.ExportOptions(output_nmae="logits")
+    with pytest.raises(exporters.ExporterError, match="does not implement"):
+
+        @exporters.register
+        class NotAFormat:
+            name = "x"

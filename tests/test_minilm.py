@@ -63,8 +63,7 @@ def test_minilm_schemes_and_estimate(tmp_path):
             example,
             quant_spec(scheme),
             tmp_path / f"{scheme}.onnx",
-            output_name="embeddings",
-            calibration=calibration_rows(ids, mask),
+            exporters.ExportOptions(output_name="embeddings", calibration=calibration_rows(ids, mask)),
         )
         out = exporters.load(art.path).run({"input_ids": ids, "attention_mask": mask})["embeddings"]
         cos[scheme] = float((out * ref).sum(1).mean())  # both L2-normalised

@@ -32,7 +32,11 @@ def _export_and_run(setup, fmt, quant, path):
         "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
     }
     art = exporters.get(fmt).export(
-        loaded.module, example, quant, path, output_name=loaded.output_name, calibration=calibration_rows(ids, mask, 16)
+        loaded.module,
+        example,
+        quant,
+        path,
+        exporters.ExportOptions(output_name=loaded.output_name, calibration=calibration_rows(ids, mask, 16)),
     )
     out = next(iter(exporters.load(art.path, threads=1).run({"input_ids": ids, "attention_mask": mask}).values()))
     return art, out
