@@ -20,13 +20,14 @@ from pathlib import Path
 
 import edgelm
 import exporters
+from edgelm import schemes
+from edgelm.bundle import Bundle, android_assets
 from edgelm.errors import ExportError
 
 ANDROID_SCHEMA = "edgelm-android-bundle/1"
 #: the runtime the app uses for each export format
 APP_RUNTIMES = {"executorch": "executorch", "tflite": "litert", "onnx": "onnxruntime"}
 BUNDLE_KINDS = ("android",)
-ASSET_DIR = "edgelm"
 
 
 def wordpiece_settings(directory: Path, max_length: int) -> dict:
@@ -97,52 +98,44 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def android_assets(bundle_dir: str | os.PathLike) -> Path:
-    """Where ``--bundle android`` puts the app's asset folder: ``<bundle>/android/edgelm``."""
-    return Path(bundle_dir) / "android" / ASSET_DIR
-
-
 def write_android_bundle(bundle_dir: Path) -> Path:
     """Write :func:`android_assets` from a finished export bundle (its manifest.json, golden.npz, tokenizer
     files, labels and artifacts; each artifact's gates from the manifest's recipe). Returns the asset folder.
     Raises ExportError (not a WordPiece tokenizer)."""
-    from edgelm.validate.bundle import Bundle, golden_max_abs_error
-
     bundle = Bundle.load(bundle_dir)
     manifest = bundle.manifest
     out = android_assets(bundle.path)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = wordpiece_settings(bundle.path, manifest["tokenizer"]["max_length"])
-    _link_or_copy(bundle.path / "vocab.txt", out / "vocab.txt")
+    tokenizer = wordpiece_settings(bundle.path, manifest.tokenizer.max_length)
+    _link_or_copy(bundle.file("vocab.txt"), out / "vocab.txt")
     tokenizer["vocab_sha256"] = exporters.sha256_file(out / "vocab.txt")
-    golden_file = manifest["golden"]["file"]
-    _link_or_copy(bundle.path / golden_file, out / golden_file)
+    golden_file = manifest.golden.file
+    _link_or_copy(bundle.file(golden_file), out / golden_file)
     artifacts = []
-    for a in manifest["artifacts"]:
-        g = bundle.plan(a["file"])["gates"]
-        scheme = a["quantization"]["scheme"]
-        ref_key = a.get("golden_reference", "reference")
-        for f in [a["file"]] + [c["file"] for c in a.get("companions") or []]:
-            _link_or_copy(bundle.path / f, out / f)
+    for a in manifest.artifacts:
+        g = bundle.plan(a.file).gates
+        scheme = a.quantization.scheme
+        for f in [a.file] + [c.file for c in a.companions]:
+            _link_or_copy(bundle.file(f), out / f)
         artifacts.append(
             {
-                "file": a["file"],
-                "format": a["format"],
-                "runtime": APP_RUNTIMES[a["format"]],
+                "file": a.file,
+                "format": a.format,
+                "runtime": APP_RUNTIMES[a.format],
                 "scheme": scheme,
-                "sha256": a["sha256"],
-                "size_bytes": a["size_bytes"],
-                "inputs": a["inputs"],
-                "outputs": a["outputs"],
-                "max_seq_len": a.get("details", {}).get("max_seq_len", manifest["tokenizer"]["max_length"]),
-                "seq_buckets": a.get("details", {}).get("seq_buckets"),
-                "companions": a.get("companions") or [],
-                "golden_reference": ref_key,
+                "sha256": a.sha256,
+                "size_bytes": a.size_bytes,
+                "inputs": [t.model_dump() for t in a.inputs],
+                "outputs": [t.model_dump() for t in a.outputs],
+                "max_seq_len": a.details.get("max_seq_len", manifest.tokenizer.max_length),
+                "seq_buckets": a.details.get("seq_buckets"),
+                "companions": [c.model_dump() for c in a.companions],
+                "golden_reference": a.golden_reference,
                 "tolerance": {
-                    "min_cosine": g.get("min_cosine"),
-                    "min_top1_agreement": g.get("min_top1_agreement"),
-                    "max_abs_error": golden_max_abs_error(scheme, bundle.reference(a["file"])),
-                    "max_accuracy_drop": g.get("max_accuracy_drop"),
+                    "min_cosine": g.min_cosine,
+                    "min_top1_agreement": g.min_top1_agreement,
+                    "max_abs_error": schemes.golden_max_abs_error(scheme, bundle.reference(a.file)),
+                    "max_accuracy_drop": g.max_accuracy_drop,
                 },
                 "reference_accuracy": bundle.baseline_accuracy,
             }

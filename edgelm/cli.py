@@ -363,7 +363,8 @@ def validate(
 ):
     """Run a bundle's artifacts on a target (golden set, optional eval set, latency), check them with the
     runtime_tests suite, and write validation.json and the report's side-by-side table."""
-    from edgelm.validate.bundle import Bundle, bundle_runner, side_by_side_rows
+    from edgelm.bundle import Bundle
+    from edgelm.validate.bundle import bundle_runner, side_by_side_rows
     from edgelm.validate.bundle import validate as run_validation
     from edgelm.validate.runners import parse_env
 

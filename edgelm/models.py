@@ -248,11 +248,75 @@ def mean_pool(hidden, attention_mask):
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+#: Key in config.json that records the kept structures of a pruned checkpoint (the pruned-shape schema):
+#: ``{"heads": [[kept head indices] per layer], "intermediate_sizes": [FFN neurons per layer],
+#: "original_heads": [heads per layer before pruning], "original_intermediate_size": int}``.
+CONFIG_KEY = "edgelm_pruning"
+
+
+def encoder_layers(wrapper: Any) -> list[Any]:
+    """The encoder layers (``base.encoder.layer``) of an edgelm wrapper or a Hugging Face model."""
+    base = getattr(wrapper, "base", None) or getattr(wrapper, "base_model", wrapper)
+    return list(base.encoder.layer)
+
+
+def slice_structures(wrapper: Any, heads: list[Any], neurons: list[Any]) -> dict:
+    """Slice attention heads and FFN neurons out of every encoder layer, in place: per layer, ``heads[i]``
+    and ``neurons[i]`` are bool arrays (True: kept) over its heads and intermediate neurons. The Linear
+    layers are cut with ``transformers.pytorch_utils.prune_linear_layer`` (query/key/value and intermediate
+    on dim 0, the attention output and FFN output projections on dim 1). Returns the :data:`CONFIG_KEY`
+    record of the kept structures (see :mod:`edgelm.compress.pruning`, which chooses them)."""
+    import numpy as np
+    import torch
+    from transformers.pytorch_utils import prune_linear_layer
+
+    record = {"heads": [], "intermediate_sizes": [], "original_heads": [], "original_intermediate_size": None}
+    with torch.no_grad():
+        for layer, hm, nm in zip(encoder_layers(wrapper), heads, neurons, strict=True):
+            sa = layer.attention.self
+            size = sa.attention_head_size
+            rows = torch.tensor(
+                [r for h in np.nonzero(hm)[0] for r in range(h * size, (h + 1) * size)], dtype=torch.long
+            )
+            sa.query = prune_linear_layer(sa.query, rows, dim=0)
+            sa.key = prune_linear_layer(sa.key, rows, dim=0)
+            sa.value = prune_linear_layer(sa.value, rows, dim=0)
+            layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, rows, dim=1)
+            sa.num_attention_heads = int(hm.sum())
+            sa.all_head_size = sa.num_attention_heads * size
+            idx = torch.tensor(np.nonzero(nm)[0], dtype=torch.long)
+            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
+            layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
+            record["heads"].append([int(h) for h in np.nonzero(hm)[0]])
+            record["original_heads"].append(int(hm.size))
+            record["intermediate_sizes"].append(int(nm.sum()))
+            record["original_intermediate_size"] = int(nm.size)
+    return record
+
+
+def restore_pruned_shapes(hf_model: Any, record: dict) -> None:
+    """Give a freshly built (unpruned) Hugging Face model the shapes in a :data:`CONFIG_KEY` record so that a
+    pruned checkpoint's state dict loads into it. Raises ModelError for a record that does not fit."""
+    import numpy as np
+
+    try:
+        heads = [np.isin(np.arange(n), kept) for n, kept in zip(record["original_heads"], record["heads"], strict=True)]
+        neurons = [np.arange(record["original_intermediate_size"]) < k for k in record["intermediate_sizes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"config.json's {CONFIG_KEY} record is malformed ({exc}): prune the model again") from None
+    saved = dict(record)
+    if hasattr(hf_model.config, CONFIG_KEY):  # from config.json: the model is not pruned yet
+        delattr(hf_model.config, CONFIG_KEY)
+    try:
+        slice_structures(hf_model, heads, neurons)
+    except ValueError as exc:
+        raise ModelError(f"config.json's {CONFIG_KEY} record does not fit the architecture ({exc})") from None
+    setattr(hf_model.config, CONFIG_KEY, saved)
+
+
 def _from_pretrained(auto_cls: Any, directory: Path, cfg: dict, **kwargs: Any) -> Any:
     """``auto_cls.from_pretrained`` with eager attention; a checkpoint pruned by edgelm (``edgelm_pruning`` in
     its config) is built from its config, sliced to the recorded shapes, then given its weights."""
-    from edgelm.compress.pruning import CONFIG_KEY, restore_pruned_shapes
-
     if CONFIG_KEY not in cfg:
         return auto_cls.from_pretrained(directory, attn_implementation="eager", **kwargs)
     import torch

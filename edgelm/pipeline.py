@@ -24,6 +24,7 @@ import edgelm
 import exporters
 from edgelm import data as data_mod
 from edgelm import schemes
+from edgelm.bundle import MANIFEST_FILE, SCHEMA, Manifest
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.fsutil import install
 from edgelm.models import LoadedModel, load_model
@@ -609,6 +610,7 @@ def _export_into(
         d["estimate"] = r.estimate
         artifact_dicts.append(d)
     manifest = {
+        "schema": SCHEMA,
         "edgelm_version": edgelm.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device": profile.to_dict(),
@@ -633,7 +635,7 @@ def _export_into(
         "adapters": adapter_results,
         "versions": versions,
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / MANIFEST_FILE).write_text(Manifest.model_validate(manifest).to_json())
     search_info = None
     if searches:
         search_info = {

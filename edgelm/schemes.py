@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgelm.errors import RecipeError
 from exporters.base import QuantSpec
 
@@ -181,3 +183,9 @@ def search_ladder() -> list[tuple[str, tuple[str, ...]]]:
     more layers in float, 8-bit instead of 4-bit come later."""
     searched = sorted((s for s in TABLE.values() if s.search_order is not None), key=lambda s: s.search_order)
     return [(s.name, fl) for s in searched for fl in s.search_float_layers]
+
+
+def golden_max_abs_error(scheme: str, reference: np.ndarray) -> float:
+    """The largest |artifact - PyTorch fp32| a ``scheme`` artifact may show on ``reference`` (float [N, D]):
+    the scheme's :attr:`Scheme.golden_max_rel_error` times the reference's largest |value|."""
+    return get(scheme).golden_max_rel_error * float(np.abs(reference).max())

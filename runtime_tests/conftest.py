@@ -45,8 +45,8 @@ def pytest_addoption(parser):
 
 
 def _bundle(config):
+    from edgelm.bundle import Bundle
     from edgelm.errors import EdgeLMError
-    from edgelm.validate.bundle import Bundle
 
     if BUNDLE not in config.stash:
         path = config.getoption("--bundle")

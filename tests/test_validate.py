@@ -15,6 +15,7 @@ import pytest
 from conftest import start_sshd
 from typer.testing import CliRunner
 
+import exporters
 from edgelm.cli import app
 from edgelm.errors import ValidationError
 from edgelm.validate import bundle as vb
@@ -155,23 +156,24 @@ def test_host_emulator_and_ssh_board_side_by_side(exported, sysroot, board, memo
 
 
 def test_tampered_and_broken_artifacts_fail_their_checks(bundle_copy):
-    """A checksum that does not match fails only the sha256 check; a truncated artifact fails to run there
-    while the others still pass; validate exits 1 and names both."""
+    """An artifact whose sha256 differs from the manifest is never loaded (the target checks before it loads);
+    a broken artifact whose checksum matches fails to run there; the others still pass; validate exits 1."""
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["artifacts"][2]["sha256"] = "0" * 64  # model.int8_dynamic.onnx
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     tfl = bundle_copy / "model.int8_dynamic.tflite"
     tfl.write_bytes(tfl.read_bytes()[:4096])
+    manifest["artifacts"][1]["sha256"] = exporters.sha256_file(tfl)  # consistent, but broken
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     r = cli.invoke(app, ["validate", str(bundle_copy), "--runs", "2", "--warmup", "0"])
     assert r.exit_code == 1, r.output
     rec = json.loads((bundle_copy / "validation.json").read_text())["runners"]["host"]
     onnx, tflite, pte = (
         rec["artifacts"][n] for n in ("model.int8_dynamic.onnx", "model.int8_dynamic.tflite", "model.int8_dynamic.pte")
     )
-    assert onnx["status"] == "failed" and not onnx["checks"]["sha256"]["passed"]
-    assert all(c["passed"] for k, c in onnx["checks"].items() if k != "sha256")
+    assert onnx["status"] == "error" and not onnx["checks"]["sha256"]["passed"]
+    assert "not loaded" in onnx["error"] and "fidelity" not in onnx
     assert tflite["status"] == "error" and not tflite["checks"]["ran"]["passed"]
-    assert not tflite["checks"]["sha256"]["passed"]
+    assert tflite["checks"]["sha256"]["passed"]
     assert pte["status"] == "passed"
     assert "model.int8_dynamic.onnx: sha256" in r.output and "model.int8_dynamic.tflite: ran" in r.output
     assert rec["passed"] is False
@@ -382,11 +384,11 @@ def test_runners_from_the_device_profile(bundle_copy, board, sysroot):
         assert isinstance(vb.bundle_runner(b, "profile"), AdbRunner)
     with pytest.raises(ValidationError, match="names no SSH board"):
         vb.bundle_runner(b, "ssh")
-    b.manifest["device"]["validation"]["ssh"] = target
+    b.manifest.device.validation["ssh"] = target
     r = vb.bundle_runner(b, "ssh", key_file=key, known_hosts=known)
     assert isinstance(r, SSHRunner) and r.name == target
-    b.manifest["device"]["validation"]["emulator_cpu"] = None
-    b.manifest["device"]["hardware"]["cpu"] = "4x Cortex-A53 @ 1.0 GHz"
+    b.manifest.device.validation["emulator_cpu"] = None
+    b.manifest.device.hardware["cpu"] = "4x Cortex-A53 @ 1.0 GHz"
     assert vb.bundle_runner(b, "emulator", sysroot=sysroot).cpu == "cortex-a53"
 
 

@@ -30,14 +30,7 @@ from typing import Any
 
 import numpy as np
 
-#: Key in config.json that records the kept structures of a pruned checkpoint.
-CONFIG_KEY = "edgelm_pruning"
-
-
-def encoder_layers(wrapper: Any) -> list[Any]:
-    """The encoder layers (``base.encoder.layer``) of an edgelm wrapper or a Hugging Face model."""
-    base = getattr(wrapper, "base", None) or getattr(wrapper, "base_model", wrapper)
-    return list(base.encoder.layer)
+from edgelm.models import CONFIG_KEY, encoder_layers, slice_structures
 
 
 def structure_counts(wrapper: Any) -> tuple[list[int], list[int]]:
@@ -274,30 +267,7 @@ def remove_structures(wrapper: Any, masks: Masks) -> dict:
 
     Outputs are unchanged for a wrapper whose pruned structures were already zeroed by
     :func:`apply_masks`; otherwise this is one-shot pruning."""
-    import torch
-    from transformers.pytorch_utils import prune_linear_layer
-
-    record = {"heads": [], "intermediate_sizes": [], "original_heads": [], "original_intermediate_size": None}
-    with torch.no_grad():
-        for layer, hm, nm in zip(encoder_layers(wrapper), masks.heads, masks.neurons, strict=False):
-            sa = layer.attention.self
-            size = sa.attention_head_size
-            rows = torch.tensor(
-                [r for h in np.nonzero(hm)[0] for r in range(h * size, (h + 1) * size)], dtype=torch.long
-            )
-            sa.query = prune_linear_layer(sa.query, rows, dim=0)
-            sa.key = prune_linear_layer(sa.key, rows, dim=0)
-            sa.value = prune_linear_layer(sa.value, rows, dim=0)
-            layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, rows, dim=1)
-            sa.num_attention_heads = int(hm.sum())
-            sa.all_head_size = sa.num_attention_heads * size
-            idx = torch.tensor(np.nonzero(nm)[0], dtype=torch.long)
-            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
-            layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
-            record["heads"].append([int(h) for h in np.nonzero(hm)[0]])
-            record["original_heads"].append(int(hm.size))
-            record["intermediate_sizes"].append(int(nm.sum()))
-            record["original_intermediate_size"] = int(nm.size)
+    record = slice_structures(wrapper, masks.heads, masks.neurons)
     config = getattr(getattr(wrapper, "model", None), "config", None) or wrapper.base.config
     previous = getattr(config, CONFIG_KEY, None)
     if previous:  # pruning a pruned model: head indices refer to the original layout
@@ -308,25 +278,6 @@ def remove_structures(wrapper: Any, masks: Masks) -> dict:
         record["original_intermediate_size"] = previous["original_intermediate_size"]
     setattr(config, CONFIG_KEY, record)
     return record
-
-
-def restore_pruned_shapes(hf_model: Any, record: dict) -> None:
-    """Give a freshly built (unpruned) Hugging Face model the shapes in an ``edgelm_pruning`` record so that a
-    pruned checkpoint's state dict loads into it (used by :func:`edgelm.models.load_model`)."""
-    masks = Masks(
-        heads=[np.isin(np.arange(n), kept) for n, kept in zip(record["original_heads"], record["heads"], strict=False)],
-        neurons=[np.arange(record["original_intermediate_size"]) < k for k in record["intermediate_sizes"]],
-    )
-
-    class _Holder:  # remove_structures wants a wrapper-like object
-        model = hf_model
-        base = hf_model.base_model
-
-    saved = dict(record)
-    if hasattr(hf_model.config, CONFIG_KEY):  # from config.json: the model is not pruned yet
-        delattr(hf_model.config, CONFIG_KEY)
-    remove_structures(_Holder, masks)
-    setattr(hf_model.config, CONFIG_KEY, saved)
 
 
 def prune_one_shot(wrapper: Any, sparsity: float, head_sparsity: float | None = None) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 
 import exporters
 from edgelm import schemes
+from edgelm.bundle import Bundle
 from edgelm.errors import ValidationError
 from edgelm.fsutil import write_directory, write_text_atomic
 from edgelm.report import fmt, markdown_table
@@ -46,107 +47,6 @@ REPORT_MARKER = "<!-- edgelm validate: the sections below are rewritten by `edge
 STATUSES = ("passed", "failed", "error", "skipped", "not run")
 
 ProgressFn = Callable[[str, int, int], None]
-
-
-class Bundle:
-    """An export bundle read from disk: its manifest, golden set and gates. Raises ValidationError on load
-    when the directory is missing, has no (or a corrupt) manifest.json, or lacks its golden set."""
-
-    def __init__(self, path: Path, manifest: dict):
-        self.path = path
-        self.manifest = manifest
-        self._golden: dict[str, np.ndarray] | None = None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Bundle:
-        path = Path(path)
-        if not path.is_dir():
-            raise ValidationError(
-                f"bundle not found: {path} is not a directory (run `edgelm export --device ...` "
-                "first; it writes dist/<device>/)"
-            )
-        mf = path / "manifest.json"
-        if not mf.is_file():
-            raise ValidationError(f"{path} is not an edgelm bundle: it has no manifest.json (run `edgelm export`)")
-        try:
-            manifest = json.loads(mf.read_text())
-            ok = (
-                isinstance(manifest.get("artifacts"), list)
-                and "file" in manifest.get("golden", {})
-                and isinstance(manifest.get("recipe", {}).get("plans"), list)
-            )
-        except (ValueError, AttributeError) as exc:
-            raise ValidationError(f"{mf} is corrupt ({exc}): export the bundle again") from None
-        if not ok:
-            raise ValidationError(
-                f"{mf} is not an edgelm manifest (no artifacts, golden set or recipe): export the bundle again"
-            )
-        if not (path / manifest["golden"]["file"]).is_file():
-            raise ValidationError(
-                f"{path} has no {manifest['golden']['file']}: the bundle is incomplete, export it again"
-            )
-        return cls(path, manifest)
-
-    @property
-    def device(self) -> str:
-        return self.manifest.get("device", {}).get("name", self.path.name)
-
-    @property
-    def kind(self) -> str:
-        return self.manifest.get("model", {}).get("kind", "embedding")
-
-    @property
-    def artifact_names(self) -> list[str]:
-        return [a["file"] for a in self.manifest["artifacts"]]
-
-    @property
-    def threads(self) -> int | None:
-        return self.manifest["recipe"].get("threads")
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.manifest["recipe"].get("seq_len") or self.manifest.get("tokenizer", {}).get("max_length", 128))
-
-    def artifact(self, name: str) -> dict:
-        """The manifest entry of artifact ``name``. Raises ValidationError for a name not in the bundle."""
-        for a in self.manifest["artifacts"]:
-            if a["file"] == name:
-                return a
-        raise ValidationError(f"{name} is not an artifact of {self.path} (it has {', '.join(self.artifact_names)})")
-
-    def plan(self, name: str) -> dict:
-        """The recipe plan (format, quantization, gates) that produced artifact ``name``."""
-        entry = self.artifact(name)
-        for p in self.manifest["recipe"]["plans"]:
-            if p.get("artifact") == name or (
-                p["format"] == entry["format"] and p["quant"]["scheme"] == entry["quantization"]["scheme"]
-            ):
-                return p
-        raise ValidationError(f"{name}: the manifest's recipe has no plan for it; export the bundle again")
-
-    @property
-    def golden(self) -> dict[str, np.ndarray]:
-        """The golden set's arrays (``input_ids``, ``attention_mask``, ``reference``..., ``labels``)."""
-        if self._golden is None:
-            try:
-                with np.load(self.path / self.manifest["golden"]["file"]) as z:
-                    self._golden = {k: z[k] for k in z.files}
-            except (OSError, ValueError) as exc:
-                raise ValidationError(f"the golden set of {self.path} is unreadable: {exc}") from None
-        return self._golden
-
-    def reference(self, name: str) -> np.ndarray:
-        """PyTorch fp32 outputs for artifact ``name`` on the golden inputs, float32 [N, ...]."""
-        return self.golden[self.artifact(name).get("golden_reference", "reference")]
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        return self.golden.get("labels") if self.kind == "classifier" else None
-
-    @property
-    def baseline_accuracy(self) -> float | None:
-        """PyTorch fp32 accuracy (%) on the golden set (the unpruned model's), or None without labels."""
-        return None if self.labels is None else accuracy(self.golden["reference"], self.labels)
 
 
 def runner_slug(name: str) -> str:
@@ -174,7 +74,7 @@ def encode_eval_set(
     dataset = data_mod.load_dataset(str(data), text_column, label_column, limit)
     if dataset.labels is None:
         raise DataError(f"{data} has no label column: the eval set needs labels (or pass --label-column)")
-    labels = data_mod.label_indices(dataset.labels, bundle.manifest.get("labels"))
+    labels = data_mod.label_indices(dataset.labels, bundle.manifest.labels)
     tokenizer = data_mod.load_tokenizer(bundle.path, bundle.seq_len)
     ids, mask = data_mod.encode(tokenizer, dataset)
     np.savez(out, input_ids=ids, attention_mask=mask, labels=labels)
@@ -288,11 +188,12 @@ def run_bundle(
         job = BundleJob(
             bundle.path,
             names,
-            bundle.path / bundle.manifest["golden"]["file"],
+            bundle.file(bundle.manifest.golden.file),
             tmp / EVAL_FILE if eval_info else None,
             threads,
             warmup,
             runs,
+            checksums={n: bundle.checksums(n) for n in names},
         )
         done = 0
 
@@ -328,19 +229,12 @@ def _check(passed: bool, value, limit, detail: str) -> dict:
 def _sha256_mismatches(bundle: Bundle, files: list[tuple[str, str]]) -> dict[str, str]:
     """For each ``(file, sha256 from the manifest)`` whose file in the bundle is missing or differs: file -> a
     line saying so."""
-    bad = {}
-    for f, want in files:
-        p = bundle.path / f
-        got = exporters.sha256_file(p) if p.is_file() else "missing"
-        if got != want:
-            bad[f] = f"{f}: {got[:12]} != manifest {want[:12]}"
-    return bad
+    return {f: line for f, want in files if (line := bundle.verify(f, want))}
 
 
 def checksum_check(bundle: Bundle, name: str) -> dict:
     """sha256 of the artifact and each of its companion files against the manifest."""
-    entry = bundle.artifact(name)
-    files = [(name, entry["sha256"])] + [(c["file"], c["sha256"]) for c in entry.get("companions") or []]
+    files = list(bundle.checksums(name).items())
     bad = _sha256_mismatches(bundle, files)
     return _check(
         not bad,
@@ -350,28 +244,22 @@ def checksum_check(bundle: Bundle, name: str) -> dict:
     )
 
 
-def golden_max_abs_error(scheme: str, reference: np.ndarray) -> float:
-    """The largest |artifact - PyTorch fp32| a ``scheme`` artifact may show on ``reference`` (float [N, D]):
-    :attr:`edgelm.schemes.Scheme.golden_max_rel_error` of the reference's largest |value|."""
-    return schemes.get(scheme).golden_max_rel_error * float(np.abs(reference).max())
-
-
 def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
     """Golden outputs within the quantization's tolerance: cosine and top-1 at least the recipe's gates,
-    max error at most :func:`golden_max_abs_error`."""
+    max error at most :func:`edgelm.schemes.golden_max_abs_error`."""
     plan = bundle.plan(name)
-    gates, scheme = plan["gates"], plan["quant"]["scheme"]
-    max_err = golden_max_abs_error(scheme, ref)
+    gates, scheme = plan.gates, plan.quant.scheme
+    max_err = schemes.golden_max_abs_error(scheme, ref)
     fails = []
-    if not fid["cosine_mean"] >= gates["min_cosine"]:
-        fails.append(f"cosine {fid['cosine_mean']:.4f} < {gates['min_cosine']}")
-    if "top1_agreement" in fid and not fid["top1_agreement"] >= gates["min_top1_agreement"]:
-        fails.append(f"top-1 {fid['top1_agreement']:.3f} < {gates['min_top1_agreement']}")
+    if not fid["cosine_mean"] >= gates.min_cosine:
+        fails.append(f"cosine {fid['cosine_mean']:.4f} < {gates.min_cosine}")
+    if "top1_agreement" in fid and not fid["top1_agreement"] >= gates.min_top1_agreement:
+        fails.append(f"top-1 {fid['top1_agreement']:.3f} < {gates.min_top1_agreement}")
     if not fid["max_abs_error"] <= max_err:
         fails.append(f"max error {fid['max_abs_error']:.3g} > {max_err:.3g} ({scheme})")
-    limit = {"min_cosine": gates["min_cosine"], "max_abs_error": max_err}
+    limit = {"min_cosine": gates.min_cosine, "max_abs_error": max_err}
     if "top1_agreement" in fid:
-        limit["min_top1_agreement"] = gates["min_top1_agreement"]
+        limit["min_top1_agreement"] = gates.min_top1_agreement
     return _check(
         not fails,
         {
@@ -388,7 +276,7 @@ def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:
     """Task accuracy on the golden labels within the recipe's max drop (None without labels)."""
     if "accuracy_drop" not in fid:
         return None
-    limit = bundle.plan(name)["gates"]["max_accuracy_drop"]
+    limit = bundle.plan(name).gates.max_accuracy_drop
     ok = fid["accuracy_drop"] <= limit
     return _check(
         ok,
@@ -447,8 +335,8 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             eval_labels = z["labels"]
     record = {k: v for k, v in info.items() if k != "artifacts"}
     record["artifacts"] = {}
-    golden = bundle.manifest["golden"]
-    golden_ok = not _sha256_mismatches(bundle, [(golden["file"], golden["sha256"])])
+    golden = bundle.manifest.golden
+    golden_ok = not _sha256_mismatches(bundle, [(golden.file, golden.sha256)])
     bundle_checks = {
         "golden_sha256": _check(
             golden_ok,
@@ -457,9 +345,9 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             "the golden set matches the manifest" if golden_ok else "the golden set differs from the manifest's sha256",
         )
     }
-    adapters = bundle.manifest.get("adapters") or []
+    adapters = bundle.manifest.adapters
     if adapters:  # the weights files of further swappable adapters (edgelm export --adapter)
-        bad = list(_sha256_mismatches(bundle, [(a["file"], a["sha256"]) for a in adapters]))
+        bad = list(_sha256_mismatches(bundle, [(a.file, a.sha256) for a in adapters]))
         bundle_checks["adapters_sha256"] = _check(
             not bad,
             len(adapters) - len(bad),
@@ -471,8 +359,8 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
     for name in names:
         run, plan = runs[name], bundle.plan(name)
         rec = {
-            "format": plan["format"],
-            "quant": plan["quant"]["scheme"],
+            "format": plan.format,
+            "quant": plan.quant.scheme,
             "error": run.error,
             "skipped": run.skipped,
             "checks": {"sha256": checksum_check(bundle, name)},
@@ -516,7 +404,7 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             if eval_labels is not None and res.eval_outputs is not None:
                 acc_ = accuracy(res.eval_outputs, eval_labels)
                 rec["eval"] = {"accuracy": acc_, "rows": len(eval_labels)}
-                limit = plan["gates"]["max_accuracy_drop"]
+                limit = plan.gates.max_accuracy_drop
                 if host_eval is not None:
                     drop = accuracy(host_eval, eval_labels) - acc_
                     rec["checks"]["eval_accuracy"] = _check(
@@ -672,8 +560,8 @@ def bundle_runner(
     Raises ValidationError / EmulatorError."""
     from edgelm.validate.runners import make_runner
 
-    device = bundle.manifest.get("device", {})
-    val = device.get("validation") or {}
+    device = bundle.manifest.device
+    val = device.validation
     if spec == "profile":
         spec = val.get("runner") or "host"
     if spec == "ssh":
@@ -688,7 +576,7 @@ def bundle_runner(
     if spec == "emulator" and cpu is None:
         from edgelm.validate.emulator import qemu_cpu_for
 
-        cpu = val.get("emulator_cpu") or qemu_cpu_for((device.get("hardware") or {}).get("cpu", ""))[0]
+        cpu = val.get("emulator_cpu") or qemu_cpu_for(str(device.hardware.get("cpu", "")))[0]
     return make_runner(
         spec,
         emulator_cpu=cpu,
@@ -701,14 +589,14 @@ def bundle_runner(
 
 
 def runtime_tests_dir() -> Path:
-    """Where the runtime_tests suite is (installed with edgelm). Raises ValidationError if it is missing."""
-    try:
-        import runtime_tests
-    except ImportError:
-        raise ValidationError(
-            "the runtime_tests suite is not installed: reinstall edgelm (pip install edgelm)"
-        ) from None
-    return Path(runtime_tests.__file__).resolve().parent
+    """Where the runtime_tests suite is (installed with edgelm), found without importing it: edgelm runs the
+    suite in its own pytest process and never imports it. Raises ValidationError if it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("runtime_tests")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValidationError("the runtime_tests suite is not installed: reinstall edgelm (pip install edgelm)")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def run_runtime_tests(bundle: Bundle, runner_name: str, results_dir: Path, timeout_s: float = 600.0) -> tuple[int, str]:

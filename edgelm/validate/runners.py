@@ -21,12 +21,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import edgelm
+from edgelm.bundle import android_assets
 from edgelm.errors import ValidationError
 
 
@@ -61,6 +62,8 @@ class BundleJob:
         eval_set: an extra labeled eval set (``eval.npz``: int64 ``input_ids``/``attention_mask`` [M, seq_len],
             ``labels`` int64 [M]), or None.
         threads: CPU threads the runtime uses; warmup / runs: timing calls discarded / measured.
+        checksums: per artifact, ``{file: sha256}`` of it and its companion files from the manifest; the
+            target script refuses to load a file that differs.
     """
 
     bundle: Path
@@ -70,6 +73,11 @@ class BundleJob:
     threads: int | None = None
     warmup: int = 5
     runs: int = 20
+    checksums: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def checksum_options(self, artifact: str) -> list[str]:
+        """``--sha256 FILE=HEX`` for the artifact and its companions: the target checks them before loading."""
+        return checksum_args(self.checksums.get(artifact))
 
     def files(self, artifact: str) -> list[Path]:
         """The artifact and the companion files it loads (external data, ``.ptd``) found beside it."""
@@ -146,8 +154,14 @@ class HostRunner:
             deliver(
                 on_result,
                 name,
-                lambda path=path: self.run_artifact(
-                    path, job.golden, threads=job.threads, warmup=job.warmup, runs=job.runs, eval_set=job.eval_set
+                lambda path=path, name=name: self.run_artifact(
+                    path,
+                    job.golden,
+                    threads=job.threads,
+                    warmup=job.warmup,
+                    runs=job.runs,
+                    eval_set=job.eval_set,
+                    checksums=job.checksums.get(name),
                 ),
             )
 
@@ -171,9 +185,11 @@ class HostRunner:
         runs: int = 20,
         adapter: Path | None = None,
         eval_set: Path | None = None,
+        checksums: dict[str, str] | None = None,
     ) -> RunResult:
         """Run one artifact on the golden set (with ``adapter``: another adapter's weights file swapped in;
-        with ``eval_set``: also on that eval set). Raises ValidationError if it cannot run here, or if the
+        with ``eval_set``: also on that eval set; with ``checksums``, ``{file beside it: sha256}`` that the
+        target checks before loading anything). Raises ValidationError if it cannot run here, or if the
         process fails or times out."""
         reason = self.skip_reason(Path(artifact))
         if reason:
@@ -190,6 +206,7 @@ class HostRunner:
                 "--out",
                 tmp,
                 *target_options(threads, warmup, runs, adapter, eval_set),
+                *checksum_args(checksums),
             ]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env)
@@ -210,6 +227,11 @@ def failure_line(proc: subprocess.CompletedProcess) -> str:
         (ln for ln in reversed(lines) if ln.startswith("edgelm target:")),
         lines[-1] if lines else f"exit code {proc.returncode}",
     )
+
+
+def checksum_args(checksums: dict[str, str] | None) -> list[str]:
+    """The target script's ``--sha256 FILE=HEX`` options: it checks those files before loading anything."""
+    return [x for f, h in (checksums or {}).items() for x in ("--sha256", f"{f}={h}")]
 
 
 def target_options(
@@ -492,8 +514,10 @@ class SSHRunner(HostRunner):
         runs: int = 20,
         adapter: Path | None = None,
         eval_set: Path | None = None,
+        checksums: dict[str, str] | None = None,
     ) -> RunResult:
-        """Run one artifact (and its companion files beside it) on the board. Raises ValidationError."""
+        """Run one artifact (and its companion files beside it) on the board; ``checksums`` are checked
+        there before loading. Raises ValidationError."""
         artifact, golden = Path(artifact), Path(golden)
         shared = [golden] + ([Path(eval_set)] if eval_set else [])
         remote = self._open(shared)
@@ -510,6 +534,7 @@ class SSHRunner(HostRunner):
                     Path(adapter).name if adapter else None,
                     Path(eval_set).name if eval_set else None,
                 ),
+                *checksum_args(checksums),
             ]
             return self._run_remote(remote, files, args, "out")
         finally:
@@ -528,7 +553,11 @@ class SSHRunner(HostRunner):
         try:
             for i, name in enumerate(job.artifacts):
                 deliver(
-                    on_result, name, lambda name=name, i=i: self._run_remote(remote, job.files(name), args, f"out-{i}")
+                    on_result,
+                    name,
+                    lambda name=name, i=i: self._run_remote(
+                        remote, job.files(name), [*args, *job.checksum_options(name)], f"out-{i}"
+                    ),
                 )
         finally:
             self._close(remote)
@@ -698,8 +727,6 @@ class AdbRunner(HostRunner):
     def app_bundle(bundle: Path) -> Path:
         """The bundle's Android app folder (``<bundle>/android/edgelm``, from ``edgelm export --bundle android``):
         the app reads its manifest. Raises ValidationError when the bundle has none."""
-        from edgelm.appbundle import android_assets
-
         app = android_assets(bundle)
         if not (app / "manifest.json").is_file():
             raise ValidationError(
@@ -795,8 +822,10 @@ class AdbRunner(HostRunner):
         runs: int = 20,
         adapter: Path | None = None,
         eval_set: Path | None = None,
+        checksums: dict[str, str] | None = None,
     ) -> RunResult:
-        """Run one artifact through the app (swapped adapters are not supported on the phone yet)."""
+        """Run one artifact through the app, which checks every sha256 of its bundle before it runs
+        (swapped adapters are not supported on the phone yet)."""
         if adapter is not None:
             raise ValidationError("the adb runner does not swap adapters yet: validate each adapter's bundle")
         got: list[ArtifactRun] = []

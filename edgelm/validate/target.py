@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 
+class ChecksumMismatch(Exception):
+    """A file's sha256 differs from the manifest's: it is not loaded."""
+
+
 def _peak_rss_mb() -> float:
     """Peak resident set size of this process, MB. Linux: ``VmHWM`` from /proc (``ru_maxrss`` would carry
     over the parent's peak across fork+exec); elsewhere ``ru_maxrss``."""
@@ -59,10 +63,19 @@ def run(
     runs: int,
     adapter: Path | None = None,
     eval_set: Path | None = None,
+    checksums: dict[str, str] | None = None,
 ) -> dict:
     """Run ``artifact`` on every golden input (and every ``eval_set`` input), then time ``runs`` calls after
-    ``warmup`` on the timing input. Returns the result dict (also written to ``out/result.json``)."""
+    ``warmup`` on the timing input. ``checksums``: ``{file beside the artifact: sha256}`` checked before
+    anything is loaded (ChecksumMismatch). Returns the result dict (also written to ``out/result.json``)."""
     import exporters
+    from exporters.base import sha256_file
+
+    for name, want in (checksums or {}).items():
+        f = artifact.parent / Path(name).name
+        got = sha256_file(f) if f.is_file() else "missing"
+        if got != want:
+            raise ChecksumMismatch(f"sha256 of {f.name} is {got[:12]}, the manifest says {want[:12]}: not loaded")
 
     data = np.load(golden)
     rss_before = _peak_rss_mb()
@@ -119,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--adapter", type=Path, default=None)
     p.add_argument("--eval", type=Path, default=None)
+    p.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX", help="check before loading")
     a = p.parse_args(argv)
+    checksums = dict(x.split("=", 1) for x in a.sha256)
     try:
-        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs, a.adapter, a.eval)
+        run(a.artifact, a.golden, a.out, a.threads, a.warmup, a.runs, a.adapter, a.eval, checksums)
     except Exception as exc:  # report any runtime failure as one line for the runner
         print(f"edgelm target: {a.artifact.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3

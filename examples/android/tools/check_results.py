@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def main() -> int:
-    from edgelm.validate.bundle import Bundle, ResultStore, evaluate
+    from edgelm.bundle import Bundle
+    from edgelm.validate.bundle import ResultStore, evaluate
     from edgelm.validate.runners import parse_device_results
 
     bundle, results = Bundle.load(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
