@@ -140,24 +140,24 @@ def write_android_bundle(bundle_dir: Path) -> Path:
                 "reference_accuracy": bundle.baseline_accuracy,
             }
         )
-    labels = manifest.get("labels")
+    labels = manifest.labels
     if labels:
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     doc = {
         "schema": ANDROID_SCHEMA,
         "edgelm_version": edgelm.__version__,
-        "created": manifest.get("created"),
-        "device": {k: manifest["device"].get(k) for k in ("name", "display_name")},
-        "model": {k: manifest["model"].get(k) for k in ("kind", "output", "model_type", "source")},
+        "created": manifest.created,
+        "device": {"name": manifest.device.name, "display_name": manifest.device.display_name},
+        "model": {k: getattr(manifest.model, k, None) for k in ("kind", "output", "model_type", "source")},
         "labels": labels,
-        "threads": manifest["recipe"].get("threads"),
+        "threads": manifest.recipe.threads,
         "tokenizer": tokenizer,
         "golden": {
             "file": golden_file,
-            "sha256": manifest["golden"]["sha256"],
-            "count": manifest["golden"]["count"],
+            "sha256": manifest.golden.sha256,
+            "count": manifest.golden.count,
             "labeled": "labels" in bundle.golden,
-            "source": manifest["golden"].get("source"),
+            "source": manifest.golden.source,
         },
         "artifacts": artifacts,
     }

@@ -189,11 +189,11 @@ def test_golden_tolerance_depends_on_the_quantization(bundle_copy):
 
     fid = fidelity(pred, ref, "classifier")
     assert vb.golden_check(b, name, fid, ref)["passed"]
-    b.plan(name)["quant"]["scheme"] = "fp32"
+    b.plan(name).quant.scheme = "fp32"
     fp32 = vb.golden_check(b, name, fid, ref)
     assert not fp32["passed"] and "max error" in fp32["detail"] and "(fp32)" in fp32["detail"]
-    b.plan(name)["quant"]["scheme"] = "int8_dynamic"
-    b.plan(name)["gates"]["min_cosine"] = 1.0
+    b.plan(name).quant.scheme = "int8_dynamic"
+    b.plan(name).gates.min_cosine = 1.0
     assert "cosine" in vb.golden_check(b, name, fid, ref)["detail"]
 
 
@@ -354,7 +354,33 @@ def test_validate_refuses_bad_input(exported, tmp_path):
     assert r.exit_code == 2 and "is corrupt" in r.output
     (tmp_path / "half" / "manifest.json").write_text('{"artifacts": []}')
     r = cli.invoke(app, ["validate", str(tmp_path / "half")])
-    assert r.exit_code == 2 and "not an edgelm manifest" in r.output
+    assert r.exit_code == 2 and "not an edgelm-bundle/1 manifest (schema: None)" in r.output
+    # a manifest with a missing field, a mistyped field, or a path that leaves the bundle: one error line each
+    good = json.loads((exported / "manifest.json").read_text())
+    cases = [
+        (lambda m: m["golden"].pop("sha256"), "golden.sha256: Field required"),
+        (lambda m: m["recipe"].update(threads="two"), "recipe.threads: Input should be a valid integer"),
+        (lambda m: m["artifacts"][0].update(file="../../etc/passwd"), "is not a plain file name inside the bundle"),
+        (lambda m: m["tokenizer"]["files"].append("/etc/passwd"), "is not a plain file name inside the bundle"),
+    ]
+    for change, message in cases:
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(exported, bad, ignore=shutil.ignore_patterns("validation*"))
+        m = json.loads(json.dumps(good))
+        change(m)
+        (bad / "manifest.json").write_text(json.dumps(m))
+        r = cli.invoke(app, ["validate", str(bad)])
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (bad / "validation").exists()
+    # a symlink that leads out of the bundle is refused before anything runs
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"x")
+    (bad / "manifest.json").write_text(json.dumps(good))
+    (bad / "model.int8_dynamic.onnx").unlink()
+    (bad / "model.int8_dynamic.onnx").symlink_to(outside)
+    r = cli.invoke(app, ["validate", str(bad)])
+    assert r.exit_code == 2 and "leads outside the bundle" in r.output and not (bad / "validation").exists()
     r = cli.invoke(app, ["validate", str(exported), "--runner", "serial://x"])
     assert r.exit_code == 2 and "unknown runner" in r.output
     r = cli.invoke(app, ["validate", str(exported), "--runner", "ssh://pi@board"])
