@@ -149,7 +149,7 @@ def check_limit(limit: int | None, option: str = "--limit") -> None:
 def ignored_labels_warning(data: TextDataset, kind: str) -> str:
     """The warning for labeled data given to a model that has no use for labels (an embedding model)."""
     return (
-        f"{data.source} has labels, but a {kind} model has no classes to check them against: the labels are "
+        f"{data.source} has labels, but this {kind} model has no classes to check them against: the labels are "
         "ignored and the texts are used as the golden set (export a fine-tuned classifier to measure accuracy)"
     )
 

@@ -312,6 +312,16 @@ def test_validate_onto_a_full_disk(bundle_copy, tmpfs):
     assert not (bundle / "validation" / "host").exists()
 
 
+def test_validate_on_a_read_only_file_system(bundle_copy, tmpfs):
+    """EROFS from a real write (no pre-check on this path): one line from the CLI's OSError translation."""
+    disk = tmpfs("16m")
+    bundle = Path(shutil.copytree(bundle_copy, disk / "pixel8"))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    code, _, err = cli("validate", bundle, "--runs", "1", "--warmup", "0")
+    error_line(code, err, ("read-only file system at", str(bundle / "validation")))
+    assert not (bundle / "validation").exists()
+
+
 # --- 5. SIGTERM ------------------------------------------------------------------------------------------------------
 
 
