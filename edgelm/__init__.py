@@ -6,3 +6,10 @@ with only numpy and a runtime installed.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+#: Environment that turns ONNX Runtime's telemetry off. Set here, in every process that imports edgelm (the
+#: CLI, the torch-free target script on boards), and passed to the processes the runners start.
+TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1"}
+_os.environ.update(TELEMETRY_OFF)

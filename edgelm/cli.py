@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 import edgelm
-from edgelm.errors import EdgeLMError
+from edgelm import fsutil
+from edgelm.errors import EdgeLMError, Terminated
 
 app = typer.Typer(
     name="edgelm",
@@ -70,9 +72,15 @@ def handle_errors(func):
         except EdgeLMError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except OSError as exc:  # disk full, quota, permission, read-only: the user's to fix, one line
+            message = fsutil.os_error_message(exc)
+            if message is None:
+                raise
+            Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated, see main)
             Console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 
@@ -197,8 +205,11 @@ def export(
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
+    from edgelm.data import check_limit
     from edgelm.pipeline import export_for_device, prepare
 
+    check_limit(limit)
+    fsutil.check_output_dir(out)
     prepared = prepare(
         device,
         formats=_split(fmt),
@@ -208,6 +219,7 @@ def export(
         sparsity=prune,
         max_accuracy_drop=max_accuracy_drop,
     )
+    fsutil.check_output_dir(out, child=prepared[0].name)
     err = _err_console()
     command = "edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -275,6 +287,8 @@ def export(
         )
     from edgelm.report import artifact_rows
 
+    for warning in report.data.get("warnings", []):
+        Console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     rows = artifact_rows(report)
     # only the columns that say something for this model (no top-1/accuracy for an embedding model)
     cols = [k for k in TERMINAL_COLUMNS if any(r[k] != "–" for r in rows)]
@@ -364,10 +378,13 @@ def validate(
     """Run a bundle's artifacts on a target (golden set, optional eval set, latency), check them with the
     runtime_tests suite, and write validation.json and the report's side-by-side table."""
     from edgelm.bundle import Bundle
+    from edgelm.data import check_limit
     from edgelm.validate.bundle import bundle_runner, side_by_side_rows
     from edgelm.validate.bundle import validate as run_validation
-    from edgelm.validate.runners import parse_env
+    from edgelm.validate.runners import check_timing, parse_env
 
+    check_limit(limit)
+    check_timing(warmup, runs)
     b = Bundle.load(bundle)
     r = bundle_runner(
         b,
@@ -492,7 +509,10 @@ def finetune(
     """Fine-tune an encoder into a sequence classifier and write a Hugging Face checkpoint."""
     from edgelm.compress.jobs import run_finetune
     from edgelm.compress.train import TrainConfig
+    from edgelm.data import check_limit
 
+    check_limit(limit)
+    check_limit(eval_limit, "--eval-limit")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
     bar, progress = _fit_progress(_err_console())
     with bar:
@@ -571,8 +591,10 @@ def adapt(
 ):
     """Adapt a model to a task with LoRA, prompt tuning or scaled prompt tuning, or from a few
     demonstrations with a hypernetwork; writes a checkpoint `edgelm export` takes."""
+    from edgelm.data import check_limit
     from edgelm.errors import RecipeError
 
+    check_limit(eval_limit, "--eval-limit")
     if hypernetwork is not None:
         if not demos:
             raise RecipeError("--hypernetwork needs --demos FILE (labeled demonstrations of the new task)")
@@ -752,7 +774,10 @@ def compress(
     """Remove attention heads and FFN neurons for real (structured pruning), optionally with distillation."""
     from edgelm.compress.jobs import run_compress
     from edgelm.compress.train import TrainConfig
+    from edgelm.data import check_limit
 
+    check_limit(limit)
+    check_limit(eval_limit, "--eval-limit")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
     bar, progress = _fit_progress(_err_console())
     with bar:
@@ -920,7 +945,13 @@ def version():
     out_console.print(edgelm.__version__)
 
 
+def _terminate(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    raise Terminated(signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # `kill`, a job scheduler's stop: same clean-up as Ctrl-C
     app()
 
 

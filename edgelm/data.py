@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelm.errors import DataError
+from edgelm.errors import DataError, ModelError
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise", "content", "review", "document")
 PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "premise": "hypothesis"}
@@ -140,6 +140,25 @@ def probe_dataset() -> TextDataset:
     return TextDataset(texts=list(PROBE_SENTENCES))
 
 
+def check_limit(limit: int | None, option: str = "--limit") -> None:
+    """A row limit must be at least 1 (None: no limit). Raises DataError."""
+    if limit is not None and limit < 1:
+        raise DataError(f"{option} {limit}: give a number of rows of at least 1 (or leave it out for all rows)")
+
+
+def ignored_labels_warning(data: TextDataset, kind: str) -> str:
+    """The warning for labeled data given to a model that has no use for labels (an embedding model)."""
+    return (
+        f"{data.source} has labels, but this {kind} model has no classes to check them against: the labels are "
+        "ignored and the texts are used as the golden set (export a fine-tuned classifier to measure accuracy)"
+    )
+
+
+#: csv's default field limit is 131,072 characters; a long document is valid data (it is truncated to the
+#: sequence length when tokenized), so the limit is raised to this many characters.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
@@ -167,11 +186,16 @@ def _read_rows(path: Path) -> list[dict]:
         delim = "," if suffix == ".csv" else "\t"
         # GLUE TSVs contain unbalanced quotes (MRPC, SST-2): no quote processing for TSV.
         quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
+        if csv.field_size_limit() < CSV_FIELD_LIMIT:
+            csv.field_size_limit(CSV_FIELD_LIMIT)
         reader = csv.DictReader(raw.splitlines(), delimiter=delim, quoting=quoting)
-        if not reader.fieldnames:
-            raise DataError(f"{path} is empty: it needs a header row and data rows")
-        reader.fieldnames = [f.strip() for f in reader.fieldnames]
-        return list(reader)
+        try:
+            if not reader.fieldnames:
+                raise DataError(f"{path} is empty: it needs a header row and data rows")
+            reader.fieldnames = [f.strip() for f in reader.fieldnames]
+            return list(reader)
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not a valid {suffix[1:].upper()} row ({exc})") from None
     raise DataError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv or .jsonl")
 
 
@@ -200,6 +224,7 @@ def load_dataset(
     Raises:
         DataError: missing/unreadable file, unknown format, no text column, empty file, empty texts.
     """
+    check_limit(limit)
     path = Path(path)
     rows = _read_rows(path)
     if not rows:
@@ -261,11 +286,26 @@ def load_tokenizer(directory: Path, seq_len: int):
 
     directory = Path(directory)
     cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    if (directory / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    else:
-        tok = BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=bool(cfg.get("do_lower_case", True)))
+    cfg = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{cfg_path} is corrupt (not JSON: {exc}); re-save the tokenizer") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{cfg_path} is corrupt (not a JSON object); re-save the tokenizer")
+    tok_path = directory / "tokenizer.json"
+    try:
+        if tok_path.is_file():
+            tok = Tokenizer.from_file(str(tok_path))
+        else:
+            tok_path = directory / "vocab.txt"
+            tok = BertWordPieceTokenizer(str(tok_path), lowercase=bool(cfg.get("do_lower_case", True)))
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"{tok_path} is not a valid tokenizer ({first}): re-save it with tokenizer.save_pretrained(DIR)"
+        ) from None
     pad_token = cfg.get("pad_token") if isinstance(cfg.get("pad_token"), str) else "[PAD]"
     pad_id = tok.token_to_id(pad_token)
     if pad_id is None:

@@ -34,6 +34,11 @@ class ExportError(EdgeLMError):
     """A converter failed on the model (unsupported op, shape problem); the message names the format."""
 
 
+class OutputError(EdgeLMError):
+    """An output location edgelm must not or cannot write: a file where a folder goes, a folder that is not
+    writable, a symlink where results go (never followed or deleted)."""
+
+
 class ValidationError(EdgeLMError):
     """A runner failed to run an artifact (crash, timeout, missing output)."""
 
@@ -43,3 +48,12 @@ class BudgetError(EdgeLMError):
     Exit code 1, like a missed gate: the input was fine, the budget cannot be met."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) turned into the KeyboardInterrupt path: what was half-written is removed. The CLI
+    exits with ``exit_code`` (128 + the signal number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.exit_code = 128 + signum

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,9 @@ def _from_pretrained(auto_cls: Any, directory: Path, cfg: dict, **kwargs: Any) -
     """``auto_cls.from_pretrained`` with eager attention; a checkpoint pruned by edgelm (``edgelm_pruning`` in
     its config) is built from its config, sliced to the recorded shapes, then given its weights."""
     if CONFIG_KEY not in cfg:
-        return auto_cls.from_pretrained(directory, attn_implementation="eager", **kwargs)
+        hf, info = auto_cls.from_pretrained(directory, attn_implementation="eager", output_loading_info=True, **kwargs)
+        check_weights_cover(directory, info["missing_keys"], info["unexpected_keys"])
+        return hf
     import torch
     import transformers
     from safetensors.torch import load_file
@@ -329,10 +332,38 @@ def _from_pretrained(auto_cls: Any, directory: Path, cfg: dict, **kwargs: Any) -
     restore_pruned_shapes(hf, cfg[CONFIG_KEY])
     state = load_file(str(directory / "model.safetensors"))
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"weights do not fit the pruned shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_weights_cover(directory, missing, unexpected, strict=True)
     return hf.eval().to(torch.float32)
+
+
+#: Checkpoint tensors a model may leave unused: buffers, the pooler (embedding models are built without it),
+#: pre-training and task heads of other architectures (BERT's ``cls.*``, ``lm_head``, a classifier's head when
+#: the encoder alone is exported).
+_UNUSED_OK = re.compile(r"(.*\.)?(position_ids|token_type_ids)$|^(\w+\.)?(pooler|cls|lm_head|classifier)\.")
+
+
+def check_weights_cover(directory: Path, missing, unexpected, *, strict: bool = False) -> None:
+    """Refuse a checkpoint whose weights do not cover the architecture: tensors the model needs that the file
+    lacks (they would be randomly initialised), or tensors the file has that the model does not know (the
+    weights of another architecture). ``strict``: only buffers may differ (edgelm's own pruned checkpoints).
+    Raises ModelError naming the first few tensors and the count."""
+    missing = sorted(k for k in missing if not re.search(r"(position_ids|token_type_ids)$", k))
+    unexpected = sorted(k for k in unexpected if not (_UNUSED_OK if not strict else _BUFFERS).search(k))
+    if not missing and not unexpected:
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {what} tensor{'s' * (len(keys) > 1)} ({', '.join(keys[:3])}{more})")
+    raise ModelError(
+        f"the weights in {directory} do not cover the architecture in its config.json: {'; '.join(parts)}. "
+        "edgelm does not export a partly random model: pass the checkpoint that matches this config "
+        "(saved with save_pretrained())"
+    )
+
+
+_BUFFERS = re.compile(r"(position_ids|token_type_ids)$")
 
 
 def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
@@ -363,6 +394,8 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
         else:
             hf = _from_pretrained(transformers.AutoModel, directory, cfg, add_pooling_layer=False)
             wrapper = SentenceEmbedding(hf)
+    except ModelError:
+        raise
     except Exception as exc:  # torch, safetensors and transformers raise many types for a bad file
         raise ModelError(
             f"could not load the weights in {directory}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "

@@ -23,7 +23,7 @@ import numpy as np
 import edgelm
 import exporters
 from edgelm import data as data_mod
-from edgelm import schemes
+from edgelm import fsutil, schemes
 from edgelm.bundle import MANIFEST_FILE, SCHEMA, Manifest
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.fsutil import install
@@ -56,8 +56,9 @@ def captured_output(log_path: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            with contextlib.suppress(OSError):  # a full disk must not keep fd 1/2 on the log file
+                sys.stdout.flush()
+                sys.stderr.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
@@ -167,6 +168,9 @@ def export_artifact(
     except exporters.RuntimeNotInstalledError as exc:
         raise RuntimeMissingError(str(exc)) from None
     except exporters.ExporterError as exc:
+        disk = fsutil.user_os_error(exc)  # a full disk is not a converter failure: the CLI says what to do
+        if disk is not None:
+            raise disk from None
         raise ExportError(f"{plan.format} {plan.quant.scheme}: {exc}") from None
 
 
@@ -299,7 +303,7 @@ def export_for_device(
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     final = out / profile.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.partial-", dir=out))
+    tmp = fsutil.make_partial_dir(out, profile.name)  # removes the leftovers of killed runs
     try:
         (tmp / "logs").mkdir()
         with captured_output(tmp / "logs" / "export.log"):
@@ -330,8 +334,9 @@ def export_for_device(
 
                 write_android_bundle(tmp)
         install(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.note_path(exc, final)
         if created_out:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if empty
@@ -466,8 +471,11 @@ def _export_into(
     step("reading data")
     dataset = data_mod.load_dataset(data, text_column, label_column, limit) if data else data_mod.probe_dataset()
     labels = None
+    warnings = []
     if dataset.labels is not None and loaded.kind == "classifier":
         labels = data_mod.label_indices(dataset.labels, loaded.labels)
+    elif dataset.labels is not None:
+        warnings.append(data_mod.ignored_labels_warning(dataset, loaded.kind))
     if search and labels is None:
         raise RecipeError("--search measures task accuracy: pass --data with a label column")
     tokenizer = data_mod.load_tokenizer(loaded.tokenizer_dir, recipe.seq_len)
@@ -584,6 +592,7 @@ def _export_into(
     if adapter_results or compression is not None:  # references added after the runs that read the inputs
         np.savez(tmp / "golden.npz", **golden)
     data_info = {"source": dataset.source, "count": len(dataset), "labeled": labels is not None, "command": command}
+    data_info["warnings"] = warnings
     reference = {
         "eager_p50_ms": eager["p50_ms"],
         "eager_p90_ms": eager["p90_ms"],

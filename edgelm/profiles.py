@@ -106,6 +106,22 @@ class DeviceProfile(_Strict):
     gates: Gates = Gates()
     compression: Compression = Compression()
 
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        """The name becomes the output folder (``dist/<name>``): a plain file name, nothing that leaves it."""
+        checks = (
+            (not value.strip(), "it is empty"),
+            ("/" in value or "\\" in value, "it contains a path separator"),
+            (value.startswith(".") or ".." in value, "it starts with '.' or contains '..'"),
+            (any(ord(c) < 32 for c in value), "it contains a control character"),
+            (len(value) > 100, "it is longer than 100 characters"),
+        )
+        bad = next((why for cond, why in checks if cond), None)
+        if bad:
+            raise ValueError(f"the name becomes the output folder and must be a plain file name, but {bad}")
+        return value
+
     @field_validator("quantization")
     @classmethod
     def _known_formats_and_schemes(cls, value: dict[str, str]) -> dict[str, str]:
@@ -159,10 +175,14 @@ def _format_errors(path: Path, err: ValidationError) -> str:
 def load_profile_file(path: Path) -> DeviceProfile:
     """Parse and validate one profile TOML. Raises ProfileError naming the file and the key."""
     path = Path(path)
+    if path.is_dir():
+        raise ProfileError(f"device profile {path} is a folder: pass a profile .toml file or a device name")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ProfileError(f"device profile not found: {path}") from None
+    except OSError as exc:
+        raise ProfileError(f"device profile {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"device profile {path} is not valid TOML: {exc}") from None
     try:

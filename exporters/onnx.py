@@ -371,6 +371,8 @@ class OnnxSession:
     def __init__(self, path: Path, threads: int | None = None, adapter: Path | None = None):
         ort = require("onnxruntime", "onnxruntime", "to run .onnx artifacts")
         path = check_artifact_file(path, SUFFIX, "ONNX")
+        if hasattr(ort, "disable_telemetry_events"):  # no telemetry event queue (edgelm also sets the env)
+            ort.disable_telemetry_events()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)

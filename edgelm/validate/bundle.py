@@ -33,7 +33,7 @@ import exporters
 from edgelm import schemes
 from edgelm.bundle import Bundle
 from edgelm.errors import ValidationError
-from edgelm.fsutil import write_directory, write_text_atomic
+from edgelm.fsutil import refuse_symlink, write_directory, write_text_atomic
 from edgelm.report import fmt, markdown_table
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats, top1_agreement
 from edgelm.validate.runners import ArtifactRun, BundleJob, HostRunner, RunnerDropped, RunResult
@@ -163,6 +163,8 @@ def run_bundle(
         if threads and runner.kind in ("host", "emulator"):
             threads = min(threads, os.cpu_count() or 1)
     base = bundle.path / RESULTS_DIR
+    for p in (base, base / runner_slug(runner.name)):  # a link there is neither followed nor deleted
+        refuse_symlink(p, "results folder")
     created_base = not base.exists()
 
     def fill(tmp: Path) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import edgelm
+from edgelm import TELEMETRY_OFF
 from edgelm.bundle import android_assets
 from edgelm.errors import ValidationError
 
@@ -173,6 +174,7 @@ class HostRunner:
         src_root = str(Path(edgelm.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = src_root + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(TELEMETRY_OFF)
         return env
 
     def run_artifact(
@@ -379,6 +381,11 @@ class SSHRunner(HostRunner):
         if not m:
             raise ValidationError(f"bad SSH target {target!r}: use ssh://user@host[:port]")
         self.user, self.host, self.port = m.group(1), m.group(2), int(m.group(3) or 22)
+        for what, value in (("user name", self.user), ("host", self.host)):
+            if value.startswith("-"):  # ssh/scp would read it as an option (-oProxyCommand=...)
+                raise ValidationError(
+                    f"bad SSH target {target!r}: the {what} {value!r} starts with '-'; use ssh://user@host[:port]"
+                )
         for what, opt, p in (("key file", "--key", key_file), ("known_hosts file", "--known-hosts", known_hosts)):
             if p is None:
                 raise ValidationError(
@@ -392,6 +399,11 @@ class SSHRunner(HostRunner):
         self.emulated = "qemu" in remote_python  # an arm64 board emulated on the far side
         self.connect_timeout_s = connect_timeout_s
         self.name = f"ssh://{self.user}@{self.host}:{self.port}"
+
+    def target_env(self) -> dict[str, str]:
+        """The environment of the target script on the board: ``remote_env`` with ONNX Runtime's telemetry
+        off (:data:`TELEMETRY_OFF`, which ``remote_env`` cannot turn back on)."""
+        return {"PYTHONPATH": ".", **self.remote_env, **TELEMETRY_OFF}
 
     def describe(self) -> dict:
         return {
@@ -486,7 +498,7 @@ class SSHRunner(HostRunner):
         """Copy ``files`` in, run the target script with ``args`` writing to ``out``, copy its results back."""
         artifact = files[0].name
         self._call(self.scp_command([str(f) for f in files], f":{remote}/"), f"copying {artifact}")
-        env = {"PYTHONPATH": ".", **self.remote_env}
+        env = self.target_env()
         argv = [*shlex.split(self.remote_python), "-m", "edgelm.validate.target", artifact, *args, "--out", out]
         self._call(
             self.ssh_command(
@@ -853,6 +865,15 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
         k, v = kv.split("=", 1)
         env[k] = v
     return env
+
+
+def check_timing(warmup: int, runs: int) -> None:
+    """``--warmup`` must be 0 or more and ``--runs`` at least 1 (p50/p90 need a measurement). Raises
+    ValidationError."""
+    if warmup < 0:
+        raise ValidationError(f"--warmup {warmup}: give 0 or more discarded timing runs")
+    if runs < 1:
+        raise ValidationError(f"--runs {runs}: give at least 1 measured timing run (p50/p90 need one)")
 
 
 def make_runner(
