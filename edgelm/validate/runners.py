@@ -140,7 +140,15 @@ class HostRunner:
         }
 
     def skip_reason(self, artifact: Path) -> str | None:
-        """Why this runner does not run ``artifact`` at all (None: it does)."""
+        """Why this runner does not run ``artifact`` at all (None: it does): a ``.pte`` on a runtime install
+        without ExecuTorch's Python runtime."""
+        import importlib.util
+
+        if artifact.suffix == ".pte" and importlib.util.find_spec("executorch") is None:
+            return (
+                f"{artifact.name}: ExecuTorch's Python runtime is not installed here (the runtime install has "
+                "ONNX Runtime and LiteRT); pip install executorch==1.5.1 to run .pte artifacts"
+            )
         return None
 
     def run_bundle(self, job: BundleJob, on_result: OnResult) -> None:
