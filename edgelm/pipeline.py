@@ -31,8 +31,8 @@ from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import DeviceProfile, load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
 from edgelm.report import ArtifactResult, Report
+from edgelm.validate.host import HostRunner
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats
-from edgelm.validate.runners import HostRunner
 
 #: progress callback: (description, steps completed, total steps)
 ProgressFn = Callable[[str, int, int], None]

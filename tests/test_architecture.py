@@ -52,7 +52,7 @@ EDGES = _imports(_modules())
 
 def test_the_walk_sees_the_imports():
     assert "edgelm.schemes" in EDGES["edgelm.recipe"] and "exporters" in EDGES["edgelm.pipeline"]
-    assert "edgelm.bundle" in EDGES["edgelm.validate.runners"]  # function-level and module-level alike
+    assert "edgelm.bundle" in EDGES["edgelm.validate.adb"] and "edgelm.validate.bundle" in EDGES["edgelm.cli"]
 
 
 def test_exporters_never_import_edgelm_and_edgelm_never_imports_runtime_tests():
@@ -91,3 +91,15 @@ def test_no_import_circle():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_one_module_per_runner():
+    """host, emulator, ssh and adb each in its own module, each satisfying the Runner protocol."""
+    from edgelm.validate import adb, emulator, host, ssh
+    from edgelm.validate.runner import Runner
+
+    for module, cls in ((host, "HostRunner"), (emulator, "EmulatorRunner"), (ssh, "SSHRunner"), (adb, "AdbRunner")):
+        runner_cls = getattr(module, cls)
+        assert runner_cls.__module__ == module.__name__
+        assert all(hasattr(runner_cls, a) for a in ("name", "kind", "emulated", "describe", "run_bundle"))
+    assert isinstance(host.HostRunner(), Runner)

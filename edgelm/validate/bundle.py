@@ -36,7 +36,7 @@ from edgelm.errors import ValidationError
 from edgelm.fsutil import refuse_symlink, write_directory, write_text_atomic
 from edgelm.report import fmt, markdown_table
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats, top1_agreement
-from edgelm.validate.runners import ArtifactRun, BundleJob, HostRunner, RunnerDropped, RunResult
+from edgelm.validate.runner import ArtifactRun, BundleJob, Runner, RunnerDropped, RunResult
 
 VALIDATION_FILE = "validation.json"
 RESULTS_DIR = "validation"
@@ -134,7 +134,7 @@ class ResultStore:
 
 def run_bundle(
     bundle: Bundle,
-    runner: HostRunner,
+    runner: Runner,
     *,
     artifacts: list[str] | None = None,
     data: str | os.PathLike | None = None,
@@ -551,7 +551,7 @@ def bundle_runner(
     known_hosts: Path | None = None,
     remote_python: str = "python3",
     remote_env: dict[str, str] | None = None,
-) -> HostRunner:
+) -> Runner:
     """The runner ``spec`` configured for this bundle's device profile (its ``[validation]`` table):
 
     - ``emulator``: the qemu CPU model is ``cpu``, else the profile's ``emulator_cpu``, else its big core where
@@ -637,9 +637,7 @@ def run_runtime_tests(bundle: Bundle, runner_name: str, results_dir: Path, timeo
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def validate(
-    bundle: Bundle, runner: HostRunner, *, progress: ProgressFn | None = None, **run_options
-) -> tuple[dict, str]:
+def validate(bundle: Bundle, runner: Runner, *, progress: ProgressFn | None = None, **run_options) -> tuple[dict, str]:
     """What ``edgelm validate`` does: :func:`run_bundle` (``run_options``: artifacts, data, text_column,
     label_column, limit, threads, warmup, runs), then the runtime_tests suite on the stored results, which
     writes validation.json and report.md. Returns (this runner's record, the suite's output).

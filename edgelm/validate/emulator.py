@@ -31,6 +31,7 @@ from pathlib import Path
 
 from edgelm.errors import EdgeLMError
 from edgelm.fsutil import write_directory
+from edgelm.validate.host import HostRunner
 
 #: CPU models qemu 7.2's aarch64 user-mode emulator has (``qemu-aarch64-static -cpu help``), minus ``max``.
 QEMU_CPUS = ("cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1", "a64fx")
@@ -240,3 +241,58 @@ def sysroot_info(sysroot: str | os.PathLike | None = None) -> dict:
     if not (root / MARKER).is_file():
         raise EmulatorError(f"no emulator sysroot at {root}: run `edgelm emulator setup` first")
     return json.loads((root / MARKER).read_text())
+
+
+class EmulatorRunner(HostRunner):
+    """Runs artifacts as an arm64 program: ``qemu-aarch64-static -L SYSROOT SYSROOT/usr/bin/python3.11 -m
+    edgelm.validate.target ...`` with the sysroot's aarch64 wheels and ``QEMU_CPU=cpu`` (see
+    :mod:`edgelm.validate.emulator`). Outputs are the arm64 kernels' own; latency is emulated, functional
+    only. ``.pte`` artifacts need a sysroot set up with ExecuTorch (``edgelm emulator setup --executorch``).
+
+    Raises EmulatorError (from the constructor) when qemu or the sysroot is missing.
+    """
+
+    name = kind = "emulator"
+    emulated = True
+
+    def __init__(self, sysroot: Path | None = None, cpu: str | None = None, timeout_s: float = 1800.0):
+        super().__init__(timeout_s)
+        self.qemu = qemu_binary()
+        self.sysroot = Path(sysroot) if sysroot else default_sysroot()
+        self.info = sysroot_info(self.sysroot)
+        self.cpu = cpu or FALLBACK_CPU
+        if self.cpu not in QEMU_CPUS:
+            raise EmulatorError(f"qemu CPU model {self.cpu!r} is not one of {', '.join(QEMU_CPUS)}")
+
+    def _python(self) -> list[str]:
+        root = self.sysroot / "root"
+        return [self.qemu, "-L", str(root), str(root / "usr" / "bin" / "python3.11")]
+
+    def _env(self) -> dict:
+        env = super()._env()
+        env["PYTHONPATH"] = str(self.sysroot / "site") + os.pathsep + env["PYTHONPATH"]
+        env["QEMU_CPU"] = self.cpu
+        return env
+
+    def describe(self) -> dict:
+        return {
+            "runner": self.name,
+            "kind": self.kind,
+            "emulated": self.emulated,
+            "machine": "aarch64 (qemu user mode)",
+            "qemu_cpu": self.cpu,
+            "sysroot": str(self.sysroot),
+            "qemu": self.qemu,
+            "executorch": self._has_executorch(),
+        }
+
+    def _has_executorch(self) -> bool:
+        return any(w.startswith("executorch") for w in self.info.get("wheels", []))
+
+    def skip_reason(self, artifact: Path) -> str | None:
+        if artifact.suffix == ".pte" and not self._has_executorch():
+            return (
+                f"{artifact.name}: ExecuTorch under emulation is opt-in: it needs the aarch64 torch and "
+                "executorch wheels (about 1 GB); run `edgelm emulator setup --executorch`"
+            )
+        return None
