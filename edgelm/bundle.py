@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
 
+from edgelm import tasks
 from edgelm.errors import ValidationError
 from exporters.base import sha256_file
 
@@ -307,7 +308,7 @@ class Bundle:
     @property
     def labels(self) -> np.ndarray | None:
         """Golden-set labels, int64 [N], for a classifier with a labeled golden set; else None."""
-        return self.golden.get("labels") if self.kind == "classifier" else None
+        return self.golden.get("labels") if tasks.for_kind(self.kind).uses_labels else None
 
     @property
     def baseline_accuracy(self) -> float | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgelm import tasks
 from edgelm.errors import ModelError
 
 #: model_type values whose modules have the BERT layout (embeddings + encoder.layer[i]) edgelm wraps.
@@ -80,9 +81,15 @@ class LoadedModel:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    @property
+    def task(self) -> tasks.Task:
+        """The task this model was loaded for (:mod:`edgelm.tasks`)."""
+        return tasks.for_kind(self.kind)
+
     def describe(self) -> dict:
         return {
             "source": str(self.source),
+            "task": self.task.name,
             "kind": self.kind,
             "model_type": self.config.get("model_type"),
             "architectures": self.config.get("architectures"),
@@ -385,8 +392,8 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     SentenceEmbedding, SequenceClassifier = build_wrappers()
-    archs = cfg.get("architectures") or []
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    task = tasks.for_architectures(cfg.get("architectures") or [])
+    is_classifier = task.wrapper == "SequenceClassifier"
     try:
         if is_classifier:
             hf = _from_pretrained(transformers.AutoModelForSequenceClassification, directory, cfg)
@@ -407,7 +414,7 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
         labels = [str(id2label[i]) for i in range(hf.config.num_labels)]
     return LoadedModel(
         module=wrapper.eval(),
-        kind="classifier" if is_classifier else "embedding",
+        kind=task.kind,
         output_name=wrapper.output_name,
         source=directory.resolve(),
         tokenizer_dir=directory.resolve(),

@@ -23,7 +23,7 @@ import numpy as np
 import edgelm
 import exporters
 from edgelm import data as data_mod
-from edgelm import fsutil, schemes
+from edgelm import fsutil, schemes, tasks
 from edgelm.bundle import MANIFEST_FILE, SCHEMA, Manifest
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.fsutil import install
@@ -114,27 +114,11 @@ def latency_input(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.n
     return full[None, :].astype(np.int64), np.ones((1, seq_len), dtype=np.int64)
 
 
-def check_gates(result: ArtifactResult, plan: FormatPlan, kind: str) -> None:
-    """Fill ``result.gates`` and ``result.passed`` from the plan's gates."""
-    g = plan.gates
-    f = result.fidelity
-    gates = {
-        "max_size_mb": (result.size_mb, g.max_size_mb, result.size_mb <= g.max_size_mb),
-        "min_cosine": (f["cosine_mean"], g.min_cosine, f["cosine_mean"] >= g.min_cosine),
-    }
-    if kind == "classifier":
-        gates["min_top1_agreement"] = (
-            f["top1_agreement"],
-            g.min_top1_agreement,
-            f["top1_agreement"] >= g.min_top1_agreement,
-        )
-        if "accuracy_drop" in f:
-            gates["max_accuracy_drop"] = (
-                f["accuracy_drop"],
-                g.max_accuracy_drop,
-                f["accuracy_drop"] <= g.max_accuracy_drop,
-            )
-    result.gates = {k: {"value": v, "limit": lim, "passed": bool(ok)} for k, (v, lim, ok) in gates.items()}
+def check_gates(result: ArtifactResult, plan: FormatPlan, task: tasks.Task, reference: np.ndarray) -> None:
+    """Fill ``result.gates`` and ``result.passed`` with :func:`edgelm.tasks.gate_checks` (the same check
+    ``edgelm validate`` applies) on the artifact's size and golden outputs against ``reference``."""
+    checks = tasks.gate_checks(task, result.fidelity, plan.gates, plan.quant.scheme, reference, result.size_mb)
+    result.gates = {k: {"value": c["value"], "limit": c["limit"], "passed": c["passed"]} for k, c in checks.items()}
     result.passed = result.error is None and all(x["passed"] for x in result.gates.values())
 
 
@@ -463,7 +447,7 @@ def _export_into(
         wordpiece_settings(loaded.tokenizer_dir, recipe.seq_len)
     if recipe.seq_len > loaded.max_positions:
         raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
-    if (recipe.sparsity > 0 or search) and loaded.kind != "classifier":
+    if (recipe.sparsity > 0 or search) and not loaded.task.prunable:
         raise RecipeError(
             "pruning and the accuracy-budget search need a fine-tuned classifier (--model from "
             "`edgelm finetune`); an embedding model has no task accuracy to guard"
@@ -472,7 +456,7 @@ def _export_into(
     dataset = data_mod.load_dataset(data, text_column, label_column, limit) if data else data_mod.probe_dataset()
     labels = None
     warnings = []
-    if dataset.labels is not None and loaded.kind == "classifier":
+    if dataset.labels is not None and loaded.task.uses_labels:
         labels = data_mod.label_indices(dataset.labels, loaded.labels)
     elif dataset.labels is not None:
         warnings.append(data_mod.ignored_labels_warning(dataset, loaded.kind))
@@ -555,7 +539,7 @@ def _export_into(
         except EdgeLMError as exc:
             res.error = str(exc)
             res.fidelity = {"cosine_mean": float("nan")}
-        check_gates(res, plan, loaded.kind)
+        check_gates(res, plan, loaded.task, ref_)
         return art, res
 
     artifacts: list[exporters.Artifact] = []

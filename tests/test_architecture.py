@@ -15,6 +15,7 @@ GROUND = {
     "edgelm.fsutil",
     "edgelm.bundle",
     "edgelm.schemes",
+    "edgelm.tasks",
     "edgelm.report",
     "edgelm.models",
     "edgelm.profiles",

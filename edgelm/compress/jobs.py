@@ -119,7 +119,7 @@ def run_compress(
     from edgelm.models import load_model
 
     loaded = load_model(model)
-    if loaded.kind != "classifier":
+    if not loaded.task.prunable:
         raise ModelError(
             f"{loaded.source} is not a sequence classifier: run `edgelm finetune` first, then compress "
             "the fine-tuned checkpoint (pruning importance needs the task's loss)"

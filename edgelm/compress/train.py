@@ -337,7 +337,7 @@ def load_classifier(
     from edgelm.models import build_wrappers, load_model
 
     loaded = loaded if loaded is not None else load_model(model)
-    if loaded.kind == "classifier":
+    if loaded.task.uses_labels:
         return loaded.module, loaded.module.model, loaded
     if not names:
         raise ModelError("a new classification head needs class names (labeled training data)")

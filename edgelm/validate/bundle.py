@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import exporters
-from edgelm import schemes
+from edgelm import tasks
 from edgelm.bundle import Bundle
 from edgelm.errors import ValidationError
 from edgelm.fsutil import refuse_symlink, write_directory, write_text_atomic
@@ -69,7 +69,7 @@ def encode_eval_set(
     from edgelm import data as data_mod
     from edgelm.errors import DataError
 
-    if bundle.kind != "classifier":
+    if not tasks.for_kind(bundle.kind).uses_labels:
         raise ValidationError("--data is a labeled eval set for a classifier; this bundle holds an embedding model")
     dataset = data_mod.load_dataset(str(data), text_column, label_column, limit)
     if dataset.labels is None:
@@ -247,21 +247,12 @@ def checksum_check(bundle: Bundle, name: str) -> dict:
 
 
 def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
-    """Golden outputs within the quantization's tolerance: cosine and top-1 at least the recipe's gates,
-    max error at most :func:`edgelm.schemes.golden_max_abs_error`."""
+    """Golden outputs within the quantization's tolerance: the task's cosine, top-1 and max-error gates
+    (:func:`edgelm.tasks.gate_checks`) in one check."""
     plan = bundle.plan(name)
-    gates, scheme = plan.gates, plan.quant.scheme
-    max_err = schemes.golden_max_abs_error(scheme, ref)
-    fails = []
-    if not fid["cosine_mean"] >= gates.min_cosine:
-        fails.append(f"cosine {fid['cosine_mean']:.4f} < {gates.min_cosine}")
-    if "top1_agreement" in fid and not fid["top1_agreement"] >= gates.min_top1_agreement:
-        fails.append(f"top-1 {fid['top1_agreement']:.3f} < {gates.min_top1_agreement}")
-    if not fid["max_abs_error"] <= max_err:
-        fails.append(f"max error {fid['max_abs_error']:.3g} > {max_err:.3g} ({scheme})")
-    limit = {"min_cosine": gates.min_cosine, "max_abs_error": max_err}
-    if "top1_agreement" in fid:
-        limit["min_top1_agreement"] = gates.min_top1_agreement
+    checks = tasks.gate_checks(tasks.for_kind(bundle.kind), fid, plan.gates, plan.quant.scheme, reference=ref)
+    checks = {k: c for k, c in checks.items() if k in ("min_cosine", "min_top1_agreement", "max_abs_error")}
+    fails = [c["detail"] for c in checks.values() if not c["passed"]]
     return _check(
         not fails,
         {
@@ -269,24 +260,16 @@ def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
             "max_abs_error": fid["max_abs_error"],
             "top1_agreement": fid.get("top1_agreement"),
         },
-        limit,
-        "; ".join(fails) if fails else f"within the {scheme} tolerance",
+        {k: c["limit"] for k, c in checks.items()},
+        "; ".join(fails) if fails else f"within the {plan.quant.scheme} tolerance",
     )
 
 
 def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:
     """Task accuracy on the golden labels within the recipe's max drop (None without labels)."""
-    if "accuracy_drop" not in fid:
-        return None
-    limit = bundle.plan(name).gates.max_accuracy_drop
-    ok = fid["accuracy_drop"] <= limit
-    return _check(
-        ok,
-        fid["accuracy_drop"],
-        limit,
-        f"accuracy {fid['accuracy']:.2f}% vs PyTorch fp32 {fid['reference_accuracy']:.2f}%: drop "
-        f"{fid['accuracy_drop']:.2f} points {'<=' if ok else '>'} {limit}",
-    )
+    plan = bundle.plan(name)
+    checks = tasks.gate_checks(tasks.for_kind(bundle.kind), fid, plan.gates, plan.quant.scheme)
+    return checks.get("max_accuracy_drop")
 
 
 def latency_check(result: dict, warmup: int, runs: int, emulated: bool) -> tuple[dict, dict]:
@@ -399,7 +382,7 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             )
             if host is not None and host.shape == res.outputs.shape:
                 rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
-                if bundle.kind == "classifier":
+                if tasks.for_kind(bundle.kind).uses_labels:
                     rec["vs_host"]["top1_agreement"] = top1_agreement(res.outputs, host)
             if eval_labels is None and isinstance(res.result.get("eval"), dict):  # computed on the device (the app)
                 rec["eval"] = {k: res.result["eval"].get(k) for k in ("accuracy", "rows", "source")}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgelm import tasks
+
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of matching rows of ``a`` and ``b`` (float [N, D] each) -> float64 [N]."""
@@ -69,7 +71,7 @@ def fidelity(
         "max_abs_error": float(np.abs(np.asarray(pred, np.float64) - ref).max()),
         "snr_db": snr_db(pred, ref),
     }
-    if kind == "classifier":
+    if tasks.for_kind(kind).uses_labels:
         out["top1_agreement"] = top1_agreement(pred, ref)
         if labels is not None:
             out["accuracy"] = accuracy(pred, labels)
