@@ -182,11 +182,14 @@ class Bundle:
 
     Attributes:
         path: the bundle folder. manifest: the :class:`Manifest`.
+        location: where the bundle lives for the records (validation.json): ``path`` resolved, or the
+            final folder of an export still being written in a temp folder.
     """
 
     def __init__(self, path: Path, manifest: Manifest):
         self.path = Path(path)
         self.manifest = manifest
+        self.location = self.path.resolve()
         self._golden: dict[str, np.ndarray] | None = None
 
     @classmethod

@@ -236,11 +236,11 @@ def export(
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
     from edgelm.data import check_limit
-    from edgelm.pipeline import export_for_device, prepare
+    from edgelm.pipeline import PipelineOptions, export_for_device, prepare
 
     check_limit(limit)
     fsutil.check_output_dir(out)
-    prepared = prepare(
+    recipe = prepare(
         device,
         formats=_split(fmt),
         quant=quant,
@@ -248,10 +248,23 @@ def export(
         threads=threads,
         sparsity=prune,
         max_accuracy_drop=max_accuracy_drop,
+        max_sparsity=max_sparsity,
     )
-    fsutil.check_output_dir(out, child=prepared[0].name)
+    fsutil.check_output_dir(out, child=recipe.device)
     err = _err_console()
-    command = "edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    options = PipelineOptions(
+        text_column=text_column,
+        label_column=label_column,
+        limit=limit,
+        train_data=train_data,
+        distill_epochs=distill_epochs,
+        search=search,
+        search_time=search_time,
+        lora=lora,
+        adapters=tuple(adapter or ()),
+        bundle=bundle,
+        command="edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
 
     def show_recipe(recipe) -> None:
         t = Table(
@@ -276,7 +289,7 @@ def export(
             "[bold]--search[/]: each format's scheme and pruning ratio are chosen by measured accuracy "
             f"(time limit {search_time:.0f} s per format); the recipe below is the starting point"
         )
-    show_recipe(prepared[1])
+    show_recipe(recipe)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -291,30 +304,7 @@ def export(
         def progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=done, total=total)
 
-        report = export_for_device(
-            device,
-            model=model,
-            data=data,
-            out=out,
-            formats=_split(fmt),
-            quant=quant,
-            seq_len=seq_len,
-            threads=threads,
-            text_column=text_column,
-            label_column=label_column,
-            limit=limit,
-            progress=progress,
-            command=command,
-            prepared=prepared,
-            train_data=train_data,
-            distill_epochs=distill_epochs,
-            search=search,
-            search_time=search_time,
-            max_sparsity=prepared[0].compression.max_sparsity if max_sparsity is None else max_sparsity,
-            lora=lora,
-            adapters=adapter or [],
-            bundle=bundle,
-        )
+        report = export_for_device(recipe, model, data, out, options, progress=progress)
     from edgelm.report import artifact_rows
 
     for warning in report.data.get("warnings", []):
@@ -863,7 +853,7 @@ def estimate(
 
     profile = load_profile(device)
     recipe = make_recipe(profile, seq_len=seq_len, threads=threads)  # the same defaults and range checks as export
-    rows = [e.to_dict() for e in estimate_schemes(model, profile, recipe, _split([quant]) if quant else None)]
+    rows = [e.to_dict() for e in estimate_schemes(model, recipe, _split([quant]) if quant else None)]
     if as_json:
         out_console.print_json(_json.dumps(rows))
         return

@@ -8,6 +8,7 @@ failed run leaves no half-written ``dist/<device>/``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -16,7 +17,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,11 +27,10 @@ import edgelm
 import exporters
 from edgelm import data as data_mod
 from edgelm import fsutil, schemes, tasks
-from edgelm.bundle import MANIFEST_FILE, SCHEMA, Manifest
+from edgelm.bundle import MANIFEST_FILE, SCHEMA, Bundle, Manifest
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
-from edgelm.fsutil import install
 from edgelm.models import LoadedModel, load_model
-from edgelm.profiles import DeviceProfile, load_profile
+from edgelm.profiles import load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
 from edgelm.report import ArtifactResult, Report
 from edgelm.validate.host import HostRunner
@@ -177,80 +179,84 @@ def prepare(
     threads: int | None = None,
     sparsity: float | None = None,
     max_accuracy_drop: float | None = None,
-) -> tuple[DeviceProfile, Recipe]:
-    """Load the profile, derive the recipe, and check that every format's packages are installed.
-    Cheap (no model loading). Raises ProfileError, RecipeError or RuntimeMissingError."""
-    profile = load_profile(device)
+    max_sparsity: float | None = None,
+) -> Recipe:
+    """Load the profile, derive the recipe (:func:`edgelm.recipe.make_recipe`, which takes the same
+    overrides), and check that every format's packages are installed. Cheap (no model loading); the one
+    place the profile is read. Raises ProfileError, RecipeError or RuntimeMissingError."""
     recipe = make_recipe(
-        profile,
+        load_profile(device),
         formats=formats,
         quant=quant,
         seq_len=seq_len,
         threads=threads,
         sparsity=sparsity,
         max_accuracy_drop=max_accuracy_drop,
+        max_sparsity=max_sparsity,
     )
     for plan in recipe.plans:
         try:
             exporters.get(plan.format).check_installed()
         except exporters.RuntimeNotInstalledError as exc:
             raise RuntimeMissingError(f"cannot export {plan.format}: {exc}") from None
-    return profile, recipe
+    return recipe
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How :func:`export_for_device` runs, beyond the recipe (typed: a misspelt option is a TypeError).
+
+    Attributes:
+        text_column / label_column: column names in ``data`` (default: detected).
+        limit: use at most this many rows of ``data`` (>= 1).
+        train_data: labeled file to distill pruned models on, from the unpruned model, for ``distill_epochs``.
+        search: run the accuracy-budget search (:mod:`edgelm.search`) per format instead of the recipe's
+            fixed scheme (needs labeled ``data``), for at most ``search_time`` seconds per format.
+        lora: ``"merged"`` (the checkpoint as it is) or ``"separate"``: a LoRA-adapted model is exported as a
+            base artifact plus its adapter weights in a swappable file beside it (ONNX, ExecuTorch).
+        adapters: with ``lora="separate"``, further LoRA-adapted checkpoints of the same base: each gets
+            only a weights file for the same base artifact, validated against its own PyTorch model.
+        bundle: ``"android"``: also write the demo app's asset folder ``out/<device>/android/edgelm/``.
+        command: the command line, recorded in the report.
+    """
+
+    text_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+    train_data: str | None = None
+    distill_epochs: int = 1
+    search: bool = False
+    search_time: float = 900.0
+    lora: str = "merged"
+    adapters: tuple[str, ...] = ()
+    bundle: str | None = None
+    command: str = ""
 
 
 def export_for_device(
-    device: str,
-    *,
+    recipe: Recipe,
     model: str | None = None,
     data: str | None = None,
     out: str | Path = "dist",
-    formats: list[str] | None = None,
-    quant: str | None = None,
-    seq_len: int | None = None,
-    threads: int | None = None,
-    text_column: str | None = None,
-    label_column: str | None = None,
-    limit: int | None = None,
+    options: PipelineOptions | None = None,
+    *,
     progress: ProgressFn | None = None,
-    on_recipe: Callable[[Recipe], None] | None = None,
-    command: str = "",
-    prepared: tuple[DeviceProfile, Recipe] | None = None,
-    sparsity: float | None = None,
-    max_accuracy_drop: float | None = None,
-    train_data: str | None = None,
-    distill_epochs: int = 1,
-    search: bool = False,
-    max_sparsity: float = 0.5,
-    search_time: float = 900.0,
-    lora: str = "merged",
-    adapters: list[str] | None = None,
-    bundle: str | None = None,
 ) -> Report:
-    """Export ``model`` for ``device`` in every format of its recipe, validate each artifact on the host,
-    and write ``out/<device>/`` (artifacts, tokenizer, manifest.json, golden.npz, report.json/md, logs/).
+    """Export ``model`` for the recipe's device in every format of the recipe, check each artifact on this
+    host through the same path as ``edgelm validate --runner host`` (:func:`edgelm.validate.bundle.run_bundle`
+    and :func:`~edgelm.validate.bundle.evaluate`), and write ``out/<device>/``: artifacts, tokenizer,
+    manifest.json, golden.npz, validation.json, report.json/md, logs/.
+
+    Stages, each returning plain values: load -> reference -> compress and export -> write -> check ->
+    report. Everything is written into a temp folder beside the output and renamed into place at the end.
 
     Args:
-        device: profile name or path to a profile TOML.
+        recipe: from :func:`prepare` (or :func:`edgelm.recipe.make_recipe`).
         model: None/"default" (packaged all-MiniLM-L6-v2) or a Hugging Face checkpoint directory.
         data: TSV/CSV/JSONL eval file (text column, optional label column); default: the built-in probes.
-        formats, quant, seq_len, threads: recipe overrides (see :func:`edgelm.recipe.make_recipe`).
-        limit: use at most this many rows of ``data``.
-        progress: called with (description, done, total) as steps complete.
-        on_recipe: called with the recipe once it is derived.
-        prepared: the result of :func:`prepare`, if the caller already has it.
-        sparsity: prune this share of heads and FFN neurons (one-shot magnitude) before export (classifiers).
-        max_accuracy_drop: the accuracy budget, points against the unpruned fp32 model.
-        train_data: labeled file to distill pruned models on (from the unpruned model) for ``distill_epochs``.
-        search: run the accuracy-budget search (:mod:`edgelm.search`) per format instead of the recipe's
-            fixed scheme; needs labeled ``data``; tries sparsities up to ``max_sparsity`` for at most
-            ``search_time`` seconds per format.
-        lora: ``"merged"`` (the checkpoint as it is) or ``"separate"``: a LoRA-adapted ``model`` (from ``edgelm
-            adapt``) is exported as a base artifact plus its adapter weights in a swappable file beside it
-            (ONNX external data, ExecuTorch ``.ptd``; TFLite cannot, see ``exporters.tflite``).
-        adapters: with ``lora="separate"``, further LoRA-adapted checkpoints of the same base: each gets only a
-            weights file for the same base artifact, validated against its own PyTorch model.
-        bundle: ``"android"``: also write the Android demo app's asset folder ``out/<device>/android/edgelm/``
-            (:func:`edgelm.appbundle.write_android_bundle`; needs a BERT WordPiece tokenizer).
+        out: the output root; the bundle goes to ``out/<device>/``.
+        options: :class:`PipelineOptions`.
+        progress: called with (description, done, total) as stages complete.
     Returns:
         The :class:`Report`; ``report.passed`` is False if any artifact missed a gate.
     Raises:
@@ -258,22 +264,13 @@ def export_for_device(
         it is ``report.passed == False`` with the bundle written, and the CLI exits 1.
     """
     start = time.perf_counter()
+    opts = options or PipelineOptions()
     from edgelm.appbundle import BUNDLE_KINDS
 
-    if bundle is not None and bundle not in BUNDLE_KINDS:
-        raise RecipeError(f"unknown --bundle {bundle!r}: use {', '.join(BUNDLE_KINDS)}")
-    profile, recipe = prepared or prepare(
-        device,
-        formats=formats,
-        quant=quant,
-        seq_len=seq_len,
-        threads=threads,
-        sparsity=sparsity,
-        max_accuracy_drop=max_accuracy_drop,
-    )
-    if on_recipe:
-        on_recipe(recipe)
-    total = 4 + 2 * len(recipe.plans)
+    if opts.bundle is not None and opts.bundle not in BUNDLE_KINDS:
+        raise RecipeError(f"unknown --bundle {opts.bundle!r}: use {', '.join(BUNDLE_KINDS)}")
+    _check_limit(opts.limit)
+    total = 5 + 2 * len(recipe.plans)
     done = 0
 
     def step(desc: str) -> None:
@@ -286,38 +283,17 @@ def export_for_device(
     out = Path(out)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    final = out / profile.name
-    tmp = fsutil.make_partial_dir(out, profile.name)  # removes the leftovers of killed runs
+    final = out / recipe.device
+    tmp = fsutil.make_partial_dir(out, recipe.device)  # removes the leftovers of killed runs
     try:
         (tmp / "logs").mkdir()
         with captured_output(tmp / "logs" / "export.log"):
-            report = _export_into(
-                tmp,
-                final,
-                profile,
-                recipe,
-                model=model,
-                data=data,
-                text_column=text_column,
-                label_column=label_column,
-                limit=limit,
-                step=step,
-                command=command,
-                start=start,
-                train_data=train_data,
-                distill_epochs=distill_epochs,
-                search=search,
-                max_sparsity=max_sparsity,
-                search_time=search_time,
-                lora=lora,
-                adapters=adapters or [],
-                app_bundle=bundle,
-            )
-            if bundle == "android":
+            report = _export_into(tmp, final, recipe, model, data, opts, step, start)
+            if opts.bundle == "android":
                 from edgelm.appbundle import write_android_bundle
 
                 write_android_bundle(tmp)
-        install(tmp, final)
+        fsutil.install(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         fsutil.note_path(exc, final)
@@ -327,6 +303,11 @@ def export_for_device(
         raise
     step("done")
     return report
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise RecipeError(f"--limit {limit}: use at most N >= 1 rows of --data")
 
 
 CALIBRATION_ROWS = 64
@@ -407,80 +388,74 @@ class _Variants:
         return self._cache[sparsity]
 
 
-def _export_into(
-    tmp: Path,
-    final: Path,
-    profile: DeviceProfile,
-    recipe: Recipe,
-    *,
-    model,
-    data,
-    text_column,
-    label_column,
-    limit,
-    step: Callable[[str], None],
-    command: str,
-    start: float,
-    train_data: str | None = None,
-    distill_epochs: int = 1,
-    search: bool = False,
-    max_sparsity: float = 0.5,
-    search_time: float = 900.0,
-    lora: str = "merged",
-    adapters: list[str] | None = None,
-    app_bundle: str | None = None,
-) -> Report:
-    """The body of :func:`export_for_device`: everything is written into ``tmp``."""
-    from edgelm.compress.estimate import estimate
+@dataclass
+class Reference:
+    """The reference stage's result: the golden inputs, labels and PyTorch fp32 outputs, the timing input,
+    PyTorch eager latency, and the model at each sparsity (:class:`_Variants`)."""
 
-    step("loading model")
-    adapter_modules = _check_lora(lora, adapters or [], recipe, search)
+    dataset: Any
+    ids: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray | None
+    baseline: float | None
+    golden: dict
+    eager: dict
+    host_threads: int
+    calibration: list
+    variants: _Variants
+    warnings: list[str]
+
+
+def load_stage(recipe: Recipe, model: str | None, opts: PipelineOptions) -> tuple[LoadedModel, tuple[str, ...]]:
+    """Load the model (LoRA kept unmerged for ``--lora separate``) and refuse what the recipe cannot do with
+    it before the long work. Returns ``(model, adapter module pieces or ())``."""
+    adapter_modules = _check_lora(opts.lora, list(opts.adapters), recipe, opts.search)
     if adapter_modules:
         from edgelm.adapt.peft_methods import load_unmerged
 
         loaded = load_unmerged(model)
     else:
         loaded = load_model(model)
-    if app_bundle == "android":  # refuse a tokenizer the app cannot run before the long work
+    if opts.bundle == "android":  # refuse a tokenizer the app cannot run before the long work
         from edgelm.appbundle import wordpiece_settings
 
         wordpiece_settings(loaded.tokenizer_dir, recipe.seq_len)
     if recipe.seq_len > loaded.max_positions:
         raise RecipeError(f"--seq-len {recipe.seq_len} exceeds the model's {loaded.max_positions} positions")
-    if (recipe.sparsity > 0 or search) and not loaded.task.prunable:
+    if (recipe.sparsity > 0 or opts.search) and not loaded.task.prunable:
         raise RecipeError(
             "pruning and the accuracy-budget search need a fine-tuned classifier (--model from "
             "`edgelm finetune`); an embedding model has no task accuracy to guard"
         )
-    step("reading data")
-    dataset = data_mod.load_dataset(data, text_column, label_column, limit) if data else data_mod.probe_dataset()
-    labels = None
-    warnings = []
+    return loaded, adapter_modules
+
+
+def reference_stage(recipe: Recipe, loaded: LoadedModel, data: str | None, opts: PipelineOptions) -> Reference:
+    """Read and tokenize the data, compute the PyTorch fp32 reference outputs and eager latency."""
+    dataset = (
+        data_mod.load_dataset(data, opts.text_column, opts.label_column, opts.limit)
+        if data
+        else data_mod.probe_dataset()
+    )
+    labels, warnings = None, []
     if dataset.labels is not None and loaded.task.uses_labels:
         labels = data_mod.label_indices(dataset.labels, loaded.labels)
     elif dataset.labels is not None:
         warnings.append(data_mod.ignored_labels_warning(dataset, loaded.kind))
-    if search and labels is None:
+    if opts.search and labels is None:
         raise RecipeError("--search measures task accuracy: pass --data with a label column")
     tokenizer = data_mod.load_tokenizer(loaded.tokenizer_dir, recipe.seq_len)
     ids, mask = data_mod.encode(tokenizer, dataset)
     train = None
-    if train_data:
+    if opts.train_data:
         from edgelm.compress.train import encode_labeled
 
-        train = encode_labeled(tokenizer, data_mod.load_dataset(train_data, text_column, label_column), loaded.labels)[
-            0
-        ]
-    step("PyTorch fp32 reference")
-    variants = _Variants(loaded, ids, mask, train, distill_epochs, recipe.seq_len)
+        train_set = data_mod.load_dataset(opts.train_data, opts.text_column, opts.label_column)
+        train = encode_labeled(tokenizer, train_set, loaded.labels)[0]
+    variants = _Variants(loaded, ids, mask, train, opts.distill_epochs, recipe.seq_len)
     ref = variants.get(0.0)[1]
-    baseline = accuracy(ref, labels) if labels is not None else None
     lat_ids, lat_mask = latency_input(ids, mask, recipe.seq_len)
     host_threads = min(recipe.threads, os.cpu_count() or 1)
-    eager = eager_latency_ms(loaded, lat_ids, lat_mask, host_threads)
-    fp32_bytes = loaded.num_parameters * 4
-    calibration = calibration_rows(ids, mask)
-
     golden = {
         "input_ids": ids,
         "attention_mask": mask,
@@ -491,98 +466,131 @@ def _export_into(
     }
     if labels is not None:
         golden["labels"] = labels
-    np.savez(tmp / "golden.npz", **golden)
-    tok_files = _copy_tokenizer(loaded, tmp)
-    if loaded.labels:
-        (tmp / "labels.json").write_text(json.dumps(loaded.labels, indent=2) + "\n")
+    return Reference(
+        dataset=dataset,
+        ids=ids,
+        mask=mask,
+        labels=labels,
+        baseline=accuracy(ref, labels) if labels is not None else None,
+        golden=golden,
+        eager=eager_latency_ms(loaded, lat_ids, lat_mask, host_threads),
+        host_threads=host_threads,
+        calibration=calibration_rows(ids, mask),
+        variants=variants,
+        warnings=warnings,
+    )
 
+
+def _reference_key(sparsity: float) -> str:
+    return "reference" if sparsity == 0 else f"reference_sparsity_{round(sparsity * 100)}"
+
+
+def _export_into(
+    tmp: Path,
+    final: Path,
+    recipe: Recipe,
+    model: str | None,
+    data: str | None,
+    opts: PipelineOptions,
+    step: Callable[[str], None],
+    start: float,
+) -> Report:
+    """The stages of :func:`export_for_device`; everything is written into ``tmp``."""
+    from edgelm.compress.estimate import estimate
+
+    step("loading model")
+    loaded, adapter_modules = load_stage(recipe, model, opts)
+    step("reading data, PyTorch fp32 reference")
+    ref = reference_stage(recipe, loaded, data, opts)
+    np.savez(tmp / "golden.npz", **ref.golden)  # the search and swapped adapters run on it; rewritten below
+    fp32_bytes = loaded.num_parameters * 4
     runner = HostRunner()
 
     def cost(model_: LoadedModel, fmt: str, quant: exporters.QuantSpec) -> dict:
         return estimate(
             model_.module,
-            profile,
+            recipe,
             scheme=quant.scheme,
             fmt=fmt,
-            seq_len=recipe.seq_len,
-            threads=recipe.threads,
             embedding_bits=quant.embedding_bits,
             group_size=quant.group_size,
         ).to_dict()
 
-    def build(plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
-        model_, ref_, _ = variants.get(sparsity)
+    def export_plan(plan: FormatPlan, sparsity: float, directory: Path) -> exporters.Artifact:
+        model_ = ref.variants.get(sparsity)[0]
         step(f"exporting {plan.format} {plan.quant.label}" + (f" ({sparsity:.0%} pruned)" if sparsity else ""))
         with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
-            art = export_artifact(model_, plan, recipe.seq_len, directory, calibration, adapter_modules)
-        res = ArtifactResult(
-            file=art.path.name,
-            format=plan.format,
-            quant=plan.quant.label,
-            delegate=plan.delegate,
-            size_mb=art.size_bytes / 1e6,
-            size_vs_fp32=art.size_bytes / fp32_bytes,
-            export_seconds=art.export_seconds,
-            threads=host_threads,
-            sparsity=sparsity,
-            estimate=cost(model_, plan.format, plan.quant),
+            return export_artifact(model_, plan, recipe.seq_len, directory, ref.calibration, adapter_modules)
+
+    def measure(plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
+        """Export and run one search candidate, judged by the same gate check as the final artifacts."""
+        art = export_plan(plan, sparsity, directory)
+        res = _result(
+            plan,
+            art,
+            sparsity,
+            fp32_bytes,
+            ref.host_threads,
+            cost(ref.variants.structure(sparsity), plan.format, plan.quant),
         )
+        reference = ref.variants.get(sparsity)[1]
         try:
-            run = runner.run_artifact(
-                art.path, tmp / "golden.npz", threads=host_threads, warmup=WARMUP_RUNS, runs=TIMED_RUNS
-            )
-            res.fidelity = fidelity(run.outputs, ref_, loaded.kind, labels, baseline_accuracy=baseline)
-            res.latency = latency_stats(run.result["latency_samples_ms"])
-            res.speedup_vs_eager = eager["p50_ms"] / res.latency["p50_ms"]
-            res.peak_rss_mb = run.result["peak_rss_mb"]
-            res.load_ms = run.result["load_ms"]
+            run = runner.run_artifact(art.path, tmp / "golden.npz", threads=ref.host_threads, warmup=1, runs=3)
+            res.fidelity = fidelity(run.outputs, reference, loaded.kind, ref.labels, baseline_accuracy=ref.baseline)
         except EdgeLMError as exc:
-            res.error = str(exc)
-            res.fidelity = {"cosine_mean": float("nan")}
-        check_gates(res, plan, loaded.task, ref_)
+            res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
+        check_gates(res, plan, loaded.task, reference)
         return art, res
 
-    artifacts: list[exporters.Artifact] = []
-    results: list[ArtifactResult] = []
-    searches: list[dict] = []
+    # compress and export
+    plans, artifacts, sparsities, searches = [], [], [], []
     for plan in recipe.plans:
-        if not search:
-            art, res = build(plan, recipe.sparsity, tmp)
-        else:
-            art, res, summary = _search_format(
-                plan, profile, recipe, variants, build, cost, tmp, max_sparsity, search_time
-            )
+        if opts.search:
+            art, res, summary = _search_format(plan, recipe, ref.variants, measure, cost, tmp, opts.search_time)
+            plan = dataclasses.replace(plan, quant=art.quant, gates=recipe.gates_for(art.quant.scheme))
             searches.append(summary)
+            sparsity = res.sparsity
+        else:
+            sparsity = recipe.sparsity
+            art = export_plan(plan, sparsity, tmp)
+        plans.append(plan)
         artifacts.append(art)
-        results.append(res)
+        sparsities.append(sparsity)
+    final_recipe = dataclasses.replace(recipe, plans=plans)
 
     adapter_results = []
-    for adapter_dir in adapters or []:
+    for adapter_dir in opts.adapters:
         step(f"adapter {Path(adapter_dir).name}")
         adapter_results += _extra_adapter(
-            adapter_dir, loaded, artifacts, recipe, tmp, golden, ids, mask, labels, runner, host_threads, calibration
+            adapter_dir,
+            loaded,
+            artifacts,
+            final_recipe,
+            tmp,
+            ref.golden,
+            ref.ids,
+            ref.mask,
+            ref.labels,
+            runner,
+            ref.host_threads,
+            ref.calibration,
         )
 
-    step("writing manifest and report")
-    used = sorted({r.sparsity for r in results})
+    # write: golden set with every reference, tokenizer, labels, manifest
+    step("writing the bundle")
     compression = None
-    for s_ in used:
+    for s_ in sorted(set(sparsities)):
         if s_ > 0:
-            info = dict(variants.get(s_)[2])
+            info = dict(ref.variants.get(s_)[2])
             info.pop("record", None)
-            info["train"] = train_data
-            golden[f"reference_sparsity_{round(s_ * 100)}"] = variants.get(s_)[1]
+            info["train"] = opts.train_data
+            ref.golden[_reference_key(s_)] = ref.variants.get(s_)[1]
             compression = info
-    if adapter_results or compression is not None:  # references added after the runs that read the inputs
-        np.savez(tmp / "golden.npz", **golden)
-    data_info = {"source": dataset.source, "count": len(dataset), "labeled": labels is not None, "command": command}
-    data_info["warnings"] = warnings
-    reference = {
-        "eager_p50_ms": eager["p50_ms"],
-        "eager_p90_ms": eager["p90_ms"],
-        "threads": host_threads,
-        "accuracy": baseline,
-    }
+    np.savez(tmp / "golden.npz", **ref.golden)
+    tok_files = _copy_tokenizer(loaded, tmp)
+    if loaded.labels:
+        (tmp / "labels.json").write_text(json.dumps(loaded.labels, indent=2) + "\n")
+    estimates = [cost(ref.variants.get(s_)[0], p.format, p.quant) for p, s_ in zip(plans, sparsities, strict=True)]
     versions = exporters.base.package_versions(
         "edgelm",
         "torch",
@@ -595,40 +603,55 @@ def _export_into(
         "ai-edge-litert",
         "numpy",
     )
-    artifact_dicts = []
-    for a, r in zip(artifacts, results, strict=False):
-        d = a.to_dict()
-        d["sparsity"] = r.sparsity
-        d["golden_reference"] = "reference" if r.sparsity == 0 else f"reference_sparsity_{round(r.sparsity * 100)}"
-        d["estimate"] = r.estimate
-        artifact_dicts.append(d)
-    manifest = {
-        "schema": SCHEMA,
-        "edgelm_version": edgelm.__version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "device": profile.to_dict(),
-        "recipe": recipe.to_dict(),
-        "model": loaded.describe(),
-        "tokenizer": {
-            "files": tok_files,
-            "max_length": recipe.seq_len,
-            "padding": "right",
-            "pad_to": "seq_len (ONNX/ExecuTorch accept any length 2..seq_len; TFLite pads to a bucket)",
-        },
-        "labels": loaded.labels,
-        "golden": {
-            "file": "golden.npz",
-            "sha256": exporters.sha256_file(tmp / "golden.npz"),
-            "count": len(dataset),
-            "source": dataset.source,
-            "output": loaded.output_name,
-        },
-        "compression": compression,
-        "artifacts": artifact_dicts,
-        "adapters": adapter_results,
-        "versions": versions,
+    manifest = _manifest(
+        final_recipe,
+        loaded,
+        ref,
+        tmp,
+        artifacts,
+        sparsities,
+        estimates,
+        tok_files,
+        compression,
+        adapter_results,
+        versions,
+    )
+    (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+
+    # check: the same run and evaluation as `edgelm validate --runner host`
+    step("checking every artifact on this host")
+    from edgelm.validate.bundle import evaluate, run_bundle, write_validation
+
+    bundle = Bundle.load(tmp)
+    bundle.location = final
+    record = evaluate(bundle, run_bundle(bundle, runner, threads=ref.host_threads, warmup=WARMUP_RUNS, runs=TIMED_RUNS))
+    results = []
+    for plan, art, s_, est in zip(plans, artifacts, sparsities, estimates, strict=True):
+        res = _result(plan, art, s_, fp32_bytes, ref.host_threads, est)
+        rec = record["artifacts"][art.path.name]
+        res.error = rec.get("error")
+        res.fidelity = rec.get("fidelity") or {"cosine_mean": float("nan")}
+        if rec.get("latency", {}).get("p50_ms"):
+            res.latency = {
+                k: rec["latency"][k] for k in ("p50_ms", "p90_ms", "mean_ms", "min_ms") if k in rec["latency"]
+            }
+            res.speedup_vs_eager = ref.eager["p50_ms"] / res.latency["p50_ms"]
+        res.peak_rss_mb, res.load_ms = rec.get("peak_rss_mb"), rec.get("load_ms")
+        check_gates(res, plan, loaded.task, bundle.reference(art.path.name))
+        res.passed = res.passed and rec["status"] == "passed"
+        if rec["status"] != "passed" and res.error is None:
+            res.error = "; ".join(f"{k}: {c['detail']}" for k, c in rec["checks"].items() if not c["passed"])
+        results.append(res)
+
+    # report
+    step("writing the report")
+    data_info = {
+        "source": ref.dataset.source,
+        "count": len(ref.dataset),
+        "labeled": ref.labels is not None,
+        "command": opts.command,
+        "warnings": ref.warnings,
     }
-    (tmp / MANIFEST_FILE).write_text(Manifest.model_validate(manifest).to_json())
     search_info = None
     if searches:
         search_info = {
@@ -638,11 +661,16 @@ def _export_into(
             "candidates": [c for x in searches for c in x["candidates"]],
         }
     report = Report(
-        device=profile.name,
+        device=recipe.device,
         model=loaded.describe(),
         data=data_info,
-        recipe=recipe.to_dict(),
-        reference=reference,
+        recipe=final_recipe.to_dict(),
+        reference={
+            "eager_p50_ms": ref.eager["p50_ms"],
+            "eager_p90_ms": ref.eager["p90_ms"],
+            "threads": ref.host_threads,
+            "accuracy": ref.baseline,
+        },
         artifacts=results,
         output_dir=str(final),
         wall_seconds=time.perf_counter() - start,
@@ -652,7 +680,62 @@ def _export_into(
         adapters=adapter_results,
     )
     report.write(tmp)
+    write_validation(bundle, record)  # validation.json and the validation sections of report.md
     return report
+
+
+def _result(
+    plan: FormatPlan, art: exporters.Artifact, sparsity: float, fp32_bytes: int, threads: int, estimate: dict
+) -> ArtifactResult:
+    return ArtifactResult(
+        file=art.path.name,
+        format=plan.format,
+        quant=plan.quant.label,
+        delegate=plan.delegate,
+        size_mb=art.size_bytes / 1e6,
+        size_vs_fp32=art.size_bytes / fp32_bytes,
+        export_seconds=art.export_seconds,
+        threads=threads,
+        sparsity=sparsity,
+        estimate=estimate,
+    )
+
+
+def _manifest(recipe, loaded, ref, tmp, artifacts, sparsities, estimates, tok_files, compression, adapters, versions):
+    """The typed :class:`~edgelm.bundle.Manifest` of the bundle in ``tmp``."""
+    artifact_dicts = []
+    for a, s_, est in zip(artifacts, sparsities, estimates, strict=True):
+        d = a.to_dict()
+        d.update(sparsity=s_, golden_reference=_reference_key(s_), estimate=est)
+        artifact_dicts.append(d)
+    return Manifest.model_validate(
+        {
+            "schema": SCHEMA,
+            "edgelm_version": edgelm.__version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "device": recipe.profile,
+            "recipe": recipe.to_dict(),
+            "model": loaded.describe(),
+            "tokenizer": {
+                "files": tok_files,
+                "max_length": recipe.seq_len,
+                "padding": "right",
+                "pad_to": "seq_len (ONNX/ExecuTorch accept any length 2..seq_len; TFLite pads to a bucket)",
+            },
+            "labels": loaded.labels,
+            "golden": {
+                "file": "golden.npz",
+                "sha256": exporters.sha256_file(tmp / "golden.npz"),
+                "count": len(ref.dataset),
+                "source": ref.dataset.source,
+                "output": loaded.output_name,
+            },
+            "compression": compression,
+            "artifacts": artifact_dicts,
+            "adapters": adapters,
+            "versions": versions,
+        }
+    )
 
 
 LORA_MODES = ("merged", "separate")
@@ -743,33 +826,28 @@ def _extra_adapter(
 
 def _search_format(
     plan: FormatPlan,
-    profile: DeviceProfile,
     recipe: Recipe,
     variants: _Variants,
-    build,
+    measure,
     cost,
     tmp: Path,
-    max_sparsity: float,
     search_time: float,
 ):
-    """Run the accuracy-budget search for one format; the chosen artifact is moved into ``tmp``."""
-    from edgelm.recipe import gates_for
+    """Run the accuracy-budget search for one format; the chosen artifact is moved into ``tmp``.
+    Returns ``(artifact, its measured result, the search summary)``."""
     from edgelm.search import candidates, run_search
 
     work = tmp / "search"
     work.mkdir(exist_ok=True)
-    fmt_mod = exporters.get(plan.format)
 
     def cplan(c) -> FormatPlan:
-        return FormatPlan(
-            plan.format, c.quant, plan.delegate, gates_for(profile, c.quant.scheme, plan.gates.max_accuracy_drop)
-        )
+        return FormatPlan(plan.format, c.quant, plan.delegate, recipe.gates_for(c.quant.scheme))
 
     def evaluate(c) -> None:
         directory = work / f"{plan.format}-{len(list(work.iterdir()))}"
         directory.mkdir()
         try:
-            art, res = build(cplan(c), c.sparsity, directory)
+            art, res = measure(cplan(c), c.sparsity, directory)
         except EdgeLMError as exc:  # a converter failure rejects the candidate, it does not end the search
             c.result = ArtifactResult(
                 file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(exc)
@@ -779,19 +857,18 @@ def _search_format(
         c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
         c.accuracy_drop = res.fidelity.get("accuracy_drop")
 
-    cands = candidates(plan.format, fmt_mod.schemes, max_sparsity)
+    cands = candidates(plan.format, exporters.get(plan.format).schemes, recipe.max_sparsity, recipe.sparsities)
     chosen, summary = run_search(
         cands,
         estimate=lambda c: cost(variants.structure(c.sparsity), plan.format, c.quant),
         evaluate=evaluate,
         max_accuracy_drop=plan.gates.max_accuracy_drop,
-        max_size_mb=profile.budgets.max_artifact_mb,
-        target_latency_ms=profile.budgets.target_latency_ms,
-        max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
+        max_size_mb=recipe.max_artifact_mb,
+        target_latency_ms=recipe.target_latency_ms,
+        max_peak_ram_mb=recipe.max_peak_ram_mb,
         time_limit_s=search_time,
     )
-    final_plan = cplan(chosen)
-    target = tmp / final_plan.artifact_name
+    target = tmp / cplan(chosen).artifact_name
     os.replace(chosen.artifact.path, target)
     chosen.artifact.path = target
     chosen.result.file = target.name
@@ -799,4 +876,4 @@ def _search_format(
     return chosen.artifact, chosen.result, summary
 
 
-__all__ = ["captured_output", "export_for_device", "prepare"]
+__all__ = ["PipelineOptions", "captured_output", "export_for_device", "prepare"]

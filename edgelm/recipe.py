@@ -50,17 +50,27 @@ class FormatPlan:
         return f"model.{self.quant.scheme}{exporters.suffix(self.format)}"
 
 
+#: Pruning ratios the accuracy-budget search considers (up to the recipe's ``max_sparsity``).
+SEARCH_SPARSITIES = (0.5, 0.3, 0.0)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Everything the pipeline needs to know for one device.
+    """Everything the pipeline needs to know for one device: nothing downstream reads the profile again.
 
     Attributes:
-        device: profile name.
+        device: profile name (the output folder's name).
         seq_len: max sequence length in tokens; inputs are [batch, seq_len] int ids and mask.
-        batch: batch size the artifacts are exported and timed at (1).
         threads: CPU threads the runtimes use on the target.
         plans: one :class:`FormatPlan` per artifact, in the profile's order.
-        target_latency_ms / max_peak_ram_mb: the device's budgets, reported beside host measurements.
+        batch: batch size the artifacts are exported and timed at (1).
+        sparsity: share of heads and FFN neurons pruned before export (0: none).
+        target_latency_ms / max_peak_ram_mb / max_artifact_mb: the device's budgets (ms at ``seq_len``,
+            MB, MB), reported beside host measurements and used by the search.
+        hardware: the profile's hardware figures (cores, GOP/s, GB/s) for the cost model.
+        gates_by_scheme: the gates each scheme would get here (the search tries other schemes).
+        max_sparsity / sparsities: the search space of ``--search`` (pruning ratios tried, most first).
+        profile: the profile as plain data, written into the manifest (runners read its [validation]).
     """
 
     device: str
@@ -68,13 +78,29 @@ class Recipe:
     threads: int
     plans: list[FormatPlan] = field(default_factory=list)
     batch: int = 1
+    sparsity: float = 0.0
     target_latency_ms: float = 0.0
     max_peak_ram_mb: float = 0.0
-    sparsity: float = 0.0
+    max_artifact_mb: float = 0.0
+    hardware: dict = field(default_factory=dict)
+    gates_by_scheme: dict[str, Gates] = field(default_factory=dict)
+    max_sparsity: float = 0.5
+    sparsities: tuple[float, ...] = SEARCH_SPARSITIES
+    profile: dict = field(default_factory=dict, repr=False)
+
+    def gates_for(self, scheme: str) -> Gates:
+        """The gates of a ``scheme`` artifact on this device. Raises RecipeError for an unknown scheme."""
+        if scheme not in self.gates_by_scheme:
+            schemes.get(scheme)  # raises for an unknown scheme
+            raise RecipeError(f"the recipe has no gates for {scheme!r}")
+        return self.gates_by_scheme[scheme]
 
     def to_dict(self) -> dict:
+        """The recipe as written to the manifest and report (without the profile, which the manifest keeps
+        under ``device``)."""
         d = asdict(self)
-        for plan, pd in zip(self.plans, d["plans"], strict=False):
+        d.pop("profile")
+        for plan, pd in zip(self.plans, d["plans"], strict=True):
             pd["artifact"] = plan.artifact_name
         return d
 
@@ -142,6 +168,7 @@ def make_recipe(
     threads: int | None = None,
     sparsity: float | None = None,
     max_accuracy_drop: float | None = None,
+    max_sparsity: float | None = None,
 ) -> Recipe:
     """Derive the recipe for ``profile`` with optional CLI overrides (pure: no I/O).
 
@@ -154,6 +181,8 @@ def make_recipe(
         sparsity: share of attention heads and FFN neurons to prune before export, in [0, 1) (default: the
             profile's ``[compression] sparsity``, else 0).
         max_accuracy_drop: the accuracy budget in points (default: the profile's gate, else 1.0).
+        max_sparsity: the largest pruning ratio ``--search`` tries (default: the profile's
+            ``[compression] max_sparsity``, 0.5).
     Raises:
         RecipeError: unknown format, a scheme the format cannot do, a format the device cannot run,
             a bad sequence length or thread count.
@@ -188,12 +217,20 @@ def make_recipe(
         spec = schemes.quant_spec(scheme)
         gates = gates_for(profile, scheme, max_accuracy_drop)
         plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))
+    max_sparsity = profile.compression.max_sparsity if max_sparsity is None else float(max_sparsity)
+    if not 0.0 <= max_sparsity < 1.0:
+        raise RecipeError(f"--max-sparsity {max_sparsity}: use a share in [0, 1)")
     return Recipe(
         device=profile.name,
         seq_len=seq,
         threads=n_threads,
         plans=plans,
+        sparsity=sparsity,
         target_latency_ms=profile.budgets.target_latency_ms,
         max_peak_ram_mb=profile.budgets.max_peak_ram_mb,
-        sparsity=sparsity,
+        max_artifact_mb=profile.budgets.max_artifact_mb,
+        hardware=profile.hardware.model_dump(mode="json"),
+        gates_by_scheme={s: gates_for(profile, s, max_accuracy_drop) for s in schemes.names()},
+        max_sparsity=max_sparsity,
+        profile=profile.to_dict(),
     )

@@ -27,6 +27,7 @@ from edgelm.data import load_dataset, load_tokenizer
 from edgelm.errors import DataError, ModelError, RecipeError
 from edgelm.models import load_model
 from edgelm.profiles import load_profile
+from edgelm.recipe import make_recipe
 
 SEQ = 32
 
@@ -188,7 +189,7 @@ def test_cubic_schedule():
 
 def test_estimate_counts(trained_classifier):
     loaded = load_model(trained_classifier)
-    profile = load_profile("pixel8")
+    profile = make_recipe(load_profile("pixel8"))
     e32 = estimate(loaded.module, profile, scheme="fp32", seq_len=SEQ, threads=1)
     d, n, h, dh, L = 64, 128, 2, 32, 2
     linear = L * SEQ * (3 * d * h * dh + h * dh * d + 2 * d * n) + d * d + d * 2

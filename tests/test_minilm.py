@@ -46,6 +46,7 @@ def test_minilm_schemes_and_estimate(tmp_path):
     from edgelm.models import load_model
     from edgelm.pipeline import calibration_rows
     from edgelm.profiles import load_profile
+    from edgelm.recipe import make_recipe
     from edgelm.schemes import quant_spec
 
     m = load_model("default")
@@ -70,5 +71,5 @@ def test_minilm_schemes_and_estimate(tmp_path):
         # fp32 is ~90 MB; static int8 keeps 6 FFN down-projections (14 MB) float
         assert art.size_bytes < {"int8_static": 36e6, "8da4w": 25e6}[scheme]
     assert cos["int8_static"] > 0.95 and cos["8da4w"] > 0.9, cos
-    e = estimate(m.module, load_profile("pixel8"), scheme="fp32", seq_len=128)
+    e = estimate(m.module, make_recipe(load_profile("pixel8")), scheme="fp32", seq_len=128)
     assert e.parameters == pytest.approx(22.7e6, rel=0.01) and e.macs == pytest.approx(1.43e9, rel=0.02)

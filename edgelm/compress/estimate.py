@@ -94,7 +94,7 @@ def _structure(wrapper: Any) -> dict:
 
 def estimate(
     wrapper: Any,
-    profile: Any,
+    recipe: Any,
     *,
     scheme: str = "fp32",
     fmt: str = "pytorch",
@@ -103,21 +103,22 @@ def estimate(
     embedding_bits: int | None = None,
     group_size: int = 32,
 ) -> Estimate:
-    """Estimate the cost of ``wrapper`` (an edgelm model wrapper) on ``profile`` (a DeviceProfile).
+    """Estimate the cost of ``wrapper`` (an edgelm model wrapper) on the device of ``recipe`` (a
+    :class:`~edgelm.recipe.Recipe`: its ``hardware`` figures, ``seq_len`` and ``threads``).
 
     Args:
         scheme: a quantization scheme (``fp32``, ``fp16``, ``int8_dynamic``, ``int8_static``, ``8da4w``,
             ``int4_weight_only``).
         fmt: ``onnx``, ``executorch``, ``tflite`` or ``pytorch`` (only the runtime overhead depends on it).
-        seq_len / threads: default the profile's ``budgets.latency_seq_len`` / ``validation.threads``.
+        seq_len / threads: default the recipe's (tokens, CPU threads).
         embedding_bits: 8 to count the word-embedding table at 8 bits (default: 8 for quantized schemes).
     Raises:
         RecipeError: an unknown scheme.
     """
     sch = schemes.get(scheme)  # bits per weight and int8 kernels come from the scheme table
     s = _structure(wrapper)
-    S = int(seq_len or profile.budgets.latency_seq_len)
-    n_threads = int(threads or profile.validation.threads)
+    S = int(seq_len or recipe.seq_len)
+    n_threads = int(threads or recipe.threads)
     if embedding_bits is None:
         embedding_bits = sch.embedding_bits
     lin_macs = sum(S * i * o for i, o in s["linears_enc"]) + sum(i * o for i, o in s["linears_head"])
@@ -139,15 +140,15 @@ def estimate(
     weight_bytes = lin_bytes + emb_bytes + other_params * 4
     d = s["hidden"]
     act_bytes = max((4 * (5 * S * d + h * S * S + S * ffn) for h, _, ffn in s["attn"]), default=0)
-    hw = profile.hardware
-    lin_rate = hw.cpu_gops_int8 if sch.int8_compute else hw.cpu_gflops_fp32
-    parallel = 1.0 if n_threads <= 1 else 0.8 * min(n_threads, hw.cpu_cores)
-    compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw.cpu_gflops_fp32 * 1e9)) / parallel * 1e3
-    memory_ms = weight_bytes / (hw.memory_bandwidth_gbs * 1e9) * 1e3
+    hw = recipe.hardware
+    lin_rate = hw["cpu_gops_int8"] if sch.int8_compute else hw["cpu_gflops_fp32"]
+    parallel = 1.0 if n_threads <= 1 else 0.8 * min(n_threads, hw["cpu_cores"])
+    compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw["cpu_gflops_fp32"] * 1e9)) / parallel * 1e3
+    memory_ms = weight_bytes / (hw["memory_bandwidth_gbs"] * 1e9) * 1e3
     latency = max(compute_ms, memory_ms) + 0.2
     peak = (weight_bytes + act_bytes) / 1e6 + RUNTIME_OVERHEAD_MB.get(fmt, 0.0)
     return Estimate(
-        device=profile.name,
+        device=recipe.device,
         scheme=scheme,
         format=fmt,
         seq_len=S,
@@ -162,15 +163,15 @@ def estimate(
     )
 
 
-def estimate_schemes(model: str, profile: Any, recipe: Any, scheme_names: list[str] | None = None) -> list[Estimate]:
+def estimate_schemes(model: str, recipe: Any, scheme_names: list[str] | None = None) -> list[Estimate]:
     """What ``edgelm estimate`` prints: the cost of ``model`` (``"default"`` or a checkpoint directory) on
-    ``profile`` under each of ``scheme_names`` (default: fp32 and the profile's schemes), at the recipe's
-    sequence length and threads. Each scheme is costed on the runtime that would run it: PyTorch eager for
-    fp32, else the first of the profile's formats that uses it, else ONNX Runtime.
+    the recipe's device under each of ``scheme_names`` (default: fp32 and the recipe's schemes), at the
+    recipe's sequence length and threads. Each scheme is costed on the runtime that would run it: PyTorch
+    eager for fp32, else the first of the recipe's formats that uses it, else ONNX Runtime.
     Raises RecipeError for an unknown scheme (before the model is loaded) and ModelError for a bad model."""
     from edgelm.models import load_model
 
-    names = scheme_names or list(dict.fromkeys(["fp32", *profile.quantization.values()]))
+    names = scheme_names or list(dict.fromkeys(["fp32", *(p.quant.scheme for p in recipe.plans)]))
     for name in names:
         schemes.get(name)
     loaded = load_model(model)
@@ -178,9 +179,6 @@ def estimate_schemes(model: str, profile: Any, recipe: Any, scheme_names: list[s
     def runtime(scheme: str) -> str:
         if scheme == "fp32":
             return "pytorch"
-        return next((f for f, q in profile.quantization.items() if q == scheme), "onnx")
+        return next((p.format for p in recipe.plans if p.quant.scheme == scheme), "onnx")
 
-    return [
-        estimate(loaded.module, profile, scheme=s, fmt=runtime(s), seq_len=recipe.seq_len, threads=recipe.threads)
-        for s in names
-    ]
+    return [estimate(loaded.module, recipe, scheme=s, fmt=runtime(s)) for s in names]

@@ -176,7 +176,7 @@ def run_bundle(
         store = ResultStore(tmp)
         info = {
             **runner.describe(),
-            "bundle": str(bundle.path.resolve()),
+            "bundle": str(bundle.location),
             "device": bundle.device,
             "manifest_sha256": exporters.sha256_file(bundle.path / "manifest.json"),
             "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -429,7 +429,7 @@ def write_validation(bundle: Bundle, record: dict) -> Path:
             doc = {}  # from an earlier export of this directory: start afresh
     except (OSError, ValueError):
         doc = {}
-    doc.update(bundle=str(bundle.path.resolve()), device=bundle.device, manifest_sha256=record.get("manifest_sha256"))
+    doc.update(bundle=str(bundle.location), device=bundle.device, manifest_sha256=record.get("manifest_sha256"))
     doc.setdefault("runners", {})[record["runner"]] = record
     write_text_atomic(vpath, json.dumps(doc, indent=2, default=str) + "\n")
     report = bundle.path / "report.md"
