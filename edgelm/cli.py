@@ -15,11 +15,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import edgelm
 from edgelm import fsutil
+from edgelm.console import StageProgress, print_table
 from edgelm.errors import EdgeLMError, Terminated
 
 app = typer.Typer(
@@ -41,20 +41,27 @@ hypernet_app = typer.Typer(
 app.add_typer(hypernet_app, name="hypernet")
 
 out_console = Console()
-#: the report columns shown in the terminal summary (report.md has them all)
+#: the report columns shown in the terminal summary, most important first (report.md has them all)
 TERMINAL_COLUMNS = (
     "artifact",
-    "pruned",
+    "gate",
     "size MB",
-    "cosine",
-    "top-1",
-    "accuracy %",
     "p50 ms",
+    "accuracy %",
+    "top-1",
+    "cosine",
     "× eager",
     "RSS MB",
     "est. device ms",
-    "gate",
+    "pruned",
 )
+
+
+def _gate_style(column: str, cell: str) -> str | None:
+    """Green PASS / passed, red FAIL / failed / error in a result table."""
+    if column in ("gate", "status"):
+        return "green" if cell in ("PASS", "passed") else "yellow" if cell == "skipped" else "red"
+    return None
 
 
 def _err_console() -> Console:
@@ -267,22 +274,18 @@ def export(
     )
 
     def show_recipe(recipe) -> None:
-        t = Table(
-            title=f"recipe for {recipe.device}: seq_len {recipe.seq_len}, batch {recipe.batch}, "
-            f"{recipe.threads} threads",
-            title_justify="left",
-        )
-        for col in ("artifact", "delegate", "gates"):
-            t.add_column(col, no_wrap=col == "artifact")
-        for p in recipe.plans:
-            g = p.gates
-            t.add_row(
-                p.artifact_name + (" (+ 8-bit embeddings)" if p.quant.embedding_bits else ""),
+        rows = [
+            [
+                p.artifact_name,
                 p.delegate,
-                f"cosine ≥ {g.min_cosine}, top-1 ≥ {g.min_top1_agreement}, "
-                f"acc drop ≤ {g.max_accuracy_drop} pt, ≤ {g.max_size_mb:g} MB",
-            )
-        err.print(t)
+                ("8-bit embeddings; " if p.quant.embedding_bits else "")
+                + f"cosine ≥ {p.gates.min_cosine}, top-1 ≥ {p.gates.min_top1_agreement}, "
+                f"acc drop ≤ {p.gates.max_accuracy_drop} pt, ≤ {p.gates.max_size_mb:g} MB",
+            ]
+            for p in recipe.plans
+        ]
+        title = f"recipe for {recipe.device}: seq_len {recipe.seq_len}, batch {recipe.batch}, {recipe.threads} threads"
+        print_table(err, title, ("artifact", "delegate", "gates"), rows, wrap=("gates",))
 
     if search:
         err.print(
@@ -290,20 +293,7 @@ def export(
             f"(time limit {search_time:.0f} s per format); the recipe below is the starting point"
         )
     show_recipe(recipe)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def progress(desc: str, done: int, total: int) -> None:
-            bar.update(task, description=desc, completed=done, total=total)
-
+    with StageProgress(err) as progress:
         report = export_for_device(recipe, model, data, out, options, progress=progress)
     from edgelm.report import artifact_rows
 
@@ -312,18 +302,17 @@ def export(
     rows = artifact_rows(report)
     # only the columns that say something for this model (no top-1/accuracy for an embedding model)
     cols = [k for k in TERMINAL_COLUMNS if any(r[k] != "–" for r in rows)]
-    rows = [{k: r[k] for k in cols} for r in rows]
-    table = Table(
-        title=f"{report.device}: {report.output_dir}  (PyTorch eager fp32 p50 "
+    left_out = print_table(
+        out_console,
+        f"{report.device}: {report.output_dir}  (PyTorch eager fp32 p50 "
         f"{report.reference['eager_p50_ms']:.1f} ms, {report.reference['threads']} thread(s))",
-        title_justify="left",
+        cols,
+        [[r[k] for k in cols] for r in rows],
+        right=[c for c in cols if c != "artifact"],
+        style=_gate_style,
     )
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col == "artifact" else "right", no_wrap=col == "artifact")
-    for r in rows:
-        style = "green" if r["gate"] == "PASS" else "red"
-        table.add_row(*[r[c] if c != "gate" else f"[{style}]{r[c]}[/]" for c in r])
-    out_console.print(table)
+    if left_out:
+        out_console.print(f"(not shown at this width: {', '.join(left_out)}; report.md has every column)")
     for a in report.artifacts:
         if not a.passed:
             failed = [k for k, g in a.gates.items() if not g["passed"]]
@@ -416,8 +405,7 @@ def validate(
         remote_python=remote_python,
         remote_env=parse_env(remote_env),
     )
-    bar, progress = _fit_progress(_err_console())
-    with bar:
+    with StageProgress(_err_console()) as progress:
         record, _ = run_validation(
             b,
             r,
@@ -432,28 +420,23 @@ def validate(
             runs=runs,
         )
     rows = side_by_side_rows({"runners": {record["runner"]: record}})
-    t = Table(title=f"{b.device} on {record['runner']}", title_justify="left")
-    cols = (
-        "artifact",
-        "status",
-        "accuracy %",
-        "top-1",
-        "cosine",
-        "Δ vs host",
-        "top-1 vs host",
-        "p50 ms",
-    )  # all: report.md
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("artifact", "status") else "right", no_wrap=c == "artifact")
-    for row in rows:
-        t.add_row(*[row[c] for c in cols])
-    out_console.print(t)
+    cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "p50 ms", "Δ vs host", "top-1 vs host")
+    left_out = print_table(
+        out_console,
+        f"{b.device} on {record['runner']}",
+        cols,
+        [[row[c] for c in cols] for row in rows],
+        right=cols[2:],
+        style=_gate_style,
+    )
+    if left_out:
+        out_console.print(f"(not shown at this width: {', '.join(left_out)}; report.md has every column)")
     for name, a in record["artifacts"].items():
         for check, c in a["checks"].items():
             if not c["passed"]:
                 out_console.print(f"[red]{escape(name)}: {check}[/]: {escape(c['detail'])}", highlight=False)
         if a.get("skipped"):
-            out_console.print(f"[yellow]skipped[/] {a['skipped']}", highlight=False)
+            out_console.print(f"[yellow]skipped[/] {escape(a['skipped'])}", highlight=False)
     if record.get("dropped"):
         out_console.print(
             f"[red]runner dropped[/]: {record['dropped']} (results received before it are kept)", highlight=False
@@ -463,20 +446,6 @@ def validate(
     out_console.print(f"validation: {b.path / 'validation.json'}  report: {b.path / 'report.md'}")
     if not record["passed"]:
         raise typer.Exit(1)
-
-
-def _fit_progress(err: Console):
-    """A rich progress bar and the (description, done, total) callback that drives it."""
-    bar = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-        console=err,
-    )
-    task = bar.add_task("loading", total=None)
-    return bar, lambda desc, done, total: bar.update(task, description=desc, completed=done, total=total)
 
 
 def _history_table(result, title: str) -> Table:
@@ -534,8 +503,7 @@ def finetune(
     check_limit(limit)
     check_limit(eval_limit, "--eval-limit")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
-    bar, progress = _fit_progress(_err_console())
-    with bar:
+    with StageProgress(_err_console()) as progress:
         result = run_finetune(
             model,
             data,
@@ -648,8 +616,7 @@ def adapt(
             seed=seed,
             seq_len=seq_len,
         )
-        bar, progress = _fit_progress(_err_console())
-        with bar:
+        with StageProgress(_err_console()) as progress:
             res = run_adapt(
                 model,
                 data,
@@ -702,8 +669,7 @@ def emulator_setup(
     from edgelm.validate.emulator import qemu_binary, setup
 
     qemu_binary()
-    bar, progress = _fit_progress(_err_console())
-    with bar:
+    with StageProgress(_err_console()) as progress:
         path = setup(sysroot, executorch=executorch, force=force, progress=progress)
     out_console.print(f"emulator sysroot: {path}")
 
@@ -737,8 +703,7 @@ def hypernet_train(
     cfg = HyperConfig(episodes=episodes, rank=rank, seq_len=seq_len, per_task=per_task, seed=seed)
     if tasks:
         cfg.tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    bar, progress = _fit_progress(_err_console())
-    with bar:
+    with StageProgress(_err_console()) as progress:
         rec = meta_train(model, data_dir, out, cfg, progress=progress)
     out_console.print(
         f"meta-trained on {', '.join(rec['tasks'])} for {rec['episodes_run']} episodes in {rec['seconds']:.0f} s: "
@@ -799,8 +764,7 @@ def compress(
     check_limit(limit)
     check_limit(eval_limit, "--eval-limit")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
-    bar, progress = _fit_progress(_err_console())
-    with bar:
+    with StageProgress(_err_console()) as progress:
         result, summary = run_compress(
             model,
             data,
@@ -858,26 +822,29 @@ def estimate(
         out_console.print_json(_json.dumps(rows))
         return
     b = profile.budgets
-    t = Table(
-        title=f"estimate: {model} on {profile.display_name} ({rows[0]['threads']} threads, seq "
-        f"{rows[0]['seq_len']}, batch 1; budget {b.target_latency_ms:g} ms, {b.max_peak_ram_mb:g} MB RAM, "
-        f"{b.max_artifact_mb:g} MB file)",
-        title_justify="left",
+    out_console.print(
+        f"estimate: {model} on {profile.display_name} ({rows[0]['threads']} threads, seq {rows[0]['seq_len']}, "
+        f"batch 1; budget {b.target_latency_ms:g} ms, {b.max_peak_ram_mb:g} MB RAM, {b.max_artifact_mb:g} MB file)",
+        markup=False,
+        highlight=False,
     )
-    for col in ("scheme", "runtime", "params M", "GMACs", "weights MB", "act. MB", "latency ms", "RAM MB"):
-        t.add_column(col, justify="right", no_wrap=True)
-    for r in rows:
-        t.add_row(
+    cols = ("scheme", "latency ms", "RAM MB", "weights MB", "runtime", "GMACs", "params M", "act. MB")
+    cells = [
+        [
             r["scheme"],
-            r["format"],
-            f"{r['parameters'] / 1e6:.2f}",
-            f"{r['macs'] / 1e9:.2f}",
-            f"{r['weight_mb']:.1f}",
-            f"{r['activation_mb']:.1f}",
             f"{r['latency_ms']:.1f}",
             f"{r['peak_ram_mb']:.0f}",
-        )
-    out_console.print(t)
+            f"{r['weight_mb']:.1f}",
+            r["format"],
+            f"{r['macs'] / 1e9:.2f}",
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['activation_mb']:.1f}",
+        ]
+        for r in rows
+    ]
+    left_out = print_table(out_console, "", cols, cells, right=cols[1:4] + cols[5:])
+    if left_out:
+        out_console.print(f"(not shown at this width: {', '.join(left_out)}; --json has every figure)")
     out_console.print(
         "Roofline estimate from the profile's \\[hardware] figures (edgelm.compress.estimate); "
         "`edgelm export` reports it beside the measurement.",
@@ -893,22 +860,23 @@ def devices(ctx: typer.Context):
         return
     from edgelm.profiles import all_profiles
 
-    t = Table(title="edgelm device profiles")
-    for col in ("name", "SoC", "cores", "RAM MB", "formats", "max MB", "ms@seq", "runner"):
-        t.add_column(col, overflow="fold", no_wrap=col == "name")
-    for p in all_profiles():
-        b = p.budgets
-        t.add_row(
+    rows = [
+        [
             p.name,
-            p.hardware.soc,
+            ", ".join(p.quantization),
+            f"{p.budgets.target_latency_ms:g}@{p.budgets.latency_seq_len}",
+            f"{p.budgets.max_artifact_mb:g}",
+            p.validation.runner,
             str(p.hardware.cpu_cores),
             str(p.hardware.ram_mb),
-            ", ".join(p.quantization),
-            f"{b.max_artifact_mb:g}",
-            f"{b.target_latency_ms:g}@{b.latency_seq_len}",
-            p.validation.runner,
-        )
-    out_console.print(t)
+            p.hardware.soc,
+        ]
+        for p in all_profiles()
+    ]
+    cols = ("name", "formats", "ms@seq", "max MB", "runner", "cores", "RAM MB", "SoC")
+    left_out = print_table(out_console, "edgelm device profiles", cols, rows, wrap=("formats", "SoC"))
+    if left_out:
+        out_console.print(f"(not shown at this width: {', '.join(left_out)}; `edgelm devices show NAME` has them)")
 
 
 @devices_app.command("show")

@@ -301,7 +301,8 @@ def export_for_device(
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if empty
         raise
-    step("done")
+    if progress:
+        progress("done", done, done)
     return report
 
 
