@@ -595,9 +595,10 @@ def adapt(
             f"{rec['seconds']:.1f} s with loading); demonstrations per class: {per}"
         )
         if eval_data:
-            out_console.print(
-                f"accuracy on {eval_data}: {_eval_checkpoint(out, eval_data, eval_limit, text_column, label_column):.2f}%"
-            )
+            from edgelm.compress.train import checkpoint_accuracy
+
+            acc = checkpoint_accuracy(out, eval_data, eval_limit, text_column, label_column)
+            out_console.print(f"accuracy on {eval_data}: {acc:.2f}%")
     else:
         if not data:
             raise RecipeError("pass --data (labeled training data) for --method, or --hypernetwork with --demos")
@@ -634,18 +635,6 @@ def adapt(
             + (f"; accuracy on {eval_data}: {res.eval_accuracy:.2f}%" if res.eval_accuracy is not None else "")
         )
     out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
-
-
-def _eval_checkpoint(model: Path, data: str, limit, text_column, label_column) -> float:
-    """Accuracy (%) of a classifier checkpoint on labeled ``data`` (PyTorch)."""
-    from edgelm.compress.train import accuracy, encode_labeled
-    from edgelm.data import load_dataset, load_tokenizer
-    from edgelm.models import load_model
-
-    loaded = load_model(model)
-    tok = load_tokenizer(loaded.tokenizer_dir, min(128, loaded.max_positions))
-    (ids, mask, labels), _ = encode_labeled(tok, load_dataset(data, text_column, label_column, limit), loaded.labels)
-    return accuracy(loaded.module, ids, mask, labels)
 
 
 @emulator_app.command("setup")

@@ -192,6 +192,25 @@ def accuracy(wrapper: Any, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray
     return logits_accuracy(predict(wrapper, ids, mask), labels)
 
 
+def checkpoint_accuracy(
+    model: str | Path,
+    data: str,
+    limit: int | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    seq_len: int = 128,
+) -> float:
+    """Accuracy (%) of a classifier checkpoint (PyTorch fp32) on the labeled file ``data``, tokenized at up
+    to ``seq_len`` tokens. Raises ModelError / DataError for a bad checkpoint or file."""
+    from edgelm.data import load_dataset, load_tokenizer
+    from edgelm.models import load_model
+
+    loaded = load_model(model)
+    tok = load_tokenizer(loaded.tokenizer_dir, min(seq_len, loaded.max_positions))
+    (ids, mask, labels), _ = encode_labeled(tok, load_dataset(data, text_column, label_column, limit), loaded.labels)
+    return accuracy(loaded.module, ids, mask, labels)
+
+
 def fit(
     wrapper: Any,
     train: tuple[np.ndarray, np.ndarray, np.ndarray],
