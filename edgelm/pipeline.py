@@ -170,30 +170,12 @@ def _copy_tokenizer(model: LoadedModel, directory: Path) -> list[str]:
     return copied
 
 
-def prepare(
-    device: str,
-    *,
-    formats: list[str] | None = None,
-    quant: str | None = None,
-    seq_len: int | None = None,
-    threads: int | None = None,
-    sparsity: float | None = None,
-    max_accuracy_drop: float | None = None,
-    max_sparsity: float | None = None,
-) -> Recipe:
-    """Load the profile, derive the recipe (:func:`edgelm.recipe.make_recipe`, which takes the same
-    overrides), and check that every format's packages are installed. Cheap (no model loading); the one
-    place the profile is read. Raises ProfileError, RecipeError or RuntimeMissingError."""
-    recipe = make_recipe(
-        load_profile(device),
-        formats=formats,
-        quant=quant,
-        seq_len=seq_len,
-        threads=threads,
-        sparsity=sparsity,
-        max_accuracy_drop=max_accuracy_drop,
-        max_sparsity=max_sparsity,
-    )
+def prepare(device: str, **overrides: Any) -> Recipe:
+    """Load the profile, derive the recipe with :func:`edgelm.recipe.make_recipe` and its ``overrides``
+    (``formats``, ``quant``, ``seq_len``, ``threads``, ``sparsity``, ``max_accuracy_drop``, ``max_sparsity``:
+    the CLI's options), and check that every format's packages are installed. Cheap (no model loading); the
+    one place the profile is read. Raises ProfileError, RecipeError or RuntimeMissingError."""
+    recipe = make_recipe(load_profile(device), **overrides)
     for plan in recipe.plans:
         try:
             exporters.get(plan.format).check_installed()

@@ -279,6 +279,43 @@ class Format(Protocol):
         ...
 
 
+class ModuleFormat:
+    """A :class:`Format` whose work is done by its module's functions ``check_installed()``,
+    ``runtime_versions()``, ``export(module, example_inputs, quant, path, options)`` and ``load(path, threads,
+    adapter)``: a format module subclasses it, sets the class attributes and registers the class."""
+
+    name: str
+    suffix: str
+    schemes: tuple[str, ...]
+    unsupported: dict[str, str] = {}
+    delegates: tuple[str, ...]
+
+    @property
+    def _module(self) -> Any:
+        import sys
+
+        return sys.modules[type(self).__module__]
+
+    def check_installed(self) -> None:
+        self._module.check_installed()
+
+    def runtime_versions(self) -> dict[str, str]:
+        return self._module.runtime_versions()
+
+    def export(
+        self,
+        module: Any,
+        example_inputs: dict[str, Any],
+        spec: QuantSpec,
+        path: Path,
+        options: ExportOptions | None = None,
+    ) -> Artifact:
+        return self._module.export(module, example_inputs, spec, path, options)
+
+    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> Session:
+        return self._module.load(path, threads, adapter)
+
+
 @runtime_checkable
 class Session(Protocol):
     """A loaded artifact. ``run`` takes and returns numpy arrays and imports no torch (ExecuTorch's own

@@ -34,6 +34,7 @@ from exporters.base import (
     ArtifactLoadError,
     ExportFailedError,
     ExportOptions,
+    ModuleFormat,
     QuantSpec,
     TensorSpec,
     adapter_path,
@@ -354,7 +355,7 @@ def load(path: Path, threads: int | None = None, adapter: Path | None = None) ->
 
 
 @register
-class ExecuTorchFormat:
+class ExecuTorchFormat(ModuleFormat):
     """ExecuTorch (``.pte``) lowered to the XNNPACK delegate; runs in ExecuTorch's Python runtime."""
 
     name = FORMAT
@@ -362,22 +363,3 @@ class ExecuTorchFormat:
     schemes = SCHEMES
     unsupported = UNSUPPORTED
     delegates = DELEGATES
-
-    def check_installed(self) -> None:
-        check_installed()
-
-    def runtime_versions(self) -> dict[str, str]:
-        return runtime_versions()
-
-    def export(
-        self,
-        module: Any,
-        example_inputs: dict[str, Any],
-        spec: QuantSpec,
-        path: Path,
-        options: ExportOptions | None = None,
-    ) -> Artifact:
-        return export(module, example_inputs, spec, path, options)
-
-    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> ExecuTorchSession:
-        return load(path, threads, adapter)

@@ -41,6 +41,7 @@ from exporters.base import (
     ArtifactLoadError,
     ExportFailedError,
     ExportOptions,
+    ModuleFormat,
     QuantSpec,
     TensorSpec,
     adapter_path,
@@ -408,30 +409,11 @@ def load(path: Path, threads: int | None = None, adapter: Path | None = None) ->
 
 
 @register
-class ONNXFormat:
+class ONNXFormat(ModuleFormat):
     """ONNX (``.onnx``) through ``torch.onnx`` (dynamo) and ONNX Runtime's quantizers; runs in ONNX Runtime."""
 
     name = FORMAT
     suffix = SUFFIX
     schemes = SCHEMES
-    unsupported: dict[str, str] = {}
+    unsupported = {}
     delegates = DELEGATES
-
-    def check_installed(self) -> None:
-        check_installed()
-
-    def runtime_versions(self) -> dict[str, str]:
-        return runtime_versions()
-
-    def export(
-        self,
-        module: Any,
-        example_inputs: dict[str, Any],
-        spec: QuantSpec,
-        path: Path,
-        options: ExportOptions | None = None,
-    ) -> Artifact:
-        return export(module, example_inputs, spec, path, options)
-
-    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> OnnxSession:
-        return load(path, threads, adapter)

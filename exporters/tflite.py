@@ -32,6 +32,7 @@ from exporters.base import (
     ArtifactLoadError,
     ExportFailedError,
     ExportOptions,
+    ModuleFormat,
     QuantSpec,
     TensorSpec,
     UnsupportedQuantError,
@@ -256,7 +257,7 @@ def load(path: Path, threads: int | None = None, adapter: Path | None = None) ->
 
 
 @register
-class TFLiteFormat:
+class TFLiteFormat(ModuleFormat):
     """TFLite / LiteRT (``.tflite``) through litert-torch; runs in the LiteRT interpreter with XNNPACK."""
 
     name = FORMAT
@@ -264,22 +265,3 @@ class TFLiteFormat:
     schemes = SCHEMES
     unsupported = UNSUPPORTED
     delegates = DELEGATES
-
-    def check_installed(self) -> None:
-        check_installed()
-
-    def runtime_versions(self) -> dict[str, str]:
-        return runtime_versions()
-
-    def export(
-        self,
-        module: Any,
-        example_inputs: dict[str, Any],
-        spec: QuantSpec,
-        path: Path,
-        options: ExportOptions | None = None,
-    ) -> Artifact:
-        return export(module, example_inputs, spec, path, options)
-
-    def load(self, path: Path, *, threads: int | None = None, adapter: Path | None = None) -> TFLiteSession:
-        return load(path, threads, adapter)
