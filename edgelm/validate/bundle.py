@@ -34,7 +34,7 @@ from edgelm import tasks
 from edgelm.bundle import Bundle
 from edgelm.errors import ValidationError
 from edgelm.fsutil import refuse_symlink, write_directory, write_text_atomic
-from edgelm.report import fmt, markdown_table
+from edgelm.report import render_validation_markdown
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats, top1_agreement
 from edgelm.validate.runner import ArtifactRun, BundleJob, Runner, RunnerDropped, RunResult
 
@@ -434,94 +434,9 @@ def write_validation(bundle: Bundle, record: dict) -> Path:
     write_text_atomic(vpath, json.dumps(doc, indent=2, default=str) + "\n")
     report = bundle.path / "report.md"
     text = report.read_text() if report.is_file() else f"# edgelm report: {bundle.device}\n"
-    text = text.split(REPORT_MARKER)[0].rstrip() + "\n\n" + REPORT_MARKER + "\n\n" + render_markdown(doc)
+    text = text.split(REPORT_MARKER)[0].rstrip() + "\n\n" + REPORT_MARKER + "\n\n" + render_validation_markdown(doc)
     write_text_atomic(report, text)
     return vpath
-
-
-def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
-    """One row per (artifact, runner) of validation.json: the side-by-side comparison across targets."""
-    order = {"host": 0, "emulator": 1, "ssh": 2, "adb": 3}
-    runners = sorted(doc.get("runners", {}).values(), key=lambda r: order.get(r.get("kind"), 9))
-    names = list(dict.fromkeys(n for r in runners for n in r["artifacts"]))
-    rows = []
-    for name in names:
-        for r in runners:
-            a = r["artifacts"].get(name)
-            if a is None:
-                continue
-            fid, lat, vs = a.get("fidelity") or {}, a.get("latency") or {}, a.get("vs_host") or {}
-            p50 = ("functional only" if lat.get("emulated") else fmt(lat.get("p50_ms"), ".2f")) if lat else "–"
-            rows.append(
-                {
-                    "artifact": name,
-                    "runner": r["runner"],
-                    "machine": str(a.get("machine") or "–"),
-                    "status": a["status"],
-                    "accuracy %": fmt(fid.get("accuracy"), ".2f"),
-                    "top-1": fmt(fid.get("top1_agreement"), ".4f"),
-                    "cosine": fmt(fid.get("cosine_mean"), ".5f"),
-                    "max error": fmt(fid.get("max_abs_error"), ".2e"),
-                    "Δ vs host": fmt(vs.get("max_abs_diff"), ".2e"),
-                    "top-1 vs host": fmt(vs.get("top1_agreement"), ".4f"),
-                    "eval acc %": fmt((a.get("eval") or {}).get("accuracy"), ".2f"),
-                    "p50 ms": p50,
-                }
-            )
-    return rows
-
-
-def render_markdown(doc: dict) -> str:
-    """The validation part of report.md: the side-by-side table, then one section per runner."""
-    lines = [
-        "## On-target validation: side by side",
-        "",
-        "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
-        "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
-        "top-1 vs host: share of inputs with the same class). "
-        "Emulated latency is functional only, never device speed.",
-        "",
-        *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]),
-        "",
-    ]
-    for r in doc.get("runners", {}).values():
-        verdict = "PASSED" if r.get("passed") else "FAILED"
-        lines += [f"## Validation on {r['runner']}: {verdict}", ""]
-        details = {
-            "kind": r.get("kind"),
-            "machine": r.get("machine"),
-            "qemu CPU": r.get("qemu_cpu"),
-            "started": r.get("started"),
-            "threads": r.get("threads"),
-            "warm-up / runs": f"{r.get('warmup')} / {r.get('runs')}",
-            "eval set": (f"{r['eval_set']['source']} ({r['eval_set']['rows']} rows)" if r.get("eval_set") else None),
-            "seconds": fmt(r.get("seconds"), ".1f"),
-        }
-        lines += [f"- {k}: {v}" for k, v in details.items() if v not in (None, "")]
-        if r.get("dropped"):
-            lines.append(f"- **runner dropped**: {r['dropped']} (results received before it are kept)")
-        if r.get("emulated"):
-            lines.append("- latency under emulation is functional only: it says the artifact runs, not how fast")
-        lines += [
-            "",
-            "| artifact | status | checks | p50 ms | p90 ms | load ms | peak RSS MB | notes |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, a in r["artifacts"].items():
-            checks = a.get("checks", {})
-            ok = sum(c["passed"] for c in checks.values())
-            lat = a.get("latency") or {}
-            emu = lat.get("emulated")
-            notes = "; ".join(f"{k}: {c['detail']}" for k, c in checks.items() if not c["passed"])
-            notes = notes or a.get("skipped") or ""
-            lines.append(
-                f"| {name} | {a['status']} | {ok}/{len(checks)} | "
-                f"{'functional only' if emu else fmt(lat.get('p50_ms'), '.2f')} | "
-                f"{'–' if emu else fmt(lat.get('p90_ms'), '.2f')} | {fmt(a.get('load_ms'), '.0f')} | "
-                f"{fmt(a.get('peak_rss_mb'), '.0f')} | {notes.replace('|', '/')} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def bundle_runner(
