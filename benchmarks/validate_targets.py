@@ -101,8 +101,7 @@ def main() -> None:
 
 def write_results(doc: dict, args, export_s: float | None) -> None:
     """benchmarks/results/validate_targets.{json,md} from a bundle's validation.json."""
-    from edgelm.report import markdown_table
-    from edgelm.validate.bundle import side_by_side_rows
+    from edgelm.report import markdown_table, side_by_side_rows
 
     rows = side_by_side_rows(doc)
     runners = {

@@ -388,7 +388,8 @@ def validate(
     runtime_tests suite, and write validation.json and the report's side-by-side table."""
     from edgelm.bundle import Bundle
     from edgelm.data import check_limit
-    from edgelm.validate.bundle import bundle_runner, side_by_side_rows
+    from edgelm.report import side_by_side_rows
+    from edgelm.validate.bundle import bundle_runner
     from edgelm.validate.bundle import validate as run_validation
     from edgelm.validate.runners import check_timing, parse_env
 

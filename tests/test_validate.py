@@ -423,7 +423,8 @@ def test_the_validation_side_imports_no_torch(exported):
     code = (
         "import sys\n"
         "import runtime_tests.conftest, edgelm.appbundle\n"
-        "from edgelm.validate.bundle import Bundle, evaluate, side_by_side_rows\n"
+        "from edgelm.validate.bundle import Bundle, evaluate\n"
+        "from edgelm.report import side_by_side_rows\n"
         "from edgelm.validate.runners import make_runner\n"
         f"b = Bundle.load({str(exported)!r}); make_runner('host')\n"
         "assert b.baseline_accuracy is not None and b.golden['input_ids'].shape[0] == 24\n"
