@@ -443,12 +443,11 @@ def reference_stage(recipe: Recipe, loaded: LoadedModel, data: str | None, opts:
         "input_ids": ids,
         "attention_mask": mask,
         "reference": ref,
-        "texts": np.asarray(dataset.texts),
         "latency_input_ids": lat_ids,
         "latency_attention_mask": lat_mask,
     }
-    if labels is not None:
-        golden["labels"] = labels
+    extra = {"texts": np.asarray(dataset.texts), "labels": labels}  # what the task's golden set keeps
+    golden.update({k: extra[k] for k in loaded.task.golden_keys if extra.get(k) is not None})
     return Reference(
         dataset=dataset,
         ids=ids,
