@@ -120,6 +120,7 @@ def main() -> None:
     import torch
 
     import exporters
+    from edgelm import schemes
     from edgelm.data import encode, label_indices, load_dataset, load_tokenizer
     from edgelm.models import load_model
     from edgelm.pipeline import captured_output, eager_latency_ms, latency_input
@@ -177,17 +178,13 @@ def main() -> None:
             log(f"eager {name}: acc {results[-1]['accuracy']:.2f}, {eager[(name, SEQ)]:.2f} ms")
         for name, fmt, scheme in plan(paths):
             m, labels = models[name]
-            quant = exporters.QuantSpec(
-                scheme,
-                embedding_bits=None if scheme == "fp32" else 8,
-                float_layers=("ffn_output",) if scheme == "int8_static" else (),
-            )
+            quant = schemes.quant_spec(scheme)
             ex = {
                 "input_ids": torch.ones(1, SEQ, dtype=torch.int64),
                 "attention_mask": torch.ones(1, SEQ, dtype=torch.int64),
             }
             calib = None
-            if scheme == "int8_static":
+            if schemes.get(scheme).needs_calibration:
                 g = np.load(goldens[(name, SEQ)])
                 calib = [
                     {"input_ids": g["input_ids"][i : i + 1], "attention_mask": g["attention_mask"][i : i + 1]}

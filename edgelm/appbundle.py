@@ -25,8 +25,6 @@ from edgelm.bundle import Bundle, android_assets
 from edgelm.errors import ExportError
 
 ANDROID_SCHEMA = "edgelm-android-bundle/1"
-#: the runtime the app uses for each export format
-APP_RUNTIMES = {"executorch": "executorch", "tflite": "litert", "onnx": "onnxruntime"}
 BUNDLE_KINDS = ("android",)
 
 
@@ -121,7 +119,7 @@ def write_android_bundle(bundle_dir: Path) -> Path:
             {
                 "file": a.file,
                 "format": a.format,
-                "runtime": APP_RUNTIMES[a.format],
+                "runtime": exporters.get(a.format).app_runtime,
                 "scheme": scheme,
                 "sha256": a.sha256,
                 "size_bytes": a.size_bytes,

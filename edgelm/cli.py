@@ -805,16 +805,16 @@ def estimate(
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_recipe
 
-    profile = load_profile(device)
-    recipe = make_recipe(profile, seq_len=seq_len, threads=threads)  # the same defaults and range checks as export
+    # the same defaults and range checks as export
+    recipe = make_recipe(load_profile(device), seq_len=seq_len, threads=threads)
     rows = [e.to_dict() for e in estimate_schemes(model, recipe, _split([quant]) if quant else None)]
     if as_json:
         out_console.print_json(_json.dumps(rows))
         return
-    b = profile.budgets
+    r = recipe
     out_console.print(
-        f"estimate: {model} on {profile.display_name} ({rows[0]['threads']} threads, seq {rows[0]['seq_len']}, "
-        f"batch 1; budget {b.target_latency_ms:g} ms, {b.max_peak_ram_mb:g} MB RAM, {b.max_artifact_mb:g} MB file)",
+        f"estimate: {model} on {r.display_name} ({rows[0]['threads']} threads, seq {rows[0]['seq_len']}, "
+        f"batch 1; budget {r.target_latency_ms:g} ms, {r.max_peak_ram_mb:g} MB RAM, {r.max_artifact_mb:g} MB file)",
         markup=False,
         highlight=False,
     )
@@ -898,6 +898,7 @@ def recipe(
     threads: Annotated[int | None, typer.Option("--threads")] = None,
     prune: Annotated[float | None, typer.Option("--prune")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop")] = None,
+    max_sparsity: Annotated[float | None, typer.Option("--max-sparsity")] = None,
 ):
     """Print the recipe (as JSON) that `edgelm export` would follow for a device."""
     import json
@@ -913,6 +914,7 @@ def recipe(
         threads=threads,
         sparsity=prune,
         max_accuracy_drop=max_accuracy_drop,
+        max_sparsity=max_sparsity,
     )
     out_console.print_json(json.dumps(r.to_dict()))
 

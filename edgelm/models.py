@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm import tasks
-from edgelm.errors import ModelError
+from edgelm.errors import ModelError, RuntimeMissingError
 
 #: model_type values whose modules have the BERT layout (embeddings + encoder.layer[i]) edgelm wraps.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
@@ -39,6 +39,18 @@ POOLING_KEY = "edgelm_pooling"
 PROMPT_KEY = "edgelm_prompt"
 #: The virtual-token embeddings of a prompt-tuned checkpoint (safetensors, tensor ``prompt_embeddings``).
 PROMPT_FILE = "prompt_embeddings.safetensors"
+
+
+def require_export_stack() -> None:
+    """Raise RuntimeMissingError when torch or transformers is missing (the runtime install, ``pip install
+    edgelm``, has neither): loading a model needs ``pip install 'edgelm[export]'``."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeMissingError(
+            f"loading a model needs the export stack ({', '.join(missing)} not installed): pip install 'edgelm[export]'"
+        )
 
 
 def default_model_dir() -> Path:
@@ -385,6 +397,7 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
         ModelError: missing directory, no config.json/tokenizer, corrupt config or weights, unsupported
             architecture (model_type not in :data:`SUPPORTED_MODEL_TYPES`).
     """
+    require_export_stack()
     directory = default_model_dir() if model in (None, DEFAULT_MODEL) else Path(model)
     cfg = _read_config(directory)
     import transformers

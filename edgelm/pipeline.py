@@ -332,21 +332,31 @@ class _Variants:
             self._structure[sparsity] = self._pruned(sparsity)[0]
         return self._structure[sparsity]
 
-    def _pruned(self, sparsity: float) -> tuple[LoadedModel, dict]:
+    def _pruned(self, sparsity: float, distill: bool = False) -> tuple[LoadedModel, dict]:
+        """A copy pruned one-shot by magnitude (:func:`edgelm.compress.jobs.prune_and_distill`), distilled
+        from the unpruned model when ``distill`` and training data are given."""
         import copy
 
         from edgelm.compress import pruning
+        from edgelm.compress.jobs import DISTILL_LR, prune_and_distill
+        from edgelm.compress.train import TrainConfig, teacher_copy
 
         m = copy.deepcopy(self.loaded)
         before = pruning.encoder_parameter_count(m.module)
-        record = pruning.prune_one_shot(m.module, sparsity)
+        epochs = self.distill_epochs if distill and self.train is not None else 0
+        cfg = TrainConfig(epochs=epochs, lr=DISTILL_LR, seq_len=self.seq_len)
+        res = prune_and_distill(
+            m.module, sparsity, self.train, cfg, teacher=teacher_copy(self.loaded.module) if epochs else None
+        )
         info = {
             "method": "magnitude (one-shot)",
             "sparsity": sparsity,
             "encoder_parameters_before": before,
             "encoder_parameters_after": pruning.encoder_parameter_count(m.module),
-            "record": record,
+            "record": res.pruning,
         }
+        if epochs:
+            info.update(distill_epochs=epochs, distill_seconds=res.seconds)
         return m, info
 
     def get(self, sparsity: float) -> tuple[LoadedModel, np.ndarray, dict | None]:
@@ -355,18 +365,7 @@ class _Variants:
             if sparsity == 0:
                 self._cache[0.0] = (self.loaded, reference_outputs(self.loaded, self.ids, self.mask), None)
             else:
-                from edgelm.compress.train import TrainConfig, fit, teacher_copy
-
-                m, info = self._pruned(sparsity)
-                if self.train is not None and self.distill_epochs > 0:
-                    res = fit(
-                        m.module,
-                        self.train,
-                        None,
-                        TrainConfig(epochs=self.distill_epochs, lr=1e-4, seq_len=self.seq_len),
-                        teacher=teacher_copy(self.loaded.module),
-                    )
-                    info.update(distill_epochs=self.distill_epochs, distill_seconds=res.seconds)
+                m, info = self._pruned(sparsity, distill=True)
                 self._cache[sparsity] = (m, reference_outputs(m, self.ids, self.mask), info)
         return self._cache[sparsity]
 
@@ -502,7 +501,8 @@ def _export_into(
         model_ = ref.variants.get(sparsity)[0]
         step(f"exporting {plan.format} {plan.quant.label}" + (f" ({sparsity:.0%} pruned)" if sparsity else ""))
         with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
-            return export_artifact(model_, plan, recipe.seq_len, directory, ref.calibration, adapter_modules)
+            calibration = ref.calibration if schemes.get(plan.quant.scheme).needs_calibration else None
+            return export_artifact(model_, plan, recipe.seq_len, directory, calibration, adapter_modules)
 
     def measure(plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
         """Export and run one search candidate, judged by the same gate check as the final artifacts."""
@@ -741,10 +741,12 @@ def _check_lora(lora: str, adapters: list[str], recipe: Recipe, search: bool) ->
             f"--lora separate with {', '.join(f'{p.format} {p.quant.scheme}' for p in static)}: calibrated activation scales "
             "depend on the adapter, so adapters could not share one base; use int8_dynamic or 8da4w"
         )
-    if any(p.format == "tflite" for p in recipe.plans):
-        from exporters.tflite import NO_SEPARATE_ADAPTERS
-
-        raise RecipeError(f"{NO_SEPARATE_ADAPTERS}. Pass --format onnx,executorch with --lora separate")
+    refused = [p.format for p in recipe.plans if exporters.get(p.format).separate_adapters]
+    if refused:
+        able = [f for f in exporters.formats() if not exporters.get(f).separate_adapters]
+        raise RecipeError(
+            f"{exporters.get(refused[0]).separate_adapters}. Pass --format {','.join(able)} with --lora separate"
+        )
     return exporters.base.ADAPTER_MODULES
 
 

@@ -59,7 +59,7 @@ class Recipe:
     """Everything the pipeline needs to know for one device: nothing downstream reads the profile again.
 
     Attributes:
-        device: profile name (the output folder's name).
+        device: profile name (the output folder's name); display_name: the device's name for people.
         seq_len: max sequence length in tokens; inputs are [batch, seq_len] int ids and mask.
         threads: CPU threads the runtimes use on the target.
         plans: one :class:`FormatPlan` per artifact, in the profile's order.
@@ -86,6 +86,7 @@ class Recipe:
     gates_by_scheme: dict[str, Gates] = field(default_factory=dict)
     max_sparsity: float = 0.5
     sparsities: tuple[float, ...] = SEARCH_SPARSITIES
+    display_name: str = ""
     profile: dict = field(default_factory=dict, repr=False)
 
     def gates_for(self, scheme: str) -> Gates:
@@ -144,12 +145,9 @@ def gates_for(profile: DeviceProfile, scheme: str, max_accuracy_drop: float | No
 
 
 def _delegate(profile: DeviceProfile, fmt: str) -> str:
-    listed = {
-        "executorch": profile.runtimes.executorch_backends,
-        "tflite": profile.runtimes.tflite_delegates,
-        "onnx": profile.runtimes.onnx_execution_providers,
-    }.get(fmt, [])
-    supported = exporters.get(fmt).delegates
+    plugin = exporters.get(fmt)
+    listed = getattr(profile.runtimes, plugin.profile_runtimes, [])
+    supported = plugin.delegates
     for name in listed:
         if name in supported:
             return name
@@ -232,5 +230,6 @@ def make_recipe(
         hardware=profile.hardware.model_dump(mode="json"),
         gates_by_scheme={s: gates_for(profile, s, max_accuracy_drop) for s in schemes.names()},
         max_sparsity=max_sparsity,
+        display_name=profile.display_name,
         profile=profile.to_dict(),
     )

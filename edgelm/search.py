@@ -19,10 +19,8 @@ from typing import Any
 
 from edgelm import schemes
 from edgelm.errors import BudgetError
+from edgelm.recipe import SEARCH_SPARSITIES
 from exporters import QuantSpec
-
-#: Pruning ratios the search considers up to ``max_sparsity``.
-SPARSITIES = (0.5, 0.3, 0.0)
 
 
 @dataclass
@@ -62,7 +60,7 @@ class Candidate:
 
 
 def candidates(
-    fmt: str, supported: tuple[str, ...], max_sparsity: float, sparsities: tuple[float, ...] = SPARSITIES
+    fmt: str, supported: tuple[str, ...], max_sparsity: float, sparsities: tuple[float, ...] = SEARCH_SPARSITIES
 ) -> list[Candidate]:
     """All candidates for one format: sparsities up to ``max_sparsity`` (0 always) × the schemes of
     :func:`edgelm.schemes.search_ladder` in ``supported``."""

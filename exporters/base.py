@@ -244,6 +244,12 @@ class Format(Protocol):
         schemes: the quantization schemes (:data:`SCHEMES`) it can produce.
         unsupported: ``{scheme: why not}`` for each scheme of :data:`SCHEMES` it refuses.
         delegates: the profile backend names its artifacts run with (``"xnnpack"``).
+        profile_runtimes: the key of a device profile's ``[runtimes]`` table that lists its backends
+            (``"onnx_execution_providers"``).
+        runtime_overhead_mb: resident memory of the runtime itself (library + arena), MB, for the cost model.
+        app_runtime: the runtime's name in the Android demo app's manifest (``"litert"``).
+        separate_adapters: None when the format can keep adapter weights in a swappable file beside the
+            artifact (``ExportOptions.adapter_modules``), else why not.
     """
 
     name: str
@@ -251,6 +257,10 @@ class Format(Protocol):
     schemes: tuple[str, ...]
     unsupported: dict[str, str]
     delegates: tuple[str, ...]
+    profile_runtimes: str
+    runtime_overhead_mb: float
+    app_runtime: str
+    separate_adapters: str | None
 
     def check_installed(self) -> None:
         """Raise :class:`RuntimeNotInstalledError` unless the converter and runtime packages are installed."""
@@ -289,6 +299,10 @@ class ModuleFormat:
     schemes: tuple[str, ...]
     unsupported: dict[str, str] = {}
     delegates: tuple[str, ...]
+    profile_runtimes: str
+    runtime_overhead_mb: float
+    app_runtime: str
+    separate_adapters: str | None = None
 
     @property
     def _module(self) -> Any:

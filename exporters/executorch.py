@@ -363,3 +363,6 @@ class ExecuTorchFormat(ModuleFormat):
     schemes = SCHEMES
     unsupported = UNSUPPORTED
     delegates = DELEGATES
+    profile_runtimes = "executorch_backends"
+    runtime_overhead_mb = 8.0
+    app_runtime = "executorch"

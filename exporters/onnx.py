@@ -417,3 +417,6 @@ class ONNXFormat(ModuleFormat):
     schemes = SCHEMES
     unsupported = {}
     delegates = DELEGATES
+    profile_runtimes = "onnx_execution_providers"
+    runtime_overhead_mb = 25.0
+    app_runtime = "onnxruntime"

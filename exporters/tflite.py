@@ -265,3 +265,7 @@ class TFLiteFormat(ModuleFormat):
     schemes = SCHEMES
     unsupported = UNSUPPORTED
     delegates = DELEGATES
+    profile_runtimes = "tflite_delegates"
+    runtime_overhead_mb = 6.0
+    app_runtime = "litert"
+    separate_adapters = NO_SEPARATE_ADAPTERS

@@ -15,7 +15,7 @@ Latency is a roofline estimate: ``max(compute, memory) + 0.2 ms`` where compute 
 profile's int8 or fp32 rate (``hardware.cpu_gops_int8`` / ``cpu_gflops_fp32``, sustained GOP/s of one big
 core, one MAC = 2 ops) plus attention at the fp32 rate, divided by ``0.8 · threads`` for more than one
 thread (capped at the core count); memory is the weight bytes over ``hardware.memory_bandwidth_gbs``. Peak
-RAM is weight bytes + activations + the runtime's own footprint (:data:`RUNTIME_OVERHEAD_MB`). These are
+RAM is weight bytes + activations + the runtime's own footprint (the format plug-in's ``runtime_overhead_mb``; :data:`PYTORCH_OVERHEAD_MB`). These are
 estimates for planning; the export report puts them beside the measurement.
 """
 
@@ -24,10 +24,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import exporters
 from edgelm import schemes
 
 #: Resident memory of each runtime itself, MB (library + arena), added to the peak-RAM estimate.
-RUNTIME_OVERHEAD_MB = {"onnx": 25.0, "executorch": 8.0, "tflite": 6.0, "pytorch": 300.0}
+#: (The formats' own figures are their plug-ins' ``runtime_overhead_mb``; this is PyTorch eager's.)
+PYTORCH_OVERHEAD_MB = 300.0
 
 
 @dataclass
@@ -135,7 +137,7 @@ def estimate(
     if embedding_bits == 8:
         emb_bytes = s["vocab_params"] + 4 * s["vocab_rows"]
     else:
-        emb_bytes = s["vocab_params"] * (2 if scheme == "fp16" else 4)
+        emb_bytes = s["vocab_params"] * (sch.weight_bits // 8 if sch.weight_bits >= 16 else 4)  # float table
     other_params = s["parameters"] - lin_weights - s["vocab_params"]
     weight_bytes = lin_bytes + emb_bytes + other_params * 4
     d = s["hidden"]
@@ -146,7 +148,8 @@ def estimate(
     compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw["cpu_gflops_fp32"] * 1e9)) / parallel * 1e3
     memory_ms = weight_bytes / (hw["memory_bandwidth_gbs"] * 1e9) * 1e3
     latency = max(compute_ms, memory_ms) + 0.2
-    peak = (weight_bytes + act_bytes) / 1e6 + RUNTIME_OVERHEAD_MB.get(fmt, 0.0)
+    overhead = PYTORCH_OVERHEAD_MB if fmt == "pytorch" else exporters.get(fmt).runtime_overhead_mb
+    peak = (weight_bytes + act_bytes) / 1e6 + overhead
     return Estimate(
         device=recipe.device,
         scheme=scheme,

@@ -82,6 +82,39 @@ def run_finetune(
     return result
 
 
+#: Peak learning rate of the distillation after one-shot pruning when the caller gives none (the export's
+#: ``--prune`` / ``--search`` with ``--train-data``; ``edgelm compress --method magnitude --distill`` takes
+#: ``--lr``). Higher than fine-tuning's 5e-5: the pruned student starts far from its teacher.
+DISTILL_LR = 1e-4
+
+
+def prune_and_distill(
+    wrapper,
+    sparsity: float,
+    train: tuple | None,
+    cfg: TrainConfig,
+    *,
+    head_sparsity: float | None = None,
+    teacher=None,
+    evals: tuple | None = None,
+    progress: Progress | None = None,
+    after_prune=None,
+) -> FitResult:
+    """One-shot magnitude pruning of ``wrapper`` in place, then ``cfg.epochs`` of training on ``train``
+    (int64 ids, mask [N, seq] and labels [N]), distilled from ``teacher`` when given. The one prune +
+    distill both ``edgelm compress --method magnitude`` and the export's ``--prune``/``--search`` run.
+    ``after_prune(wrapper)`` is called between the two steps. Returns the fit result with the pruning
+    record in ``.pruning``."""
+    record = pruning.prune_one_shot(wrapper, sparsity, head_sparsity)
+    if after_prune is not None:
+        after_prune(wrapper)
+    result = (
+        fit(wrapper, train, evals, cfg, teacher=teacher, progress=progress) if cfg.epochs and train else FitResult()
+    )
+    result.pruning = record
+    return result
+
+
 def run_compress(
     model: str | os.PathLike,
     data: str | os.PathLike,
@@ -132,10 +165,19 @@ def run_compress(
     acc_before = accuracy(wrapper, *evals) if evals else None
     teacher = teacher_copy(wrapper) if distill else None
     if method == "magnitude":
-        record = pruning.prune_one_shot(wrapper, sparsity, head_sparsity)
-        acc_one_shot = accuracy(wrapper, *evals) if evals else None
-        result = fit(wrapper, train, evals, cfg, teacher=teacher, progress=progress) if cfg.epochs else FitResult()
-        result.pruning = record
+        one_shot = []
+        result = prune_and_distill(
+            wrapper,
+            sparsity,
+            train,
+            cfg,
+            head_sparsity=head_sparsity,
+            teacher=teacher,
+            evals=evals,
+            progress=progress,
+            after_prune=lambda w: one_shot.append(accuracy(w, *evals) if evals else None),
+        )
+        acc_one_shot = one_shot[0]
     else:
         acc_one_shot = None
         result = fit(

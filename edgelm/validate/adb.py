@@ -105,6 +105,10 @@ class AdbRunner(HostRunner):
         self.app_id = app_id
         self.name = f"adb:{self.serial}" if self.serial else "adb"
 
+    def skip_reason(self, artifact: Path) -> str | None:
+        """None: whether a ``.pte`` runs is the phone's business, not this machine's packages."""
+        return None
+
     def describe(self) -> dict:
         return {
             "runner": self.name,

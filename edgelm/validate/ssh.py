@@ -105,6 +105,10 @@ class SSHRunner(HostRunner):
         self.connect_timeout_s = connect_timeout_s
         self.name = f"ssh://{self.user}@{self.host}:{self.port}"
 
+    def skip_reason(self, artifact: Path) -> str | None:
+        """None: whether a ``.pte`` runs is the board's business, not this machine's packages."""
+        return None
+
     def target_env(self) -> dict[str, str]:
         """The environment of the target script on the board: ``remote_env`` with ONNX Runtime's telemetry
         off (:data:`TELEMETRY_OFF`, which ``remote_env`` cannot turn back on)."""
