@@ -251,7 +251,7 @@ def export_for_device(
 
     if opts.bundle is not None and opts.bundle not in BUNDLE_KINDS:
         raise RecipeError(f"unknown --bundle {opts.bundle!r}: use {', '.join(BUNDLE_KINDS)}")
-    _check_limit(opts.limit)
+    data_mod.check_limit(opts.limit)
     total = 5 + 2 * len(recipe.plans)
     done = 0
 
@@ -286,11 +286,6 @@ def export_for_device(
     if progress:
         progress("done", done, done)
     return report
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise RecipeError(f"--limit {limit}: use at most N >= 1 rows of --data")
 
 
 CALIBRATION_ROWS = 64
@@ -466,114 +461,222 @@ def _reference_key(sparsity: float) -> str:
     return "reference" if sparsity == 0 else f"reference_sparsity_{round(sparsity * 100)}"
 
 
-def _export_into(
-    tmp: Path,
-    final: Path,
-    recipe: Recipe,
-    model: str | None,
-    data: str | None,
-    opts: PipelineOptions,
-    step: Callable[[str], None],
-    start: float,
-) -> Report:
-    """The stages of :func:`export_for_device`; everything is written into ``tmp``."""
-    from edgelm.compress.estimate import estimate
+@dataclass
+class Exported:
+    """The compress/export stage's result: per artifact its plan (the searched one with ``--search``), file,
+    sparsity and cost-model estimate, plus the search summaries and the swapped adapters' rows."""
 
-    step("loading model")
-    loaded, adapter_modules = load_stage(recipe, model, opts)
-    step("reading data, PyTorch fp32 reference")
-    ref = reference_stage(recipe, loaded, data, opts)
-    np.savez(tmp / "golden.npz", **ref.golden)  # the search and swapped adapters run on it; rewritten below
-    fp32_bytes = loaded.num_parameters * 4
-    runner = HostRunner()
+    recipe: Recipe
+    artifacts: list[exporters.Artifact]
+    sparsities: list[float]
+    estimates: list[dict]
+    searches: list[dict]
+    adapters: list[dict]
 
-    def cost(model_: LoadedModel, fmt: str, quant: exporters.QuantSpec) -> dict:
+
+class _Stage:
+    """What the compress/export stage and the search share: the recipe, the reference, the temp folder and
+    the host runner. ``cost`` prices a model under a scheme, ``export_plan`` writes one artifact, ``measure``
+    exports and judges one search candidate."""
+
+    def __init__(self, recipe: Recipe, loaded: LoadedModel, ref: Reference, tmp: Path, adapter_modules, step):
+        self.recipe, self.loaded, self.ref, self.tmp = recipe, loaded, ref, tmp
+        self.adapter_modules, self.step = adapter_modules, step
+        self.runner = HostRunner()
+
+    def cost(self, model: LoadedModel, fmt: str, quant: exporters.QuantSpec) -> dict:
+        from edgelm.compress.estimate import estimate
+
         return estimate(
-            model_.module,
-            recipe,
+            model.module,
+            self.recipe,
             scheme=quant.scheme,
             fmt=fmt,
             embedding_bits=quant.embedding_bits,
             group_size=quant.group_size,
         ).to_dict()
 
-    def export_plan(plan: FormatPlan, sparsity: float, directory: Path) -> exporters.Artifact:
-        model_ = ref.variants.get(sparsity)[0]
-        step(f"exporting {plan.format} {plan.quant.label}" + (f" ({sparsity:.0%} pruned)" if sparsity else ""))
-        with captured_output(tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
-            calibration = ref.calibration if schemes.get(plan.quant.scheme).needs_calibration else None
-            return export_artifact(model_, plan, recipe.seq_len, directory, calibration, adapter_modules)
+    def export_plan(self, plan: FormatPlan, sparsity: float, directory: Path) -> exporters.Artifact:
+        model = self.ref.variants.get(sparsity)[0]
+        self.step(f"exporting {plan.format} {plan.quant.label}" + (f" ({sparsity:.0%} pruned)" if sparsity else ""))
+        with captured_output(self.tmp / "logs" / f"export-{plan.format}-{plan.quant.scheme}.log"):
+            calibration = self.ref.calibration if schemes.get(plan.quant.scheme).needs_calibration else None
+            return export_artifact(model, plan, self.recipe.seq_len, directory, calibration, self.adapter_modules)
 
-    def measure(plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
+    def measure(self, plan: FormatPlan, sparsity: float, directory: Path) -> tuple[exporters.Artifact, ArtifactResult]:
         """Export and run one search candidate, judged by the same gate check as the final artifacts."""
-        art = export_plan(plan, sparsity, directory)
-        res = _result(
-            plan,
-            art,
-            sparsity,
-            fp32_bytes,
-            ref.host_threads,
-            cost(ref.variants.structure(sparsity), plan.format, plan.quant),
-        )
+        ref = self.ref
+        art = self.export_plan(plan, sparsity, directory)
+        estimate = self.cost(ref.variants.structure(sparsity), plan.format, plan.quant)
+        res = _result(plan, art, sparsity, self.loaded.num_parameters * 4, ref.host_threads, estimate)
         reference = ref.variants.get(sparsity)[1]
         try:
-            run = runner.run_artifact(art.path, tmp / "golden.npz", threads=ref.host_threads, warmup=1, runs=3)
-            res.fidelity = fidelity(run.outputs, reference, loaded.kind, ref.labels, baseline_accuracy=ref.baseline)
+            run = self.runner.run_artifact(
+                art.path, self.tmp / "golden.npz", threads=ref.host_threads, warmup=1, runs=3
+            )
+            res.fidelity = fidelity(
+                run.outputs, reference, self.loaded.kind, ref.labels, baseline_accuracy=ref.baseline
+            )
         except EdgeLMError as exc:
             res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
-        check_gates(res, plan, loaded.task, reference)
+        check_gates(res, plan, self.loaded.task, reference)
         return art, res
 
-    # compress and export
+
+def export_stage(stage: _Stage, opts: PipelineOptions) -> Exported:
+    """Compress (prune, distill) and export every plan of the recipe into the temp folder, or search each
+    format's scheme and sparsity with ``--search``; then the swapped adapters' weights files."""
+    recipe, ref = stage.recipe, stage.ref
     plans, artifacts, sparsities, searches = [], [], [], []
     for plan in recipe.plans:
         if opts.search:
-            art, res, summary = _search_format(plan, recipe, ref.variants, measure, cost, tmp, opts.search_time)
+            art, res, summary = _search_format(
+                plan, recipe, ref.variants, stage.measure, stage.cost, stage.tmp, opts.search_time
+            )
             plan = dataclasses.replace(plan, quant=art.quant, gates=recipe.gates_for(art.quant.scheme))
             searches.append(summary)
             sparsity = res.sparsity
         else:
             sparsity = recipe.sparsity
-            art = export_plan(plan, sparsity, tmp)
+            art = stage.export_plan(plan, sparsity, stage.tmp)
         plans.append(plan)
         artifacts.append(art)
         sparsities.append(sparsity)
-    final_recipe = dataclasses.replace(recipe, plans=plans)
-
-    adapter_results = []
+    final = dataclasses.replace(recipe, plans=plans)
+    adapters = []
     for adapter_dir in opts.adapters:
-        step(f"adapter {Path(adapter_dir).name}")
-        adapter_results += _extra_adapter(
+        stage.step(f"adapter {Path(adapter_dir).name}")
+        adapters += _extra_adapter(
             adapter_dir,
-            loaded,
+            stage.loaded,
             artifacts,
-            final_recipe,
-            tmp,
+            final,
+            stage.tmp,
             ref.golden,
             ref.ids,
             ref.mask,
             ref.labels,
-            runner,
+            stage.runner,
             ref.host_threads,
             ref.calibration,
         )
+    estimates = [stage.cost(ref.variants.get(s)[0], p.format, p.quant) for p, s in zip(plans, sparsities, strict=True)]
+    return Exported(final, artifacts, sparsities, estimates, searches, adapters)
 
-    # write: golden set with every reference, tokenizer, labels, manifest
-    step("writing the bundle")
+
+def write_stage(
+    tmp: Path, loaded: LoadedModel, ref: Reference, ex: Exported, opts: PipelineOptions
+) -> tuple[Manifest, dict | None]:
+    """Write the golden set (with every reference), tokenizer, labels and the typed manifest into ``tmp``.
+    Returns ``(manifest, compression info or None)``."""
     compression = None
-    for s_ in sorted(set(sparsities)):
-        if s_ > 0:
-            info = dict(ref.variants.get(s_)[2])
+    for s in sorted(set(ex.sparsities)):
+        if s > 0:
+            info = dict(ref.variants.get(s)[2])
             info.pop("record", None)
             info["train"] = opts.train_data
-            ref.golden[_reference_key(s_)] = ref.variants.get(s_)[1]
+            ref.golden[_reference_key(s)] = ref.variants.get(s)[1]
             compression = info
     np.savez(tmp / "golden.npz", **ref.golden)
     tok_files = _copy_tokenizer(loaded, tmp)
     if loaded.labels:
         (tmp / "labels.json").write_text(json.dumps(loaded.labels, indent=2) + "\n")
-    estimates = [cost(ref.variants.get(s_)[0], p.format, p.quant) for p, s_ in zip(plans, sparsities, strict=True)]
-    versions = exporters.base.package_versions(
+    manifest = _manifest(
+        ex.recipe,
+        loaded,
+        ref,
+        tmp,
+        ex.artifacts,
+        ex.sparsities,
+        ex.estimates,
+        tok_files,
+        compression,
+        ex.adapters,
+        _versions(),
+    )
+    (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest, compression
+
+
+def check_stage(
+    tmp: Path, final: Path, loaded: LoadedModel, ref: Reference, ex: Exported
+) -> tuple[Bundle, dict, list[ArtifactResult]]:
+    """Run and evaluate the written bundle exactly as ``edgelm validate --runner host`` does (sha256 before
+    loading, golden outputs, accuracy, latency) and turn each artifact's record into its report row, judged
+    by the task's gates (:func:`check_gates`). Returns ``(bundle, the host record, results)``."""
+    from edgelm.validate.bundle import evaluate, run_bundle
+
+    bundle = Bundle.load(tmp)
+    bundle.location = final
+    runner = HostRunner()
+    record = evaluate(bundle, run_bundle(bundle, runner, threads=ref.host_threads, warmup=WARMUP_RUNS, runs=TIMED_RUNS))
+    results = []
+    for plan, art, s, est in zip(ex.recipe.plans, ex.artifacts, ex.sparsities, ex.estimates, strict=True):
+        res = _result(plan, art, s, loaded.num_parameters * 4, ref.host_threads, est)
+        rec = record["artifacts"][art.path.name]
+        res.error = rec.get("error")
+        res.fidelity = rec.get("fidelity") or {"cosine_mean": float("nan")}
+        lat = rec.get("latency") or {}
+        if lat.get("p50_ms"):
+            res.latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "mean_ms", "min_ms") if k in lat}
+            res.speedup_vs_eager = ref.eager["p50_ms"] / res.latency["p50_ms"]
+        res.peak_rss_mb, res.load_ms = rec.get("peak_rss_mb"), rec.get("load_ms")
+        check_gates(res, plan, loaded.task, bundle.reference(art.path.name))
+        res.passed = res.passed and rec["status"] == "passed"
+        if rec["status"] != "passed" and res.error is None:
+            res.error = "; ".join(f"{k}: {c['detail']}" for k, c in rec["checks"].items() if not c["passed"])
+        results.append(res)
+    return bundle, record, results
+
+
+def report_stage(
+    final: Path,
+    loaded: LoadedModel,
+    ref: Reference,
+    ex: Exported,
+    results: list[ArtifactResult],
+    compression: dict | None,
+    opts: PipelineOptions,
+    start: float,
+) -> Report:
+    """The export's :class:`Report` (data, reference, per-artifact results, search, adapters)."""
+    search_info = None
+    if ex.searches:
+        search_info = {
+            **{k: v for k, v in ex.searches[0].items() if k not in ("candidates", "format", "seconds")},
+            "seconds": sum(x["seconds"] for x in ex.searches),
+            "time_limit_reached": any(x["time_limit_reached"] for x in ex.searches),
+            "candidates": [c for x in ex.searches for c in x["candidates"]],
+        }
+    return Report(
+        device=ex.recipe.device,
+        model=loaded.describe(),
+        data={
+            "source": ref.dataset.source,
+            "count": len(ref.dataset),
+            "labeled": ref.labels is not None,
+            "command": opts.command,
+            "warnings": ref.warnings,
+        },
+        recipe=ex.recipe.to_dict(),
+        reference={
+            "eager_p50_ms": ref.eager["p50_ms"],
+            "eager_p90_ms": ref.eager["p90_ms"],
+            "threads": ref.host_threads,
+            "accuracy": ref.baseline,
+        },
+        artifacts=results,
+        output_dir=str(final),
+        wall_seconds=time.perf_counter() - start,
+        versions=_versions(),
+        compression=compression,
+        search=search_info,
+        adapters=ex.adapters,
+    )
+
+
+def _versions() -> dict[str, str]:
+    return exporters.base.package_versions(
         "edgelm",
         "torch",
         "transformers",
@@ -585,82 +688,33 @@ def _export_into(
         "ai-edge-litert",
         "numpy",
     )
-    manifest = _manifest(
-        final_recipe,
-        loaded,
-        ref,
-        tmp,
-        artifacts,
-        sparsities,
-        estimates,
-        tok_files,
-        compression,
-        adapter_results,
-        versions,
-    )
-    (tmp / MANIFEST_FILE).write_text(manifest.to_json())
 
-    # check: the same run and evaluation as `edgelm validate --runner host`
+
+def _export_into(
+    tmp: Path,
+    final: Path,
+    recipe: Recipe,
+    model: str | None,
+    data: str | None,
+    opts: PipelineOptions,
+    step: Callable[[str], None],
+    start: float,
+) -> Report:
+    """The stages of :func:`export_for_device`, each returning plain values; everything goes into ``tmp``."""
+    from edgelm.validate.bundle import write_validation
+
+    step("loading model")
+    loaded, adapter_modules = load_stage(recipe, model, opts)
+    step("reading data, PyTorch fp32 reference")
+    ref = reference_stage(recipe, loaded, data, opts)
+    np.savez(tmp / "golden.npz", **ref.golden)  # the search and swapped adapters run on it; rewritten below
+    exported = export_stage(_Stage(recipe, loaded, ref, tmp, adapter_modules, step), opts)
+    step("writing the bundle")
+    _, compression = write_stage(tmp, loaded, ref, exported, opts)
     step("checking every artifact on this host")
-    from edgelm.validate.bundle import evaluate, run_bundle, write_validation
-
-    bundle = Bundle.load(tmp)
-    bundle.location = final
-    record = evaluate(bundle, run_bundle(bundle, runner, threads=ref.host_threads, warmup=WARMUP_RUNS, runs=TIMED_RUNS))
-    results = []
-    for plan, art, s_, est in zip(plans, artifacts, sparsities, estimates, strict=True):
-        res = _result(plan, art, s_, fp32_bytes, ref.host_threads, est)
-        rec = record["artifacts"][art.path.name]
-        res.error = rec.get("error")
-        res.fidelity = rec.get("fidelity") or {"cosine_mean": float("nan")}
-        if rec.get("latency", {}).get("p50_ms"):
-            res.latency = {
-                k: rec["latency"][k] for k in ("p50_ms", "p90_ms", "mean_ms", "min_ms") if k in rec["latency"]
-            }
-            res.speedup_vs_eager = ref.eager["p50_ms"] / res.latency["p50_ms"]
-        res.peak_rss_mb, res.load_ms = rec.get("peak_rss_mb"), rec.get("load_ms")
-        check_gates(res, plan, loaded.task, bundle.reference(art.path.name))
-        res.passed = res.passed and rec["status"] == "passed"
-        if rec["status"] != "passed" and res.error is None:
-            res.error = "; ".join(f"{k}: {c['detail']}" for k, c in rec["checks"].items() if not c["passed"])
-        results.append(res)
-
-    # report
+    bundle, record, results = check_stage(tmp, final, loaded, ref, exported)
     step("writing the report")
-    data_info = {
-        "source": ref.dataset.source,
-        "count": len(ref.dataset),
-        "labeled": ref.labels is not None,
-        "command": opts.command,
-        "warnings": ref.warnings,
-    }
-    search_info = None
-    if searches:
-        search_info = {
-            **{k: v for k, v in searches[0].items() if k not in ("candidates", "format", "seconds")},
-            "seconds": sum(x["seconds"] for x in searches),
-            "time_limit_reached": any(x["time_limit_reached"] for x in searches),
-            "candidates": [c for x in searches for c in x["candidates"]],
-        }
-    report = Report(
-        device=recipe.device,
-        model=loaded.describe(),
-        data=data_info,
-        recipe=final_recipe.to_dict(),
-        reference={
-            "eager_p50_ms": ref.eager["p50_ms"],
-            "eager_p90_ms": ref.eager["p90_ms"],
-            "threads": ref.host_threads,
-            "accuracy": ref.baseline,
-        },
-        artifacts=results,
-        output_dir=str(final),
-        wall_seconds=time.perf_counter() - start,
-        versions=versions,
-        compression=compression,
-        search=search_info,
-        adapters=adapter_results,
-    )
+    report = report_stage(final, loaded, ref, exported, results, compression, opts, start)
     report.write(tmp)
     write_validation(bundle, record)  # validation.json and the validation sections of report.md
     return report
