@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import edgelm
-from edgelm import fsutil
+from edgelm import fsutil, hostinfo
 from edgelm.console import StageProgress, print_table
 from edgelm.errors import EdgeLMError, Terminated
 
@@ -305,7 +305,8 @@ def export(
     left_out = print_table(
         out_console,
         f"{report.device}: {report.output_dir}  (PyTorch eager fp32 p50 "
-        f"{report.reference['eager_p50_ms']:.1f} ms, {report.reference['threads']} thread(s))",
+        f"{report.reference['eager_p50_ms']:.1f} ms, {report.reference['threads']} thread(s) on "
+        f"{hostinfo.describe(report.reference['host'])})",
         cols,
         [[r[k] for k in cols] for r in rows],
         right=[c for c in cols if c != "artifact"],

@@ -26,7 +26,7 @@ import numpy as np
 import edgelm
 import exporters
 from edgelm import data as data_mod
-from edgelm import fsutil, schemes, tasks
+from edgelm import fsutil, hostinfo, schemes, tasks
 from edgelm.bundle import MANIFEST_FILE, SCHEMA, Bundle, Manifest
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.models import LoadedModel, load_model
@@ -664,6 +664,7 @@ def report_stage(
             "eager_p90_ms": ref.eager["p90_ms"],
             "threads": ref.host_threads,
             "accuracy": ref.baseline,
+            "host": hostinfo.cpu_info(),
         },
         artifacts=results,
         output_dir=str(final),

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgelm import hostinfo
+
 
 @dataclass
 class ArtifactResult:
@@ -193,6 +195,14 @@ def render_markdown(report: Report) -> str:
         f"- **Reference:** PyTorch eager fp32 on this host: p50 {fmt(ref.get('eager_p50_ms'), '.2f')} ms at "
         f"{ref.get('threads')} thread(s)"
         + (f", accuracy {ref['accuracy']:.2f}%" if ref.get("accuracy") is not None else ""),
+        *(
+            [
+                f"- **Host:** {hostinfo.describe(ref['host'])}. Speed-ups on this host (× eager) are not phone or "
+                "board speed-ups: int8 kernels gain several times more on a CPU with int8 dot-product instructions."
+            ]
+            if ref.get("host")
+            else []
+        ),
         f"- **Wall time:** {report.wall_seconds:.1f} s",
         "",
         "## Artifacts (host runner)",

@@ -16,6 +16,7 @@ GROUND = {
     "edgelm.bundle",
     "edgelm.schemes",
     "edgelm.tasks",
+    "edgelm.hostinfo",
     "edgelm.report",
     "edgelm.models",
     "edgelm.profiles",

@@ -191,6 +191,10 @@ def test_export_tiny_model_all_formats(tiny_bert, tmp_path):
     manifest, report = _check_bundle(out_dir / "pixel8", 3)
     assert manifest["recipe"]["seq_len"] == 64 and manifest["device"]["name"] == "pixel8"
     assert report["passed"] and len(report["artifacts"]) == 3
+    # every figure names its machine: the host CPU and its int8 features, in the report and the terminal
+    host = report["reference"]["host"]
+    assert host["model"] and host["cores"] >= 1 and isinstance(host["int8_features"], list)
+    assert f"- **Host:** {host['model']}" in (out_dir / "pixel8" / "report.md").read_text()
     for a in report["artifacts"]:
         assert a["fidelity"]["cosine_mean"] >= 0.99
         assert a["latency"]["p50_ms"] > 0 and a["peak_rss_mb"] > 0 and a["threads"] == 1
