@@ -19,7 +19,7 @@ from rich.table import Table
 
 import edgelm
 from edgelm import fsutil, hostinfo
-from edgelm.console import StageProgress, print_table
+from edgelm.console import StageProgress, console, print_table
 from edgelm.errors import EdgeLMError, Terminated
 
 app = typer.Typer(
@@ -40,7 +40,7 @@ hypernet_app = typer.Typer(
 )
 app.add_typer(hypernet_app, name="hypernet")
 
-out_console = Console()
+out_console = console()
 #: the report columns shown in the terminal summary, most important first (report.md has them all)
 TERMINAL_COLUMNS = (
     "artifact",
@@ -67,7 +67,7 @@ def _gate_style(column: str, cell: str) -> str | None:
 def _err_console() -> Console:
     """A console on a duplicate of fd 2, so that it still reaches the terminal while the pipeline
     captures fd 1/2 of noisy converters into log files."""
-    return Console(file=os.fdopen(os.dup(2), "w", buffering=1), stderr=True)
+    return console(file=os.fdopen(os.dup(2), "w", buffering=1), stderr=True)
 
 
 #: Packages of the ``edgelm[export]`` extra: a command that needs one says so in one line (the runtime
@@ -97,26 +97,25 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except EdgeLMError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # disk full, quota, permission, read-only: the user's to fix, one line
             message = fsutil.os_error_message(exc)
             if message is None:
                 raise
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as exc:  # the runtime install has no export stack
             if (exc.name or "").split(".")[0] not in EXPORT_STACK:
                 raise
-            Console(stderr=True).print(
+            console(stderr=True).print(
                 f"[bold red]error:[/] this command needs the export stack ({exc.name} is not installed): "
                 "pip install 'edgelm\\[export]'",
                 highlight=False,
-                soft_wrap=True,
             )
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated, see main)
-            Console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
+            console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
@@ -298,11 +297,11 @@ def export(
     from edgelm.report import artifact_rows
 
     for warning in report.data.get("warnings", []):
-        Console(stderr=True).print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        console(stderr=True).print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     rows = artifact_rows(report)
     # only the columns that say something for this model (no top-1/accuracy for an embedding model)
     cols = [k for k in TERMINAL_COLUMNS if any(r[k] != "–" for r in rows)]
-    left_out = print_table(
+    print_table(
         out_console,
         f"{report.device}: {report.output_dir}  (PyTorch eager fp32 p50 "
         f"{report.reference['eager_p50_ms']:.1f} ms, {report.reference['threads']} thread(s) on "
@@ -312,8 +311,6 @@ def export(
         right=[c for c in cols if c != "artifact"],
         style=_gate_style,
     )
-    if left_out:
-        out_console.print(f"(not shown at this width: {', '.join(left_out)}; report.md has every column)")
     for a in report.artifacts:
         if not a.passed:
             failed = [k for k, g in a.gates.items() if not g["passed"]]
@@ -423,7 +420,7 @@ def validate(
         )
     rows = side_by_side_rows({"runners": {record["runner"]: record}})
     cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "p50 ms", "Δ vs host", "top-1 vs host")
-    left_out = print_table(
+    print_table(
         out_console,
         f"{b.device} on {record['runner']}",
         cols,
@@ -431,8 +428,6 @@ def validate(
         right=cols[2:],
         style=_gate_style,
     )
-    if left_out:
-        out_console.print(f"(not shown at this width: {', '.join(left_out)}; report.md has every column)")
     for name, a in record["artifacts"].items():
         for check, c in a["checks"].items():
             if not c["passed"]:
@@ -833,9 +828,7 @@ def estimate(
         ]
         for r in rows
     ]
-    left_out = print_table(out_console, "", cols, cells, right=cols[1:4] + cols[5:])
-    if left_out:
-        out_console.print(f"(not shown at this width: {', '.join(left_out)}; --json has every figure)")
+    print_table(out_console, "", cols, cells, right=cols[1:4] + cols[5:], rest="--json has every figure")
     out_console.print(
         "Roofline estimate from the profile's \\[hardware] figures (edgelm.compress.estimate); "
         "`edgelm export` reports it beside the measurement.",
@@ -865,9 +858,14 @@ def devices(ctx: typer.Context):
         for p in all_profiles()
     ]
     cols = ("name", "formats", "ms@seq", "max MB", "runner", "cores", "RAM MB", "SoC")
-    left_out = print_table(out_console, "edgelm device profiles", cols, rows, wrap=("formats", "SoC"))
-    if left_out:
-        out_console.print(f"(not shown at this width: {', '.join(left_out)}; `edgelm devices show NAME` has them)")
+    print_table(
+        out_console,
+        "edgelm device profiles",
+        cols,
+        rows,
+        wrap=("formats", "SoC"),
+        rest="see `edgelm devices show NAME`",
+    )
 
 
 @devices_app.command("show")

@@ -1,8 +1,10 @@
 """Terminal output for the CLI: tables that stay whole at any width and progress that reads in a log.
 
 - :func:`print_table` never cuts a header or a cell to ``…``: columns are given most important first, and
-  those that do not fit the console's width (80 in a pipe or a log) are left out and named, so the caller
-  can point to report.md, which has them all.
+  those that do not fit the console's width (80 in a pipe or a log) are left out and named, with where to
+  find them (report.md has them all).
+- :func:`console` makes a console whose plain lines are never broken at the width (soft wrap): a long line
+  stays one line in a log, and a terminal wraps it without splitting words; tables still fit the width.
 - :class:`StageProgress` draws a rich progress bar on a terminal, and writes one plain line per stage
   (``[3/7] exporting onnx int8_dynamic``) when the output is a log or a pipe; the bar ends at its total.
 """
@@ -15,6 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+
+def console(**kwargs) -> Console:
+    """A rich Console for the CLI's output (``kwargs`` as for :class:`rich.console.Console`) with soft wrap on."""
+    return Console(soft_wrap=True, **kwargs)
+
 
 #: Columns a table may wrap instead of dropping (long text such as gate lists); at least this wide.
 WRAP_MIN = 24
@@ -29,8 +37,10 @@ def print_table(
     right: Sequence[str] = (),
     wrap: Sequence[str] = (),
     style: Callable[[str, str], str | None] | None = None,
+    rest: str = "report.md has every column",
 ) -> list[str]:
-    """Print ``rows`` under ``header`` (columns most important first) in the console's width.
+    """Print ``rows`` under ``header`` (columns most important first) in the console's width; columns that
+    do not fit are left out and named on one line after the table, with ``rest`` (where to find them).
 
     Args:
         right: columns aligned right (numbers).
@@ -63,7 +73,10 @@ def print_table(
             cells.append(f"[{s}]{cell}[/]" if s else cell)
         table.add_row(*cells)
     console.print(table)
-    return [header[i] for i in range(len(header)) if i not in cols]
+    left_out = [header[i] for i in range(len(header)) if i not in cols]
+    if left_out:
+        console.print(f"(not shown at this width: {', '.join(left_out)}; {rest})", markup=False, highlight=False)
+    return left_out
 
 
 class StageProgress:

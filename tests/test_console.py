@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from edgelm.console import StageProgress, print_table
+from edgelm.console import StageProgress, console, print_table
 
 
 def _console(width: int) -> tuple[Console, io.StringIO]:
@@ -23,8 +23,18 @@ def test_table_drops_columns_instead_of_cutting_cells():
     assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
     assert "model.int8_dynamic.tflite" in text and "PASS" in text
     assert left_out and left_out[-1] == "est. device ms"  # the least important columns go first
+    assert f"(not shown at this width: {', '.join(left_out)}; report.md has every column)" in text.replace("\n", " ")
     con, buf = _console(200)
     assert print_table(con, "pixel8", header, rows) == [] and "est. device ms" in buf.getvalue()
+    assert "not shown" not in buf.getvalue()
+
+
+def test_cli_console_keeps_a_long_line_whole_in_a_log():
+    """The CLI's console soft-wraps: a sentence longer than the width stays one line (no word split in a log)."""
+    buf = io.StringIO()
+    con = console(file=buf, width=40, force_terminal=False, color_system=None)
+    con.print("a long sentence that a log must keep on one line, whatever the width")
+    assert buf.getvalue() == "a long sentence that a log must keep on one line, whatever the width\n"
 
 
 def test_progress_in_a_log_is_one_line_per_stage_and_ends_at_its_total():
