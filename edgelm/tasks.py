@@ -95,7 +95,8 @@ def for_kind(kind: str) -> Task:
     raise ModelError(f"unknown model kind {kind!r} (edgelm knows {', '.join(t.kind for t in TASKS)})")
 
 
-def _check(passed: bool, value, limit, detail: str) -> dict:
+def check(passed: bool, value, limit, detail: str) -> dict:
+    """One check's record, as validation.json and the report keep it: ``{"passed", "value", "limit", "detail"}``."""
     return {"passed": bool(passed), "value": value, "limit": limit, "detail": detail}
 
 
@@ -123,23 +124,23 @@ def gate_checks(
     for name in task.gates:
         if name == "max_size_mb" and size_mb is not None:
             limit = gates.max_size_mb
-            out[name] = _check(size_mb <= limit, size_mb, limit, f"{size_mb:.2f} MB (budget {limit:g} MB)")
+            out[name] = check(size_mb <= limit, size_mb, limit, f"{size_mb:.2f} MB (budget {limit:g} MB)")
         elif name == "min_cosine" and "cosine_mean" in fidelity:
             v, limit = fidelity["cosine_mean"], gates.min_cosine
             ok = not math.isnan(v) and v >= limit
-            out[name] = _check(ok, v, limit, f"cosine {v:.4f} {'>=' if ok else '<'} {limit}")
+            out[name] = check(ok, v, limit, f"cosine {v:.4f} {'>=' if ok else '<'} {limit}")
         elif name == "min_top1_agreement" and "top1_agreement" in fidelity:
             v, limit = fidelity["top1_agreement"], gates.min_top1_agreement
             ok = v >= limit
-            out[name] = _check(ok, v, limit, f"top-1 {v:.3f} {'>=' if ok else '<'} {limit}")
+            out[name] = check(ok, v, limit, f"top-1 {v:.3f} {'>=' if ok else '<'} {limit}")
         elif name == "max_abs_error" and reference is not None and "max_abs_error" in fidelity:
             v, limit = fidelity["max_abs_error"], schemes.golden_max_abs_error(scheme, reference)
             ok = v <= limit
-            out[name] = _check(ok, v, limit, f"max error {v:.3g} {'<=' if ok else '>'} {limit:.3g} ({scheme})")
+            out[name] = check(ok, v, limit, f"max error {v:.3g} {'<=' if ok else '>'} {limit:.3g} ({scheme})")
         elif name == "max_accuracy_drop" and "accuracy_drop" in fidelity:
             v, limit = fidelity["accuracy_drop"], gates.max_accuracy_drop
             ok = v <= limit
-            out[name] = _check(
+            out[name] = check(
                 ok,
                 v,
                 limit,

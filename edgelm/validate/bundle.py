@@ -224,10 +224,6 @@ def run_bundle(
         raise
 
 
-def _check(passed: bool, value, limit, detail: str) -> dict:
-    return {"passed": bool(passed), "value": value, "limit": limit, "detail": detail}
-
-
 def _sha256_mismatches(bundle: Bundle, files: list[tuple[str, str]]) -> dict[str, str]:
     """For each ``(file, sha256 from the manifest)`` whose file in the bundle is missing or differs: file -> a
     line saying so."""
@@ -238,7 +234,7 @@ def checksum_check(bundle: Bundle, name: str) -> dict:
     """sha256 of the artifact and each of its companion files against the manifest."""
     files = list(bundle.checksums(name).items())
     bad = _sha256_mismatches(bundle, files)
-    return _check(
+    return tasks.check(
         not bad,
         len(files) - len(bad),
         len(files),
@@ -253,7 +249,7 @@ def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
     checks = tasks.gate_checks(tasks.for_kind(bundle.kind), fid, plan.gates, plan.quant.scheme, reference=ref)
     checks = {k: c for k, c in checks.items() if k in ("min_cosine", "min_top1_agreement", "max_abs_error")}
     fails = [c["detail"] for c in checks.values() if not c["passed"]]
-    return _check(
+    return tasks.check(
         not fails,
         {
             "cosine_mean": fid["cosine_mean"],
@@ -287,7 +283,7 @@ def latency_check(result: dict, warmup: int, runs: int, emulated: bool) -> tuple
     detail = f"{len(samples)} of {runs} samples after {warmup} warm-up runs" + (
         "; emulated: functional only, not device speed" if emulated else ""
     )
-    return stats, _check(ok, stats.get("p50_ms"), None, detail)
+    return stats, tasks.check(ok, stats.get("p50_ms"), None, detail)
 
 
 def _host_outputs(bundle: Bundle, name: str, eval_source: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -323,7 +319,7 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
     golden = bundle.manifest.golden
     golden_ok = not _sha256_mismatches(bundle, [(golden.file, golden.sha256)])
     bundle_checks = {
-        "golden_sha256": _check(
+        "golden_sha256": tasks.check(
             golden_ok,
             None,
             None,
@@ -333,7 +329,7 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
     adapters = bundle.manifest.adapters
     if adapters:  # the weights files of further swappable adapters (edgelm export --adapter)
         bad = list(_sha256_mismatches(bundle, [(a.file, a.sha256) for a in adapters]))
-        bundle_checks["adapters_sha256"] = _check(
+        bundle_checks["adapters_sha256"] = tasks.check(
             not bad,
             len(adapters) - len(bad),
             len(adapters),
@@ -354,15 +350,15 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             rec["status"] = "skipped" if rec["checks"]["sha256"]["passed"] else "failed"
         elif run.result is None:
             rec["status"] = "error" if run.error else "not run"
-            rec["checks"]["ran"] = _check(
+            rec["checks"]["ran"] = tasks.check(
                 False, None, None, run.error or (f"not run: {info['dropped']}" if info.get("dropped") else "not run")
             )
         else:
             res = run.result
-            rec["checks"]["ran"] = _check(True, None, None, f"ran on {res.result.get('machine', '?')}")
+            rec["checks"]["ran"] = tasks.check(True, None, None, f"ran on {res.result.get('machine', '?')}")
             ref = bundle.reference(name)
             if res.outputs.shape != ref.shape:
-                rec["checks"]["golden"] = _check(
+                rec["checks"]["golden"] = tasks.check(
                     False,
                     list(res.outputs.shape),
                     list(ref.shape),
@@ -392,14 +388,14 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                 limit = plan.gates.max_accuracy_drop
                 if host_eval is not None:
                     drop = accuracy(host_eval, eval_labels) - acc_
-                    rec["checks"]["eval_accuracy"] = _check(
+                    rec["checks"]["eval_accuracy"] = tasks.check(
                         drop <= limit,
                         drop,
                         limit,
                         f"eval accuracy {acc_:.2f}%, {drop:+.2f} points below the same artifact on the host",
                     )
                 else:
-                    rec["checks"]["eval_accuracy"] = _check(
+                    rec["checks"]["eval_accuracy"] = tasks.check(
                         True,
                         acc_,
                         None,
