@@ -264,25 +264,26 @@ def export_for_device(
 
     out = Path(out)
     created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     final = out / recipe.device
-    tmp = fsutil.make_partial_dir(out, recipe.device)  # removes the leftovers of killed runs
-    try:
+    reports: list[Report] = []
+
+    def fill(tmp: Path) -> None:
         (tmp / "logs").mkdir()
         with captured_output(tmp / "logs" / "export.log"):
-            report = _export_into(tmp, final, recipe, model, data, opts, step, start)
+            reports.append(_export_into(tmp, final, recipe, model, data, opts, step, start))
             if opts.bundle == "android":
                 from edgelm.appbundle import write_android_bundle
 
                 write_android_bundle(tmp)
-        fsutil.install(tmp, final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fsutil.note_path(exc, final)
+
+    try:  # a temp folder beside the output, renamed into place at the end (leftovers of killed runs removed)
+        fsutil.write_directory(final, fill)
+    except BaseException:
         if created_out:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if empty
         raise
+    report = reports[0]
     if progress:
         progress("done", done, done)
     return report
