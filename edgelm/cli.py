@@ -20,7 +20,7 @@ from rich.table import Table
 import edgelm
 from edgelm import fsutil, hostinfo
 from edgelm.console import StageProgress, console, print_table
-from edgelm.errors import EdgeLMError, Terminated
+from edgelm.errors import EdgeLMError, Terminated, export_stack_missing
 
 app = typer.Typer(
     name="edgelm",
@@ -89,31 +89,31 @@ EXPORT_STACK = frozenset(
 )
 
 
+def _fail(message: str, exit_code: int):
+    """Print ``error: message`` on one line (markup in the message is shown as written) and exit."""
+    console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(exit_code) from None
+
+
 def handle_errors(func):
-    """Print EdgeLMError as one line (``error: ...``) and exit with its code (2 for bad input)."""
+    """Print EdgeLMError as one line (``error: ...``) and exit with its code (2 for bad input); the same for
+    an OS error the user must fix and for a missing export-stack package on the runtime install."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except EdgeLMError as exc:
-            console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(str(exc), exc.exit_code)
         except OSError as exc:  # disk full, quota, permission, read-only: the user's to fix, one line
             message = fsutil.os_error_message(exc)
             if message is None:
                 raise
-            console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-            raise typer.Exit(2) from None
+            _fail(message, 2)
         except ModuleNotFoundError as exc:  # the runtime install has no export stack
             if (exc.name or "").split(".")[0] not in EXPORT_STACK:
                 raise
-            console(stderr=True).print(
-                f"[bold red]error:[/] this command needs the export stack ({exc.name} is not installed): "
-                "pip install 'edgelm\\[export]'",
-                highlight=False,
-            )
-            raise typer.Exit(2) from None
+            _fail(str(export_stack_missing(exc.name)), 2)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated, see main)
             console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(getattr(exc, "exit_code", 130)) from None

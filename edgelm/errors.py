@@ -30,6 +30,14 @@ class RuntimeMissingError(EdgeLMError):
     """A converter or runtime package is not installed."""
 
 
+def export_stack_missing(missing: str) -> RuntimeMissingError:
+    """The error for a command that needs the export stack on the runtime install (``missing``: the packages
+    not installed, e.g. ``"torch"``)."""
+    return RuntimeMissingError(
+        f"this command needs the export stack ({missing} not installed): pip install 'edgelm[export]'"
+    )
+
+
 class ExportError(EdgeLMError):
     """A converter failed on the model (unsupported op, shape problem); the message names the format."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm import tasks
-from edgelm.errors import ModelError, RuntimeMissingError
+from edgelm.errors import ModelError, export_stack_missing
 
 #: model_type values whose modules have the BERT layout (embeddings + encoder.layer[i]) edgelm wraps.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
@@ -48,9 +48,7 @@ def require_export_stack() -> None:
 
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeMissingError(
-            f"loading a model needs the export stack ({', '.join(missing)} not installed): pip install 'edgelm[export]'"
-        )
+        raise export_stack_missing(", ".join(missing))
 
 
 def default_model_dir() -> Path:
