@@ -311,7 +311,10 @@ def main() -> None:
                 cache_path.write_text(json.dumps(runs, indent=1))
 
             run_one(k, seed, pool, hn_dir, dev, fmts, runs.get(key), save)
+    from edgelm import hostinfo
+
     results = {
+        "host": hostinfo.cpu_info(),  # CPU model and int8 ISA features of the machine these figures are from
         "shots": a.shots,
         "seeds": a.seeds,
         "dev_examples": len(dev[2]),

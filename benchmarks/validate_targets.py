@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgelm import hostinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -118,7 +119,7 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
         "golden_rows": args.limit,
         "eval_rows": args.eval_limit,
         "export_s": export_s,
-        "host": platform.machine(),
+        "host": hostinfo.cpu_info(),
         "runners": runners,
         "rows": rows,
         "artifacts": {
