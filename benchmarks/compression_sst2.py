@@ -42,24 +42,33 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_models(args) -> dict[str, Path]:
-    from edgelm.compress.jobs import run_compress, run_finetune
+def fine_tuned(train_limit: int, epochs: int) -> Path:
+    """The packaged MiniLM fine-tuned on the first ``train_limit`` SST-2 train rows (cached; trained if missing)."""
+    from edgelm.compress.jobs import run_finetune
     from edgelm.compress.train import TrainConfig
 
-    CACHE.mkdir(parents=True, exist_ok=True)
-    train, dev = SST2 / "train.tsv", SST2 / "dev.tsv"
-    paths = {"fine-tuned": CACHE / f"ft-{args.train_limit}"}
-    if not paths["fine-tuned"].is_dir():
+    path = CACHE / f"ft-{train_limit}"
+    if not path.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
         log("fine-tuning MiniLM on SST-2")
         r = run_finetune(
             "default",
-            train,
-            paths["fine-tuned"],
-            eval_data=dev,
-            limit=args.train_limit,
-            cfg=TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=32, seq_len=64, seed=0),
+            SST2 / "train.tsv",
+            path,
+            eval_data=SST2 / "dev.tsv",
+            limit=train_limit,
+            cfg=TrainConfig(epochs=epochs, lr=1e-4, batch_size=32, seq_len=64, seed=0),
         )
         log(f"fine-tuned: {[(e.epoch, e.eval_accuracy) for e in r.history]} in {r.seconds:.0f} s")
+    return path
+
+
+def train_models(args) -> dict[str, Path]:
+    from edgelm.compress.jobs import run_compress
+    from edgelm.compress.train import TrainConfig
+
+    train, dev = SST2 / "train.tsv", SST2 / "dev.tsv"
+    paths = {"fine-tuned": fine_tuned(args.train_limit, args.epochs)}
     for sparsity in (0.3, 0.5):
         name = f"pruned {int(sparsity * 100)}% + distill"
         paths[name] = CACHE / f"platon-distill-{int(sparsity * 100)}-{args.train_limit}-aligned32"

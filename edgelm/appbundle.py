@@ -20,7 +20,7 @@ from pathlib import Path
 
 import edgelm
 import exporters
-from edgelm import schemes
+from edgelm import tasks
 from edgelm.bundle import Bundle, android_assets
 from edgelm.errors import ExportError
 
@@ -109,6 +109,7 @@ def write_android_bundle(bundle_dir: Path) -> Path:
     tokenizer["vocab_sha256"] = exporters.sha256_file(out / "vocab.txt")
     golden_file = manifest.golden.file
     _link_or_copy(bundle.file(golden_file), out / golden_file)
+    task = tasks.for_kind(manifest.model.kind)
     artifacts = []
     for a in manifest.artifacts:
         g = bundle.plan(a.file).gates
@@ -129,11 +130,12 @@ def write_android_bundle(bundle_dir: Path) -> Path:
                 "seq_buckets": a.details.get("seq_buckets"),
                 "companions": [c.model_dump() for c in a.companions],
                 "golden_reference": a.golden_reference,
+                # the task's gates only (null: not judged; a classifier has no cosine gate)
                 "tolerance": {
-                    "min_cosine": g.min_cosine,
-                    "min_top1_agreement": g.min_top1_agreement,
-                    "max_abs_error": schemes.golden_max_abs_error(scheme, bundle.reference(a.file)),
-                    "max_accuracy_drop": g.max_accuracy_drop,
+                    "min_cosine": g.min_cosine if "min_cosine" in task.gates else None,
+                    "min_top1_agreement": g.min_top1_agreement if "min_top1_agreement" in task.gates else None,
+                    "max_abs_error": tasks.max_abs_error(task, scheme, bundle.reference(a.file)),
+                    "max_accuracy_drop": g.max_accuracy_drop if "max_accuracy_drop" in task.gates else None,
                 },
                 "reference_accuracy": bundle.baseline_accuracy,
             }

@@ -252,7 +252,7 @@ def export_for_device(
     if opts.bundle is not None and opts.bundle not in BUNDLE_KINDS:
         raise RecipeError(f"unknown --bundle {opts.bundle!r}: use {', '.join(BUNDLE_KINDS)}")
     data_mod.check_limit(opts.limit)
-    total = 5 + 2 * len(recipe.plans)
+    total = 5 + len(recipe.plans) + len(opts.adapters)  # load, reference, exports, adapters, write, check, report
     done = 0
 
     def step(desc: str) -> None:

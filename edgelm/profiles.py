@@ -27,8 +27,10 @@ class Hardware(_Strict):
     """What the target is. ``cpu``: core layout; ``isa_features``: e.g. neon, dotprod, i8mm, fp16, sve2,
     avx2, avx512_vnni; ``ram_mb``: total RAM in MB (the smallest variant sold). For the cost model
     (:mod:`edgelm.compress.estimate`): ``cpu_gflops_fp32`` and ``cpu_gops_int8``, the sustained GEMM rate of
-    one big core in GFLOP/s and int8 GOP/s (XNNPACK-class kernels, not the datasheet peak), and
-    ``memory_bandwidth_gbs``, the practical DRAM bandwidth in GB/s."""
+    one big core in GFLOP/s and int8 GOP/s (XNNPACK-class kernels, not the datasheet peak; the int8 rate with
+    an int8 dot-product instruction: the cost model takes 0.4 of it when ``isa_features`` list none of
+    dotprod, i8mm, avx512_vnni, avx_vnni, amx_int8), and ``memory_bandwidth_gbs``, the practical DRAM
+    bandwidth in GB/s."""
 
     soc: str
     cpu: str

@@ -23,10 +23,11 @@ class Gates:
     """Acceptance gates for one artifact.
 
     Attributes:
-        min_cosine: mean cosine similarity of outputs to the PyTorch fp32 reference (embedding models and
-            logits alike), in [-1, 1].
+        min_cosine: mean cosine similarity of outputs to the PyTorch fp32 reference, in [-1, 1] (embedding
+            models; :attr:`edgelm.tasks.Task.gates` says which gates judge which task).
         min_top1_agreement: share of inputs whose arg-max class equals the reference's (classifiers), [0, 1].
-        max_accuracy_drop: task accuracy drop against the fp32 reference, percentage points (with labels).
+        max_accuracy_drop: task accuracy drop against the fp32 reference, percentage points (classifiers,
+            with labels).
         max_size_mb: artifact file size budget, MB (10^6 bytes).
     """
 

@@ -33,8 +33,9 @@ class Scheme:
         int8_compute: whether the Linear layers run on int8 kernels (the cost model's int8 rate).
         embedding_bits: the word-embedding table's bits by default (8: quantized per row; None: float).
         float_layers: layer groups (:data:`exporters.base.LAYER_GROUPS`) kept float by default.
-        min_cosine: default gate, mean cosine similarity to the PyTorch fp32 reference, in [-1, 1].
-        min_top1_agreement: default gate, share of inputs whose arg-max equals the reference's, [0, 1].
+        min_cosine: default gate (embeddings), mean cosine similarity to the PyTorch fp32 reference, [-1, 1].
+        min_top1_agreement: default gate (classifiers), share of inputs whose arg-max equals the reference's,
+            [0, 1].
         golden_max_rel_error: golden tolerance: the largest |artifact - PyTorch fp32| allowed, as a share of
             the reference's largest |value|.
         search_float_layers: the variants the accuracy-budget search tries (one tuple of float layer
@@ -75,6 +76,8 @@ class Scheme:
 #: significant digits; int8 dynamic per-channel keeps MiniLM at cosine ~0.993-0.998; static int8 (sensitive
 #: layers float) and 4-bit weights cost more fidelity, so with labels the accuracy-drop gate decides.
 #: Static int8 over every op collapses transformers (MiniLM cosine 0.38): the FFN down-projections stay float.
+#: The head (classifier, pooler) stays float too, so a classifier's logits are never quantized: quantized to
+#: 256 levels (step 0.021 on an SST-2 fine-tune) two-class logits tie exactly and argmax falls to class 0.
 TABLE: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -119,15 +122,15 @@ TABLE: dict[str, Scheme] = {
         ),
         Scheme(
             "int8_static",
-            "int8 weights and calibrated int8 activations (PTQ), FFN down-projections float",
+            "int8 weights and calibrated int8 activations (PTQ), FFN down-projections and head float",
             weight_bits=8,
             int8_compute=True,
             embedding_bits=8,
-            float_layers=("ffn_output",),
+            float_layers=("ffn_output", "head"),
             min_cosine=0.95,
             min_top1_agreement=0.90,
             golden_max_rel_error=0.5,
-            search_float_layers=(("ffn_output",), ("ffn_output", "attention_output")),
+            search_float_layers=(("ffn_output", "head"), ("ffn_output", "attention_output", "head")),
             search_order=2,
             needs_calibration=True,
             adapters_share_base=False,
@@ -185,7 +188,16 @@ def search_ladder() -> list[tuple[str, tuple[str, ...]]]:
     return [(s.name, fl) for s in searched for fl in s.search_float_layers]
 
 
-def golden_max_abs_error(scheme: str, reference: np.ndarray) -> float:
+def golden_max_abs_error(scheme: str, reference: np.ndarray, relative_to: str = "max_abs") -> float:
     """The largest |artifact - PyTorch fp32| a ``scheme`` artifact may show on ``reference`` (float [N, D]):
-    the scheme's :attr:`Scheme.golden_max_rel_error` times the reference's largest |value|."""
-    return get(scheme).golden_max_rel_error * float(np.abs(reference).max())
+    the scheme's :attr:`Scheme.golden_max_rel_error` times the reference's scale, ``relative_to``
+    ``"max_abs"`` (its largest |value|: embeddings) or ``"range"`` (max - min: a classifier's logits).
+    Raises RecipeError for an unknown scheme or scale."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if relative_to == "max_abs":
+        scale = float(np.abs(ref).max())
+    elif relative_to == "range":
+        scale = float(ref.max() - ref.min())
+    else:
+        raise RecipeError(f"unknown error scale {relative_to!r} (max_abs or range)")
+    return get(scheme).golden_max_rel_error * scale

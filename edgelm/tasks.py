@@ -38,7 +38,13 @@ class Task:
         uses_labels: labeled data gives a task accuracy (top-1 agreement, accuracy, accuracy drop).
         prunable: structured pruning and the accuracy-budget search apply (they need a task accuracy).
         golden_keys: arrays the golden set stores beyond the inputs and the reference outputs.
-        gates: the gates (:data:`GATES`) that judge this task's artifacts.
+        gates: the gates (:data:`GATES`) that judge this task's artifacts. A sentence embedding is judged by
+            its cosine similarity to the PyTorch fp32 reference; a classifier by what its users see (top-1
+            agreement with the reference, the task-accuracy drop), not by the cosine of its logits: two-class
+            logits near the decision boundary make the cosine swing while no prediction changes.
+        error_scale: what ``max_abs_error`` is a share of (:func:`edgelm.schemes.golden_max_abs_error`):
+            ``"max_abs"`` the reference's largest |value| (embeddings), ``"range"`` the logits' range, max -
+            min over the golden set (classifiers).
     """
 
     name: str
@@ -50,6 +56,7 @@ class Task:
     prunable: bool
     golden_keys: tuple[str, ...]
     gates: tuple[str, ...]
+    error_scale: str
 
 
 FEATURE_EXTRACTION = Task(
@@ -62,6 +69,7 @@ FEATURE_EXTRACTION = Task(
     prunable=False,
     golden_keys=("texts",),
     gates=("max_size_mb", "min_cosine", "max_abs_error"),
+    error_scale="max_abs",
 )
 TEXT_CLASSIFICATION = Task(
     name="text-classification",
@@ -72,7 +80,8 @@ TEXT_CLASSIFICATION = Task(
     uses_labels=True,
     prunable=True,
     golden_keys=("texts", "labels"),
-    gates=("max_size_mb", "min_cosine", "min_top1_agreement", "max_abs_error", "max_accuracy_drop"),
+    gates=("max_size_mb", "min_top1_agreement", "max_abs_error", "max_accuracy_drop"),
+    error_scale="range",
 )
 #: Every task, most specific first (the first whose architecture suffix matches a checkpoint takes it).
 TASKS: tuple[Task, ...] = (TEXT_CLASSIFICATION, FEATURE_EXTRACTION)
@@ -98,6 +107,13 @@ def for_kind(kind: str) -> Task:
 def check(passed: bool, value, limit, detail: str) -> dict:
     """One check's record, as validation.json and the report keep it: ``{"passed", "value", "limit", "detail"}``."""
     return {"passed": bool(passed), "value": value, "limit": limit, "detail": detail}
+
+
+def max_abs_error(task: Task, scheme: str, reference: np.ndarray) -> float:
+    """The largest |artifact - PyTorch fp32| a ``scheme`` artifact of ``task`` may show on ``reference``
+    (float32 [N, D]): the scheme's share (:attr:`edgelm.schemes.Scheme.golden_max_rel_error`) of the task's
+    :attr:`Task.error_scale`."""
+    return schemes.golden_max_abs_error(scheme, reference, relative_to=task.error_scale)
 
 
 def gate_checks(
@@ -134,7 +150,7 @@ def gate_checks(
             ok = v >= limit
             out[name] = check(ok, v, limit, f"top-1 {v:.3f} {'>=' if ok else '<'} {limit}")
         elif name == "max_abs_error" and reference is not None and "max_abs_error" in fidelity:
-            v, limit = fidelity["max_abs_error"], schemes.golden_max_abs_error(scheme, reference)
+            v, limit = fidelity["max_abs_error"], max_abs_error(task, scheme, reference)
             ok = v <= limit
             out[name] = check(ok, v, limit, f"max error {v:.3g} {'<=' if ok else '>'} {limit:.3g} ({scheme})")
         elif name == "max_accuracy_drop" and "accuracy_drop" in fidelity:

@@ -247,6 +247,8 @@ class Format(Protocol):
         profile_runtimes: the key of a device profile's ``[runtimes]`` table that lists its backends
             (``"onnx_execution_providers"``).
         runtime_overhead_mb: resident memory of the runtime itself (library + arena), MB, for the cost model.
+        int8_efficiency: share of the device's int8 GEMM rate its int8 schemes reach end to end (1.0: fused
+            int8 kernels), for the cost model.
         app_runtime: the runtime's name in the Android demo app's manifest (``"litert"``).
         separate_adapters: None when the format can keep adapter weights in a swappable file beside the
             artifact (``ExportOptions.adapter_modules``), else why not.
@@ -259,6 +261,7 @@ class Format(Protocol):
     delegates: tuple[str, ...]
     profile_runtimes: str
     runtime_overhead_mb: float
+    int8_efficiency: float
     app_runtime: str
     separate_adapters: str | None
 
@@ -301,6 +304,7 @@ class ModuleFormat:
     delegates: tuple[str, ...]
     profile_runtimes: str
     runtime_overhead_mb: float
+    int8_efficiency: float = 1.0
     app_runtime: str
     separate_adapters: str | None = None
 

@@ -41,13 +41,15 @@ def test_android_bundle_holds_what_the_app_needs(pixel8_bundle):
     )
     assert [a["runtime"] for a in m["artifacts"]] == ["executorch", "litert", "onnxruntime"]
     with np.load(d / "golden.npz") as z:
-        max_ref = float(np.abs(z["reference"]).max())
+        ref_range = float(z["reference"].max() - z["reference"].min())
         assert len(z["texts"]) == 24 and z["labels"].shape == (24,)
     main = json.loads((pixel8_bundle / "manifest.json").read_text())
     for a, ref in zip(m["artifacts"], main["artifacts"], strict=False):
         assert a["sha256"] == exporters.sha256_file(d / a["file"]) == ref["sha256"]
-        assert a["tolerance"]["max_abs_error"] == pytest.approx(0.25 * max_ref)  # int8 dynamic: 25% of the range
-        assert a["tolerance"]["min_cosine"] == 0.99 and a["inputs"] == ref["inputs"]
+        assert a["tolerance"]["max_abs_error"] == pytest.approx(0.25 * ref_range)  # int8 dynamic: 25% of the range
+        # a classifier is judged by top-1 agreement and accuracy drop, not by the cosine of its logits
+        assert a["tolerance"]["min_cosine"] is None and a["tolerance"]["min_top1_agreement"] == 0.95
+        assert a["inputs"] == ref["inputs"]
     tfl = next(a for a in m["artifacts"] if a["runtime"] == "litert")
     assert tfl["seq_buckets"] == [16, 32] and tfl["inputs"][0]["dtype"] == "int32"
     assert m["golden"]["sha256"] == exporters.sha256_file(d / "golden.npz") and m["golden"]["labeled"] is True

@@ -188,6 +188,9 @@ def test_export_tiny_model_all_formats(tiny_bert, tmp_path):
     )
     assert code == 0, out
     assert "PASS" in out and "FAIL" not in out
+    # in a log, one line per stage and the count exact: 3 exports + load, reference, write, check, report
+    stages = [line for line in out.splitlines() if line.startswith("[")]
+    assert stages[0] == "[1/8] loading model" and stages[-2:] == ["[8/8] writing the report", "[8/8] done"]
     manifest, report = _check_bundle(out_dir / "pixel8", 3)
     assert manifest["recipe"]["seq_len"] == 64 and manifest["device"]["name"] == "pixel8"
     assert report["passed"] and len(report["artifacts"]) == 3

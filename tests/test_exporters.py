@@ -218,3 +218,35 @@ def test_formats_are_typed_plugins(tmp_path):
         @exporters.register
         class NotAFormat:
             name = "x"
+
+
+def test_executorch_delegates_the_whole_encoder_to_xnnpack(tiny_classifier):
+    """ExecuTorch 1.5's XNNPACK partitioner has no LayerNorm and no reshape with a symbolic length; edgelm's
+    rewrites leave no LayerNorm, expand or symbolic view outside the delegate, with PyTorch's numbers."""
+    import copy
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from exporters.executorch import _xnnpack_rewrites
+
+    loaded = load_model(tiny_classifier)
+    ids, mask = _inputs(tiny_classifier)
+    args = (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1]))
+    seq = torch.export.Dim("seq", min=2, max=SEQ)
+
+    def outside_delegate(module):
+        ep = torch.export.export(module, args, dynamic_shapes=({1: seq}, {1: seq}))
+        lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).exported_program()
+        names = [getattr(n.target, "__name__", str(n.target)) for n in lowered.graph.nodes if n.op == "call_function"]
+        return [n for n in names if n.startswith("aten.") and n.split(".")[1] in ("native_layer_norm", "expand_copy")]
+
+    assert outside_delegate(loaded.module)  # as Hugging Face's code exports: LayerNorms and copies outside
+    rewritten = copy.deepcopy(loaded.module).eval()
+    assert _xnnpack_rewrites(rewritten) == {"layer_norms": 5, "attention_layers": 2}  # embeddings + 2 per layer
+    assert outside_delegate(rewritten) == []
+    with torch.no_grad():
+        for i in range(len(ids)):
+            n = int(mask[i].sum())
+            a = (torch.from_numpy(ids[i : i + 1, :n]), torch.from_numpy(mask[i : i + 1, :n]))
+            assert torch.allclose(rewritten(*a), loaded.module(*a), atol=1e-5)

@@ -67,7 +67,9 @@ def test_scheme_runs_and_stays_close(setup, tmp_path, fmt, scheme, min_cos):
         assert np.abs(out - ref).max() > 1e-6
     if scheme == "int8_static":
         kept = art.details["float_linear_layers"]
-        assert len(kept) == 2 and all(k.endswith("output.dense") and "attention" not in k for k in kept)
+        # the FFN down-projections and the head (pooler, classifier) stay float: logits are never quantized
+        assert len(kept) == 4 and sorted(k.split(".")[-1] for k in kept)[:2] == ["classifier", "dense"]
+        assert sum(k.endswith("output.dense") and "attention" not in k for k in kept) == 2
         dynamic, _ = _export_and_run(setup, fmt, quant_spec("int8_dynamic"), tmp_path / f"d{exporters.suffix(fmt)}")
         fp32, _ = _export_and_run(setup, fmt, quant_spec("fp32"), tmp_path / f"f{exporters.suffix(fmt)}")
         # the other Linear layers really are int8: far closer to the dynamic artifact's size than to fp32's
@@ -79,6 +81,34 @@ def test_static_keeps_more_layers_float_on_request(setup, tmp_path):
     art, _ = _export_and_run(setup, "onnx", q, tmp_path / "m.onnx")
     assert len(art.details["float_linear_layers"]) == 4
     assert art.details["quantized_linear_nodes"] == 14 - 4  # 6 Linear per layer x 2 + pooler + classifier, minus 4
+
+
+def test_onnx_int8_dynamic_scales_each_token(setup, tmp_path):
+    """ONNX int8 dynamic quantizes activations per token: a sentence's logits do not depend on what else is in
+    the batch. onnxruntime's quantize_dynamic (one scale per activation tensor) on the same graph fails this."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    art, _ = _export_and_run(setup, "onnx", quant_spec("int8_dynamic"), tmp_path / "a.onnx")
+    ops = [n.op_type for n in onnx.load(str(art.path)).graph.node]
+    assert ops.count("MatMulInteger") == art.details["quantized_linear_nodes"] == 14  # every Linear
+    assert "DynamicQuantizeLinear" not in ops and ops.count("Gather") >= 2 * 3  # int8 rows + their scales
+    _, ids, mask, _ = setup
+    loud = ids.copy()
+    loud[1, 1:] = ids[5, 1:]  # another sentence beside the first one
+    pair = {"input_ids": loud[:2], "attention_mask": np.maximum(mask[:2], mask[5:6])}
+    alone = {"input_ids": loud[:1], "attention_mask": pair["attention_mask"][:1]}
+
+    def first_row(path):
+        sess = exporters.load(path, threads=1)
+        return sess.run(pair)["logits"][0], sess.run(alone)["logits"][0]
+
+    in_pair, by_itself = first_row(art.path)
+    assert np.abs(in_pair - by_itself).max() < 1e-5
+    fp32, _ = _export_and_run(setup, "onnx", quant_spec("fp32"), tmp_path / "f.onnx")
+    quantize_dynamic(str(fp32.path), str(tmp_path / "t.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    in_pair, by_itself = first_row(tmp_path / "t.onnx")
+    assert np.abs(in_pair - by_itself).max() > 1e-4
 
 
 def test_int4_is_smaller_than_int8(setup, tmp_path):
@@ -119,4 +149,4 @@ def test_quantspec_validates_groups():
         QuantSpec("int8_static", float_layers=("everything",))
     with pytest.raises(exporters.UnsupportedQuantError, match="group_size"):
         QuantSpec("8da4w", group_size=7)
-    assert quant_spec("int8_static").label == "int8_static (float: ffn_output)"
+    assert quant_spec("int8_static").label == "int8_static (float: ffn_output+head)"

@@ -69,7 +69,7 @@ def test_new_schemes_in_the_recipe():
     p = load_profile("pixel8")
     r = make_recipe(p, quant="onnx=int8_static,executorch=8da4w,tflite=fp16", sparsity=0.3, max_accuracy_drop=0.5)
     plans = {x.format: x for x in r.plans}
-    assert plans["onnx"].quant.float_layers == ("ffn_output",) and plans["onnx"].gates.min_cosine == 0.95
+    assert plans["onnx"].quant.float_layers == ("ffn_output", "head") and plans["onnx"].gates.min_cosine == 0.95
     assert plans["executorch"].quant.group_size == 32 and plans["executorch"].quant.embedding_bits == 8
     assert plans["tflite"].quant.embedding_bits is None and plans["tflite"].gates.min_cosine == 0.999
     assert all(x.gates.max_accuracy_drop == 0.5 for x in r.plans) and r.sparsity == 0.3

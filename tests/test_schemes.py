@@ -18,8 +18,8 @@ def test_table_has_every_scheme_the_exporters_know():
 def test_search_ladder_is_most_aggressive_first():
     assert schemes.search_ladder() == [
         ("8da4w", ()),
-        ("int8_static", ("ffn_output",)),
-        ("int8_static", ("ffn_output", "attention_output")),
+        ("int8_static", ("ffn_output", "head")),
+        ("int8_static", ("ffn_output", "attention_output", "head")),
         ("int8_dynamic", ()),
         ("fp16", ()),
         ("fp32", ()),
@@ -31,7 +31,7 @@ def test_search_ladder_is_most_aggressive_first():
 
 def test_quant_spec_follows_the_row():
     q = schemes.quant_spec("int8_static")
-    assert (q.embedding_bits, q.float_layers, q.per_channel) == (8, ("ffn_output",), True)
+    assert (q.embedding_bits, q.float_layers, q.per_channel) == (8, ("ffn_output", "head"), True)
     assert schemes.quant_spec("fp16").embedding_bits is None
     assert schemes.quant_spec("8da4w", ()).float_layers == ()
 

@@ -12,11 +12,17 @@ Counting (batch 1, ``S`` tokens, per encoder layer with ``H`` heads of size ``dh
 - activation bytes: the largest live set of one layer in float32: ``4 · (5 · S · d + H · S² + S · I)``.
 
 Latency is a roofline estimate: ``max(compute, memory) + 0.2 ms`` where compute is the Linear MACs at the
-profile's int8 or fp32 rate (``hardware.cpu_gops_int8`` / ``cpu_gflops_fp32``, sustained GOP/s of one big
-core, one MAC = 2 ops) plus attention at the fp32 rate, divided by ``0.8 · threads`` for more than one
+int8 or fp32 rate (one MAC = 2 ops) plus attention at the fp32 rate, divided by ``0.8 · threads`` for more than one
 thread (capped at the core count); memory is the weight bytes over ``hardware.memory_bandwidth_gbs``. Peak
-RAM is weight bytes + activations + the runtime's own footprint (the format plug-in's ``runtime_overhead_mb``; :data:`PYTORCH_OVERHEAD_MB`). These are
-estimates for planning; the export report puts them beside the measurement.
+RAM is weight bytes + activations + the runtime's own footprint (the format plug-in's ``runtime_overhead_mb``;
+:data:`PYTORCH_OVERHEAD_MB`). These are estimates for planning; the export report puts them beside the
+measurement.
+
+Rates (:func:`int8_rate`): ``hardware.cpu_gflops_fp32`` is one big core's sustained fp32 GEMM rate;
+``hardware.cpu_gops_int8`` its int8 rate with an int8 dot-product instruction (Arm ``dotprod``/``i8mm``, x86
+VNNI or AMX). A CPU whose ``isa_features`` list none multiplies int8 with widening instructions (NEON SMLAL,
+AVX2 VPMADDUBSW) and gets :data:`NO_DOT_PRODUCT_SHARE` of it; each format's int8 path then reaches its
+plug-in's ``int8_efficiency`` share (ONNX's per-token quantization runs as separate ops).
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ from edgelm import schemes
 #: Resident memory of each runtime itself, MB (library + arena), added to the peak-RAM estimate.
 #: (The formats' own figures are their plug-ins' ``runtime_overhead_mb``; this is PyTorch eager's.)
 PYTORCH_OVERHEAD_MB = 300.0
+
+#: ISA features (hostinfo's and the profiles' names) that give int8 dot products: 4 int8 products summed
+#: into an int32 lane per instruction (i8mm: a 2x8 by 8x2 int8 matrix product).
+INT8_DOT_PRODUCT = ("dotprod", "i8mm", "avx512_vnni", "avx_vnni", "amx_int8")
+#: Share of ``cpu_gops_int8`` int8 GEMMs reach on a CPU without any :data:`INT8_DOT_PRODUCT` feature. Measured
+#: (issue 13): MiniLM int8 over PyTorch fp32 was 1.4-2.7x on an AVX2-only AMD EPYC against 4.3-6.7x on a VNNI
+#: Xeon, the same artifacts and inputs: about 0.4 of the speed-up.
+NO_DOT_PRODUCT_SHARE = 0.4
 
 
 @dataclass
@@ -94,6 +108,16 @@ def _structure(wrapper: Any) -> dict:
     }
 
 
+def int8_rate(hardware: dict, fmt: str = "pytorch") -> float:
+    """Sustained int8 GEMM rate of one big core, GOP/s, for ``fmt``'s int8 kernels on ``hardware`` (a profile's
+    ``[hardware]`` as a dict): ``cpu_gops_int8``, times :data:`NO_DOT_PRODUCT_SHARE` when ``isa_features``
+    has no int8 dot product, times the format plug-in's ``int8_efficiency``."""
+    rate = float(hardware["cpu_gops_int8"])
+    if not set(hardware.get("isa_features") or ()) & set(INT8_DOT_PRODUCT):
+        rate *= NO_DOT_PRODUCT_SHARE
+    return rate * (1.0 if fmt == "pytorch" else exporters.get(fmt).int8_efficiency)
+
+
 def estimate(
     wrapper: Any,
     recipe: Any,
@@ -111,7 +135,8 @@ def estimate(
     Args:
         scheme: a quantization scheme (``fp32``, ``fp16``, ``int8_dynamic``, ``int8_static``, ``8da4w``,
             ``int4_weight_only``).
-        fmt: ``onnx``, ``executorch``, ``tflite`` or ``pytorch`` (only the runtime overhead depends on it).
+        fmt: ``onnx``, ``executorch``, ``tflite`` or ``pytorch``: its runtime overhead and int8 efficiency
+            (:func:`int8_rate`).
         seq_len / threads: default the recipe's (tokens, CPU threads).
         embedding_bits: 8 to count the word-embedding table at 8 bits (default: 8 for quantized schemes).
     Raises:
@@ -143,7 +168,7 @@ def estimate(
     d = s["hidden"]
     act_bytes = max((4 * (5 * S * d + h * S * S + S * ffn) for h, _, ffn in s["attn"]), default=0)
     hw = recipe.hardware
-    lin_rate = hw["cpu_gops_int8"] if sch.int8_compute else hw["cpu_gflops_fp32"]
+    lin_rate = int8_rate(hw, fmt) if sch.int8_compute else hw["cpu_gflops_fp32"]
     parallel = 1.0 if n_threads <= 1 else 0.8 * min(n_threads, hw["cpu_cores"])
     compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw["cpu_gflops_fp32"] * 1e9)) / parallel * 1e3
     memory_ms = weight_bytes / (hw["memory_bandwidth_gbs"] * 1e9) * 1e3
@@ -169,8 +194,8 @@ def estimate(
 def estimate_schemes(model: str, recipe: Any, scheme_names: list[str] | None = None) -> list[Estimate]:
     """What ``edgelm estimate`` prints: the cost of ``model`` (``"default"`` or a checkpoint directory) on
     the recipe's device under each of ``scheme_names`` (default: fp32 and the recipe's schemes), at the
-    recipe's sequence length and threads. Each scheme is costed on the runtime that would run it: PyTorch
-    eager for fp32, else the first of the recipe's formats that uses it, else ONNX Runtime.
+    recipe's sequence length and threads, on every runtime that would run it: PyTorch eager for fp32, and
+    each of the recipe's formats that can export the scheme (ONNX Runtime where none of them can).
     Raises RecipeError for an unknown scheme (before the model is loaded) and ModelError for a bad model."""
     from edgelm.models import load_model
 
@@ -178,10 +203,11 @@ def estimate_schemes(model: str, recipe: Any, scheme_names: list[str] | None = N
     for name in names:
         schemes.get(name)
     loaded = load_model(model)
+    formats = [p.format for p in recipe.plans]
 
-    def runtime(scheme: str) -> str:
+    def runtimes(scheme: str) -> list[str]:
         if scheme == "fp32":
-            return "pytorch"
-        return next((p.format for p in recipe.plans if p.quant.scheme == scheme), "onnx")
+            return ["pytorch"]
+        return [f for f in formats if scheme in exporters.get(f).schemes] or ["onnx"]
 
-    return [estimate(loaded.module, recipe, scheme=s, fmt=runtime(s)) for s in names]
+    return [estimate(loaded.module, recipe, scheme=s, fmt=f) for s in names for f in runtimes(s)]
