@@ -5,7 +5,8 @@ One run, on this host (CPU only):
    the first ``--train-limit`` SST-2 train rows; trained and cached in ``benchmarks/.cache/`` if missing);
 2. Optimum in its own virtual environment (``benchmarks/.cache/optimum-venv``, created on first use:
    ``optimum-onnx`` pins an older transformers than edgelm's): ``optimum-cli export onnx`` (fp32) and
-   ``optimum-cli onnxruntime quantize --avx2`` and ``--arm64`` (its default int8 configurations);
+   ``optimum-cli onnxruntime quantize --avx2`` and ``--arm64`` (its default int8 configurations: per-tensor
+   weights), and ``--avx2 --per_channel``;
 3. edgelm's ONNX exporter: fp32, ``int8_dynamic`` (the default: per-token int8 activations), ``int8_static``
    and ``8da4w``; and the int8 alternatives that were measured to choose that default, built from edgelm's
    fp32 graph with ONNX Runtime's own quantizers: ``quantize_dynamic`` per channel (one activation scale
@@ -36,12 +37,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from compression_sst2 import CACHE, RESULTS, SST2, fine_tuned, log  # noqa: E402
-
 SEQ = 128
 WARMUP = 10
-VENV = CACHE / "optimum-venv"
 #: What the Optimum environment installs (torch pinned to the CPU wheel edgelm uses).
 OPTIMUM_PACKAGES = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0")
 #: Calibration rows for int8_static and the sensitivity measurement: SST-2 train rows far past the fine-tuning
@@ -98,32 +95,35 @@ def measure(path: Path, data: Path, threads: int, runs: int, tmp: Path, logits: 
 
 # --------------------------------------------------------------------------------------------- Optimum side
 def optimum_env() -> Path:
-    """The Optimum virtual environment's bin folder (created and installed on first use)."""
-    bin_dir = VENV / "bin"
+    """The Optimum virtual environment's bin folder (``benchmarks/.cache/optimum-venv``, created on first use)."""
+    from compression_sst2 import CACHE, log
+
+    venv = CACHE / "optimum-venv"
+    bin_dir = venv / "bin"
     if not (bin_dir / "optimum-cli").is_file():
-        log(f"creating {VENV} with {', '.join(OPTIMUM_PACKAGES)} (once)")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        log(f"creating {venv} with {', '.join(OPTIMUM_PACKAGES)} (once)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(bin_dir / "pip"), "install", "-q", *OPTIMUM_PACKAGES], check=True)
     return bin_dir
+
+
+def run_quiet(cmd: list[str]) -> None:
+    """Run a peer tool's command; its output is shown only when it fails."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"{' '.join(cmd[:3])} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
 
 
 def optimum_artifacts(checkpoint: Path, out: Path) -> tuple[dict[str, Path], dict[str, str]]:
     bin_dir = optimum_env()
     cli = str(bin_dir / "optimum-cli")
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     fp32 = out / "optimum-fp32"
-    subprocess.run(
-        [cli, "export", "onnx", "--model", str(checkpoint), "--task", "text-classification", str(fp32)],
-        check=True,
-        **quiet,
-    )
+    run_quiet([cli, "export", "onnx", "--model", str(checkpoint), "--task", "text-classification", str(fp32)])
     arts = {"Optimum fp32": fp32 / "model.onnx"}
-    for arch in ("avx2", "arm64"):
-        d = out / f"optimum-{arch}"
-        subprocess.run(
-            [cli, "onnxruntime", "quantize", "--onnx_model", str(fp32), f"--{arch}", "-o", str(d)], check=True, **quiet
-        )
-        arts[f"Optimum int8 --{arch}"] = d / "model_quantized.onnx"
+    for arch, extra in (("avx2", []), ("avx2", ["--per_channel"]), ("arm64", [])):
+        d = out / f"optimum-{arch}{'-pc' if extra else ''}"
+        run_quiet([cli, "onnxruntime", "quantize", "--onnx_model", str(fp32), f"--{arch}", *extra, "-o", str(d)])
+        arts[f"Optimum int8 --{arch}{' --per_channel' if extra else ''}"] = d / "model_quantized.onnx"
     versions = subprocess.run(
         [
             str(bin_dir / "python"),
@@ -212,7 +212,7 @@ def alternatives(fp32: Path, calib, out: Path, arts: dict[str, Path]) -> list:
         return np.concatenate(rows)
 
     ref = logits(clean)
-    ranking = []
+    ranking = []  # ORT's dynamic quantization leaves Gemm (the pooler, the classifier) float: they rank last
     for node, module in _linear_nodes(model):
         one = out / "one.onnx"
         quantize_dynamic(
@@ -255,10 +255,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if not (SST2 / "train.tsv").is_file():
-        sys.exit(f"SST-2 not found at {SST2}: this benchmark reads ../shared/data/sst2")
-
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from compression_sst2 import SST2, fine_tuned, log
 
     from edgelm import hostinfo
     from edgelm.data import TextDataset, encode, label_indices, load_dataset, load_tokenizer
@@ -266,6 +265,8 @@ def main() -> None:
     from edgelm.pipeline import latency_input
     from exporters.base import trim_padding
 
+    if not (SST2 / "train.tsv").is_file():
+        sys.exit(f"SST-2 not found at {SST2}: this benchmark reads ../shared/data/sst2")
     host_before = hostinfo.cpu_info()
     checkpoint = fine_tuned(args.train_limit, args.epochs)
     model = load_model(checkpoint)
@@ -363,6 +364,8 @@ def targets(rows: dict[str, dict]) -> list[dict]:
 
 
 def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args) -> None:
+    from compression_sst2 import RESULTS, log
+
     from edgelm import hostinfo
 
     RESULTS.mkdir(parents=True, exist_ok=True)

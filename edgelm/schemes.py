@@ -37,7 +37,8 @@ class Scheme:
         min_top1_agreement: default gate (classifiers), share of inputs whose arg-max equals the reference's,
             [0, 1].
         golden_max_rel_error: golden tolerance: the largest |artifact - PyTorch fp32| allowed, as a share of
-            the reference's largest |value|.
+            the reference's scale (its largest |value| for embeddings, the logits' range for classifiers:
+            :attr:`edgelm.tasks.Task.error_scale`).
         search_float_layers: the variants the accuracy-budget search tries (one tuple of float layer
             groups each); empty: the search never tries this scheme.
         search_order: the search's order, most aggressive first (lower tries first); None: not searched.

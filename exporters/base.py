@@ -20,8 +20,9 @@ import numpy as np
 #:   Where the format allows it the word-embedding table is stored as 8-bit too (per row).
 #: - ``int8_static``: int8 weights per channel and int8 activations with scales fixed by calibration on
 #:   representative inputs (PTQ). Only Linear layers are quantized and the layer groups in
-#:   ``QuantSpec.float_layers`` (default: the FFN down-projections, the one group that loses accuracy) stay
-#:   float; static int8 over every op collapses transformer accuracy (MiniLM cosine 0.38).
+#:   ``QuantSpec.float_layers`` (edgelm's default: the FFN down-projections, the group that loses accuracy,
+#:   and the head, so that logits are never quantized) stay float; static int8 over every op collapses
+#:   transformer accuracy (MiniLM cosine 0.38).
 #: - ``8da4w``: int8 dynamic activations, int4 weights in groups of ``group_size`` (32) along the input axis.
 #: - ``int4_weight_only``: int4 group-wise weights, float activations (weights dequantized in the kernel).
 #: - ``fp16``: float16 weights (for GPU delegates; on CPU it halves size, not time).
@@ -85,7 +86,8 @@ class QuantSpec:
         embedding_bits: store the word-embedding table with this many bits (8) where the format allows,
             or ``None`` to keep it float.
         group_size: weights per int4 scale group along the input axis (``8da4w``, ``int4_weight_only``).
-        float_layers: names from :data:`LAYER_GROUPS` whose Linear layers stay float (``int8_static``).
+        float_layers: names from :data:`LAYER_GROUPS` whose Linear layers stay float (``int8_static``; ONNX's
+            ``int8_dynamic`` and 4-bit schemes honour it too).
     """
 
     scheme: str = "fp32"
@@ -247,8 +249,8 @@ class Format(Protocol):
         profile_runtimes: the key of a device profile's ``[runtimes]`` table that lists its backends
             (``"onnx_execution_providers"``).
         runtime_overhead_mb: resident memory of the runtime itself (library + arena), MB, for the cost model.
-        int8_efficiency: share of the device's int8 GEMM rate its int8 schemes reach end to end (1.0: fused
-            int8 kernels), for the cost model.
+        int8_efficiency: share of the device's int8 GEMM rate its ``int8_dynamic`` artifacts reach end to end
+            (1.0: fused int8 kernels), for the cost model; optional (a plug-in without it counts as 1.0).
         app_runtime: the runtime's name in the Android demo app's manifest (``"litert"``).
         separate_adapters: None when the format can keep adapter weights in a swappable file beside the
             artifact (``ExportOptions.adapter_modules``), else why not.
@@ -261,7 +263,6 @@ class Format(Protocol):
     delegates: tuple[str, ...]
     profile_runtimes: str
     runtime_overhead_mb: float
-    int8_efficiency: float
     app_runtime: str
     separate_adapters: str | None
 

@@ -90,9 +90,11 @@ def runtime_versions() -> dict[str, str]:
 
 def _xnnpack_rewrites(module: Any) -> dict[str, int]:
     """Rewrite ``module`` (in place, an export copy at batch 1) so XNNPACK delegates all of its encoder (see
-    the module docstring): every ``nn.LayerNorm`` over [1, S, H] becomes :class:`XnnpackLayerNorm`, and every
-    BERT-family self-attention (a module with ``query``/``key``/``value`` and ``attention_head_size``) runs
-    :func:`_bmm_attention`. Returns how many of each were rewritten."""
+    the module docstring): every ``nn.LayerNorm`` over one axis becomes an ``XnnpackLayerNorm`` (the same for
+    inputs that are not [1, S, H]), and every BERT-family self-attention with absolute positions (a
+    ``*SelfAttention`` module with ``query``/``key``/``value`` and ``attention_head_size``; relative-position
+    and cross-attention modules are left as they are) runs :func:`_bmm_attention`. Returns how many of each
+    were rewritten."""
     import types
 
     import torch
@@ -100,14 +102,19 @@ def _xnnpack_rewrites(module: Any) -> dict[str, int]:
     counts = {"layer_norms": 0, "attention_layers": 0}
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.LayerNorm) and len(child.normalized_shape) == 1:
+            if type(child) is torch.nn.LayerNorm and len(child.normalized_shape) == 1:
                 setattr(parent, name, _layer_norm_class()(child))
                 counts["layer_norms"] += 1
-            elif all(hasattr(child, a) for a in ("query", "key", "value", "attention_head_size")):
-                if getattr(child, "forward", None) is not None and not getattr(child, "_edgelm_bmm", False):
-                    child.forward = types.MethodType(_bmm_attention, child)
-                    child._edgelm_bmm = True
-                    counts["attention_layers"] += 1
+            elif (
+                type(child).__name__.endswith("SelfAttention")
+                and all(hasattr(child, a) for a in ("query", "key", "value", "attention_head_size"))
+                and getattr(child, "position_embedding_type", "absolute") == "absolute"
+                and not getattr(child, "is_decoder", False)
+                and not getattr(child, "_edgelm_bmm", False)
+            ):
+                child.forward = types.MethodType(_bmm_attention, child)
+                child._edgelm_bmm = True
+                counts["attention_layers"] += 1
     return counts
 
 
@@ -124,7 +131,9 @@ def _layer_norm_class() -> type:
             self.hidden = int(ln.normalized_shape[0])
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x4 = x.view(1, -1, self.hidden, 1)
+            if x.dim() != 3:
+                return torch.nn.functional.layer_norm(x, (self.hidden,), self.weight, self.bias, self.eps)
+            x4 = x.contiguous().view(1, -1, self.hidden, 1)
             centered = x4 - x4.mean(dim=(2, 3), keepdim=True)
             var = (centered * centered).mean(dim=(2, 3), keepdim=True)
             y = (centered * torch.rsqrt(var + self.eps)).view(1, -1, self.hidden)
@@ -142,7 +151,8 @@ def _bmm_attention(self: Any, hidden_states: Any, attention_mask: Any = None, *a
     ``-1`` free, so XNNPACK delegates them with a dynamic S."""
     import torch
 
-    heads, size = int(self.num_attention_heads), int(self.attention_head_size)
+    size = int(self.attention_head_size)
+    heads = int(getattr(self.query, "out_features", 0)) // size or int(self.num_attention_heads)  # pruned too
 
     def split(x: torch.Tensor) -> torch.Tensor:  # [1, S, heads * size] -> [heads, S, size]
         return x.view(-1, heads, size).permute(1, 0, 2)

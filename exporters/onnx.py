@@ -1,9 +1,8 @@
 """ONNX export (torch.onnx) and ONNX Runtime sessions.
 
-Exporter choice: the dynamo exporter (``torch.onnx.export(dynamo=True)``, opset 18). With torch 2.13 and
-onnxruntime 1.31 its graph quantizes cleanly with ``quantize_dynamic`` (MiniLM: cosine 0.9925 to fp32,
-the same as the TorchScript exporter's graph), and it is the exporter torch maintains; the TorchScript
-one is deprecated. Older onnxruntime releases clashed with the shape annotations the dynamo exporter
+Exporter choice: the dynamo exporter (``torch.onnx.export(dynamo=True)``, opset 18): the exporter torch
+maintains (the TorchScript one is deprecated), and its nodes carry the PyTorch module paths
+(``pkg.torch.onnx.name_scopes``) that the quantization passes choose layers by. Older onnxruntime releases clashed with the shape annotations the dynamo exporter
 writes (``graph.value_info``), so those are cleared before quantization: ORT re-infers them.
 
 Quantization (see :func:`_quantize`):
@@ -267,10 +266,15 @@ def _linear_nodes(model: Any) -> list[tuple[str, str]]:
 
 
 def _add_initializer(model: Any, name: str, array: np.ndarray) -> str:
+    """Add ``array`` as an initializer named ``name`` (with a numeric suffix if the graph has that name)."""
     from onnx import numpy_helper
 
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-    return name
+    taken = {i.name for i in model.graph.initializer} | {x for n in model.graph.node for x in (*n.input, *n.output)}
+    unique, k = name, 1
+    while unique in taken:
+        unique, k = f"{name}.{k}", k + 1
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), unique))
+    return unique
 
 
 def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> int:
@@ -296,10 +300,12 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
     zero = _add_initializer(model, "pt_zero_point", np.array(128, np.uint8))
     axes = _add_initializer(model, "pt_axes", np.array([-1], np.int64))
     out_nodes, done = [], 0
+    quantized: dict[str, tuple[str, str]] = {}  # activation -> (uint8 activation, per-token scale), made once
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         ok = node.name in nodes and len(node.input) >= 2 and node.input[1] in inits
         ok = ok and (node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transA", 0)))
+        ok = ok and (node.op_type == "MatMul" or len(node.input) < 3 or not node.input[2] or node.input[2] in inits)
         if not ok:
             out_nodes.append(node)
             continue
@@ -319,21 +325,26 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
         y = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         scaled = f"{n}_y" if has_bias else y
+        if x not in quantized:  # query, key and value read one activation: quantize it once
+            out_nodes += [
+                helper.make_node("Abs", [x], [f"{n}_abs"], name=f"{n}_abs"),
+                helper.make_node("ReduceMax", [f"{n}_abs", axes], [f"{n}_amax"], keepdims=1, name=f"{n}_amax"),
+                helper.make_node("Max", [f"{n}_amax", eps], [f"{n}_amax_eps"], name=f"{n}_amax_eps"),
+                helper.make_node("Div", [f"{n}_amax_eps", qmax], [f"{n}_scale"], name=f"{n}_scale"),
+                helper.make_node("Div", [x, f"{n}_scale"], [f"{n}_xs"], name=f"{n}_xs"),
+                helper.make_node("Round", [f"{n}_xs"], [f"{n}_xr"], name=f"{n}_xr"),
+                helper.make_node("Add", [f"{n}_xr", shift], [f"{n}_xu"], name=f"{n}_xu"),
+                helper.make_node("Cast", [f"{n}_xu"], [f"{n}_xq"], to=TensorProto.UINT8, name=f"{n}_xq"),
+            ]
+            quantized[x] = (f"{n}_xq", f"{n}_scale")
+        xq, scale = quantized[x]
         out_nodes += [
-            helper.make_node("Abs", [x], [f"{n}_abs"], name=f"{n}_abs"),
-            helper.make_node("ReduceMax", [f"{n}_abs", axes], [f"{n}_amax"], keepdims=1, name=f"{n}_amax"),
-            helper.make_node("Max", [f"{n}_amax", eps], [f"{n}_amax_eps"], name=f"{n}_amax_eps"),
-            helper.make_node("Div", [f"{n}_amax_eps", qmax], [f"{n}_scale"], name=f"{n}_scale"),
-            helper.make_node("Div", [x, f"{n}_scale"], [f"{n}_xs"], name=f"{n}_xs"),
-            helper.make_node("Round", [f"{n}_xs"], [f"{n}_xr"], name=f"{n}_xr"),
-            helper.make_node("Add", [f"{n}_xr", shift], [f"{n}_xu"], name=f"{n}_xu"),
-            helper.make_node("Cast", [f"{n}_xu"], [f"{n}_xq"], to=TensorProto.UINT8, name=f"{n}_xq"),
-            helper.make_node("MatMulInteger", [f"{n}_xq", wq, zero], [f"{n}_acc"], name=f"{n}_matmul"),
+            helper.make_node("MatMulInteger", [xq, wq, zero], [f"{n}_acc"], name=f"{n}_matmul"),
             helper.make_node("Cast", [f"{n}_acc"], [f"{n}_accf"], to=TensorProto.FLOAT, name=f"{n}_accf"),
             # weight scale first: ONNX Runtime fuses MatMulInteger-Cast-Mul into MatMulIntegerToFloat, which is
             # correct for a per-column scale and gave wrong results for a per-token one (onnxruntime 1.32)
             helper.make_node("Mul", [f"{n}_accf", ws], [f"{n}_yw"], name=f"{n}_yw"),
-            helper.make_node("Mul", [f"{n}_yw", f"{n}_scale"], [scaled], name=f"{n}_dequant"),
+            helper.make_node("Mul", [f"{n}_yw", scale], [scaled], name=f"{n}_dequant"),
         ]
         if has_bias:
             bias = numpy_helper.to_array(inits[node.input[2]]) * float(attrs.get("beta", 1.0))
@@ -346,29 +357,34 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
     return done
 
 
-def _per_row_gather(model: Any) -> int:
+def _per_row_gather(model: Any, exclude: set[str] | frozenset[str] = frozenset()) -> int:
     """Store every embedding table of ``model`` (a Gather on axis 0 of a 2-D float32 initializer [V, H]) as
     int8 [V, H] with one float32 scale per row [V] (symmetric), dequantized after the Gather: ``Gather(q, ids)
-    -> Cast -> Mul(Gather(scale, ids))``. In place; returns the number of tables."""
+    -> Cast -> Mul(Gather(scale, ids))``. A table read by several Gathers is stored once; tables named in
+    ``exclude`` (adapter weights) stay float. In place; returns the number of tables."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    out_nodes, done = [], 0
+    out_nodes: list[Any] = []
+    stored: dict[str, tuple[str, str]] = {}  # table name -> (int8 table, row scales)
     axes = None
     for node in graph.node:
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        table = inits.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
-        w = numpy_helper.to_array(table) if table is not None else None
-        if w is None or w.ndim != 2 or w.dtype != np.float32:
-            out_nodes.append(node)
-            continue
+        name = node.input[0] if node.op_type == "Gather" and axis == 0 and node.input else None
+        if name not in stored:
+            w = numpy_helper.to_array(inits[name]) if name in inits and name not in exclude else None
+            if w is None or w.ndim != 2 or w.dtype != np.float32:
+                out_nodes.append(node)
+                continue
+            scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+            q_table = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+            stored[name] = (
+                _add_initializer(model, f"{name}.int8", q_table),
+                _add_initializer(model, f"{name}.row_scale", scale.astype(np.float32)),
+            )
         axes = axes or _add_initializer(model, "row_axes", np.array([-1], np.int64))
-        scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
-        q = _add_initializer(
-            model, f"{table.name}.int8", np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
-        )
-        s = _add_initializer(model, f"{table.name}.row_scale", scale.astype(np.float32))
+        q, s = stored[name]
         n, ids = node.name, node.input[1]
         out_nodes += [
             helper.make_node("Gather", [q, ids], [f"{n}_q"], name=f"{n}_q"),
@@ -377,15 +393,32 @@ def _per_row_gather(model: Any) -> int:
             helper.make_node("Unsqueeze", [f"{n}_s", axes], [f"{n}_su"], name=f"{n}_su"),
             helper.make_node("Mul", [f"{n}_qf", f"{n}_su"], [node.output[0]], name=f"{n}_dequant"),
         ]
-        done += 1
     del graph.node[:]
     graph.node.extend(out_nodes)
     _drop_unused_initializers(model)
-    return done
+    return len(stored)
+
+
+def _used_names(graph: Any) -> set[str]:
+    """Every value name read in ``graph`` and its subgraphs (If/Loop/Scan bodies), and its outputs."""
+    from onnx import AttributeProto
+
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                used |= _used_names(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    used |= _used_names(g)
+    return used
 
 
 def _drop_unused_initializers(model: Any) -> None:
-    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    """Remove the initializers nothing reads any more (the float weights a quantization pass replaced);
+    those also listed as graph inputs are kept."""
+    used = _used_names(model.graph) | {i.name for i in model.graph.input}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -425,12 +458,14 @@ def _quantize(
     details: dict[str, Any] = {"float_ops": ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]}
     gather = quant.embedding_bits == 8
     try:
-        # a Gemm is rewritten to "<name>_MatMul" (+ Add) before quantization: exclude that name too
+        # quantize_static rewrites a Gemm to "<name>_MatMul" (+ Add) before quantizing: exclude that name too
         adapter = (
             [x for n in _adapter_nodes(model, adapter_modules) for x in (n.name, f"{n.name}_MatMul")]
             if adapter_modules
             else []
         )
+        adapter_ids = {id(n) for n in _adapter_nodes(model, adapter_modules)} if adapter_modules else set()
+        adapter_inits = {x for n in model.graph.node if id(n) in adapter_ids for x in n.input}
         if quant.scheme == "fp16":
             f16 = require("onnxruntime.transformers.float16", "onnxruntime", "for fp16 conversion")
             onnx.save(f16.convert_float_to_float16(model, keep_io_types=True), str(path))
@@ -441,7 +476,7 @@ def _quantize(
         if quant.scheme == "int8_dynamic":
             done = _per_token_int8(model, set(chosen), per_channel=quant.per_channel)
             if gather:
-                _per_row_gather(model)
+                _per_row_gather(model, exclude=adapter_inits)
             _strip_node_metadata(model)
             onnx.save(model, str(path))
             details.update(
@@ -496,7 +531,7 @@ def _quantize(
             )
         staged = onnx.load(str(stage))
         if gather:
-            _per_row_gather(staged)
+            _per_row_gather(staged, exclude=adapter_inits)
             details["embeddings"] = "int8 per row"
         _strip_node_metadata(staged)
         onnx.save(staged, str(path))

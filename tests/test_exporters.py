@@ -250,3 +250,6 @@ def test_executorch_delegates_the_whole_encoder_to_xnnpack(tiny_classifier):
             n = int(mask[i].sum())
             a = (torch.from_numpy(ids[i : i + 1, :n]), torch.from_numpy(mask[i : i + 1, :n]))
             assert torch.allclose(rewritten(*a), loaded.module(*a), atol=1e-5)
+            padded = (torch.from_numpy(ids[i : i + 1]), torch.from_numpy(mask[i : i + 1]))  # the mask matters
+            assert torch.allclose(rewritten(*padded), loaded.module(*padded), atol=1e-5)
+            assert n == SEQ or not torch.allclose(rewritten(*padded), rewritten(padded[0], torch.ones_like(padded[1])))

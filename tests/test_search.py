@@ -55,9 +55,12 @@ def boundary_classifier(tmp_path_factory, memo_tsv):
     with torch.no_grad():
         pooled = model.bert(input_ids=ids, attention_mask=mask).pooler_output
         w = torch.randn(2, pooled.shape[1], generator=torch.Generator().manual_seed(0))
-        margin = pooled @ (w[1] - w[0])
+        margin = (pooled @ (w[1] - w[0])).sort().values
+        middle = len(margin) // 2  # the boundary halfway between the two middle sentences: no exact tie
         model.classifier.weight.copy_(w)
-        model.classifier.bias.copy_(torch.tensor([float(margin.median()), 0.0]))
+        model.classifier.bias.copy_(torch.tensor([float(margin[middle - 1] + margin[middle]) / 2, 0.0]))
+        gaps = (margin - model.classifier.bias[0]).abs()
+        assert float(gaps.min()) > 1e-4  # fp32 rounding cannot flip a sentence
     model.save_pretrained(d)
     return d
 

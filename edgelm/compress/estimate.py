@@ -22,7 +22,7 @@ Rates (:func:`int8_rate`): ``hardware.cpu_gflops_fp32`` is one big core's sustai
 ``hardware.cpu_gops_int8`` its int8 rate with an int8 dot-product instruction (Arm ``dotprod``/``i8mm``, x86
 VNNI or AMX). A CPU whose ``isa_features`` list none multiplies int8 with widening instructions (NEON SMLAL,
 AVX2 VPMADDUBSW) and gets :data:`NO_DOT_PRODUCT_SHARE` of it; each format's int8 path then reaches its
-plug-in's ``int8_efficiency`` share (ONNX's per-token quantization runs as separate ops).
+plug-in's ``int8_efficiency`` share for ``int8_dynamic`` (ONNX's per-token quantization runs as separate ops).
 """
 
 from __future__ import annotations
@@ -108,14 +108,17 @@ def _structure(wrapper: Any) -> dict:
     }
 
 
-def int8_rate(hardware: dict, fmt: str = "pytorch") -> float:
-    """Sustained int8 GEMM rate of one big core, GOP/s, for ``fmt``'s int8 kernels on ``hardware`` (a profile's
-    ``[hardware]`` as a dict): ``cpu_gops_int8``, times :data:`NO_DOT_PRODUCT_SHARE` when ``isa_features``
-    has no int8 dot product, times the format plug-in's ``int8_efficiency``."""
+def int8_rate(hardware: dict, fmt: str = "pytorch", scheme: str = "int8_dynamic") -> float:
+    """Sustained int8 GEMM rate of one big core, GOP/s, for ``fmt``'s ``scheme`` kernels on ``hardware`` (a
+    profile's ``[hardware]`` as a dict): ``cpu_gops_int8``, times :data:`NO_DOT_PRODUCT_SHARE` when
+    ``isa_features`` has no int8 dot product, times the format plug-in's ``int8_efficiency`` for
+    ``int8_dynamic`` (the scheme whose kernels differ between formats: ONNX scales per token in separate ops)."""
     rate = float(hardware["cpu_gops_int8"])
     if not set(hardware.get("isa_features") or ()) & set(INT8_DOT_PRODUCT):
         rate *= NO_DOT_PRODUCT_SHARE
-    return rate * (1.0 if fmt == "pytorch" else exporters.get(fmt).int8_efficiency)
+    if fmt != "pytorch" and scheme == "int8_dynamic":
+        rate *= float(getattr(exporters.get(fmt), "int8_efficiency", 1.0))
+    return rate
 
 
 def estimate(
@@ -168,7 +171,7 @@ def estimate(
     d = s["hidden"]
     act_bytes = max((4 * (5 * S * d + h * S * S + S * ffn) for h, _, ffn in s["attn"]), default=0)
     hw = recipe.hardware
-    lin_rate = int8_rate(hw, fmt) if sch.int8_compute else hw["cpu_gflops_fp32"]
+    lin_rate = int8_rate(hw, fmt, scheme) if sch.int8_compute else hw["cpu_gflops_fp32"]
     parallel = 1.0 if n_threads <= 1 else 0.8 * min(n_threads, hw["cpu_cores"])
     compute_ms = (2 * lin_macs / (lin_rate * 1e9) + 2 * attn_macs / (hw["cpu_gflops_fp32"] * 1e9)) / parallel * 1e3
     memory_ms = weight_bytes / (hw["memory_bandwidth_gbs"] * 1e9) * 1e3
