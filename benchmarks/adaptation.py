@@ -180,6 +180,8 @@ def in_domain_control(data_dir: Path, hn_dir: Path, k: int = 8, seeds: int = 3, 
 
 
 def _markdown(results: dict) -> str:
+    from edgelm import hostinfo
+
     runs, meta = results["runs"], results["hypernetwork"]
     lines = [
         "# Few-shot adaptation on held-out SST-2 (all-MiniLM-L6-v2)",
@@ -189,6 +191,8 @@ def _markdown(results: dict) -> str:
         "Time: the method's own adaptation work on this CPU (2 cores), s. "
         f"Hypernetwork meta-trained for {meta['episodes_run']} episodes ({meta['seconds']:.0f} s) on "
         f"{', '.join(meta['tasks'])}; SST-2 held out.",
+        "",
+        f"Host: {hostinfo.describe(results['host'])}." if results.get("host") else "Host: not recorded.",
         "",
         "| K per class | method | accuracy % | adapt time s | seed 0: fp32 → int8 ONNX % |",
         "|---|---|---|---|---|",

@@ -342,6 +342,8 @@ def write(results: list[dict], args, eager) -> None:
     lines = [
         "# Compression on SST-2 (MiniLM-L6, 1 thread, batch 1)",
         "",
+        f"Host: {hostinfo.describe(payload['host'])}; host speed-ups are not phone or board speed-ups.",
+        "",
         f"Fine-tuned on the first {args.train_limit} SST-2 train rows ({args.epochs} epochs, seq 64); "
         "accuracy on all 872 dev sentences; latency p50 over "
         f"{RUNS} runs after {WARMUP} warm-up, each artifact in its own runtime in a fresh process.",

@@ -185,15 +185,14 @@ def alternatives(fp32: Path, calib, out: Path, arts: dict[str, Path]) -> list:
         onnx.save(m, str(dst))
         return dst
 
-    per_tensor = out / "ort-dynamic.onnx"
-    quantize_dynamic(
-        str(clean),
-        str(per_tensor),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm", "Gather"],
-    )
-    arts["ORT quantize_dynamic (per tensor)"] = per_tensor
+    def dynamic(dst: Path, op_types: list[str], **kw) -> Path:
+        """ONNX Runtime's quantize_dynamic (QInt8 weights per channel) of the fp32 graph into ``dst``."""
+        quantize_dynamic(
+            str(clean), str(dst), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=op_types, **kw
+        )
+        return dst
+
+    arts["ORT quantize_dynamic (per tensor)"] = dynamic(out / "ort-dynamic.onnx", ["MatMul", "Gemm", "Gather"])
     q = MatMulNBitsQuantizer(onnx.load(str(clean)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
     q.process()
     q.model.save_model_to_file(str(out / "nbits8.tmp.onnx"), use_external_data_format=False)
@@ -214,25 +213,11 @@ def alternatives(fp32: Path, calib, out: Path, arts: dict[str, Path]) -> list:
     ref = logits(clean)
     ranking = []  # ORT's dynamic quantization leaves Gemm (the pooler, the classifier) float: they rank last
     for node, module in _linear_nodes(model):
-        one = out / "one.onnx"
-        quantize_dynamic(
-            str(clean),
-            str(one),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=[node],
-        )
+        one = dynamic(out / "one.onnx", ["MatMul"], nodes_to_quantize=[node])
         ranking.append((float(((logits(one) - ref) ** 2).mean()), node, module))
     ranking.sort(reverse=True)
-    keep = out / "keep.tmp.onnx"
-    quantize_dynamic(
-        str(clean),
-        str(keep),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_exclude=[n for _, n, _ in ranking[:SENSITIVE_FLOAT]],
+    keep = dynamic(
+        out / "keep.tmp.onnx", ["MatMul", "Gemm"], nodes_to_exclude=[n for _, n, _ in ranking[:SENSITIVE_FLOAT]]
     )
     name = f"quantize_dynamic, {SENSITIVE_FLOAT} most sensitive layers float"
     arts[name] = with_row_embeddings(keep, out / "keep.onnx")

@@ -143,6 +143,8 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
         "on the golden set; Δ vs host is the max |difference| from the same artifact's outputs on the host; "
         "eval acc is the `--data` set run on the target. Emulated latency is functional only.",
         "",
+        f"Host: {hostinfo.describe(result['host'])}; host speed-ups are not phone or board speed-ups.",
+        "",
         *markdown_table(rows),
     ]
     md += ["", "| runner | machine | qemu CPU | passed | seconds on the runner |", "|---|---|---|---|---|"]

@@ -257,7 +257,7 @@ def export_for_device(
 
     def step(desc: str) -> None:
         nonlocal done, total
-        total = max(total, done + 2)  # the search adds steps as it tries candidates
+        total = max(total, done + 1)  # the search adds steps as it tries candidates
         if progress:
             progress(desc, done, total)
         done += 1
