@@ -277,6 +277,27 @@ def _add_initializer(model: Any, name: str, array: np.ndarray) -> str:
     return unique
 
 
+def _half_scales(scale: np.ndarray) -> np.ndarray:
+    """``scale`` (float32, > 0) rounded to float16 where every value is a normal float16 (6.1e-5 to 65504):
+    a 2^-11 relative error, far below int8's 1/254 step, at half the bytes (GGUF's Q8_0 stores its scales so).
+    Returned as float16 when it fits, else unchanged float32."""
+    half = scale.astype(np.float16)
+    return half if np.all(np.isfinite(half)) and float(scale.min()) >= 6.2e-5 else scale.astype(np.float32)
+
+
+def _scale_input(model: Any, name: str, scale: np.ndarray, nodes: list[Any]) -> str:
+    """An initializer holding ``scale`` (float16 when :func:`_half_scales` allows), read as float32: returns
+    the name of the float32 value, appending the Cast to ``nodes`` when one is needed."""
+    from onnx import TensorProto, helper
+
+    stored = _half_scales(scale)
+    init = _add_initializer(model, name, stored)
+    if stored.dtype == np.float32:
+        return init
+    nodes.append(helper.make_node("Cast", [init], [f"{init}_f32"], to=TensorProto.FLOAT, name=f"{init}_f32"))
+    return f"{init}_f32"
+
+
 def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> int:
     """Rewrite the Linear nodes named in ``nodes`` (MatMul with a constant [K, N] weight, or Gemm with transA 0)
     of ``model`` (in place) into per-token dynamic int8: for activations x float32 [..., K],
@@ -285,7 +306,8 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
         q = round(x / s) + 128                 uint8   [..., K]
         y = MatMulInteger(q, W_q, zp=128) * w_s * s   (+ bias)
 
-    with W_q int8 [K, N] symmetric, w_s float32 [N] per output channel (or one per tensor). Standard ONNX
+    with W_q int8 [K, N] symmetric, w_s [N] per output channel (or one per tensor), stored float16 where
+    :func:`_half_scales` allows. Standard ONNX
     ops only (opset 18), so any ONNX Runtime build runs it. Returns the number of nodes rewritten; nodes whose
     weight is not an initializer stay float."""
     from onnx import TensorProto, helper, numpy_helper
@@ -317,11 +339,11 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
             continue
         alpha = float(attrs.get("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         amax = np.abs(w).max(axis=0) if per_channel else np.full(w.shape[1], np.abs(w).max())
-        w_scale = np.maximum(amax, 1e-12) / 127.0
+        w_scale = _half_scales(np.maximum(amax, 1e-12) / 127.0).astype(np.float32)  # the scale stored
         w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
         n, x = node.name, node.input[0]
         wq = _add_initializer(model, f"{n}.weight_int8", w_q)
-        ws = _add_initializer(model, f"{n}.weight_scale", (w_scale * alpha).astype(np.float32))
+        ws = _scale_input(model, f"{n}.weight_scale", w_scale * alpha, out_nodes)
         y = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         scaled = f"{n}_y" if has_bias else y
@@ -359,8 +381,8 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
 
 def _per_row_gather(model: Any, exclude: set[str] | frozenset[str] = frozenset()) -> int:
     """Store every embedding table of ``model`` (a Gather on axis 0 of a 2-D float32 initializer [V, H]) as
-    int8 [V, H] with one float32 scale per row [V] (symmetric), dequantized after the Gather: ``Gather(q, ids)
-    -> Cast -> Mul(Gather(scale, ids))``. A table read by several Gathers is stored once; tables named in
+    int8 [V, H] with one scale per row [V] (symmetric; float16 where :func:`_half_scales` allows, cast back
+    after the lookup), dequantized after the Gather: ``Gather(q, ids) -> Cast -> Mul(Gather(scale, ids))``. A table read by several Gathers is stored once; tables named in
     ``exclude`` (adapter weights) stay float. In place; returns the number of tables."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -377,11 +399,11 @@ def _per_row_gather(model: Any, exclude: set[str] | frozenset[str] = frozenset()
             if w is None or w.ndim != 2 or w.dtype != np.float32:
                 out_nodes.append(node)
                 continue
-            scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
-            q_table = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+            scale = _half_scales(np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0)
+            q_table = np.clip(np.round(w / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
             stored[name] = (
                 _add_initializer(model, f"{name}.int8", q_table),
-                _add_initializer(model, f"{name}.row_scale", scale.astype(np.float32)),
+                _add_initializer(model, f"{name}.row_scale", scale),
             )
         axes = axes or _add_initializer(model, "row_axes", np.array([-1], np.int64))
         q, s = stored[name]
@@ -389,7 +411,8 @@ def _per_row_gather(model: Any, exclude: set[str] | frozenset[str] = frozenset()
         out_nodes += [
             helper.make_node("Gather", [q, ids], [f"{n}_q"], name=f"{n}_q"),
             helper.make_node("Cast", [f"{n}_q"], [f"{n}_qf"], to=TensorProto.FLOAT, name=f"{n}_qf"),
-            helper.make_node("Gather", [s, ids], [f"{n}_s"], name=f"{n}_s"),
+            helper.make_node("Gather", [s, ids], [f"{n}_s16"], name=f"{n}_s16"),
+            helper.make_node("Cast", [f"{n}_s16"], [f"{n}_s"], to=TensorProto.FLOAT, name=f"{n}_s"),
             helper.make_node("Unsqueeze", [f"{n}_s", axes], [f"{n}_su"], name=f"{n}_su"),
             helper.make_node("Mul", [f"{n}_qf", f"{n}_su"], [node.output[0]], name=f"{n}_dequant"),
         ]
