@@ -170,7 +170,7 @@ def test_export_with_pruning_distillation_and_static_int8(trained_classifier, me
     assert report["compression"]["encoder_parameters_after"] < 0.8 * report["compression"]["encoder_parameters_before"]
     for a in report["artifacts"]:
         assert a["sparsity"] == 0.5 and a["estimate"]["latency_ms"] > 0 and a["fidelity"]["cosine_mean"] > 0.85
-    assert report["artifacts"][0]["quant"] == "int8_static (float: ffn_output)"
+    assert report["artifacts"][0]["quant"] == "int8_static (float: ffn_output+head)"
 
 
 def test_finetune_compress_estimate_commands(tiny_bert, memo_tsv, tmp_path):
