@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelm import hostinfo
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -180,8 +182,6 @@ def in_domain_control(data_dir: Path, hn_dir: Path, k: int = 8, seeds: int = 3, 
 
 
 def _markdown(results: dict) -> str:
-    from edgelm import hostinfo
-
     runs, meta = results["runs"], results["hypernetwork"]
     lines = [
         "# Few-shot adaptation on held-out SST-2 (all-MiniLM-L6-v2)",
@@ -315,8 +315,6 @@ def main() -> None:
                 cache_path.write_text(json.dumps(runs, indent=1))
 
             run_one(k, seed, pool, hn_dir, dev, fmts, runs.get(key), save)
-    from edgelm import hostinfo
-
     results = {
         "host": hostinfo.cpu_info(),  # CPU model and int8 ISA features of the machine these figures are from
         "shots": a.shots,

@@ -352,6 +352,7 @@ def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args
     from compression_sst2 import RESULTS, log
 
     from edgelm import hostinfo
+    from edgelm.report import markdown_table
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = {r["artifact"]: r for r in results}
@@ -394,17 +395,29 @@ def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args
         f"{opt_versions.get('optimum-onnx')} (transformers {opt_versions.get('transformers')}) in its own "
         "virtual environment.",
         "",
-        "| artifact | size MB | dev acc % | drop (pts) | top-1 vs fp32 | p50 ms 1 thread | p50 ms 2 threads "
-        "| × Optimum --avx2 (1 thread) |",
-        "|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                {
+                    "artifact": r["artifact"],
+                    "size MB": f"{r['size_mb']:.2f}",
+                    "dev acc %": f"{r['accuracy']:.2f}",
+                    "drop (pts)": f"{r['accuracy_drop']:+.2f}",
+                    "top-1 vs fp32": f"{r['top1_agreement']:.4f}",
+                    "p50 ms 1 thread": f"{r['p50_ms_1t']:.2f}",
+                    "p50 ms 2 threads": f"{r['p50_ms_2t']:.2f}",
+                    "× Optimum --avx2 (1 thread)": f"{r['x_optimum_avx2_1t']:.2f}",
+                }
+                for r in results
+            ]
+        ),
+        "",
+        *markdown_table(
+            [
+                {"target (edgelm int8_dynamic)": t["target"], "value": t["value"], "met": "yes" if t["met"] else "no"}
+                for t in tg
+            ]
+        ),
     ]
-    for r in results:
-        lines.append(
-            f"| {r['artifact']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} | {r['accuracy_drop']:+.2f} | "
-            f"{r['top1_agreement']:.4f} | {r['p50_ms_1t']:.2f} | {r['p50_ms_2t']:.2f} | {r['x_optimum_avx2_1t']:.2f} |"
-        )
-    lines += ["", "| target (edgelm int8_dynamic) | value | met |", "|---|---|---|"]
-    lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in tg]
     top = ", ".join(f"{p.removeprefix('base.encoder.')}" for _, _, p in ranking[:SENSITIVE_FLOAT])
     lines += ["", f"Most sensitive layers (logit MSE with only that layer int8, 100 calibration sentences): {top}."]
     (RESULTS / "peers_onnx.md").write_text("\n".join(lines) + "\n")

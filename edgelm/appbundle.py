@@ -96,6 +96,10 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
+#: The recipe gates the app's golden comparison reads from the manifest (beside ``max_abs_error``).
+TOLERANCE_GATES = ("min_cosine", "min_top1_agreement", "max_accuracy_drop")
+
+
 def write_android_bundle(bundle_dir: Path) -> Path:
     """Write :func:`android_assets` from a finished export bundle (its manifest.json, golden.npz, tokenizer
     files, labels and artifacts; each artifact's gates from the manifest's recipe). Returns the asset folder.
@@ -132,10 +136,8 @@ def write_android_bundle(bundle_dir: Path) -> Path:
                 "golden_reference": a.golden_reference,
                 # the task's gates only (null: not judged; a classifier has no cosine gate)
                 "tolerance": {
-                    "min_cosine": g.min_cosine if "min_cosine" in task.gates else None,
-                    "min_top1_agreement": g.min_top1_agreement if "min_top1_agreement" in task.gates else None,
+                    **{k: getattr(g, k) if k in task.gates else None for k in TOLERANCE_GATES},
                     "max_abs_error": tasks.max_abs_error(task, scheme, bundle.reference(a.file)),
-                    "max_accuracy_drop": g.max_accuracy_drop if "max_accuracy_drop" in task.gates else None,
                 },
                 "reference_accuracy": bundle.baseline_accuracy,
             }

@@ -829,14 +829,18 @@ def estimate(
         for r in rows
     ]
     print_table(out_console, "", cols, cells, right=cols[1:4] + cols[5:], rest="--json has every figure")
-    from edgelm.compress.estimate import INT8_DOT_PRODUCT, int8_rate
+    from edgelm.compress.estimate import INT8_DOT_PRODUCT, NO_DOT_PRODUCT_SHARE, int8_rate
 
     hw = recipe.hardware
     dot = [f for f in hw["isa_features"] if f in INT8_DOT_PRODUCT]
     out_console.print(
         "Roofline estimate from the profile's [hardware] figures (edgelm.compress.estimate): fp32 "
         f"{hw['cpu_gflops_fp32']:g} GFLOP/s, int8 {int8_rate(hw):g} GOP/s per core "
-        + (f"(int8 dot product: {', '.join(dot)})" if dot else "(no int8 dot product: 0.4 of the profile's rate)")
+        + (
+            f"(int8 dot product: {', '.join(dot)})"
+            if dot
+            else f"(no int8 dot product: {NO_DOT_PRODUCT_SHARE:g} of the profile's rate)"
+        )
         + "; `edgelm export` reports it beside the measurement.",
         highlight=False,
         markup=False,

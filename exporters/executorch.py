@@ -99,11 +99,12 @@ def _xnnpack_rewrites(module: Any) -> dict[str, int]:
 
     import torch
 
+    layer_norm = _layer_norm_class()
     counts = {"layer_norms": 0, "attention_layers": 0}
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.LayerNorm and len(child.normalized_shape) == 1:
-                setattr(parent, name, _layer_norm_class()(child))
+                setattr(parent, name, layer_norm(child))
                 counts["layer_norms"] += 1
             elif (
                 type(child).__name__.endswith("SelfAttention")
@@ -216,7 +217,8 @@ def _pt2e_int8(
     dynamic = quant.scheme == "int8_dynamic"
     config = xq.get_symmetric_quantization_config(is_per_channel=quant.per_channel, is_dynamic=dynamic)
     quantizer = xq.XNNPACKQuantizer()
-    linears = [name for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, torch.nn.Linear)]
+    modules = dict(module.named_modules(remove_duplicate=False))
+    linears = [name for name, m in modules.items() if isinstance(m, torch.nn.Linear)]
     if dynamic and not adapter_modules:
         quantizer.set_global(config)
     else:
@@ -228,7 +230,6 @@ def _pt2e_int8(
         for name in linears:
             if name not in kept:
                 quantizer.set_module_name(name, config)
-        modules = dict(module.named_modules(remove_duplicate=False))
         aliases: dict[int, list[str]] = {}
         for name in kept:  # one name per module, the wrapper's short path where it has one
             aliases.setdefault(id(modules[name]), []).append(name)

@@ -13,10 +13,13 @@ Quantization (see :func:`_quantize`):
   ``MatMulInteger`` (uint8 x int8, ONNX Runtime's fast path). ONNX Runtime's own ``quantize_dynamic`` scales
   each activation *tensor* with one number, padding and outlier tokens included: on MiniLM fine-tuned on
   SST-2 it agreed with fp32 on 97.2% of dev sentences (Optimum's int8 configurations 95.6%); per token, 99.7%
-  at +2 ms (13.6 against 11.4 ms at 1 thread, seq 128, on a VNNI Xeon). Measured alternatives, kept out:
-  ``MatMulNBits`` 8-bit with ``accuracy_level`` 4 (99.9% but 32 ms on x86: slower than fp32), the six most
-  sensitive layers float (98.9%, 17 ms). See ``benchmarks/peers_onnx.py``.
-- Embedding tables (``embedding_bits == 8``, every scheme): int8 per row with a float32 scale per row
+  at 1.17x the latency of ONNX Runtime's fused per-tensor kernels (each activation is quantized once for the
+  layers that read it; 1 thread, seq 128, VNNI Xeon). Measured alternatives, kept out: ``MatMulNBits`` 8-bit
+  with ``accuracy_level`` 4 (as accurate, but slower than fp32 on x86), the six most sensitive layers float
+  (99.4%, 1.5x the size). See ``benchmarks/peers_onnx.py``.
+- Scales (weights per channel, embedding rows) are stored float16 where every value is a normal float16
+  (:func:`_half_scales`).
+- Embedding tables (``embedding_bits == 8``, every scheme): int8 with one scale per row
   (:func:`_per_row_gather`), dequantized after the Gather. ``quantize_dynamic``'s Gather quantization uses
   one scale for the whole table and cost a point of top-1 agreement on SST-2.
 - ``int8_static``: ``quantize_static`` (QDQ, MinMax calibration) restricted to the Linear MatMul/Gemm nodes,
@@ -307,9 +310,8 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
         y = MatMulInteger(q, W_q, zp=128) * w_s * s   (+ bias)
 
     with W_q int8 [K, N] symmetric, w_s [N] per output channel (or one per tensor), stored float16 where
-    :func:`_half_scales` allows. Standard ONNX
-    ops only (opset 18), so any ONNX Runtime build runs it. Returns the number of nodes rewritten; nodes whose
-    weight is not an initializer stay float."""
+    :func:`_half_scales` allows. Standard ONNX ops only (opset 18), so any ONNX Runtime build runs it. Returns
+    the number of nodes rewritten; nodes whose weight is not an initializer stay float."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -382,8 +384,9 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
 def _per_row_gather(model: Any, exclude: set[str] | frozenset[str] = frozenset()) -> int:
     """Store every embedding table of ``model`` (a Gather on axis 0 of a 2-D float32 initializer [V, H]) as
     int8 [V, H] with one scale per row [V] (symmetric; float16 where :func:`_half_scales` allows, cast back
-    after the lookup), dequantized after the Gather: ``Gather(q, ids) -> Cast -> Mul(Gather(scale, ids))``. A table read by several Gathers is stored once; tables named in
-    ``exclude`` (adapter weights) stay float. In place; returns the number of tables."""
+    after the lookup), dequantized after the Gather: ``Gather(q, ids) -> Cast -> Mul(Gather(scale, ids))``.
+    A table read by several Gathers is stored once; tables named in ``exclude`` (adapter weights) stay
+    float. In place; returns the number of tables."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -481,14 +484,10 @@ def _quantize(
     details: dict[str, Any] = {"float_ops": ["LayerNormalization", "Softmax", "Gelu/Erf", "Add (residual)"]}
     gather = quant.embedding_bits == 8
     try:
+        adapter_nodes = _adapter_nodes(model, adapter_modules) if adapter_modules else []
         # quantize_static rewrites a Gemm to "<name>_MatMul" (+ Add) before quantizing: exclude that name too
-        adapter = (
-            [x for n in _adapter_nodes(model, adapter_modules) for x in (n.name, f"{n.name}_MatMul")]
-            if adapter_modules
-            else []
-        )
-        adapter_ids = {id(n) for n in _adapter_nodes(model, adapter_modules)} if adapter_modules else set()
-        adapter_inits = {x for n in model.graph.node if id(n) in adapter_ids for x in n.input}
+        adapter = [x for n in adapter_nodes for x in (n.name, f"{n.name}_MatMul")]
+        adapter_inits = {x for n in adapter_nodes for x in n.input}
         if quant.scheme == "fp16":
             f16 = require("onnxruntime.transformers.float16", "onnxruntime", "for fp16 conversion")
             onnx.save(f16.convert_float_to_float16(model, keep_io_types=True), str(path))
@@ -496,24 +495,17 @@ def _quantize(
         linear = _linear_nodes(model)
         kept = [(n, m) for n, m in linear if is_float_layer(m, quant.float_layers) or n in adapter]
         chosen = [n for n, m in linear if (n, m) not in kept]
+        done = len(chosen)
+        cleared, stage = tmp / "cleared.onnx", tmp / "stage.onnx"
         if quant.scheme == "int8_dynamic":
             done = _per_token_int8(model, set(chosen), per_channel=quant.per_channel)
-            if gather:
-                _per_row_gather(model, exclude=adapter_inits)
-            _strip_node_metadata(model)
-            onnx.save(model, str(path))
             details.update(
                 weights="int8 symmetric per output channel" if quant.per_channel else "int8 symmetric per tensor",
                 activations="int8 per token, scaled at run time (MatMulInteger)",
-                embeddings="int8 per row" if gather else "float",
-                quantized_linear_nodes=done,
-                float_linear_layers=sorted({m for _, m in kept}),
+                embeddings="float",
             )
-            return details
-        cleared = tmp / "cleared.onnx"
-        onnx.save(model, str(cleared))
-        stage = tmp / "stage.onnx"
-        if quant.scheme == "int8_static":
+        elif quant.scheme == "int8_static":
+            onnx.save(model, str(cleared))
             feeds = [{k: np.asarray(v, dtype=np.int64) for k, v in row.items()} for row in calibration or []]
 
             class Reader(qz.CalibrationDataReader):
@@ -552,7 +544,7 @@ def _quantize(
                 weights=f"int4 symmetric, blocks of {quant.group_size} (MatMulNBits)",
                 activations="int8 in the kernel (accuracy_level 4)" if level else "float",
             )
-        staged = onnx.load(str(stage))
+        staged = model if quant.scheme == "int8_dynamic" else onnx.load(str(stage))
         if gather:
             _per_row_gather(staged, exclude=adapter_inits)
             details["embeddings"] = "int8 per row"
@@ -562,7 +554,7 @@ def _quantize(
         raise ExportFailedError(
             f"onnxruntime quantization ({quant.scheme}) failed: {type(exc).__name__}: {exc}"
         ) from exc
-    details["quantized_linear_nodes"] = len(chosen)
+    details["quantized_linear_nodes"] = done
     details["float_linear_layers"] = sorted({m for _, m in kept})
     return details
 
@@ -625,7 +617,7 @@ class ONNXFormat(ModuleFormat):
     delegates = DELEGATES
     profile_runtimes = "onnx_execution_providers"
     runtime_overhead_mb = 25.0
-    #: per-token int8 runs its scaling as separate ops: 13.6 against 11.4 ms for ONNX Runtime's fused
-    #: per-tensor kernels on the same MiniLM graph (1 thread, seq 128, VNNI Xeon)
+    #: per-token int8 runs its scaling as separate ops: 1.17x the latency of ONNX Runtime's fused per-tensor
+    #: kernels on the same MiniLM graph (12.5-13.2 against 10.7-11.2 ms, 1 thread, seq 128, VNNI Xeon)
     int8_efficiency = 0.85
     app_runtime = "onnxruntime"
