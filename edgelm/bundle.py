@@ -67,6 +67,8 @@ class GatesInfo(_Model):
     min_top1_agreement: float
     max_accuracy_drop: float
     max_size_mb: float
+    max_perplexity_ratio: float = 1.05
+    min_token_agreement: float = 0.5
 
 
 class PlanInfo(_Model):

@@ -244,6 +244,8 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     cfg = hf.config.to_dict()
+    if not cfg.get("architectures"):  # a GGUF's config does not name its class
+        cfg["architectures"] = [type(hf).__name__]
     family = _check_architecture(cfg, str(source))
     return CausalLM(hf.eval(), tokenizer, name, source.resolve(), reference, family, cfg)
 

@@ -136,14 +136,30 @@ def export(
     model: Annotated[
         str,
         typer.Option(
-            "--model", "-m", help="'default' (packaged all-MiniLM-L6-v2) or a Hugging Face checkpoint directory."
+            "--model",
+            "-m",
+            help="'default' (packaged all-MiniLM-L6-v2), 'smollm2-135m' (packaged SmolLM2-135M-Instruct GGUF), a .gguf file or a Hugging Face checkpoint directory.",
         ),
     ] = "default",
     data: Annotated[
         str | None,
         typer.Option(
             "--data",
-            help="Eval data: .tsv/.csv/.jsonl with a text column and an optional label column. Default: built-in probe sentences.",
+            help="Eval data: .tsv/.csv/.jsonl with a text column and an optional label column (default: built-in probe sentences); for text-generation a plain-text file for perplexity (default: WikiText-2 test from ../shared/data).",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="feature-extraction, text-classification or text-generation (default: inferred from the checkpoint; a *ForCausalLM is text-generation).",
+        ),
+    ] = None,
+    context_length: Annotated[
+        int | None,
+        typer.Option(
+            "--context-length",
+            help="text-generation: KV-cache positions (default: the profile's [llm] context_length).",
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root; artifacts go to OUT/<device>/.")] = Path(
@@ -241,9 +257,30 @@ def export(
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
+    from edgelm.causal_lm import is_causal_lm
     from edgelm.data import check_limit
     from edgelm.pipeline import PipelineOptions, export_for_device, prepare
 
+    known = ("feature-extraction", "text-classification", "text-generation")
+    if task is not None and task not in known:
+        raise EdgeLMError(f"unknown --task {task!r}: use {', '.join(known)}")
+    generative = task == "text-generation" or (task is None and is_causal_lm(model))
+    if task is not None and task != "text-generation" and is_causal_lm(model):
+        raise EdgeLMError(f"{model} is a causal language model: export it with --task text-generation")
+    if generative:
+        unused = {
+            "--prune": prune,
+            "--train-data": train_data,
+            "--adapter": adapter,
+            "--bundle": bundle,
+            "--seq-len": seq_len,
+        }
+        unused.update({"--search": search or None, "--limit": limit, "--text-column": text_column})
+        given = [k for k, v in unused.items() if v]
+        if given:
+            raise EdgeLMError(f"{', '.join(given)} do not apply to text-generation exports")
+        _export_generative(device, model, data, out, _split(fmt), quant, threads, context_length)
+        return
     check_limit(limit)
     fsutil.check_output_dir(out)
     recipe = prepare(
@@ -334,6 +371,153 @@ def export(
         )
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _export_generative(device, model, data, out, formats, quant, threads, context_length) -> None:
+    """``edgelm export`` for a generative model (see :func:`edgelm.generative.export_generative`)."""
+    from edgelm.generative import export_generative
+    from edgelm.profiles import load_profile
+    from edgelm.recipe import make_generation_recipe
+
+    fsutil.check_output_dir(out)
+    recipe = make_generation_recipe(
+        load_profile(device), formats=formats, quant=quant, threads=threads, context_length=context_length
+    )
+    fsutil.check_output_dir(out, child=recipe.device)
+    err = _err_console()
+    rows = [
+        [
+            p.artifact_name,
+            p.delegate,
+            f"{p.quant.scheme}"
+            + (f", int4 groups of {p.quant.group_size}, 8-bit embeddings" if p.quant.scheme == "8da4w" else ""),
+            f"perplexity ≤ {p.gates.max_perplexity_ratio}x, token agreement ≥ {p.gates.min_token_agreement:.0%}, ≤ {p.gates.max_size_mb:g} MB",
+        ]
+        for p in recipe.plans
+    ]
+    print_table(
+        err,
+        f"recipe for {recipe.device}: text-generation, context {recipe.context_length} tokens, {recipe.threads} threads",
+        ("artifact", "delegate", "quantization", "gates"),
+        rows,
+        wrap=("quantization", "gates"),
+    )
+    with StageProgress(err) as progress:
+        summary = export_generative(recipe, model, out, data=data, progress=progress)
+    ref = summary["reference"]
+    cols = ("artifact", "MB", "ppl ratio", "agreement", "prefill tok/s", "decode tok/s", "1 thread", "status")
+    table = [
+        [
+            r["artifact"],
+            f"{r['size_mb']:.1f}",
+            "–" if r["perplexity_ratio"] is None else f"{r['perplexity_ratio']:.4f}",
+            "–" if r["token_agreement"] is None else f"{r['token_agreement']:.2f}",
+            "–" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:.0f}",
+            "–" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",
+            "–" if r["decode_tokens_per_s_1_thread"] is None else f"{r['decode_tokens_per_s_1_thread']:.1f}",
+            r["status"],
+        ]
+        for r in summary["rows"]
+    ]
+    ppl = "not measured" if ref["perplexity"] is None else f"{ref['perplexity']:.2f}"
+    print_table(
+        out_console,
+        f"{summary['device']}: {summary['bundle']}  (reference perplexity {ppl}; PyTorch eager decode "
+        f"{ref['eager_decode_tokens_per_s']:.1f} tokens/s at {ref['eager_threads']} thread(s) on {summary['host']})",
+        cols,
+        table,
+        right=[c for c in cols if c != "artifact"],
+        style=_gate_style,
+    )
+    for r in summary["rows"]:
+        if r["status"] != "passed":
+            out_console.print(f"[red]{escape(r['artifact'])} {r['status']}[/]: {escape(r['problems'])}")
+    out_console.print(f"report: {Path(summary['bundle']) / 'report.md'}  ({summary['seconds']:.0f} s)")
+    if not summary["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def generate(
+    bundle_dir: Annotated[Path, typer.Argument(help="A generative bundle (edgelm export --model smollm2-135m).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    artifact: Annotated[
+        str | None, typer.Option("--artifact", help="Artifact file in the bundle (default: the first, the .pte).")
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="0: greedy (default); above 0: sampling at this temperature.")
+    ] = 0.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens with this probability.")
+    ] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed of sampling.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Runtime CPU threads (default: the bundle's).")
+    ] = None,
+):
+    """Generate text from a bundle's decoder artifact, streaming tokens as they come; prints tokens/s at the
+    end. Stops at the model's EOS or after --max-new-tokens."""
+    import time
+
+    from edgelm import generation
+    from edgelm.bundle import Bundle
+    from edgelm.errors import ValidationError
+    from exporters.decoder import load_decoder
+
+    bundle = Bundle.load(bundle_dir)
+    if bundle.kind != "generator":
+        raise ValidationError(
+            f"{bundle_dir} holds a {bundle.kind} model, not a generative one: `edgelm generate` runs bundles "
+            "exported with --model smollm2-135m (or another causal LM)"
+        )
+    if not 0.0 <= temperature <= 10.0 or not 0.0 < top_p <= 1.0:
+        raise EdgeLMError("--temperature must be in [0, 10] and --top-p in (0, 1]")
+    name = artifact or bundle.artifact_names[0]
+    entry = bundle.artifact(name)
+    bad = [line for f, h in bundle.checksums(name).items() if (line := bundle.verify(f, h))]
+    if bad:
+        raise ValidationError(f"{name} differs from the manifest ({'; '.join(bad)}): not loaded; export it again")
+    try:
+        tokenizer = generation.ChatTokenizer(bundle.path)
+        ids = tokenizer.encode(prompt, chat=chat)
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"{bundle_dir}: {exc}") from None
+    try:
+        session = load_decoder(bundle.file(entry.file), threads=threads or min(bundle.threads, os.cpu_count() or 1))
+    except Exception as exc:
+        raise ValidationError(f"{name} could not be loaded: {exc}") from None
+    try:
+        generation.check_prompt(ids, max_new_tokens, session.max_context)
+    except generation.PromptError as exc:
+        raise EdgeLMError(str(exc)) from None
+    shown = ""
+    tokens: list[int] = []
+
+    def on_token(t: int) -> None:
+        nonlocal shown
+        tokens.append(t)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+
+    t0 = time.perf_counter()
+    gen = generation.generate(
+        session, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token
+    )
+    wall = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    why = "EOS" if gen.stopped_at_eos else f"{len(gen.tokens)} tokens"
+    _err_console().print(
+        f"{name}: {len(ids)} prompt tokens, {len(gen.tokens)} new ({why}); prefill "
+        f"{gen.prefill_tokens_per_s:.0f} tokens/s, decode {gen.decode_tokens_per_s:.1f} tokens/s, first token "
+        f"{gen.ttft_ms:.0f} ms, {wall:.1f} s in all",
+        highlight=False,
+    )
 
 
 @app.command()

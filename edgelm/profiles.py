@@ -92,6 +92,24 @@ class Compression(_Strict):
     max_sparsity: float = Field(default=0.5, ge=0, lt=1)
 
 
+class Llm(_Strict):
+    """Generative models (text-generation) on this device: ``context_length`` is the KV cache's positions
+    (prompt + generated tokens, the longest prefill); ``formats`` the artifacts exported (ExecuTorch and ONNX;
+    LiteRT follows); ``scheme`` their quantization (``8da4w``: int8 dynamic activations, int4 weights in groups
+    of ``group_size``, 8-bit embeddings) and ``max_artifact_mb`` their size budget, MB;
+    ``min_decode_tokens_per_s`` the decode speed the device must reach (compared with the cost model's
+    estimate; host measurements are not device speed); ``ram_budget_mb`` what the weights and the KV cache
+    may take, MB."""
+
+    context_length: int = Field(default=1024, ge=16, le=32768)
+    formats: list[Literal["executorch", "onnx"]] = ["executorch", "onnx"]
+    scheme: Literal["8da4w", "fp32"] = "8da4w"
+    group_size: Literal[32, 64, 128, 256] = 32
+    max_artifact_mb: float = Field(default=512.0, gt=0)
+    min_decode_tokens_per_s: float = Field(default=10.0, gt=0)
+    ram_budget_mb: float = Field(default=1024.0, gt=0)
+
+
 class DeviceProfile(_Strict):
     """One device. ``quantization`` maps each format the device runs to its preferred scheme; a format
     not listed is not exported for this device (``--format`` may still ask for it)."""
@@ -107,6 +125,7 @@ class DeviceProfile(_Strict):
     validation: Validation
     gates: Gates = Gates()
     compression: Compression = Compression()
+    llm: Llm = Llm()
 
     @field_validator("name")
     @classmethod

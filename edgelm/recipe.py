@@ -29,12 +29,16 @@ class Gates:
         max_accuracy_drop: task accuracy drop against the fp32 reference, percentage points (classifiers,
             with labels).
         max_size_mb: artifact file size budget, MB (10^6 bytes).
+        max_perplexity_ratio: the artifact's perplexity over the reference's (generators).
+        min_token_agreement: share of golden prompts whose greedy tokens equal the reference's (generators).
     """
 
     min_cosine: float
     min_top1_agreement: float
     max_accuracy_drop: float
     max_size_mb: float
+    max_perplexity_ratio: float = 1.05
+    min_token_agreement: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,8 @@ def gates_for(profile: DeviceProfile, scheme: str, max_accuracy_drop: float | No
         min_top1_agreement=g.min_top1_agreement if g.min_top1_agreement is not None else min_top1,
         max_accuracy_drop=float(drop),
         max_size_mb=profile.budgets.max_artifact_mb,
+        max_perplexity_ratio=sch.max_perplexity_ratio,
+        min_token_agreement=sch.min_token_agreement,
     )
 
 
@@ -232,5 +238,97 @@ def make_recipe(
         gates_by_scheme={s: gates_for(profile, s, max_accuracy_drop) for s in schemes.names()},
         max_sparsity=max_sparsity,
         display_name=profile.display_name,
+        profile=profile.to_dict(),
+    )
+
+
+@dataclass(frozen=True)
+class GenerationRecipe:
+    """What to do for a generative model on one device (from the profile's ``[llm]`` section).
+
+    Attributes:
+        device / display_name: the profile's names.
+        plans: one :class:`FormatPlan` per decoder artifact (ExecuTorch, ONNX), with the text-generation gates
+            (size within ``[llm] max_artifact_mb``).
+        context_length: KV-cache positions, tokens (prompt + generated; the longest prefill).
+        threads: CPU threads the runtimes use on the target.
+        min_decode_tokens_per_s: the device's decode-speed goal, tokens/s (reported beside the estimate).
+        ram_budget_mb: what weights + KV cache may take on the device, MB.
+        hardware: the profile's hardware figures, for the cost model.
+        profile: the profile as plain data (the manifest keeps it).
+    """
+
+    device: str
+    display_name: str
+    plans: list[FormatPlan]
+    context_length: int
+    threads: int
+    min_decode_tokens_per_s: float
+    ram_budget_mb: float
+    hardware: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("profile")
+        for plan, pd in zip(self.plans, d["plans"], strict=True):
+            pd["artifact"] = plan.artifact_name
+        return d
+
+
+#: Formats that export generative decoders (exporters.decoder).
+DECODER_FORMATS = ("executorch", "onnx")
+
+
+def make_generation_recipe(
+    profile: DeviceProfile,
+    *,
+    formats: list[str] | None = None,
+    quant: str | None = None,
+    threads: int | None = None,
+    context_length: int | None = None,
+) -> GenerationRecipe:
+    """Derive the recipe for a generative model on ``profile`` (pure: no I/O). ``formats`` (default: the
+    profile's ``[llm] formats``), ``quant`` (a scheme for every format or ``FORMAT=SCHEME``; default ``[llm]
+    scheme``), ``threads`` and ``context_length`` (16..32768 tokens) override the profile.
+
+    Raises RecipeError: a format that cannot export decoders, a scheme other than 8da4w/fp32, a bad count."""
+    llm = profile.llm
+    chosen = list(dict.fromkeys(formats)) if formats else list(llm.formats)
+    for fmt in chosen:
+        if fmt not in DECODER_FORMATS:
+            raise RecipeError(f"{fmt} does not export generative models yet; choose from {', '.join(DECODER_FORMATS)}")
+    overrides = parse_quant_override(quant, chosen)
+    ctx = llm.context_length if context_length is None else int(context_length)
+    if not 16 <= ctx <= 32768:
+        raise RecipeError(f"--context-length {ctx}: use 16..32768 tokens")
+    n_threads = profile.validation.threads if threads is None else int(threads)
+    if n_threads < 1:
+        raise RecipeError(f"--threads {n_threads}: use 1 or more")
+    plans = []
+    for fmt in chosen:
+        scheme = overrides.get(fmt) or llm.scheme
+        if scheme not in ("8da4w", "fp32"):
+            raise RecipeError(f"generative models export as 8da4w or fp32, not {scheme!r}")
+        base = gates_for(profile, scheme)
+        gates = Gates(
+            min_cosine=base.min_cosine,
+            min_top1_agreement=base.min_top1_agreement,
+            max_accuracy_drop=base.max_accuracy_drop,
+            max_size_mb=llm.max_artifact_mb,
+            max_perplexity_ratio=base.max_perplexity_ratio,
+            min_token_agreement=base.min_token_agreement,
+        )
+        spec = QuantSpec(scheme=scheme, embedding_bits=8 if scheme == "8da4w" else None, group_size=llm.group_size)
+        plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))
+    return GenerationRecipe(
+        device=profile.name,
+        display_name=profile.display_name,
+        plans=plans,
+        context_length=ctx,
+        threads=n_threads,
+        min_decode_tokens_per_s=llm.min_decode_tokens_per_s,
+        ram_budget_mb=llm.ram_budget_mb,
+        hardware=profile.hardware.model_dump(mode="json"),
         profile=profile.to_dict(),
     )

@@ -20,7 +20,15 @@ from edgelm import schemes
 from edgelm.errors import ModelError
 
 #: Gates by name: what each compares (see :func:`gate_checks`).
-GATES = ("max_size_mb", "min_cosine", "min_top1_agreement", "max_abs_error", "max_accuracy_drop")
+GATES = (
+    "max_size_mb",
+    "min_cosine",
+    "min_top1_agreement",
+    "max_abs_error",
+    "max_accuracy_drop",
+    "max_perplexity_ratio",
+    "min_token_agreement",
+)
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,20 @@ TEXT_CLASSIFICATION = Task(
     gates=("max_size_mb", "min_top1_agreement", "max_abs_error", "max_accuracy_drop"),
     error_scale="range",
 )
+TEXT_GENERATION = Task(
+    name="text-generation",
+    kind="generator",
+    architecture_suffix="ForCausalLM",
+    wrapper="",  # exported by the runtimes' own LLM tooling (exporters.decoder), not an edgelm wrapper
+    output_name="logits",
+    uses_labels=False,
+    prunable=False,
+    golden_keys=("prompt_tokens", "reference_tokens", "reference_next_logits", "perplexity_tokens"),
+    gates=("max_size_mb", "max_perplexity_ratio", "min_token_agreement"),
+    error_scale="range",
+)
 #: Every task, most specific first (the first whose architecture suffix matches a checkpoint takes it).
-TASKS: tuple[Task, ...] = (TEXT_CLASSIFICATION, FEATURE_EXTRACTION)
+TASKS: tuple[Task, ...] = (TEXT_CLASSIFICATION, TEXT_GENERATION, FEATURE_EXTRACTION)
 
 
 def for_architectures(architectures: list[str]) -> Task:
@@ -129,9 +149,12 @@ def gate_checks(
 
     Args:
         fidelity: :func:`edgelm.validate.metrics.fidelity` of the artifact's golden outputs (``cosine_mean``,
-            ``max_abs_error``; ``top1_agreement`` and, with labels, ``accuracy_drop`` for classifiers).
+            ``max_abs_error``; ``top1_agreement`` and, with labels, ``accuracy_drop`` for classifiers;
+            ``perplexity``, ``reference_perplexity``, ``perplexity_ratio``, ``token_agreement``, ``mean_prefix``
+            for generators).
         gates: the artifact's gates (``min_cosine``, ``min_top1_agreement``, ``max_accuracy_drop`` points,
-            ``max_size_mb`` MB), a :class:`edgelm.recipe.Gates` or the manifest's copy.
+            ``max_size_mb`` MB, ``max_perplexity_ratio``, ``min_token_agreement``), a
+            :class:`edgelm.recipe.Gates` or the manifest's copy.
         scheme: the quantization scheme; it sets the golden tolerance (:func:`edgelm.schemes.golden_max_abs_error`).
         reference: the PyTorch fp32 golden outputs, float32 [N, D] (for ``max_abs_error``); None skips it.
         size_mb: the artifact's size, MB (10^6 bytes); None skips ``max_size_mb``.
@@ -153,6 +176,26 @@ def gate_checks(
             v, limit = fidelity["max_abs_error"], max_abs_error(task, scheme, reference)
             ok = v <= limit
             out[name] = check(ok, v, limit, f"max error {v:.3g} {'<=' if ok else '>'} {limit:.3g} ({scheme})")
+        elif name == "max_perplexity_ratio" and fidelity.get("perplexity_ratio") is not None:
+            v, limit = fidelity["perplexity_ratio"], gates.max_perplexity_ratio
+            ok = not math.isnan(v) and v <= limit
+            out[name] = check(
+                ok,
+                v,
+                limit,
+                f"perplexity {fidelity['perplexity']:.3f} vs reference {fidelity['reference_perplexity']:.3f}: "
+                f"ratio {v:.4f} {'<=' if ok else '>'} {limit}",
+            )
+        elif name == "min_token_agreement" and "token_agreement" in fidelity:
+            v, limit = fidelity["token_agreement"], gates.min_token_agreement
+            ok = v >= limit
+            out[name] = check(
+                ok,
+                v,
+                limit,
+                f"greedy tokens equal on {v:.0%} of prompts {'>=' if ok else '<'} {limit:.0%} "
+                f"(first difference after {fidelity.get('mean_prefix', 0):.1f} tokens on average)",
+            )
         elif name == "max_accuracy_drop" and "accuracy_drop" in fidelity:
             v, limit = fidelity["accuracy_drop"], gates.max_accuracy_drop
             ok = v <= limit

@@ -214,3 +214,63 @@ def estimate_schemes(model: str, recipe: Any, scheme_names: list[str] | None = N
         return [f for f in formats if scheme in exporters.get(f).schemes] or ["onnx"]
 
     return [estimate(loaded.module, recipe, scheme=s, fmt=f) for s in names for f in runtimes(s)]
+
+
+@dataclass(frozen=True)
+class DecoderEstimate:
+    """Cost model of a generative decoder on a device (batch 1).
+
+    Counting, for ``L`` layers, hidden ``d``, ``Hkv`` KV heads of size ``dh``, context ``C`` tokens:
+
+    - KV cache: ``2 · L · Hkv · dh · C`` float32 values (keys and values of every position);
+    - prefill: one MAC per weight per prompt token (``prefill_gmacs_per_token``, the linears and the output
+      head; attention over the prompt is left out);
+    - decode is memory-bound: each new token reads every weight once and, on average, the KV cache up to half
+      the context, so ``decode tokens/s = bandwidth / (weight bytes + KV bytes / 2)`` (weight bytes: the
+      artifact's size).
+
+    Attributes:
+        kv_cache_mb: the KV cache at the context length, MB.
+        prefill_gmacs_per_token: GMAC per prompt token.
+        bandwidth_gbs: the profile's memory bandwidth, GB/s.
+    """
+
+    kv_cache_mb: float
+    prefill_gmacs_per_token: float
+    bandwidth_gbs: float
+    prefill_gops_rate: float
+
+    def for_size(self, weight_bytes: int) -> dict:
+        """The estimate for an artifact of ``weight_bytes``: ``weights_mb``, ``kv_cache_mb``,
+        ``ram_mb`` (weights + KV cache), ``decode_tokens_per_s`` and ``prefill_tokens_per_s`` (one big core at
+        the int8 rate)."""
+        per_token = weight_bytes + self.kv_cache_mb * 1e6 / 2
+        return {
+            "weights_mb": weight_bytes / 1e6,
+            "kv_cache_mb": self.kv_cache_mb,
+            "ram_mb": weight_bytes / 1e6 + self.kv_cache_mb,
+            "decode_tokens_per_s": self.bandwidth_gbs * 1e9 / per_token,
+            "prefill_tokens_per_s": self.prefill_gops_rate / (2 * self.prefill_gmacs_per_token),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decoder_estimate(hardware: dict, config: dict, context_length: int) -> DecoderEstimate:
+    """:class:`DecoderEstimate` of a Llama-family decoder (``config``: its Hugging Face config as a dict) at
+    ``context_length`` tokens on ``hardware`` (a profile's ``[hardware]``)."""
+    d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    dh = int(config.get("head_dim") or d // heads)
+    inter, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
+    per_layer = d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * inter
+    macs = layers * per_layer + d * vocab
+    kv = 2 * layers * kv_heads * dh * context_length * 4
+    return DecoderEstimate(
+        kv_cache_mb=kv / 1e6,
+        prefill_gmacs_per_token=macs / 1e9,
+        bandwidth_gbs=float(hardware["memory_bandwidth_gbs"]),
+        prefill_gops_rate=int8_rate(hardware, "pytorch", "8da4w"),
+    )

@@ -261,6 +261,34 @@ def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
     )
 
 
+def generation_check(bundle: Bundle, name: str, res) -> tuple[dict, dict]:
+    """A decoder's golden check: its greedy tokens against the reference's (token agreement) and its
+    perplexity over the reference's on the golden window, judged by the text-generation gates in one check.
+    Returns (fidelity, check)."""
+    from edgelm.generation import token_agreement
+
+    golden, plan = bundle.golden, bundle.plan(name)
+    agree = token_agreement(golden["reference_tokens"], res.outputs.astype(np.int64))
+    ppl, ref_ppl = res.result.get("perplexity"), golden.get("reference_perplexity")
+    fid = {
+        "token_agreement": agree["agreement"],
+        "mean_prefix": agree["mean_prefix"],
+        "prompts": agree["prompts"],
+        "perplexity": ppl,
+        "reference_perplexity": float(ref_ppl) if ref_ppl is not None and ppl is not None else None,
+        "perplexity_ratio": ppl / float(ref_ppl) if ref_ppl is not None and ppl is not None else None,
+    }
+    checks = tasks.gate_checks(tasks.TEXT_GENERATION, fid, plan.gates, plan.quant.scheme)
+    checks = {k: c for k, c in checks.items() if k != "max_size_mb"}
+    fails = [c["detail"] for c in checks.values() if not c["passed"]]
+    return fid, tasks.check(
+        not fails,
+        {"token_agreement": fid["token_agreement"], "perplexity_ratio": fid["perplexity_ratio"]},
+        {k: c["limit"] for k, c in checks.items()},
+        "; ".join(fails) if fails else "; ".join(c["detail"] for c in checks.values()),
+    )
+
+
 def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:
     """Task accuracy on the golden labels within the recipe's max drop (None without labels)."""
     plan = bundle.plan(name)
@@ -357,7 +385,11 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             res = run.result
             rec["checks"]["ran"] = tasks.check(True, None, None, f"ran on {res.result.get('machine', '?')}")
             ref = bundle.reference(name)
-            if res.outputs.shape != ref.shape:
+            if bundle.kind == tasks.TEXT_GENERATION.kind and res.outputs.shape == ref.shape:
+                rec["fidelity"], rec["checks"]["golden"] = generation_check(bundle, name, res)
+                for k in ("speed", "speed_1_thread", "next_token"):
+                    rec[k] = res.result.get(k)
+            elif res.outputs.shape != ref.shape:
                 rec["checks"]["golden"] = tasks.check(
                     False,
                     list(res.outputs.shape),
@@ -376,7 +408,7 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                 if info.get("kind") == "host"
                 else _host_outputs(bundle, name, (info.get("eval_set") or {}).get("source"))
             )
-            if host is not None and host.shape == res.outputs.shape:
+            if host is not None and host.shape == res.outputs.shape and bundle.kind != tasks.TEXT_GENERATION.kind:
                 rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
                 if tasks.for_kind(bundle.kind).uses_labels:
                     rec["vs_host"]["top1_agreement"] = top1_agreement(res.outputs, host)

@@ -11,6 +11,12 @@ runtime versions. Exit code 0 on success, 3 if the artifact cannot be loaded or 
 ``--adapter``: run with another adapter's weights file (``.adapter.data`` / ``.adapter.ptd``) swapped in.
 ``--eval``: also run a labeled eval set (``input_ids``/``attention_mask`` int64 [M, seq_len]) and write its
 outputs to ``DIR/eval_outputs.npy`` (float32 [M, ...]).
+
+A generative bundle's golden set (``prompt_tokens`` int64 [P, L] padded with -1, ``reference_tokens`` int64
+[P, T], ``reference_next_logits`` float32 [P, vocab], ``perplexity_tokens`` int64 [W], ``speed_prompt`` int64
+[S], ``speed_new_tokens``) is run by :func:`run_generative`: greedy tokens per prompt (``outputs.npy``,
+float32 [P, T], -1 after an EOS), perplexity over the window, prefill/decode speed at ``--threads`` and at 1
+thread, and the decode-step latency (``--runs`` steps after ``--warmup``).
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def run(
             raise ChecksumMismatch(f"sha256 of {f.name} is {got[:12]}, the manifest says {want[:12]}: not loaded")
 
     data = np.load(golden)
+    if "prompt_tokens" in data.files:
+        return run_generative(artifact, data, out, threads, warmup, runs)
     rss_before = _peak_rss_mb()
     t0 = time.perf_counter()
     session = exporters.load(artifact, threads=threads, adapter=adapter)
@@ -118,6 +126,67 @@ def run(
         "eval_rows": eval_rows,
     }
     np.save(out / "outputs.npy", outputs_arr)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_generative(artifact: Path, data, out: Path, threads: int | None, warmup: int, runs: int) -> dict:
+    """Run a decoder artifact on a generative golden set (see the module doc). Returns the result dict (also
+    written to ``out/result.json``); ``out/outputs.npy`` holds the greedy tokens."""
+    from edgelm import generation
+    from exporters.decoder import load_decoder, runtime_versions
+
+    rss_before = _peak_rss_mb()
+    t0 = time.perf_counter()
+    session = load_decoder(artifact, threads=threads)
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    width = data["reference_tokens"].shape[1]
+    rows, first = [], []
+    for row in data["prompt_tokens"]:
+        tokens, logits = generation.greedy_tokens(session, generation.unpad(row), width)
+        rows.append(tokens)
+        first.append(logits)
+    first_arr = np.stack(first).astype(np.float32)
+    ref_first = data["reference_next_logits"]
+    window = data["perplexity_tokens"]
+    ppl = generation.perplexity(session, window) if window.size > 1 else None
+    prompt = [int(x) for x in data["speed_prompt"]]
+    new = max(int(data["speed_new_tokens"]), warmup + runs + 1)
+    fast = generation.speed(session, prompt, new)
+    samples = fast.pop("step_ms")[warmup : warmup + runs]
+    peak_rss = _peak_rss_mb()  # before a second session is opened for the 1-thread figures
+    one_thread = None
+    if threads and threads > 1:
+        one = load_decoder(artifact, threads=1)
+        one_thread = generation.speed(one, prompt, new)
+        one_thread.pop("step_ms")
+    result = {
+        "artifact": artifact.name,
+        "format": "executorch" if artifact.suffix == ".pte" else "onnx",
+        "threads": threads,
+        "warmup": warmup,
+        "runs": runs,
+        "latency_seq_len": 1,
+        "latency_samples_ms": samples,
+        "load_ms": load_ms,
+        "perplexity": ppl,
+        "perplexity_window": int(window.size),
+        "speed": fast,
+        "speed_1_thread": one_thread,
+        "next_token": {
+            "top1_agreement": float((first_arr.argmax(axis=1) == ref_first.argmax(axis=1)).mean()),
+            "max_abs_error": float(np.abs(first_arr.astype(np.float64) - ref_first).max()),
+        },
+        "peak_rss_mb": peak_rss,
+        "rss_before_load_mb": rss_before,
+        "runtime": runtime_versions(artifact),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch_imported": "torch" in sys.modules,
+        "eval_rows": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "outputs.npy", generation.pad_tokens(rows, width).astype(np.float32))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 

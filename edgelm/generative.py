@@ -1,0 +1,506 @@
+"""The text-generation pipeline: ``edgelm export --device D --model smollm2-135m``.
+
+Stages (each returns plain values): load the model as the float32 reference (:mod:`edgelm.causal_lm`) ->
+reference (greedy tokens and first-token logits for the golden prompts, perplexity over a fixed text
+window, PyTorch eager speed) -> export each decoder artifact (:mod:`exporters.decoder`) -> write the golden
+set and manifest -> check every artifact in its own process on this host, through the same path as ``edgelm
+validate --runner host`` -> report. Everything is written into a temp folder and renamed into place.
+
+The golden prompts (:data:`PROMPTS`, 32) are chat-templated when the model has a template; the reference is
+greedy decoding of :data:`NEW_TOKENS` tokens in PyTorch eager fp32. Perplexity is measured over the first
+:data:`PERPLEXITY_TOKENS` tokens (fewer if the context is shorter) of a text file: ``--data`` if given, else
+WikiText-2's test split (``wiki.test.raw``) from ``$EDGELM_DATA`` or ``../shared/data/wikitext2/raw``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import edgelm
+import exporters
+from edgelm import fsutil, generation, hostinfo, tasks
+from edgelm.bundle import SCHEMA, Bundle, Manifest
+from edgelm.causal_lm import CausalLM, executorch_checkpoint, load_causal_lm, save_hf_checkpoint
+from edgelm.compress.estimate import decoder_estimate
+from edgelm.errors import DataError, ExportError
+from edgelm.recipe import GenerationRecipe
+from edgelm.report import fmt, markdown_table
+from edgelm.validate.host import HostRunner
+from exporters import decoder
+from exporters.base import ExporterError, sha256_file
+
+ProgressFn = Callable[[str, int, int], None]
+
+#: The golden prompts: questions and instructions with short, checkable answers.
+PROMPTS = (
+    "What is the capital of France?",
+    "What is 12 times 7?",
+    "Name the largest planet in the solar system.",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote the play Romeo and Juliet?",
+    "What is the boiling point of water in degrees Celsius?",
+    "Give me three colors of the rainbow.",
+    "What does a thermometer measure?",
+    "Write one sentence about the ocean.",
+    "What is the opposite of 'hot'?",
+    "How many days are there in a week?",
+    "What gas do plants take in from the air?",
+    "Name a mammal that can fly.",
+    "What is the chemical symbol for gold?",
+    "Summarize in one sentence: the cat sat on the mat and fell asleep.",
+    "What is the square root of 81?",
+    "Which continent is Egypt in?",
+    "What language is spoken in Brazil?",
+    "Write a haiku about autumn.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Who painted the Mona Lisa?",
+    "What is the main ingredient of guacamole?",
+    "List two programming languages.",
+    "What is the tallest mountain on Earth?",
+    "Explain what a noun is in one sentence.",
+    "How many legs does a spider have?",
+    "What is the currency of Japan?",
+    "Complete the sentence: The early bird catches the",
+    "What is photosynthesis?",
+    "Give a synonym for 'happy'.",
+    "What is the largest ocean?",
+    "Tell me a fun fact about elephants.",
+)
+#: Greedy tokens per golden prompt.
+NEW_TOKENS = 32
+#: Tokens in the perplexity window (capped at the context length).
+PERPLEXITY_TOKENS = 512
+#: The speed measurement: a prompt of this many tokens (from the perplexity text) and new tokens decoded.
+SPEED_PROMPT_TOKENS = 128
+SPEED_NEW_TOKENS = 128
+WARMUP_STEPS, TIMED_STEPS = 5, 20
+#: Where the default perplexity text is looked for (``$EDGELM_DATA`` first).
+WIKITEXT = Path("wikitext2") / "raw" / "wiki.test.raw"
+
+
+def default_text() -> Path | None:
+    """WikiText-2's test text from ``$EDGELM_DATA`` or ``../shared/data`` (None when neither has it)."""
+    for root in (os.environ.get("EDGELM_DATA"), Path.cwd().parent / "shared" / "data"):
+        if root and (Path(root) / WIKITEXT).is_file():
+            return Path(root) / WIKITEXT
+    return None
+
+
+@dataclass
+class Reference:
+    """The reference's golden values (PyTorch eager fp32)."""
+
+    prompts: list[list[int]]
+    tokens: list[list[int]]
+    next_logits: np.ndarray
+    window: np.ndarray
+    perplexity: float | None
+    text_source: str | None
+    speed_prompt: list[int]
+    eager: dict = field(default_factory=dict)
+
+
+def _prompt_ids(lm: CausalLM, text: str) -> list[int]:
+    tok = lm.tokenizer
+    if lm.chat_template:
+        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+        return [int(x) for x in ids]
+    return [int(x) for x in tok(text)["input_ids"]]
+
+
+def _eager_greedy(lm: CausalLM, prompt: list[int], n: int) -> tuple[list[int], np.ndarray, float]:
+    """Greedy decoding in PyTorch eager with transformers' cache: (tokens, first-token logits, decode s)."""
+    import torch
+
+    eos = set(lm.eos_ids)
+    with torch.inference_mode():
+        out = lm.model(torch.tensor([prompt]), use_cache=True)
+        logits, past = out.logits[0, -1], out.past_key_values
+        first = logits.float().numpy().copy()
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        while True:
+            t = int(torch.argmax(logits))
+            tokens.append(t)
+            if t in eos or len(tokens) >= n:
+                break
+            out = lm.model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+            logits, past = out.logits[0, -1], out.past_key_values
+        return tokens, first, time.perf_counter() - t0
+
+
+def reference_stage(lm: CausalLM, recipe: GenerationRecipe, text: Path | None, threads: int) -> Reference:
+    """Greedy reference tokens and first-token logits for :data:`PROMPTS`, perplexity over the text window,
+    and PyTorch eager speed (prefill of :data:`SPEED_PROMPT_TOKENS`, decode of :data:`SPEED_NEW_TOKENS`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    prompts = [_prompt_ids(lm, p) for p in PROMPTS]
+    too_long = max(len(p) for p in prompts) + NEW_TOKENS
+    if too_long > recipe.context_length:
+        raise ExportError(f"the golden prompts need {too_long} positions; the context is {recipe.context_length}")
+    rows, first = [], []
+    for p in prompts:
+        toks, logits, _ = _eager_greedy(lm, p, NEW_TOKENS)
+        rows.append(toks)
+        first.append(logits)
+    body = ""
+    if text is not None:
+        try:
+            body = Path(text).read_text(encoding="utf-8", errors="replace")[:200_000]
+        except OSError as exc:
+            raise DataError(f"cannot read the perplexity text {text}: {exc.strerror}") from None
+    ids = [int(x) for x in lm.tokenizer(body, add_special_tokens=False)["input_ids"]] if body.strip() else []
+    n = min(PERPLEXITY_TOKENS, recipe.context_length)
+    if text is not None and len(ids) < 2:
+        raise DataError(f"the perplexity text {text} holds no text: pass a plain-text file with --data")
+    window = np.asarray(ids[:n], dtype=np.int64)
+    ppl = None
+    if len(window) > 1:
+        with torch.inference_mode():
+            logits = lm.model(torch.from_numpy(window)[None]).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        ppl = float(torch.exp(-logp[torch.arange(len(window) - 1), torch.from_numpy(window[1:])].mean()))
+    filler = ids or [int(x) for p in prompts for x in p]
+    speed_prompt = (filler * (SPEED_PROMPT_TOKENS // max(len(filler), 1) + 1))[:SPEED_PROMPT_TOKENS]
+    speed_prompt = speed_prompt[: max(2, recipe.context_length - SPEED_NEW_TOKENS - 1)]
+    with torch.inference_mode():
+        lm.model(torch.tensor([speed_prompt[:8]]), use_cache=True)  # warm-up: the first call allocates
+        t0 = time.perf_counter()
+        out = lm.model(torch.tensor([speed_prompt]), use_cache=True)
+        prefill_s = time.perf_counter() - t0
+        past, t = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
+        steps = min(SPEED_NEW_TOKENS, recipe.context_length - len(speed_prompt) - 1)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            out = lm.model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+            past, t = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
+        decode_s = time.perf_counter() - t1
+    eager = {
+        "threads": threads,
+        "prefill_tokens_per_s": len(speed_prompt) / prefill_s,
+        "decode_tokens_per_s": steps / decode_s if decode_s > 0 else 0.0,
+    }
+    return Reference(
+        prompts, rows, np.stack(first).astype(np.float32), window, ppl, str(text) if text else None, speed_prompt, eager
+    )
+
+
+def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: Path) -> dict:
+    path = tmp / plan.artifact_name
+    q = plan.quant
+    try:
+        if plan.format == "executorch":
+            ckpt, params = executorch_checkpoint(lm, work / "executorch")
+            info = decoder.export_executorch(
+                ckpt,
+                params,
+                path,
+                scheme=q.scheme,
+                group_size=q.group_size,
+                max_context_len=recipe.context_length,
+                bos_id=lm.bos_id,
+                eos_ids=lm.eos_ids,
+                vocab_size=lm.vocab_size,
+            )
+            companions: list[Path] = []
+        else:
+            hf_dir = work / "hf"
+            if not hf_dir.is_dir():
+                save_hf_checkpoint(lm, hf_dir)
+            info = decoder.export_onnx(
+                hf_dir, path, scheme=q.scheme, group_size=q.group_size, max_context_len=recipe.context_length
+            )
+            companions = decoder.onnx_files(path)
+    except ExporterError as exc:
+        raise ExportError(f"{plan.format}: {exc}") from exc
+    files = [path, *companions]
+    return {
+        "file": path.name,
+        "format": plan.format,
+        "quantization": q.to_dict(),
+        "sha256": sha256_file(path),
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "inputs": [
+            {"name": "tokens", "dtype": "int64", "shape": [1, "n"]},
+            {"name": "input_pos", "dtype": "int64", "shape": [1]},
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["n" if plan.format == "onnx" else 1, lm.vocab_size]}
+        ],
+        "runtime": decoder.runtime_versions(path),
+        "details": info,
+        "export_seconds": info["seconds"],
+        "companions": [
+            {
+                "file": c.name,
+                "role": "config" if c.suffix == ".json" else "external weights",
+                "sha256": sha256_file(c),
+                "size_bytes": c.stat().st_size,
+            }
+            for c in companions
+        ],
+        "golden_reference": "reference_tokens",
+    }
+
+
+def _write_golden(tmp: Path, ref: Reference) -> None:
+    arrays = {
+        "prompt_tokens": generation.pad_tokens(ref.prompts, max(len(p) for p in ref.prompts)),
+        "reference_tokens": generation.pad_tokens(ref.tokens, NEW_TOKENS),
+        "reference_next_logits": ref.next_logits,
+        "perplexity_tokens": ref.window,
+        "speed_prompt": np.asarray(ref.speed_prompt, dtype=np.int64),
+        "speed_new_tokens": np.asarray(SPEED_NEW_TOKENS, dtype=np.int64),
+    }
+    if ref.perplexity is not None:
+        arrays["reference_perplexity"] = np.asarray(ref.perplexity, dtype=np.float64)
+    np.savez(tmp / "golden.npz", **arrays)
+
+
+def _versions() -> dict[str, str]:
+    return exporters.base.package_versions(
+        "edgelm", "torch", "transformers", "executorch", "torchao", "onnxruntime", "onnxruntime-genai", "gguf", "numpy"
+    )
+
+
+def export_generative(
+    recipe: GenerationRecipe,
+    model: str,
+    out: str | Path = "dist",
+    *,
+    data: str | None = None,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Export the generative ``model`` for the recipe's device and check every artifact on this host; write
+    ``out/<device>/`` (artifacts, tokenizer, golden.npz, manifest.json, validation.json, report.md, logs/).
+
+    Args:
+        recipe: :func:`edgelm.recipe.make_generation_recipe`.
+        model: a packaged name (``smollm2-135m``), a ``.gguf`` file or a checkpoint directory.
+        data: a plain-text file for the perplexity window (default: WikiText-2, see :func:`default_text`).
+    Returns:
+        The summary: ``{"bundle", "passed", "model", "rows": [per artifact], "reference": {...}}``.
+    Raises:
+        EdgeLMError subclasses for bad input or a failed export (nothing is written). A missed gate is
+        ``passed == False`` with the bundle written (the CLI exits 1).
+    """
+    from edgelm.pipeline import captured_output
+
+    text = Path(data) if data else default_text()
+    if text is not None and not text.is_file():
+        raise DataError(f"perplexity text not found: {text}")
+    threads = min(recipe.threads, os.cpu_count() or 1)
+    total, done = 5 + len(recipe.plans), 0
+
+    def step(desc: str) -> None:
+        nonlocal done
+        if progress:
+            progress(desc, done, total)
+        done += 1
+
+    final = Path(out) / recipe.device
+    summary: dict = {}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "logs").mkdir()
+        work = tmp.parent / f".{tmp.name}-work"
+        work.mkdir()
+        try:
+            with captured_output(tmp / "logs" / "export.log"):
+                _fill(tmp, work)
+        finally:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _fill(tmp: Path, work: Path) -> None:
+        t_start = time.perf_counter()
+        step("load model")
+        lm = load_causal_lm(model)
+        step("reference (PyTorch eager)")
+        ref = reference_stage(lm, recipe, text, threads)
+        entries = []
+        for plan in recipe.plans:
+            step(f"export {plan.artifact_name}")
+            entries.append(_export_plan(lm, plan, recipe, tmp, work))
+        step("write bundle")
+        lm.tokenizer.save_pretrained(tmp)
+        tok_files = sorted(
+            f for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja") if (tmp / f).is_file()
+        )
+        _write_golden(tmp, ref)
+        est = decoder_estimate(recipe.hardware, lm.config, recipe.context_length)
+        for e in entries:
+            e["estimate"] = est.for_size(e["size_bytes"])
+        manifest = Manifest.model_validate(
+            {
+                "schema": SCHEMA,
+                "edgelm_version": edgelm.__version__,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "device": recipe.profile,
+                "recipe": {**recipe.to_dict(), "seq_len": recipe.context_length},
+                "model": {
+                    **lm.describe(),
+                    "kind": tasks.TEXT_GENERATION.kind,
+                    "output": "logits",
+                    "task": "text-generation",
+                },
+                "tokenizer": {"files": tok_files, "max_length": recipe.context_length},
+                "golden": {
+                    "file": "golden.npz",
+                    "sha256": sha256_file(tmp / "golden.npz"),
+                    "count": len(ref.prompts),
+                    "source": f"{len(PROMPTS)} built-in prompts" + (", chat template" if lm.chat_template else ""),
+                    "output": "reference_tokens",
+                },
+                "artifacts": entries,
+                "versions": _versions(),
+                "generation": {
+                    "reference": lm.reference,
+                    "new_tokens": NEW_TOKENS,
+                    "perplexity_text": ref.text_source,
+                    "perplexity_tokens": len(ref.window),
+                    "reference_perplexity": ref.perplexity,
+                    "eager": ref.eager,
+                    "host": hostinfo.cpu_info(),
+                },
+            }
+        )
+        (tmp / "manifest.json").write_text(manifest.to_json())
+        step("check on this host")
+        from edgelm.validate.bundle import evaluate, run_bundle, write_validation
+
+        bundle = Bundle.load(tmp)
+        bundle.location = final
+        record = evaluate(
+            bundle, run_bundle(bundle, HostRunner(), threads=threads, warmup=WARMUP_STEPS, runs=TIMED_STEPS)
+        )
+        step("report")
+        summary.update(_summary(final, lm, recipe, ref, entries, record, est, time.perf_counter() - t_start))
+        (tmp / "report.md").write_text(render_report(summary))
+        write_validation(bundle, record)
+
+    fsutil.write_directory(final, fill)
+    if progress:
+        progress("done", done, done)
+    return summary
+
+
+def _summary(final, lm, recipe, ref, entries, record, est, seconds) -> dict:
+    fp32_mb = lm.num_parameters * 4 / 1e6
+    rows = []
+    for e, plan in zip(entries, recipe.plans, strict=True):
+        rec = record["artifacts"][e["file"]]
+        fid, sp, sp1 = rec.get("fidelity") or {}, rec.get("speed") or {}, rec.get("speed_1_thread") or {}
+        rows.append(
+            {
+                "artifact": e["file"],
+                "format": e["format"],
+                "scheme": plan.quant.scheme,
+                "size_mb": e["size_bytes"] / 1e6,
+                "size_vs_fp32": e["size_bytes"] / 1e6 / fp32_mb,
+                "perplexity": fid.get("perplexity"),
+                "perplexity_ratio": fid.get("perplexity_ratio"),
+                "token_agreement": fid.get("token_agreement"),
+                "mean_prefix": fid.get("mean_prefix"),
+                "prefill_tokens_per_s": sp.get("prefill_tokens_per_s"),
+                "decode_tokens_per_s": sp.get("decode_tokens_per_s"),
+                "decode_tokens_per_s_1_thread": sp1.get("decode_tokens_per_s")
+                if sp1
+                else sp.get("decode_tokens_per_s"),
+                "ttft_ms": sp.get("ttft_ms"),
+                "peak_rss_mb": rec.get("peak_rss_mb"),
+                "estimate_decode_tokens_per_s": e["estimate"]["decode_tokens_per_s"],
+                "status": rec["status"],
+                "problems": "; ".join(f"{k}: {c['detail']}" for k, c in rec["checks"].items() if not c["passed"]),
+                "size_ok": e["size_bytes"] / 1e6 <= plan.gates.max_size_mb,
+                "max_size_mb": plan.gates.max_size_mb,
+            }
+        )
+        if not rows[-1]["size_ok"]:
+            rows[-1]["status"] = "failed"
+            rows[-1]["problems"] += f"; size {rows[-1]['size_mb']:.1f} MB > budget {plan.gates.max_size_mb:g} MB"
+    return {
+        "bundle": str(final),
+        "device": recipe.device,
+        "display_name": recipe.display_name,
+        "passed": all(r["status"] == "passed" for r in rows),
+        "model": lm.describe(),
+        "reference": {
+            "perplexity": ref.perplexity,
+            "text": ref.text_source,
+            "tokens": len(ref.window),
+            **{f"eager_{k}": v for k, v in ref.eager.items()},
+        },
+        "fp32_mb": fp32_mb,
+        "context_length": recipe.context_length,
+        "threads": record.get("threads"),
+        "min_decode_tokens_per_s": recipe.min_decode_tokens_per_s,
+        "ram_budget_mb": recipe.ram_budget_mb,
+        "estimate": est.to_dict(),
+        "host": hostinfo.describe(hostinfo.cpu_info()),
+        "rows": rows,
+        "seconds": seconds,
+    }
+
+
+def render_report(s: dict) -> str:
+    """report.md of a generative bundle."""
+    m, ref = s["model"], s["reference"]
+    lines = [
+        f"# edgelm report: {s['display_name']} ({s['device']}), text-generation",
+        "",
+        f"Model: {m['name']} ({m['architecture']}, {m['parameters'] / 1e6:.1f} M parameters, {m['layers']} layers, "
+        f"vocabulary {m['vocab_size']}); reference: PyTorch eager fp32 of the {m['reference']}.",
+        f"Context: {s['context_length']} tokens. Host: {s['host']}; host speed is not device speed.",
+        "Perplexity: "
+        + (
+            f"{ref['perplexity']:.3f} (reference) over the first {ref['tokens']} tokens of {ref['text']}."
+            if ref["perplexity"] is not None
+            else "not measured (no text: pass --data FILE)."
+        ),
+        f"Token agreement: greedy {NEW_TOKENS} new tokens on {len(PROMPTS)} prompts, share equal to the reference's.",
+        f"Speed: prompt of {SPEED_PROMPT_TOKENS} tokens, {SPEED_NEW_TOKENS} new tokens, at {s['threads']} thread(s) "
+        f"and at 1; PyTorch eager (transformers' cache): prefill {ref['eager_prefill_tokens_per_s']:.0f} tokens/s, "
+        f"decode {ref['eager_decode_tokens_per_s']:.1f} tokens/s.",
+        "",
+    ]
+    rows = [
+        {
+            "artifact": r["artifact"],
+            "size MB": f"{r['size_mb']:.1f} ({r['size_vs_fp32']:.2f}x fp32)",
+            "ppl ratio": fmt(r["perplexity_ratio"], ".4f"),
+            "agreement": fmt(r["token_agreement"], ".2f"),
+            "prefix": fmt(r["mean_prefix"], ".1f"),
+            "prefill tok/s": fmt(r["prefill_tokens_per_s"], ".0f"),
+            "decode tok/s": fmt(r["decode_tokens_per_s"], ".1f"),
+            "1 thread": fmt(r["decode_tokens_per_s_1_thread"], ".1f"),
+            "TTFT ms": fmt(r["ttft_ms"], ".0f"),
+            "peak RSS MB": fmt(r["peak_rss_mb"], ".0f"),
+            "device est. tok/s": fmt(r["estimate_decode_tokens_per_s"], ".0f"),
+            "status": r["status"],
+        }
+        for r in s["rows"]
+    ]
+    lines += markdown_table(rows)
+    est = s["estimate"]
+    lines += [
+        "",
+        f"Device estimate (cost model, memory-bound decode): {est['kv_cache_mb']:.1f} MB KV cache at "
+        f"{s['context_length']} tokens, {est['prefill_gmacs_per_token']:.3f} GMAC per prompt token; decode "
+        f"tokens/s = bandwidth / (weight bytes + KV bytes read per token). Goal: >= {s['min_decode_tokens_per_s']:g} "
+        f"tokens/s, weights + KV cache <= {s['ram_budget_mb']:g} MB.",
+    ]
+    problems = [f"- {r['artifact']}: {r['problems']}" for r in s["rows"] if r["problems"]]
+    if problems:
+        lines += ["", "Problems:", *problems]
+    return "\n".join(lines) + "\n"
