@@ -250,6 +250,35 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     return CausalLM(hf.eval(), tokenizer, name, source.resolve(), reference, family, cfg)
 
 
+def model_config(model: str | os.PathLike) -> dict:
+    """The config of ``model`` (packaged name, ``.gguf`` or checkpoint directory) as a dict, without loading
+    its weights (a GGUF's metadata is read). Raises ModelError / RuntimeMissingError as
+    :func:`load_causal_lm` does."""
+    name = str(model)
+    if name in PACKAGED or name.endswith(".gguf"):
+        require_export_stack()
+        import importlib.util
+
+        import transformers
+
+        gguf = packaged_gguf(name) if name in PACKAGED else Path(name)
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file not found: {gguf}")
+        if importlib.util.find_spec("gguf") is None:
+            raise RuntimeMissingError("reading a GGUF file needs the gguf package: pip install gguf")
+        transformers.logging.set_verbosity_error()
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
+        except Exception as exc:
+            raise ModelError(f"could not read {gguf}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        cfg.setdefault("architectures", ["LlamaForCausalLM"] if cfg.get("model_type") == "llama" else [])
+        return cfg
+    directory = Path(name)
+    cfg = _read_config(directory)
+    _check_architecture(cfg, str(directory))
+    return cfg
+
+
 def _gguf_type(path: Path) -> str:
     """The GGUF file's weight type as llama.cpp names it (``Q4_1``), from its ``general.file_type``."""
     try:

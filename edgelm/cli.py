@@ -388,17 +388,17 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
     rows = [
         [
             p.artifact_name,
-            p.delegate,
-            f"{p.quant.scheme}"
-            + (f", int4 groups of {p.quant.group_size}, 8-bit embeddings" if p.quant.scheme == "8da4w" else ""),
-            f"perplexity ≤ {p.gates.max_perplexity_ratio}x, token agreement ≥ {p.gates.min_token_agreement:.0%}, ≤ {p.gates.max_size_mb:g} MB",
+            p.quant.scheme + (f" g{p.quant.group_size}, 8-bit emb." if p.quant.scheme == "8da4w" else ""),
+            f"ppl ≤ {p.gates.max_perplexity_ratio}x, agree ≥ {p.gates.min_token_agreement:.0%}, "
+            f"≤ {p.gates.max_size_mb:g} MB",
         ]
         for p in recipe.plans
     ]
     print_table(
         err,
-        f"recipe for {recipe.device}: text-generation, context {recipe.context_length} tokens, {recipe.threads} threads",
-        ("artifact", "delegate", "quantization", "gates"),
+        f"recipe for {recipe.device}: text-generation, context {recipe.context_length} tokens, "
+        f"{recipe.threads} threads, {', '.join(p.delegate for p in recipe.plans)}",
+        ("artifact", "quantization", "gates"),
         rows,
         wrap=("quantization", "gates"),
     )
@@ -480,6 +480,8 @@ def generate(
     bad = [line for f, h in bundle.checksums(name).items() if (line := bundle.verify(f, h))]
     if bad:
         raise ValidationError(f"{name} differs from the manifest ({'; '.join(bad)}): not loaded; export it again")
+    if not prompt.strip():
+        raise EdgeLMError("the prompt is empty: pass some text with --prompt")
     try:
         tokenizer = generation.ChatTokenizer(bundle.path)
         ids = tokenizer.encode(prompt, chat=chat)
@@ -978,10 +980,16 @@ def estimate(
     threads: Annotated[int | None, typer.Option("--threads")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
-    """Estimate parameters, MACs, weight and activation memory, latency and peak RAM on a device, before export."""
+    """Estimate parameters, MACs, weight and activation memory, latency and peak RAM on a device, before export
+    (for a generative model: weights, KV cache, RAM, prefill and memory-bound decode tokens/s)."""
     import json as _json
 
+    from edgelm.causal_lm import is_causal_lm
     from edgelm.compress.estimate import estimate_schemes
+
+    if is_causal_lm(model):
+        _estimate_decoder(device, model, quant, threads, as_json)
+        return
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_recipe
 
@@ -1028,6 +1036,58 @@ def estimate(
         + "; `edgelm export` reports it beside the measurement.",
         highlight=False,
         markup=False,
+    )
+
+
+def _estimate_decoder(device: str, model: str, quant: str | None, threads: int | None, as_json: bool) -> None:
+    """``edgelm estimate`` for a generative model: per scheme, weight bytes, KV cache at the context length,
+    RAM, and the decode (memory-bound) and prefill estimates."""
+    import json as _json
+
+    from edgelm.causal_lm import model_config
+    from edgelm.compress.estimate import decoder_estimate, decoder_weight_bytes
+    from edgelm.profiles import load_profile
+    from edgelm.recipe import make_generation_recipe
+
+    recipe = make_generation_recipe(load_profile(device), threads=threads)
+    cfg = model_config(model)
+    est = decoder_estimate(recipe.hardware, cfg, recipe.context_length)
+    group = recipe.plans[0].quant.group_size
+    rows = [
+        {"scheme": s, **est.for_size(decoder_weight_bytes(cfg, s, group))}
+        for s in (_split([quant]) if quant else ["fp32", "8da4w"])
+    ]
+    for r in rows:
+        if r["scheme"] not in ("fp32", "8da4w"):
+            raise EdgeLMError(f"generative models export as 8da4w or fp32, not {r['scheme']!r}")
+    if as_json:
+        out_console.print_json(_json.dumps({"context_length": recipe.context_length, "rows": rows, **est.to_dict()}))
+        return
+    out_console.print(
+        f"estimate: {model} on {recipe.display_name} (context {recipe.context_length} tokens, "
+        f"{recipe.hardware['memory_bandwidth_gbs']:g} GB/s; goal {recipe.min_decode_tokens_per_s:g} tokens/s, "
+        f"{recipe.ram_budget_mb:g} MB for weights + KV cache)",
+        markup=False,
+        highlight=False,
+    )
+    cols = ("scheme", "weights MB", "KV cache MB", "RAM MB", "decode tok/s", "prefill tok/s")
+    cells = [
+        [
+            r["scheme"],
+            f"{r['weights_mb']:.1f}",
+            f"{r['kv_cache_mb']:.1f}",
+            f"{r['ram_mb']:.0f}",
+            f"{r['decode_tokens_per_s']:.0f}",
+            f"{r['prefill_tokens_per_s']:.0f}",
+        ]
+        for r in rows
+    ]
+    print_table(out_console, "", cols, cells, right=cols[1:])
+    out_console.print(
+        "Decode is memory-bound: tokens/s = bandwidth / (weight bytes + half the KV cache); prefill at one big "
+        f"core's int8 rate, {est.prefill_gmacs_per_token:.3f} GMAC per token (edgelm.compress.estimate).",
+        markup=False,
+        highlight=False,
     )
 
 

@@ -66,3 +66,79 @@ def make_checkpoint(
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "pad_token": "[PAD]"}))
     return directory
+
+
+#: The chat template of the tiny causal LMs (ChatML, as SmolLM2's).
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_causal_lm(
+    directory: Path,
+    *,
+    family: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 384,
+    seed: int = 0,
+    init_std: float | None = None,
+) -> Path:
+    """A tiny random-config causal LM (``family``: llama, qwen2, qwen3 or mistral; 4 query heads, 2 KV
+    heads) with a byte-level BPE tokenizer trained on the probe sentences and the golden prompts, a ChatML
+    chat template, BOS ``<|im_start|>`` (1) and EOS ``<|im_end|>`` (2). ``init_std``: draw the weight
+    matrices from N(0, init_std) instead of transformers' init (0.3: logits with a clear arg-max, for exact
+    token comparisons; such a model is too chaotic for 4-bit weights). Returns ``directory``."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edgelm.data import PROBE_SENTENCES
+    from edgelm.generative import PROMPTS
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([*PROBE_SENTENCES, *PROMPTS], trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(directory)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    kwargs = {"head_dim": hidden // 4} if family == "qwen3" else {}
+    cfg = config_cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kwargs,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, init_std)
+    model.save_pretrained(directory)
+    return directory

@@ -25,12 +25,15 @@ logits [n, vocab] (ONNX: every position) or [1, vocab] (ExecuTorch: the last pos
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -237,6 +240,27 @@ def _check_window(session: DecoderSession, tokens: np.ndarray, pos: int) -> np.n
     return tokens
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send ExecuTorch's cpuinfo and thread-pool log lines (written to fd 2 and, through pybind, to
+    ``sys.stderr``) to /dev/null while the block runs; Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved, saved_py = os.dup(2), sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with open(os.devnull, "w") as sink:
+            sys.stderr = sink
+            try:
+                yield
+            finally:
+                sys.stderr = saved_py
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class ExecuTorchDecoder:
     """A ``.pte`` decoder in ExecuTorch's Python runtime (XNNPACK, quantized and LLM custom kernels).
     ``threads`` sets XNNPACK's thread pool before the program is loaded."""
@@ -251,15 +275,18 @@ class ExecuTorchDecoder:
         runtime = require("executorch.runtime", "executorch", "to run .pte artifacts")
         require("executorch.kernels.quantized", "executorch", "for the quantized kernels of .pte artifacts")
         require("executorch.extension.llm.custom_ops.custom_ops", "executorch", "for the LLM kernels (SDPA, KV cache)")
-        if threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(int(threads))
         try:
-            program = runtime.Runtime.get().load_program(path)
-            names = set(program.method_names)
-            meta = {n: program.load_method(n).execute([]) for n in names if n.startswith("get_") or n == "use_kv_cache"}
-            self._method = program.load_method("forward")
+            with quiet_stderr():
+                if threads:
+                    from executorch.extension.pybindings import portable_lib
+
+                    portable_lib._unsafe_reset_threadpool(int(threads))
+                program = runtime.Runtime.get().load_program(path)
+                names = set(program.method_names)
+                meta = {
+                    n: program.load_method(n).execute([]) for n in names if n.startswith("get_") or n == "use_kv_cache"
+                }
+                self._method = program.load_method("forward")
         except Exception as exc:
             raise ArtifactLoadError(f"ExecuTorch could not load {path}: {exc}") from exc
         if not meta.get("use_kv_cache", [False])[0]:

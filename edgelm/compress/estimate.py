@@ -274,3 +274,21 @@ def decoder_estimate(hardware: dict, config: dict, context_length: int) -> Decod
         bandwidth_gbs=float(hardware["memory_bandwidth_gbs"]),
         prefill_gops_rate=int8_rate(hardware, "pytorch", "8da4w"),
     )
+
+
+def decoder_weight_bytes(config: dict, scheme: str, group_size: int = 32) -> int:
+    """Bytes of a Llama-family decoder's weights as ``scheme`` stores them: ``fp32`` 4 bytes per weight;
+    ``8da4w`` the linears and the output head at 4 bits plus a 2-byte scale per group of ``group_size``
+    (torchao's layout), the embedding table at 8 bits plus a 4-byte scale per row (a tied head is quantized
+    apart from it), norms float32."""
+    d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    dh = int(config.get("head_dim") or d // heads)
+    inter, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
+    linear = layers * (d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * inter) + d * vocab
+    embedding, norms = vocab * d, (2 * layers + 1) * d
+    if scheme == "fp32":  # a tied output head shares the embedding table's float weights
+        head = d * vocab if config.get("tie_word_embeddings") else 0
+        return 4 * (linear - head + embedding + norms)
+    return int(linear * (0.5 + 2 / group_size) + embedding + 4 * vocab + 4 * norms)

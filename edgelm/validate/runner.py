@@ -71,9 +71,12 @@ class BundleJob:
         return checksum_args(self.checksums.get(artifact))
 
     def files(self, artifact: str) -> list[Path]:
-        """The artifact and the companion files it loads (external data, ``.ptd``) found beside it."""
+        """The artifact and the companion files it loads: those its manifest entry lists (external data,
+        a decoder's ``genai_config.json``) and swappable adapter weights (``.ptd``) found beside it."""
         path = self.bundle / artifact
-        return [path, *sorted(p for p in self.bundle.glob(f"{path.stem}.*adapter*") if p.is_file())]
+        named = [self.bundle / f for f in self.checksums.get(artifact, {}) if f != artifact]
+        adapters = sorted(p for p in self.bundle.glob(f"{path.stem}.*adapter*") if p.is_file())
+        return [path, *dict.fromkeys([*named, *adapters])]
 
 
 @dataclass

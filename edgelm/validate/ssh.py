@@ -27,7 +27,12 @@ from edgelm.validate.runner import (
 )
 
 #: What the target side needs on a board: the torch-free target script and the exporters' sessions.
-PAYLOAD_FILES = ("edgelm/__init__.py", "edgelm/validate/__init__.py", "edgelm/validate/target.py")
+PAYLOAD_FILES = (
+    "edgelm/__init__.py",
+    "edgelm/validate/__init__.py",
+    "edgelm/validate/target.py",
+    "edgelm/generation.py",  # decoders' greedy tokens, perplexity and speed (numpy only)
+)
 PAYLOAD_PACKAGES = ("exporters",)
 
 

