@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -312,14 +313,12 @@ def export_generative(
 
     def fill(tmp: Path) -> None:
         (tmp / "logs").mkdir()
-        work = tmp.parent / f".{tmp.name}-work"
+        work = tmp / ".work"  # converted checkpoints; inside the partial folder, so a killed run's is cleaned too
         work.mkdir()
         try:
             with captured_output(tmp / "logs" / "export.log"):
                 _fill(tmp, work)
         finally:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
 
     def _fill(tmp: Path, work: Path) -> None:

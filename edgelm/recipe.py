@@ -6,6 +6,7 @@ shapes, and the acceptance gates that validation applies to each artifact.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import exporters
@@ -310,15 +311,7 @@ def make_generation_recipe(
         scheme = overrides.get(fmt) or llm.scheme
         if scheme not in ("8da4w", "fp32"):
             raise RecipeError(f"generative models export as 8da4w or fp32, not {scheme!r}")
-        base = gates_for(profile, scheme)
-        gates = Gates(
-            min_cosine=base.min_cosine,
-            min_top1_agreement=base.min_top1_agreement,
-            max_accuracy_drop=base.max_accuracy_drop,
-            max_size_mb=llm.max_artifact_mb,
-            max_perplexity_ratio=base.max_perplexity_ratio,
-            min_token_agreement=base.min_token_agreement,
-        )
+        gates = dataclasses.replace(gates_for(profile, scheme), max_size_mb=llm.max_artifact_mb)
         spec = QuantSpec(scheme=scheme, embedding_bits=8 if scheme == "8da4w" else None, group_size=llm.group_size)
         plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))
     return GenerationRecipe(
