@@ -21,6 +21,41 @@ from pathlib import Path
 
 import numpy as np
 
+#: The golden prompts: questions and instructions with short, checkable answers.
+PROMPTS = (
+    "What is the capital of France?",
+    "What is 12 times 7?",
+    "Name the largest planet in the solar system.",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote the play Romeo and Juliet?",
+    "What is the boiling point of water in degrees Celsius?",
+    "Give me three colors of the rainbow.",
+    "What does a thermometer measure?",
+    "Write one sentence about the ocean.",
+    "What is the opposite of 'hot'?",
+    "How many days are there in a week?",
+    "What gas do plants take in from the air?",
+    "Name a mammal that can fly.",
+    "What is the chemical symbol for gold?",
+    "Summarize in one sentence: the cat sat on the mat and fell asleep.",
+    "What is the square root of 81?",
+    "Which continent is Egypt in?",
+    "What language is spoken in Brazil?",
+    "Write a haiku about autumn.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Who painted the Mona Lisa?",
+    "What is the main ingredient of guacamole?",
+    "List two programming languages.",
+    "What is the tallest mountain on Earth?",
+    "Explain what a noun is in one sentence.",
+    "How many legs does a spider have?",
+    "What is the currency of Japan?",
+    "Complete the sentence: The early bird catches the",
+    "What is photosynthesis?",
+    "Give a synonym for 'happy'.",
+    "What is the largest ocean?",
+    "Tell me a fun fact about elephants.",
+)
 #: Files of a generative bundle's tokenizer: the ``tokenizers`` JSON and the chat template (Jinja).
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

@@ -95,7 +95,7 @@ def make_causal_lm(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from edgelm.data import PROBE_SENTENCES
-    from edgelm.generative import PROMPTS
+    from edgelm.generation import PROMPTS
 
     directory.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())

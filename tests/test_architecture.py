@@ -22,7 +22,7 @@ GROUND = {
     "edgelm.profiles",
     "edgelm.data",
 }
-TOP = {"edgelm.cli", "edgelm.pipeline"}
+TOP = {"edgelm.cli", "edgelm.pipeline", "edgelm.generative"}  # generative: the text-generation pipeline
 
 
 def _modules() -> dict[str, Path]:

@@ -15,8 +15,10 @@ def test_task_from_checkpoint_architecture():
     assert tasks.for_architectures(["BertModel"]) is tasks.FEATURE_EXTRACTION
     assert tasks.for_architectures([]) is tasks.FEATURE_EXTRACTION
     assert tasks.for_kind("classifier").output_name == "logits"
-    with pytest.raises(ModelError, match="unknown model kind 'generator'"):
-        tasks.for_kind("generator")
+    assert tasks.for_architectures(["LlamaForCausalLM"]) is tasks.TEXT_GENERATION
+    assert tasks.for_kind("generator") is tasks.TEXT_GENERATION
+    with pytest.raises(ModelError, match="unknown model kind 'decoder'"):
+        tasks.for_kind("decoder")
 
 
 def test_gate_checks_follow_the_task():
