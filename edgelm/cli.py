@@ -513,6 +513,7 @@ def generate(
     )
     wall = time.perf_counter() - t0
     sys.stdout.write("\n")
+    sys.stdout.flush()
     why = "EOS" if gen.stopped_at_eos else f"{len(gen.tokens)} tokens"
     _err_console().print(
         f"{name}: {len(ids)} prompt tokens, {len(gen.tokens)} new ({why}); prefill "
