@@ -113,7 +113,10 @@ def reference_stage(lm: CausalLM, recipe: GenerationRecipe, text: Path | None, t
     prompts = [_prompt_ids(lm, p) for p in PROMPTS]
     too_long = max(len(p) for p in prompts) + NEW_TOKENS
     if too_long > recipe.context_length:
-        raise ExportError(f"the golden prompts need {too_long} positions; the context is {recipe.context_length}")
+        raise ExportError(
+            f"the golden prompts need {too_long} positions and the context is {recipe.context_length}: "
+            f"use --context-length {too_long} or more"
+        )
     rows, first = [], []
     for p in prompts:
         toks, logits, _ = _eager_greedy(lm, p, NEW_TOKENS)
