@@ -80,8 +80,11 @@ def _registry() -> dict[str, Format]:
 
 
 def formats() -> list[str]:
-    """Registered format names, e.g. ``["onnx", "executorch", "tflite"]``."""
-    return list(_registry())
+    """Registered format names, e.g. ``["onnx", "executorch", "tflite"]``: the built-in ones in
+    :data:`BUILTIN`'s order whichever module was imported first, then the others as they registered."""
+    registry = _registry()
+    rank = {module: i for i, module in enumerate(BUILTIN)}
+    return sorted(registry, key=lambda name: rank.get(type(registry[name]).__module__, len(BUILTIN)))
 
 
 def get(fmt: str) -> Format:
