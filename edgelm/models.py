@@ -110,7 +110,9 @@ class LoadedModel:
         }
 
 
-def _read_config(directory: Path) -> dict:
+def read_config_json(directory: Path) -> dict:
+    """``directory/config.json`` as a dict. Raises ModelError when the directory or its config.json is missing,
+    or the file is not a JSON object."""
     if not directory.exists():
         raise ModelError(f"model directory not found: {directory} (pass a Hugging Face checkpoint directory)")
     if not directory.is_dir():
@@ -127,6 +129,14 @@ def _read_config(directory: Path) -> dict:
         raise ModelError(f"{cfg_path} is corrupt (not JSON: {exc}); re-save the checkpoint") from None
     if not isinstance(cfg, dict):
         raise ModelError(f"{cfg_path} is corrupt (not a JSON object); re-save the checkpoint")
+    return cfg
+
+
+def _read_config(directory: Path) -> dict:
+    """An encoder checkpoint's config (:func:`read_config_json`), refused unless its model type is in
+    :data:`SUPPORTED_MODEL_TYPES` and a tokenizer is saved beside it."""
+    cfg = read_config_json(directory)
+    cfg_path = directory / "config.json"
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(

@@ -165,6 +165,14 @@ def _delegate(profile: DeviceProfile, fmt: str) -> str:
     )
 
 
+def _threads(profile: DeviceProfile, threads: int | None) -> int:
+    """The runtime threads: ``threads`` or the profile's ``validation.threads``. Raises RecipeError below 1."""
+    n = profile.validation.threads if threads is None else int(threads)
+    if n < 1:
+        raise RecipeError(f"--threads {n}: use 1 or more")
+    return n
+
+
 def make_recipe(
     profile: DeviceProfile,
     *,
@@ -201,14 +209,12 @@ def make_recipe(
     seq = profile.budgets.latency_seq_len if seq_len is None else int(seq_len)
     if not 2 <= seq <= 512:
         raise RecipeError(f"--seq-len {seq} is out of range: use 2..512 tokens")
-    n_threads = profile.validation.threads if threads is None else int(threads)
     sparsity = profile.compression.sparsity if sparsity is None else float(sparsity)
     if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 100.0:
         raise RecipeError(f"--max-accuracy-drop {max_accuracy_drop}: use 0..100 points")
     if not 0.0 <= sparsity < 1.0:
         raise RecipeError(f"--prune {sparsity}: use a share in [0, 1), e.g. 0.3 to remove 30% of heads and FFN neurons")
-    if n_threads < 1:
-        raise RecipeError(f"--threads {n_threads}: use 1 or more")
+    n_threads = _threads(profile, threads)
     plans = []
     for fmt in chosen:
         scheme = overrides.get(fmt) or profile.quantization.get(fmt) or "int8_dynamic"
@@ -303,9 +309,7 @@ def make_generation_recipe(
     ctx = llm.context_length if context_length is None else int(context_length)
     if not 16 <= ctx <= 32768:
         raise RecipeError(f"--context-length {ctx}: use 16..32768 tokens")
-    n_threads = profile.validation.threads if threads is None else int(threads)
-    if n_threads < 1:
-        raise RecipeError(f"--threads {n_threads}: use 1 or more")
+    n_threads = _threads(profile, threads)
     plans = []
     for fmt in chosen:
         scheme = overrides.get(fmt) or llm.scheme

@@ -42,7 +42,9 @@ import numpy as np
 from exporters.base import (
     ArtifactLoadError,
     ExportFailedError,
+    QuantSpec,
     UnsupportedQuantError,
+    check_artifact_file,
     package_versions,
     require,
     require_installed,
@@ -60,8 +62,7 @@ def _check_scheme(scheme: str, group_size: int) -> None:
             f"generative models export as {' or '.join(DECODER_SCHEMES)}, not {scheme!r} "
             "(8da4w: int8 dynamic activations, int4 group-wise weights, 8-bit embeddings)"
         )
-    if group_size not in (32, 64, 128, 256):
-        raise UnsupportedQuantError(f"group_size must be 32, 64, 128 or 256, not {group_size!r}")
+    QuantSpec(scheme=scheme, group_size=group_size)  # the exporter layer's group-size check
 
 
 def export_executorch(
@@ -268,25 +269,20 @@ class ExecuTorchDecoder:
     full_logits = False
 
     def __init__(self, path: Path, threads: int | None = None):
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactLoadError(f"ExecuTorch artifact not found: {path}")
-        self._torch = require("torch", "torch", "by ExecuTorch's Python runtime")
-        runtime = require("executorch.runtime", "executorch", "to run .pte artifacts")
-        require("executorch.kernels.quantized", "executorch", "for the quantized kernels of .pte artifacts")
+        from exporters.executorch import open_program
+
+        path = check_artifact_file(path, ".pte", "ExecuTorch")
         require("executorch.extension.llm.custom_ops.custom_ops", "executorch", "for the LLM kernels (SDPA, KV cache)")
         try:
             with quiet_stderr():
-                if threads:
-                    from executorch.extension.pybindings import portable_lib
-
-                    portable_lib._unsafe_reset_threadpool(int(threads))
-                program = runtime.Runtime.get().load_program(path)
+                self._torch, program = open_program(path, threads)
                 names = set(program.method_names)
                 meta = {
                     n: program.load_method(n).execute([]) for n in names if n.startswith("get_") or n == "use_kv_cache"
                 }
                 self._method = program.load_method("forward")
+        except ArtifactLoadError:
+            raise
         except Exception as exc:
             raise ArtifactLoadError(f"ExecuTorch could not load {path}: {exc}") from exc
         if not meta.get("use_kv_cache", [False])[0]:
@@ -311,16 +307,12 @@ class OnnxDecoder:
     full_logits = True
 
     def __init__(self, path: Path, threads: int | None = None):
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactLoadError(f"ONNX artifact not found: {path}")
+        from exporters.onnx import DELEGATE, session_options
+
+        path = check_artifact_file(path, ".onnx", "ONNX")
         ort = require("onnxruntime", "onnxruntime", "to run .onnx artifacts")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
         try:
-            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), session_options(ort, threads), providers=[DELEGATE])
             config = json.loads(path.with_name(GENAI_CONFIG).read_text())["model"]
         except Exception as exc:
             raise ArtifactLoadError(f"ONNX Runtime could not load {path}: {exc}") from exc

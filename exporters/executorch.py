@@ -398,6 +398,24 @@ def _base_partitioner(xnn: Any, adapter_modules: tuple[str, ...]) -> Any:
     return BasePartitioner()
 
 
+def open_program(path: Path, threads: int | None = None, data_path: Path | None = None):
+    """Load the ``.pte`` at ``path`` in ExecuTorch's Python runtime with its quantized kernels, XNNPACK's thread
+    pool set to ``threads`` first (re-setting it after loading a method invalidates the method); ``data_path``:
+    a ``.ptd`` of external weights. Returns ``(torch, program)``. Raises RuntimeNotInstalledError or
+    ArtifactLoadError."""
+    torch = require("torch", "torch", "by ExecuTorch's Python runtime")
+    runtime = require("executorch.runtime", "executorch", "to run .pte artifacts")
+    require("executorch.kernels.quantized", "executorch", "for the quantized kernels of .pte artifacts")
+    try:
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        return torch, runtime.Runtime.get().load_program(path, data_path=data_path)
+    except Exception as exc:
+        raise ArtifactLoadError(f"ExecuTorch could not load {path}: {exc}") from exc
+
+
 class ExecuTorchSession:
     """A ``.pte`` program loaded in ExecuTorch's Python runtime (portable + quantized kernels, XNNPACK).
 
@@ -414,15 +432,8 @@ class ExecuTorchSession:
         data = Path(adapter) if adapter is not None else adapter_path(path, ".ptd")
         if adapter is not None and not data.is_file():
             raise ArtifactLoadError(f"adapter weights not found: {data}")
-        self._torch = require("torch", "torch", "by ExecuTorch's Python runtime")
-        runtime = require("executorch.runtime", "executorch", "to run .pte artifacts")
-        require("executorch.kernels.quantized", "executorch", "for the quantized kernels of .pte artifacts")
-        if threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(int(threads))
+        self._torch, program = open_program(path, threads, data if data.is_file() else None)
         try:
-            program = runtime.Runtime.get().load_program(path, data_path=data if data.is_file() else None)
             self._method = program.load_method("forward")
             names = (
                 [str(n) for n in program.load_method(SIGNATURE_METHOD).execute([])]

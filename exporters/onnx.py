@@ -559,6 +559,19 @@ def _quantize(
     return details
 
 
+def session_options(ort, threads: int | None = None):
+    """ONNX Runtime session options for edgelm's sessions: ``threads`` intra-op threads (one inter-op), warnings
+    off, and no telemetry event queue (edgelm also sets ``ORT_DISABLE_TELEMETRY``)."""
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
 class OnnxSession:
     """An ONNX Runtime CPU session. ``run(feeds)``: int arrays [batch, seq] -> ``{name: float32 array}``.
 
@@ -570,13 +583,7 @@ class OnnxSession:
     def __init__(self, path: Path, threads: int | None = None, adapter: Path | None = None):
         ort = require("onnxruntime", "onnxruntime", "to run .onnx artifacts")
         path = check_artifact_file(path, SUFFIX, "ONNX")
-        if hasattr(ort, "disable_telemetry_events"):  # no telemetry event queue (edgelm also sets the env)
-            ort.disable_telemetry_events()
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = session_options(ort, threads)
         if adapter is not None:
             adapter = Path(adapter)
             if not adapter.is_file():

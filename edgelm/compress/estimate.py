@@ -257,17 +257,32 @@ class DecoderEstimate:
         return asdict(self)
 
 
-def decoder_estimate(hardware: dict, config: dict, context_length: int) -> DecoderEstimate:
-    """:class:`DecoderEstimate` of a Llama-family decoder (``config``: its Hugging Face config as a dict) at
-    ``context_length`` tokens on ``hardware`` (a profile's ``[hardware]``)."""
+def _decoder_shape(config: dict) -> dict:
+    """A Llama-family decoder's sizes from its Hugging Face config: ``hidden``, ``layers``, ``kv_heads``,
+    ``head_dim``, ``vocab`` and ``linear``, the weights of every linear layer and the output head (one MAC per
+    weight per token)."""
     d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     dh = int(config.get("head_dim") or d // heads)
     inter, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
     per_layer = d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * inter
-    macs = layers * per_layer + d * vocab
-    kv = 2 * layers * kv_heads * dh * context_length * 4
+    return {
+        "hidden": d,
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": dh,
+        "vocab": vocab,
+        "linear": layers * per_layer + d * vocab,
+    }
+
+
+def decoder_estimate(hardware: dict, config: dict, context_length: int) -> DecoderEstimate:
+    """:class:`DecoderEstimate` of a Llama-family decoder (``config``: its Hugging Face config as a dict) at
+    ``context_length`` tokens on ``hardware`` (a profile's ``[hardware]``)."""
+    shape = _decoder_shape(config)
+    macs = shape["linear"]
+    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context_length * 4
     return DecoderEstimate(
         kv_cache_mb=kv / 1e6,
         prefill_gmacs_per_token=macs / 1e9,
@@ -281,12 +296,8 @@ def decoder_weight_bytes(config: dict, scheme: str, group_size: int = 32) -> int
     ``8da4w`` the linears and the output head at 4 bits plus a 2-byte scale per group of ``group_size``
     (torchao's layout), the embedding table at 8 bits plus a 4-byte scale per row (a tied head is quantized
     apart from it), norms float32."""
-    d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    dh = int(config.get("head_dim") or d // heads)
-    inter, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
-    linear = layers * (d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * inter) + d * vocab
+    shape = _decoder_shape(config)
+    d, layers, vocab, linear = shape["hidden"], shape["layers"], shape["vocab"], shape["linear"]
     embedding, norms = vocab * d, (2 * layers + 1) * d
     if scheme == "fp32":  # a tied output head shares the embedding table's float weights
         head = d * vocab if config.get("tie_word_embeddings") else 0

@@ -248,16 +248,20 @@ def golden_check(bundle: Bundle, name: str, fid: dict, ref: np.ndarray) -> dict:
     plan = bundle.plan(name)
     checks = tasks.gate_checks(tasks.for_kind(bundle.kind), fid, plan.gates, plan.quant.scheme, reference=ref)
     checks = {k: c for k, c in checks.items() if k in ("min_cosine", "min_top1_agreement", "max_abs_error")}
+    value = {
+        "cosine_mean": fid["cosine_mean"],
+        "max_abs_error": fid["max_abs_error"],
+        "top1_agreement": fid.get("top1_agreement"),
+    }
+    return _as_one_check(checks, value, f"within the {plan.quant.scheme} tolerance")
+
+
+def _as_one_check(checks: dict[str, dict], value, passed_detail: str) -> dict:
+    """Several gate checks as one: passed when all pass, the limits by gate, the failures' details (or
+    ``passed_detail``)."""
     fails = [c["detail"] for c in checks.values() if not c["passed"]]
     return tasks.check(
-        not fails,
-        {
-            "cosine_mean": fid["cosine_mean"],
-            "max_abs_error": fid["max_abs_error"],
-            "top1_agreement": fid.get("top1_agreement"),
-        },
-        {k: c["limit"] for k, c in checks.items()},
-        "; ".join(fails) if fails else f"within the {plan.quant.scheme} tolerance",
+        not fails, value, {k: c["limit"] for k, c in checks.items()}, "; ".join(fails) if fails else passed_detail
     )
 
 
@@ -280,13 +284,8 @@ def generation_check(bundle: Bundle, name: str, res) -> tuple[dict, dict]:
     }
     checks = tasks.gate_checks(tasks.TEXT_GENERATION, fid, plan.gates, plan.quant.scheme)
     checks = {k: c for k, c in checks.items() if k != "max_size_mb"}
-    fails = [c["detail"] for c in checks.values() if not c["passed"]]
-    return fid, tasks.check(
-        not fails,
-        {"token_agreement": fid["token_agreement"], "perplexity_ratio": fid["perplexity_ratio"]},
-        {k: c["limit"] for k, c in checks.items()},
-        "; ".join(fails) if fails else "; ".join(c["detail"] for c in checks.values()),
-    )
+    value = {"token_agreement": fid["token_agreement"], "perplexity_ratio": fid["perplexity_ratio"]}
+    return fid, _as_one_check(checks, value, "; ".join(c["detail"] for c in checks.values()))
 
 
 def accuracy_check(bundle: Bundle, name: str, fid: dict) -> dict | None:

@@ -133,6 +133,7 @@ def run(
 def run_generative(artifact: Path, data, out: Path, threads: int | None, warmup: int, runs: int) -> dict:
     """Run a decoder artifact on a generative golden set (see the module doc). Returns the result dict (also
     written to ``out/result.json``); ``out/outputs.npy`` holds the greedy tokens."""
+    import exporters
     from edgelm import generation
     from exporters.decoder import load_decoder, runtime_versions
 
@@ -162,7 +163,7 @@ def run_generative(artifact: Path, data, out: Path, threads: int | None, warmup:
         one_thread.pop("step_ms")
     result = {
         "artifact": artifact.name,
-        "format": "executorch" if artifact.suffix == ".pte" else "onnx",
+        "format": exporters.format_for_path(artifact),
         "threads": threads,
         "warmup": warmup,
         "runs": runs,
