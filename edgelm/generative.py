@@ -28,7 +28,7 @@ import edgelm
 import exporters
 from edgelm import fsutil, generation, hostinfo, tasks
 from edgelm.bundle import SCHEMA, Bundle, Manifest
-from edgelm.causal_lm import CausalLM, executorch_checkpoint, load_causal_lm, save_hf_checkpoint
+from edgelm.causal_lm import CausalLM, executorch_blocks, executorch_checkpoint, load_causal_lm, save_hf_checkpoint
 from edgelm.compress.estimate import decoder_estimate
 from edgelm.errors import DataError, ExportError
 from edgelm.generation import PROMPTS
@@ -179,6 +179,7 @@ def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: 
                 bos_id=lm.bos_id,
                 eos_ids=lm.eos_ids,
                 vocab_size=lm.vocab_size,
+                blocks=executorch_blocks(lm),
             )
             companions: list[Path] = []
         else:
@@ -186,7 +187,12 @@ def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: 
             if not hf_dir.is_dir():
                 save_hf_checkpoint(lm, hf_dir)
             info = decoder.export_onnx(
-                hf_dir, path, scheme=q.scheme, group_size=q.group_size, max_context_len=recipe.context_length
+                hf_dir,
+                path,
+                scheme=q.scheme,
+                group_size=q.group_size,
+                max_context_len=recipe.context_length,
+                blocks=lm.blocks,
             )
             companions = decoder.onnx_files(path)
     except ExporterError as exc:

@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -142,3 +144,89 @@ def make_causal_lm(
                     p.normal_(0.0, init_std)
     model.save_pretrained(directory)
     return directory
+
+
+#: Hugging Face Llama tensor -> llama.cpp GGUF tensor names (``{}``: layer index), for :func:`write_gguf`.
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.ffn_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "blk.{}.ffn_gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "blk.{}.ffn_up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down.weight",
+}
+
+
+def write_gguf(checkpoint: Path, path: Path, *, linear_type: str = "Q4_1") -> Path:
+    """Write the tiny Llama checkpoint of :func:`make_causal_lm` as a llama.cpp GGUF file at ``path``, as
+    llama.cpp's ``convert_hf_to_gguf.py`` lays it out: linears in ``linear_type`` (``Q4_0``, ``Q4_1``), the
+    tied embedding ``Q8_0``, norms float32, q/k rows permuted for llama.cpp's RoPE, and the BPE tokenizer
+    (``gpt2`` model, tokens, merges, BOS/EOS, chat template) in the metadata. transformers loads it with
+    ``from_pretrained(dir, gguf_file=...)``. Returns ``path``."""
+    import gguf
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    cfg = model.config
+    tok = json.loads((Path(checkpoint) / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tok["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(
+        float(cfg.rope_parameters.get("rope_theta", 10000.0)) if getattr(cfg, "rope_parameters", None) else 10000.0
+    )
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{linear_type}"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    w.add_chat_template(CHATML)
+
+    def permute(t: np.ndarray, heads: int) -> np.ndarray:  # convert_hf_to_gguf.py LlamaModel.permute
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    for key, value in model.state_dict().items():
+        name = next(
+            (
+                g.replace("{}", m.group(1)) if m.groups() else g
+                for h, g in _GGUF_NAMES.items()
+                if (m := re.match("^" + re.escape(h).replace(r"\{\}", r"(\d+)") + "$", key))
+            ),
+            None,
+        )
+        if name is None:
+            continue  # the tied head
+        data = value.detach().float().numpy()
+        if name.endswith("attn_q.weight"):
+            data = permute(data, cfg.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            data = permute(data, cfg.num_key_value_heads)
+        if data.ndim == 1:
+            w.add_tensor(name, np.ascontiguousarray(data))
+            continue
+        qtype = gguf.GGMLQuantizationType["Q8_0" if name == "token_embd.weight" else linear_type]
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,11 +77,19 @@ def export_executorch(
     bos_id: int | None = None,
     eos_ids: list[int] | None = None,
     vocab_size: int | None = None,
+    blocks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a Llama-family checkpoint in ExecuTorch's layout (``checkpoint``: a ``.pth`` state dict,
     ``params``: its ``params.json``; see :func:`edgelm.causal_lm.executorch_checkpoint`) to the ``.pte`` at
     ``path`` with ExecuTorch's LLM export. ``max_context_len``: KV-cache positions (tokens), also the longest
     prefill. Returns the export facts (scheme, group size, context length, seconds, methods).
+
+    ``blocks`` (``8da4w`` only): a GGUF file's own weights by ExecuTorch name (``layers.0.attention.wq.weight``
+    -> an object with ``bits``, ``codes`` int8 [out, in], ``scales`` float32 [out, in / 32], ``offsets`` float32
+    [out, in / 32] or None; see :mod:`edgelm.gguf_weights`). Those linears keep the GGUF's int4 codes and
+    scales exactly (torchao ``IntxUnpackedToInt8Tensor`` with the given scales) plus the block-offset term; the
+    others are quantized 8da4w as usual, and the output head 8da8w per channel (int8 weights: the GGUF's head is
+    8-bit, and an int4 head costs most of the accuracy).
 
     Raises:
         UnsupportedQuantError: a scheme other than :data:`DECODER_SCHEMES`.
@@ -109,7 +118,7 @@ def export_executorch(
     cfg.export.max_seq_length = int(max_context_len)
     cfg.export.max_context_length = int(max_context_len)
     if scheme == "8da4w":
-        cfg.quantization.qmode = "8da4w"
+        cfg.quantization.qmode = None if blocks else "8da4w"  # with blocks: _carry_blocks quantizes the linears
         cfg.quantization.group_size = int(group_size)
         cfg.quantization.embedding_quantize = "8,0"  # 8 bits, one scale per row
     cfg.backend.xnnpack.enabled = True
@@ -119,8 +128,12 @@ def export_executorch(
     with tempfile.TemporaryDirectory(prefix="edgelm-et-llm-") as tmp:
         cfg.export.output_dir = tmp
         cfg.export.output_name = str(Path(tmp) / "model.pte")
+        carried: dict[str, int] = {}
         try:
-            export_llama(cfg)
+            with _extra_source_transform(
+                _carry_blocks(blocks, group_size, carried) if blocks and scheme == "8da4w" else None
+            ):
+                export_llama(cfg)
         except Exception as exc:
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ExportFailedError(f"ExecuTorch's LLM export failed: {first}") from exc
@@ -130,9 +143,123 @@ def export_executorch(
         "scheme": scheme,
         "group_size": group_size if scheme == "8da4w" else None,
         "embedding_bits": 8 if scheme == "8da4w" else None,
+        "head_bits": (8 if blocks else 4) if scheme == "8da4w" else None,
+        "gguf_blocks": carried,
         "max_context_len": int(max_context_len),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+@contextlib.contextmanager
+def _extra_source_transform(transform) -> Iterator[None]:
+    """Append ``transform`` (nn.Module -> nn.Module) to the source transforms ExecuTorch's LLM export applies
+    after loading its checkpoint (``export_llama_lib._get_source_transforms``; executorch 1.5), while inside.
+    ``export_llama`` takes no custom transform otherwise."""
+    if transform is None:
+        yield
+        return
+    from executorch.examples.models.llama import export_llama_lib
+
+    original = export_llama_lib._get_source_transforms
+    export_llama_lib._get_source_transforms = lambda *a, **k: [*original(*a, **k), transform]
+    try:
+        yield
+    finally:
+        export_llama_lib._get_source_transforms = original
+
+
+def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int]):
+    """The source transform for :func:`export_executorch`'s ``blocks``: every ``nn.Linear`` whose
+    ``<name>.weight`` has 4-bit blocks becomes a ``BlockLinear`` (:func:`_block_linear_class`) (exact GGUF codes and scales, 8da4w),
+    the ``output`` head 8da8w per channel, any other linear 8da4w (group ``group_size``, HQQ scales as
+    ExecuTorch's own ``8da4w``). ``counts`` receives ``{"int4": n, "int4_offsets": n}``."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    def transform(model):
+        block_linear = _block_linear_class()
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                b = blocks.get(f"{full}.weight")
+                if isinstance(child, torch.nn.Linear) and b is not None and b.bits == 4:
+                    setattr(module, child_name, block_linear(b, child.bias))
+                    counts["int4"] = counts.get("int4", 0) + 1
+                    counts["int4_offsets"] = counts.get("int4_offsets", 0) + int(b.offsets is not None)
+        with torch.no_grad():
+            quantize_(
+                model,
+                Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn == "output",
+            )
+            quantize_(
+                model,
+                Int8DynamicActivationIntxWeightConfig(
+                    weight_dtype=torch.int4,
+                    weight_granularity=PerGroup(group_size),
+                    intx_choose_qparams_algorithm="hqq_scale_only",
+                ),
+                filter_fn=lambda m, fqn: (
+                    type(m) is torch.nn.Linear
+                    and fqn != "output"
+                    and not fqn.endswith(".offsets")
+                    and not fqn.endswith(".int4")
+                    and m.weight.shape[1] % group_size == 0
+                    and m.weight.dtype == torch.float32
+                ),
+            )
+        return model
+
+    return transform
+
+
+def _block_linear_class():
+    import torch
+
+    class BlockLinear(torch.nn.Module):
+        """``y = int4(x) + offsets(block sums of x)``: a GGUF Q4_0/Q4_1 linear, exact (see
+        :mod:`edgelm.gguf_weights`). ``int4``: 8da4w linear with the GGUF's codes and scales (torchao
+        ``IntxUnpackedToInt8Tensor``, int8 dynamic per-token activations); ``offsets``: float32 linear
+        [in / 32 -> out] on the sums of x over each block of 32 inputs (Q4_1 only)."""
+
+        def __init__(self, b, bias):
+            super().__init__()
+            from torchao.quantization import IntxUnpackedToInt8Tensor
+            from torchao.quantization.quant_primitives import MappingType
+
+            out, n = b.codes.shape
+            codes = torch.from_numpy(np.ascontiguousarray(b.codes)).float()
+            scales = torch.from_numpy(np.ascontiguousarray(b.scales)).float()
+            hp = (codes.view(out, n // 32, 32) * scales[..., None]).view(out, n)
+            weight = IntxUnpackedToInt8Tensor.from_hp(
+                hp,
+                (1, 32),
+                torch.int4,
+                mapping_type=MappingType.SYMMETRIC,
+                activation_quantization="int8_asym_per_token",
+                intx_choose_qparams_algorithm=None,
+                custom_scale=scales,
+                custom_zero_point=torch.zeros_like(scales, dtype=torch.int8),
+            )
+            self.int4 = torch.nn.Linear(n, out, bias=bias is not None)
+            self.int4.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                self.int4.bias = torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+            self.offsets = None
+            if b.offsets is not None:
+                self.offsets = torch.nn.Linear(n // 32, out, bias=False)
+                self.offsets.weight = torch.nn.Parameter(
+                    torch.from_numpy(np.ascontiguousarray(b.offsets)).float(), requires_grad=False
+                )
+
+        def forward(self, x):
+            y = self.int4(x)
+            if self.offsets is not None:
+                y = y + self.offsets(x.unflatten(-1, (-1, 32)).sum(-1))
+            return y
+
+    return BlockLinear
 
 
 def export_onnx(
@@ -143,11 +270,14 @@ def export_onnx(
     group_size: int = 32,
     max_context_len: int = 512,
     timeout_s: float = 1800.0,
+    blocks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export the Hugging Face checkpoint in ``hf_dir`` with ONNX Runtime GenAI's model builder to the ONNX
     file ``path`` (its weights in ``<path>.data``; ``genai_config.json`` and the tokenizer files beside it).
     ``8da4w``: int4 ``MatMulNBits`` weights in blocks of ``group_size``, ``accuracy_level=4`` (int8
     activations); ``fp32``: float weights. ``max_context_len`` is written as the model's context length.
+    ``blocks`` (``8da4w`` only; Hugging Face names, see :func:`carry_block_weights_onnx`): a GGUF file's own
+    weights, written over the builder's re-quantized ones.
 
     Raises UnsupportedQuantError, RuntimeNotInstalledError (onnxruntime-genai), ExportFailedError.
     """
@@ -186,6 +316,7 @@ def export_onnx(
             raise ExportFailedError(
                 f"ONNX Runtime GenAI's model builder failed: {lines[-1] if lines else proc.returncode}"
             )
+        carried = carry_block_weights_onnx(out / path.name, blocks) if blocks and scheme == "8da4w" else {}
         config = json.loads((out / GENAI_CONFIG).read_text())
         config["model"]["context_length"] = int(max_context_len)
         config["search"]["max_length"] = int(max_context_len)
@@ -197,9 +328,162 @@ def export_onnx(
         "scheme": scheme,
         "group_size": group_size if scheme == "8da4w" else None,
         "weights": f"MatMulNBits int4, block {group_size}, accuracy_level 4" if scheme == "8da4w" else "float32",
+        "head_bits": (8 if carried.get("int8_head") else 4) if scheme == "8da4w" else None,
+        "gguf_blocks": carried,
         "max_context_len": int(max_context_len),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+#: ONNX Runtime GenAI builder's int4 linear nodes: ``/model/layers.{i}/{attn|mlp}/{proj}/MatMul_Q4``.
+_BUILDER_LINEAR = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul_Q4$")
+#: Builder projection -> the Hugging Face projections stacked in it (rows in this order).
+_BUILDER_PROJ = {
+    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "q_proj": ("self_attn.q_proj",),
+    "k_proj": ("self_attn.k_proj",),
+    "v_proj": ("self_attn.v_proj",),
+    "o_proj": ("self_attn.o_proj",),
+    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "gate_proj": ("mlp.gate_proj",),
+    "up_proj": ("mlp.up_proj",),
+    "down_proj": ("mlp.down_proj",),
+}
+
+
+def carry_block_weights_onnx(path: Path, blocks: dict[str, Any]) -> dict[str, int]:
+    """Replace the int4 weights the GenAI builder re-quantized in the ONNX decoder at ``path`` (weights in
+    ``<path>.data``) by a GGUF file's own blocks, exactly (see :mod:`edgelm.gguf_weights`).
+
+    ``blocks``: Hugging Face weight name -> an object with ``bits`` (4 or 8), ``codes`` int8 [out, in],
+    ``scales`` float32 [out, in / 32] and ``offsets`` float32 [out, in / 32] or None. A 4-bit linear becomes
+    ``MatMulNBits`` with the GGUF codes and scales (ONNX Runtime's default zero point 8 makes
+    ``(q + 8 - 8) * d``); block offsets add ``MatMul(ReduceSum(x per block of 32), offsets^T)`` to its
+    output. An 8-bit head (``Q8_0``) becomes an 8-bit ``MatMulNBits`` and the embedding that shares it an
+    8-bit ``GatherBlockQuantized``. A node whose weights are not all in ``blocks`` is left as the builder made
+    it. Returns the counts ``{"int4": n, "int4_offsets": n, "int8_head": 0 or 1}``.
+
+    Raises ExportFailedError when the model cannot be read or written.
+    """
+    onnx = require("onnx", "onnx", "to rewrite ONNX decoder weights")
+    from onnx import helper, numpy_helper
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ExportFailedError(f"could not read the ONNX decoder {path.name}: {exc}") from None
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    block = 32
+
+    def stacked(names: list[str]):
+        parts = [blocks.get(n) for n in names]
+        if any(p is None for p in parts) or len({p.bits for p in parts}) != 1:
+            return None
+        codes = np.concatenate([p.codes for p in parts])
+        scales = np.concatenate([p.scales for p in parts])
+        offs = [p.offsets for p in parts]
+        offsets = (
+            None
+            if all(o is None for o in offs)
+            else np.concatenate(
+                [o if o is not None else np.zeros_like(p.scales) for o, p in zip(offs, parts, strict=True)]
+            )
+        )
+        return parts[0].bits, codes, scales, offsets
+
+    def set_init(name: str, array: np.ndarray) -> None:
+        new = numpy_helper.from_array(array, name)
+        if name in inits:
+            inits[name].CopyFrom(new)
+        else:
+            graph.initializer.append(new)
+            inits[name] = graph.initializer[-1]
+
+    def attr(node, name, value) -> None:
+        for a in node.attribute:
+            if a.name == name:
+                a.CopyFrom(helper.make_attribute(name, value))
+                return
+        node.attribute.append(helper.make_attribute(name, value))
+
+    counts = {"int4": 0, "int4_offsets": 0, "int8_head": 0}
+    head_b = None
+    new_nodes: list[tuple[int, list]] = []
+    head_name = "lm_head.weight" if "lm_head.weight" in blocks else "model.embed_tokens.weight"
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMulNBits" or len(node.input) != 3:  # builder nodes: no zero points, no g_idx
+            continue
+        m = _BUILDER_LINEAR.match(node.name)
+        if m and m.group(3) in _BUILDER_PROJ:
+            names = [f"model.layers.{m.group(1)}.{p}.weight" for p in _BUILDER_PROJ[m.group(3)]]
+        elif node.name == "/lm_head/MatMul_Q4":
+            names = [head_name]
+        else:
+            continue
+        found = stacked(names)
+        if found is None:
+            continue
+        bits, codes, scales, offsets = found
+        n_out, k = codes.shape
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("N") != n_out or attrs.get("K") != k or attrs.get("block_size") != block:
+            continue
+        if bits == 4:
+            u = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(n_out, k // block, block)
+            packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # element 2j low nibble, 2j+1 high
+        elif node.name == "/lm_head/MatMul_Q4":
+            packed = (codes.astype(np.int16) + 128).astype(np.uint8).reshape(n_out, k // block, block)
+        else:
+            continue
+        if node.name == "/lm_head/MatMul_Q4":
+            head_b = node.input[1]
+        set_init(node.input[1], packed)
+        set_init(node.input[2], scales.astype(np.float32))
+        attr(node, "bits", bits)
+        counts["int4" if bits == 4 else "int8_head"] += 1
+        if offsets is not None:
+            # y = MatMulNBits(x) + MatMul(ReduceSum(reshape(x, [.., K/32, 32]), -1), offsets^T)
+            stem, y = node.name, node.output[0]
+            main = f"{stem}/int4_output"
+            node.output[0] = main
+            set_init(f"{stem}.block_shape", np.array([0, 0, k // block, block], dtype=np.int64))
+            set_init(f"{stem}.block_axis", np.array([-1], dtype=np.int64))
+            set_init(f"{stem}.block_offsets", np.ascontiguousarray(offsets.T.astype(np.float32)))
+            new_nodes.append(
+                (
+                    index,
+                    [
+                        helper.make_node("Reshape", [node.input[0], f"{stem}.block_shape"], [f"{stem}/blocks"]),
+                        helper.make_node(
+                            "ReduceSum", [f"{stem}/blocks", f"{stem}.block_axis"], [f"{stem}/block_sums"], keepdims=0
+                        ),
+                        helper.make_node("MatMul", [f"{stem}/block_sums", f"{stem}.block_offsets"], [f"{stem}/offset"]),
+                        helper.make_node("Add", [main, f"{stem}/offset"], [y]),
+                    ],
+                )
+            )
+            counts["int4_offsets"] += 1
+    if counts["int8_head"]:
+        for node in graph.node:  # the tied embedding reads the head's weights: 8-bit rows now
+            if node.op_type == "GatherBlockQuantized":
+                for ref in graph.node:
+                    if ref.op_type == "Reshape" and ref.output[0] == node.input[0] and ref.input[0] == head_b:
+                        rows, cols = blocks[head_name].codes.shape
+                        set_init(f"{ref.name}.shape8", np.array([rows, cols], dtype=np.int64))
+                        ref.input[1] = f"{ref.name}.shape8"
+                        attr(node, "bits", 8)
+    for index, nodes in reversed(new_nodes):
+        for offset, extra in enumerate(nodes, start=1):
+            graph.node.insert(index + offset, extra)
+    data = path.with_name(path.name + ".data")
+    try:
+        data.unlink(missing_ok=True)
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    except Exception as exc:
+        raise ExportFailedError(f"could not write the ONNX decoder {path.name}: {exc}") from None
+    return counts
 
 
 def onnx_files(path: Path) -> list[Path]:
