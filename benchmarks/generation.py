@@ -7,7 +7,12 @@ Rows, each measured in its own process on the same prompts and threads:
   ONNX, 8da4w);
 - llama.cpp through ``llama-cpp-python`` on the very same Q4_1 GGUF file (skipped, saying so, when it is not
   installed; it builds from source: ``pip install llama-cpp-python``).
-optimum-executorch is not measured yet (it needs its own virtual environment: it pins transformers 5.0.0rc1).
+- optimum-executorch's export of the same model (``--qlinear 8da4w --qembedding 8w --use_custom_sdpa
+  --use_custom_kv_cache``, context 1,024) from the dequantized checkpoint. It pins transformers 5.0.0rc1, so it
+  runs in its own virtual environment: ``python benchmarks/generation.py --export-optimum`` creates
+  ``benchmarks/.cache/optimum-et-venv`` (torch 2.13.0, executorch 1.5.1, optimum-executorch 1.1.0) when it is
+  missing, exports ``benchmarks/.cache/optimum-et/model.pte`` and records its export time; the row is skipped,
+  saying so, while that file is missing.
 
 Per row: perplexity over the bundle's golden window (the first 512 tokens of WikiText-2 test) and its ratio to
 the reference's; greedy token agreement with the reference on the bundle's 32 golden prompts (32 new tokens);
@@ -15,7 +20,7 @@ prefill tokens/s (128-token prompt), decode tokens/s (128 new tokens) and time t
 threads. Results: ``benchmarks/results/generation.{json,md,png}`` (the PNG: decode tokens/s against perplexity
 ratio), with the host's CPU and load.
 
-    python benchmarks/generation.py [--bundle dist/pixel8] [--threads 1 2]
+    python benchmarks/generation.py [--export-optimum] [--bundle dist/pixel8] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -90,6 +95,63 @@ class LlamaCppSession:
         return np.asarray(self.llm.scores[pos : pos + len(tokens)], dtype=np.float32)
 
 
+class OptimumSession:
+    """An optimum-executorch ``.pte`` (``forward(input_ids [1, n], cache_position [n])``) in ExecuTorch's runtime,
+    behind the DecoderSession interface (the last position's logits)."""
+
+    full_logits = False
+
+    def __init__(self, path: str, threads: int):
+        from exporters.decoder import quiet_stderr
+        from exporters.executorch import open_program
+
+        with quiet_stderr():
+            self.torch, program = open_program(Path(path), threads)
+            meta = {n: program.load_method(n).execute([]) for n in program.method_names if n.startswith("get_")}
+            self.method = program.load_method("forward")
+        self.max_context = int(meta["get_max_seq_len"][0])
+        self.vocab_size = int(meta["get_vocab_size"][0]) if "get_vocab_size" in meta else 0
+        self.bos_id, self.eos_ids = None, []
+
+    def forward(self, tokens, pos):
+        torch = self.torch
+        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)[None, :])
+        out = self.method.execute([ids, torch.arange(pos, pos + ids.shape[1], dtype=torch.long)])[0]
+        logits = out.numpy().astype(np.float32, copy=True)
+        return logits.reshape(-1, logits.shape[-1])[-1:]
+
+
+OPTIMUM = ROOT / "benchmarks" / ".cache" / "optimum-et"
+OPTIMUM_VENV = ROOT / "benchmarks" / ".cache" / "optimum-et-venv"
+
+
+def export_optimum() -> None:
+    """Export SmolLM2 with optimum-executorch in its own virtual environment (created when missing) to
+    ``OPTIMUM/model.pte``; the export time goes to ``OPTIMUM/export.json``."""
+    from edgelm.causal_lm import load_causal_lm, save_hf_checkpoint
+
+    python = OPTIMUM_VENV / "bin" / "python"
+    if not python.exists():
+        log(f"creating {OPTIMUM_VENV} (torch 2.13.0, executorch 1.5.1, optimum-executorch 1.1.0)")
+        subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
+        pins = ["torch==2.13.0", "executorch==1.5.1", "torchao==0.18.0", "optimum-executorch==1.1.0"]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
+    hf = OPTIMUM / "hf"
+    if not (hf / "config.json").is_file():
+        log("writing the dequantized SmolLM2 checkpoint")
+        save_hf_checkpoint(load_causal_lm("smollm2-135m"), hf)
+    log("optimum-cli export executorch (8da4w linears, 8-bit embeddings, custom SDPA and KV cache)")
+    t0 = time.perf_counter()
+    cli = OPTIMUM_VENV / "bin" / "optimum-cli"
+    cmd = [str(cli), "export", "executorch", "--model", str(hf), "--task", "text-generation", "--recipe", "xnnpack"]
+    cmd += ["--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", "8da4w", "--qembedding", "8w"]
+    cmd += ["--max_seq_len", "1024", "--output_dir", str(OPTIMUM)]
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - t0
+    (OPTIMUM / "export.json").write_text(json.dumps({"seconds": seconds, "command": cmd[1:]}, indent=2) + "\n")
+    log(f"exported {OPTIMUM / 'model.pte'} in {seconds:.0f} s")
+
+
 def worker(kind: str, path: str, threads: int, golden: str, quality: bool) -> dict:
     """One row at one thread count, in this process."""
     g = np.load(golden)
@@ -98,6 +160,8 @@ def worker(kind: str, path: str, threads: int, golden: str, quality: bool) -> di
         session = HFSession(threads)
     elif kind == "llama.cpp":
         session = LlamaCppSession(path, threads)
+    elif kind == "optimum":
+        session = OptimumSession(path, threads)
     else:
         from exporters.decoder import load_decoder
 
@@ -145,7 +209,10 @@ def main() -> None:
     ap.add_argument("--path", default="")
     ap.add_argument("--golden", default="")
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--export-optimum", action="store_true", help="export the optimum-executorch row's .pte first")
     a = ap.parse_args()
+    if a.export_optimum:
+        export_optimum()
     if a.worker:
         print(json.dumps(worker(a.worker, a.path, a.threads[0], a.golden, a.quality)))
         return
@@ -161,12 +228,26 @@ def main() -> None:
     rows += [
         (f"edgelm {x['file']}", "edgelm", str(a.bundle / x["file"]), x["size_bytes"]) for x in manifest["artifacts"]
     ]
+    export_s = {f"edgelm {x['file']}": x.get("export_seconds") for x in manifest["artifacts"]}
+    if (OPTIMUM / "export.json").is_file():
+        export_s["optimum-executorch 8da4w .pte"] = json.loads((OPTIMUM / "export.json").read_text())["seconds"]
     try:
         import llama_cpp  # noqa: F401
 
         rows.append(("llama.cpp Q4_1 GGUF", "llama.cpp", gguf, Path(gguf).stat().st_size))
     except ImportError:
         log("llama-cpp-python is not installed: the llama.cpp row is skipped")
+    if (OPTIMUM / "model.pte").is_file():
+        rows.append(
+            (
+                "optimum-executorch 8da4w .pte",
+                "optimum",
+                str(OPTIMUM / "model.pte"),
+                (OPTIMUM / "model.pte").stat().st_size,
+            )
+        )
+    else:
+        log(f"no {OPTIMUM / 'model.pte'}: the optimum-executorch row is skipped (run with --export-optimum)")
     host = {**hostinfo.cpu_info(), "load_before": os.getloadavg()}
     results = []
     for label, kind, path, size in rows:
@@ -197,10 +278,17 @@ def main() -> None:
                 if sp and r["threads"] in eager
                 else "–",
                 "TTFT ms": f"{sp['ttft_ms']:.0f}" if sp else "–",
+                "export s": f"{export_s[r['label']]:.0f}" if export_s.get(r["label"]) else "–",
             }
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"host": host, "reference_perplexity": ref_ppl, "new_tokens": NEW_TOKENS, "rows": results}
+    payload = {
+        "host": host,
+        "reference_perplexity": ref_ppl,
+        "new_tokens": NEW_TOKENS,
+        "export_seconds": export_s,
+        "rows": results,
+    }
     (RESULTS / "generation.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "# SmolLM2-135M-Instruct generation on this host",

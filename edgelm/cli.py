@@ -284,6 +284,8 @@ def export(
             raise EdgeLMError(f"{', '.join(given)} do not apply to text-generation exports")
         _export_generative(device, model, data, out, _split(fmt), quant, threads, context_length)
         return
+    if context_length is not None:
+        raise EdgeLMError("--context-length applies to text-generation exports; encoders take --seq-len")
     check_limit(limit)
     fsutil.check_output_dir(out)
     recipe = prepare(

@@ -166,6 +166,7 @@ def reference_stage(lm: CausalLM, recipe: GenerationRecipe, text: Path | None, t
 def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: Path) -> dict:
     path = tmp / plan.artifact_name
     q = plan.quant
+    common = {"scheme": q.scheme, "group_size": q.group_size, "max_context_len": recipe.context_length}
     try:
         if plan.format == "executorch":
             ckpt, params = executorch_checkpoint(lm, work / "executorch")
@@ -173,27 +174,18 @@ def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: 
                 ckpt,
                 params,
                 path,
-                scheme=q.scheme,
-                group_size=q.group_size,
-                max_context_len=recipe.context_length,
                 bos_id=lm.bos_id,
                 eos_ids=lm.eos_ids,
                 vocab_size=lm.vocab_size,
                 blocks=executorch_blocks(lm),
+                **common,
             )
             companions: list[Path] = []
         else:
             hf_dir = work / "hf"
             if not hf_dir.is_dir():
                 save_hf_checkpoint(lm, hf_dir)
-            info = decoder.export_onnx(
-                hf_dir,
-                path,
-                scheme=q.scheme,
-                group_size=q.group_size,
-                max_context_len=recipe.context_length,
-                blocks=lm.blocks,
-            )
+            info = decoder.export_onnx(hf_dir, path, blocks=lm.blocks, **common)
             companions = decoder.onnx_files(path)
     except ExporterError as exc:
         raise ExportError(f"{plan.format}: {exc}") from exc

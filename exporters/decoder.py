@@ -7,8 +7,8 @@ Export (torch side; never imports edgelm):
   with an ``LlmConfig``): ExecuTorch's Llama-family transformer, a static KV cache of ``max_context_len``
   positions held in the program (``llama::update_cache``), ExecuTorch's custom SDPA
   (``llama::custom_sdpa``), torchao quantization (``8da4w``: int8 dynamic activations, int4 weights per
-  group of ``group_size`` on every linear including the output head; 8-bit per-row embeddings), lowered to
-  XNNPACK. One method ``forward(tokens int64 [1, n], input_pos int64 [1]) -> logits float32 [1, vocab]``
+  group of ``group_size`` on every linear including the output head; 8-bit per-row embeddings; with a GGUF's
+  ``blocks``, its own int4 codes and scales plus block offsets, and an 8-bit head), lowered to XNNPACK. One method ``forward(tokens int64 [1, n], input_pos int64 [1]) -> logits float32 [1, vocab]``
   (the last position's) runs a prefill of ``n`` tokens or a decode step, and the constant methods that
   ExecuTorch's LLM runner and the Android ``LlmModule`` read (``get_max_context_len``, ``get_max_seq_len``,
   ``get_bos_id``, ``get_eos_ids``, ``get_vocab_size``, ``use_kv_cache``, ``get_n_layers`` ...).
@@ -16,7 +16,8 @@ Export (torch side; never imports edgelm):
   with the KV cache as inputs/outputs (``past_key_values.{i}.key/value`` -> ``present.{i}.key/value``), int4
   block-wise weights (``MatMulNBits``, block ``group_size``, ``accuracy_level=4``: activations int8 per
   block, i.e. 8da4w), a tied embedding shared with the int4 head (``GatherBlockQuantized``), and
-  ``genai_config.json`` so that ``onnxruntime_genai.Model(folder)`` runs it as it is.
+  ``genai_config.json`` so that ``onnxruntime_genai.Model(folder)`` runs it as it is. With a GGUF's
+  ``blocks``, :func:`carry_block_weights_onnx` writes its own weights over the builder's.
 
 Run (runtime side: numpy + the runtime): :func:`load_decoder` -> a :class:`DecoderSession` whose
 ``forward(tokens, pos)`` feeds ``tokens`` int64 [n] at positions ``pos .. pos+n-1`` and returns float32

@@ -281,6 +281,7 @@ def test_generative_bad_input(tmp_path, tiny_llama, pixel8_bundle):
         (("--model", str(tiny_llama), "--format", "tflite"), "tflite does not export generative models yet"),
         (("--model", str(tiny_llama), "--quant", "int8_static"), "8da4w or fp32"),
         (("--model", str(tiny_llama), "--task", "feature-extraction"), "export it with --task text-generation"),
+        (("--context-length", "64"), "--context-length applies to text-generation exports"),
     ):
         out = tmp_path / "out"
         code, text = run_cli("export", "--device", "pixel8", *args, "--out", str(out))
