@@ -159,7 +159,10 @@ TABLE: dict[str, Scheme] = {
             search_float_layers=((),),
             search_order=1,
             max_perplexity_ratio=1.10,
-            min_token_agreement=0.25,
+            # SmolLM2-135M with its GGUF's own weights and int8 activations: perplexity 1.02x, yet 22% (.pte,
+            # per-token activation scales) to 41% (ONNX, per-block) of prompts keep all 32 greedy tokens; one
+            # flipped near-tie changes the rest. A broken decoder (RoPE, cache) agrees on none.
+            min_token_agreement=0.15,
         ),
         Scheme(
             "int4_weight_only",
