@@ -102,6 +102,8 @@ class OptimumSession:
     full_logits = False
 
     def __init__(self, path: str, threads: int):
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (custom SDPA and KV-cache kernels)
+
         from exporters.decoder import quiet_stderr
         from exporters.executorch import open_program
 

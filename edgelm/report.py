@@ -267,6 +267,26 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                 continue
             fid, lat, vs = a.get("fidelity") or {}, a.get("latency") or {}, a.get("vs_host") or {}
             p50 = ("functional only" if lat.get("emulated") else fmt(lat.get("p50_ms"), ".2f")) if lat else "–"
+            if "token_agreement" in fid:  # a decoder: perplexity, greedy tokens, tokens/s
+                speed = (
+                    "functional only"
+                    if lat.get("emulated")
+                    else fmt((a.get("speed") or {}).get("decode_tokens_per_s"), ".1f")
+                )
+                rows.append(
+                    {
+                        "artifact": name,
+                        "runner": r["runner"],
+                        "machine": str(a.get("machine") or "–"),
+                        "status": a["status"],
+                        "perplexity": fmt(fid.get("perplexity"), ".3f"),
+                        "ppl ratio": fmt(fid.get("perplexity_ratio"), ".4f"),
+                        "agreement": fmt(fid.get("token_agreement"), ".2f"),
+                        "prefix": fmt(fid.get("mean_prefix"), ".1f"),
+                        "decode tok/s": speed,
+                    }
+                )
+                continue
             rows.append(
                 {
                     "artifact": name,
@@ -293,7 +313,9 @@ def render_validation_markdown(doc: dict) -> str:
         "",
         "Every artifact on every runner, against the PyTorch fp32 reference (accuracy, top-1 agreement, "
         "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
-        "top-1 vs host: share of inputs with the same class). "
+        "top-1 vs host: share of inputs with the same class); for a generative model, perplexity and its ratio "
+        "to the reference's, the share of golden prompts whose greedy tokens equal the reference's (agreement; "
+        "prefix: mean tokens before the first difference) and decode tokens/s. "
         "Emulated latency is functional only, never device speed.",
         "",
         *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]),

@@ -223,6 +223,8 @@ def test_export_generative_bundle(gen_bundle):
         assert rec["checks"]["golden"]["passed"]
     report = (bundle / "report.md").read_text()
     assert "text-generation" in report and "decode tok/s" in report and "device est. tok/s" in report
+    # the side-by-side validation table has the decoders' columns
+    assert "| runner | machine | status | perplexity | ppl ratio | agreement | prefix | decode tok/s |" in report
 
 
 def test_validate_and_generate_on_the_bundle(gen_bundle, tiny_gguf, capfd):
