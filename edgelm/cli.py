@@ -614,6 +614,8 @@ def validate(
         )
     rows = side_by_side_rows({"runners": {record["runner"]: record}})
     cols = ("artifact", "status", "accuracy %", "top-1", "cosine", "p50 ms", "Δ vs host", "top-1 vs host")
+    if rows and "ppl ratio" in rows[0]:  # a generative bundle
+        cols = ("artifact", "status", "perplexity", "ppl ratio", "agreement", "prefix", "decode tok/s")
     print_table(
         out_console,
         f"{b.device} on {record['runner']}",

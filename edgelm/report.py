@@ -267,32 +267,23 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                 continue
             fid, lat, vs = a.get("fidelity") or {}, a.get("latency") or {}, a.get("vs_host") or {}
             p50 = ("functional only" if lat.get("emulated") else fmt(lat.get("p50_ms"), ".2f")) if lat else "–"
+            row = {
+                "artifact": name,
+                "runner": r["runner"],
+                "machine": str(a.get("machine") or "–"),
+                "status": a["status"],
+            }
             if "token_agreement" in fid:  # a decoder: perplexity, greedy tokens, tokens/s
-                speed = (
-                    "functional only"
-                    if lat.get("emulated")
-                    else fmt((a.get("speed") or {}).get("decode_tokens_per_s"), ".1f")
-                )
-                rows.append(
-                    {
-                        "artifact": name,
-                        "runner": r["runner"],
-                        "machine": str(a.get("machine") or "–"),
-                        "status": a["status"],
-                        "perplexity": fmt(fid.get("perplexity"), ".3f"),
-                        "ppl ratio": fmt(fid.get("perplexity_ratio"), ".4f"),
-                        "agreement": fmt(fid.get("token_agreement"), ".2f"),
-                        "prefix": fmt(fid.get("mean_prefix"), ".1f"),
-                        "decode tok/s": speed,
-                    }
-                )
-                continue
-            rows.append(
-                {
-                    "artifact": name,
-                    "runner": r["runner"],
-                    "machine": str(a.get("machine") or "–"),
-                    "status": a["status"],
+                speed = (a.get("speed") or {}).get("decode_tokens_per_s")
+                row |= {
+                    "perplexity": fmt(fid.get("perplexity"), ".3f"),
+                    "ppl ratio": fmt(fid.get("perplexity_ratio"), ".4f"),
+                    "agreement": fmt(fid.get("token_agreement"), ".2f"),
+                    "prefix": fmt(fid.get("mean_prefix"), ".1f"),
+                    "decode tok/s": "functional only" if lat.get("emulated") else fmt(speed, ".1f"),
+                }
+            else:
+                row |= {
                     "accuracy %": fmt(fid.get("accuracy"), ".2f"),
                     "top-1": fmt(fid.get("top1_agreement"), ".4f"),
                     "cosine": fmt(fid.get("cosine_mean"), ".5f"),
@@ -302,7 +293,7 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                     "eval acc %": fmt((a.get("eval") or {}).get("accuracy"), ".2f"),
                     "p50 ms": p50,
                 }
-            )
+            rows.append(row)
     return rows
 
 

@@ -234,7 +234,7 @@ def test_validate_and_generate_on_the_bundle(gen_bundle, tiny_gguf, capfd):
 
     _, _, bundle = gen_bundle
     code, output = run_cli("validate", str(bundle), "--runner", "host")
-    assert code == 0, output
+    assert code == 0 and "ppl ratio" in output and "agreement" in output, output
     prompt = "What is the capital of France?"
     code, output = run_cli("generate", str(bundle), "--prompt", prompt, "--chat", "--max-new-tokens", "8")
     assert code == 0, output
