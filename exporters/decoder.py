@@ -8,8 +8,8 @@ Export (torch side; never imports edgelm):
   positions held in the program (``llama::update_cache``), ExecuTorch's custom SDPA
   (``llama::custom_sdpa``), torchao quantization (``8da4w``: int8 dynamic activations, int4 weights per
   group of ``group_size`` on every linear including the output head; 8-bit per-row embeddings; with a GGUF's
-  ``blocks``, its own int4 codes and scales plus block offsets, and an 8-bit head), lowered to XNNPACK. One method ``forward(tokens int64 [1, n], input_pos int64 [1]) -> logits float32 [1, vocab]``
-  (the last position's) runs a prefill of ``n`` tokens or a decode step, and the constant methods that
+  ``blocks``, its own int4 codes and scales plus block offsets, and an 8-bit head), lowered to XNNPACK. One
+  method ``forward(tokens int64 [1, n], input_pos int64 [1]) -> logits float32 [1, vocab]`` (the last position's) runs a prefill of ``n`` tokens or a decode step, and the constant methods that
   ExecuTorch's LLM runner and the Android ``LlmModule`` read (``get_max_context_len``, ``get_max_seq_len``,
   ``get_bos_id``, ``get_eos_ids``, ``get_vocab_size``, ``use_kv_cache``, ``get_n_layers`` ...).
 - :func:`export_onnx`: ONNX Runtime GenAI's model builder (``onnxruntime_genai.models.builder``): a decoder
@@ -171,9 +171,9 @@ def _extra_source_transform(transform) -> Iterator[None]:
 
 def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int]):
     """The source transform for :func:`export_executorch`'s ``blocks``: every ``nn.Linear`` whose
-    ``<name>.weight`` has 4-bit blocks becomes a ``BlockLinear`` (:func:`_block_linear_class`) (exact GGUF codes and scales, 8da4w),
-    the ``output`` head 8da8w per channel, any other linear 8da4w (group ``group_size``, HQQ scales as
-    ExecuTorch's own ``8da4w``). ``counts`` receives ``{"int4": n, "int4_offsets": n}``."""
+    ``<name>.weight`` has 4-bit blocks becomes a ``BlockLinear`` (:func:`_block_linear_class`: exact GGUF
+    codes and scales, 8da4w), the ``output`` head 8da8w per channel, any other linear 8da4w (group
+    ``group_size``, HQQ scales as ExecuTorch's own ``8da4w``). ``counts`` receives ``{"int4": n, "int4_offsets": n}``."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -207,7 +207,6 @@ def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int
                     and not fqn.endswith(".offsets")
                     and not fqn.endswith(".int4")
                     and m.weight.shape[1] % group_size == 0
-                    and m.weight.dtype == torch.float32
                 ),
             )
         return model
@@ -410,16 +409,17 @@ def carry_block_weights_onnx(path: Path, blocks: dict[str, Any]) -> dict[str, in
         node.attribute.append(helper.make_attribute(name, value))
 
     counts = {"int4": 0, "int4_offsets": 0, "int8_head": 0}
-    head_b = None
+    head_weight = None  # the 8-bit head's weight initializer, once written
     new_nodes: list[tuple[int, list]] = []
     head_name = "lm_head.weight" if "lm_head.weight" in blocks else "model.embed_tokens.weight"
     for index, node in enumerate(graph.node):
         if node.op_type != "MatMulNBits" or len(node.input) != 3:  # builder nodes: no zero points, no g_idx
             continue
         m = _BUILDER_LINEAR.match(node.name)
+        is_head = node.name == "/lm_head/MatMul_Q4"
         if m and m.group(3) in _BUILDER_PROJ:
             names = [f"model.layers.{m.group(1)}.{p}.weight" for p in _BUILDER_PROJ[m.group(3)]]
-        elif node.name == "/lm_head/MatMul_Q4":
+        elif is_head:
             names = [head_name]
         else:
             continue
@@ -434,12 +434,11 @@ def carry_block_weights_onnx(path: Path, blocks: dict[str, Any]) -> dict[str, in
         if bits == 4:
             u = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(n_out, k // block, block)
             packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # element 2j low nibble, 2j+1 high
-        elif node.name == "/lm_head/MatMul_Q4":
+        elif is_head:
             packed = (codes.astype(np.int16) + 128).astype(np.uint8).reshape(n_out, k // block, block)
+            head_weight = node.input[1]
         else:
             continue
-        if node.name == "/lm_head/MatMul_Q4":
-            head_b = node.input[1]
         set_init(node.input[1], packed)
         set_init(node.input[2], scales.astype(np.float32))
         attr(node, "bits", bits)
@@ -466,15 +465,14 @@ def carry_block_weights_onnx(path: Path, blocks: dict[str, Any]) -> dict[str, in
                 )
             )
             counts["int4_offsets"] += 1
-    if counts["int8_head"]:
-        for node in graph.node:  # the tied embedding reads the head's weights: 8-bit rows now
-            if node.op_type == "GatherBlockQuantized":
-                for ref in graph.node:
-                    if ref.op_type == "Reshape" and ref.output[0] == node.input[0] and ref.input[0] == head_b:
-                        rows, cols = blocks[head_name].codes.shape
-                        set_init(f"{ref.name}.shape8", np.array([rows, cols], dtype=np.int64))
-                        ref.input[1] = f"{ref.name}.shape8"
-                        attr(node, "bits", 8)
+    if head_weight is not None:  # a tied embedding reads the head's weights through a Reshape: 8-bit rows now
+        producer = {out: n for n in graph.node for out in n.output}
+        for node in graph.node:
+            ref = producer.get(node.input[0]) if node.op_type == "GatherBlockQuantized" else None
+            if ref is not None and ref.op_type == "Reshape" and ref.input[0] == head_weight:
+                set_init(f"{ref.name}.shape8", np.array(blocks[head_name].codes.shape, dtype=np.int64))
+                ref.input[1] = f"{ref.name}.shape8"
+                attr(node, "bits", 8)
     for index, nodes in reversed(new_nodes):
         for offset, extra in enumerate(nodes, start=1):
             graph.node.insert(index + offset, extra)
