@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 from edgelm import hostinfo
 
@@ -39,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("hypernetwork", "demos head", "lora", "prompt-tuning", "scaled-prompt-tuning")
 CACHE = ROOT / "benchmarks" / ".cache"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _write_tsv(path: Path, texts: list[str], labels: list[int]) -> Path:
@@ -192,7 +192,7 @@ def _markdown(results: dict) -> str:
         f"Hypernetwork meta-trained for {meta['episodes_run']} episodes ({meta['seconds']:.0f} s) on "
         f"{', '.join(meta['tasks'])}; SST-2 held out.",
         "",
-        f"Host: {hostinfo.describe(results['host'])}." if results.get("host") else "Host: not recorded.",
+        hostinfo.describe_run(results["host"]),
         "",
         "| K per class | method | accuracy % | adapt time s | seed 0: fp32 → int8 ONNX % |",
         "|---|---|---|---|---|",
@@ -276,6 +276,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--no-export", action="store_true", help="Skip the int8 exports.")
     a = p.parse_args()
+    host_before = hostinfo.cpu_info()
     if not (a.data_dir / "sst2" / "dev.tsv").is_file():
         sys.exit(f"SST-2 not found under {a.data_dir}: pass --data-dir pointing at the shared data folder")
     from edgelm.adapt.hypernet import CONFIG_FILE, HyperConfig, meta_train
@@ -316,7 +317,7 @@ def main() -> None:
 
             run_one(k, seed, pool, hn_dir, dev, fmts, runs.get(key), save)
     results = {
-        "host": hostinfo.cpu_info(),  # CPU model and int8 ISA features of the machine these figures are from
+        "host": hostinfo.run_record(host_before),  # CPU, int8 ISA features, load before/after
         "shots": a.shots,
         "seeds": a.seeds,
         "dev_examples": len(dev[2]),
@@ -331,9 +332,7 @@ def main() -> None:
         ctl_path.write_text(json.dumps({**in_domain_control(a.data_dir, hn_dir), "hn_id": hn_id}))
     results["in_domain_control"] = json.loads(ctl_path.read_text())
     results["targets"] = _targets(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "adaptation.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "adaptation.md").write_text(_markdown(results))
+    write_results("adaptation", results, _markdown(results))
     print(_markdown(results))
 
 

@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import RESULTS, write_results
 
 from edgelm import hostinfo
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 WARMUP, RUNS = 10, 50
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--prune-epochs", type=int, default=2)
     ap.add_argument("--plot-only", action="store_true", help="re-draw the PNG from the JSON results")
     args = ap.parse_args()
+    host_before = hostinfo.cpu_info()
     if args.plot_only:
         plot(json.loads((RESULTS / "compression_sst2.json").read_text())["results"])
         return
@@ -227,7 +228,7 @@ def main() -> None:
                 f"{results[-1]['p50_ms_seq128']:.2f} ms"
             )
             path.unlink()
-    write(results, args, eager)
+    write(results, args, eager, host_before)
 
 
 def targets(results: list[dict]) -> list[dict]:
@@ -317,8 +318,7 @@ def plot(results: list[dict]) -> None:
     fig.savefig(RESULTS / "compression_sst2.png", dpi=120)
 
 
-def write(results: list[dict], args, eager) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(results: list[dict], args, eager, host_before: dict) -> None:
     base = next(r for r in results if r["model"] == "fine-tuned" and r["format"] == "pytorch eager")
     for r in results:
         r["accuracy_drop"] = round(base["accuracy"] - r["accuracy"], 2)
@@ -327,7 +327,7 @@ def write(results: list[dict], args, eager) -> None:
     tg = targets(results)
     payload = {
         "benchmark": "compression_sst2",
-        "host": hostinfo.cpu_info(),  # CPU model and int8 ISA features: int8 speed-ups depend on them
+        "host": hostinfo.run_record(host_before),  # CPU, int8 ISA features, load before/after
         "train_subset": f"first {args.train_limit} of 67,349 SST-2 train rows",
         "epochs": args.epochs,
         "prune_epochs": args.prune_epochs,
@@ -338,11 +338,10 @@ def write(results: list[dict], args, eager) -> None:
         "results": results,
         "targets": tg,
     }
-    (RESULTS / "compression_sst2.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "# Compression on SST-2 (MiniLM-L6, 1 thread, batch 1)",
         "",
-        f"Host: {hostinfo.describe(payload['host'])}; host speed-ups are not phone or board speed-ups.",
+        hostinfo.describe_run(payload["host"]),
         "",
         f"Fine-tuned on the first {args.train_limit} SST-2 train rows ({args.epochs} epochs, seq 64); "
         "accuracy on all 872 dev sentences; latency p50 over "
@@ -359,9 +358,9 @@ def write(results: list[dict], args, eager) -> None:
         )
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in tg]
-    (RESULTS / "compression_sst2.md").write_text("\n".join(lines) + "\n")
+    md = write_results("compression_sst2", payload, lines)
     plot(results)
-    log(f"wrote {RESULTS / 'compression_sst2.md'}")
+    log(f"wrote {md}")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,21 @@ def describe(info: dict) -> str:
     """One line: ``Intel Xeon (x86_64, 2 cores; int8: avx2, avx512_vnni)``."""
     feats = ", ".join(info.get("int8_features") or []) or "no int8 dot-product features"
     return f"{info.get('model')} ({info.get('machine')}, {info.get('cores')} cores; int8: {feats})"
+
+
+def run_record(before: dict) -> dict:
+    """The host record a benchmark's results carry: :func:`cpu_info` taken now, plus the 1-minute load
+    average when the run began (``before``: a :func:`cpu_info` taken then) and when it ended, as
+    ``load_avg_1m_before`` / ``load_avg_1m_after``. A load near the core count means other work shared the
+    CPU while the figures were measured."""
+    after = cpu_info()
+    return {**after, "load_avg_1m_before": before.get("load_avg_1m"), "load_avg_1m_after": after.get("load_avg_1m")}
+
+
+def describe_run(host: dict) -> str:
+    """One sentence for a results table: the CPU (:func:`describe`), the load average before and after the run
+    where :func:`run_record` recorded them, and the reminder that host speed-ups are not device speed-ups."""
+    line = f"Host: {describe(host)}"
+    if "load_avg_1m_before" in host:
+        line += f"; load average {host['load_avg_1m_before']} before, {host['load_avg_1m_after']} after"
+    return line + ". Host speed-ups are not phone or board speed-ups."
