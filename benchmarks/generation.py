@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import RESULTS, write_results
 
 from edgelm import generation, hostinfo
 from edgelm.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 NEW_TOKENS = 128
 
 
@@ -250,7 +250,7 @@ def main() -> None:
         )
     else:
         log(f"no {OPTIMUM / 'model.pte'}: the optimum-executorch row is skipped (run with --export-optimum)")
-    host = {**hostinfo.cpu_info(), "load_before": os.getloadavg()}
+    host_before = hostinfo.cpu_info()
     results = []
     for label, kind, path, size in rows:
         for i, t in enumerate(sorted(a.threads, reverse=True)):
@@ -258,7 +258,7 @@ def main() -> None:
             r = run_worker(kind, path, t, golden, quality=(i == 0))
             r.update(label=label, size_mb=size / 1e6)
             results.append(r)
-    host["load_after"] = os.getloadavg()
+    host = hostinfo.run_record(host_before)
     eager = {r["threads"]: r["speed"]["decode_tokens_per_s"] for r in results if r["kind"] == "eager" and "speed" in r}
     quality = {r["label"]: r for r in results if "perplexity" in r}
     table = []
@@ -283,7 +283,6 @@ def main() -> None:
                 "export s": f"{export_s[r['label']]:.0f}" if export_s.get(r["label"]) else "–",
             }
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "host": host,
         "reference_perplexity": ref_ppl,
@@ -291,12 +290,10 @@ def main() -> None:
         "export_seconds": export_s,
         "rows": results,
     }
-    (RESULTS / "generation.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "# SmolLM2-135M-Instruct generation on this host",
         "",
-        f"Host: {hostinfo.describe(host)}; load average {host['load_before'][0]:.2f} before, "
-        f"{host['load_after'][0]:.2f} after. Host speed is not phone or board speed.",
+        hostinfo.describe_run(host),
         f"Reference perplexity {ref_ppl:.3f} (transformers eager fp32 of the dequantized GGUF, first 512 tokens of "
         "WikiText-2 test); agreement: share of 32 golden prompts whose 32 greedy tokens equal the reference's "
         f"(mean tokens before the first difference); speed: 128-token prompt, {NEW_TOKENS} new tokens.",
@@ -306,7 +303,7 @@ def main() -> None:
         "Reproduce: `edgelm export --device pixel8 --model smollm2-135m && python benchmarks/generation.py`.",
         "",
     ]
-    (RESULTS / "generation.md").write_text("\n".join(lines))
+    md = write_results("generation", payload, lines)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,7 +321,7 @@ def main() -> None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(RESULTS / "generation.png", dpi=120)
-    log(f"wrote {RESULTS / 'generation.md'}")
+    log(f"wrote {md}")
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def main() -> None:
         for t in ("1", "2"):
             row[f"p50_ms_{t}t"] = float(np.median(row["samples_ms"][t]))
         del row["samples_ms"]
-    write(list(rows.values()), ref_acc, ranking, opt_versions, host_before, hostinfo.cpu_info(), args)
+    write(list(rows.values()), ref_acc, ranking, opt_versions, host_before, args)
 
 
 def targets(rows: dict[str, dict]) -> list[dict]:
@@ -348,13 +348,13 @@ def targets(rows: dict[str, dict]) -> list[dict]:
     return out
 
 
-def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args) -> None:
-    from compression_sst2 import RESULTS, log
+def write(results, ref_acc, ranking, opt_versions, host_before, args) -> None:
+    from _results import write_results
+    from compression_sst2 import log
 
     from edgelm import hostinfo
     from edgelm.report import markdown_table
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     rows = {r["artifact"]: r for r in results}
     base = rows["Optimum int8 --avx2"]
     for r in results:
@@ -362,9 +362,7 @@ def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args
     tg = targets(rows)
     payload = {
         "benchmark": "peers_onnx",
-        "host": host_after,  # CPU model and int8 ISA features: int8 speed-ups depend on them
-        "load_avg_1m_before": host_before["load_avg_1m"],
-        "load_avg_1m_after": host_after["load_avg_1m"],
+        "host": hostinfo.run_record(host_before),  # CPU, int8 ISA features, load before/after
         "model": f"all-MiniLM-L6-v2 fine-tuned on the first {args.train_limit} SST-2 train rows",
         "dev": "SST-2 dev, 872 sentences, batch 1, each at its real length",
         "reference": {"framework": "PyTorch eager fp32", "accuracy": ref_acc},
@@ -382,12 +380,10 @@ def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args
         "results": results,
         "targets": tg,
     }
-    (RESULTS / "peers_onnx.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "# ONNX int8: edgelm beside Optimum (MiniLM-L6 fine-tuned on SST-2)",
         "",
-        f"Host: {hostinfo.describe(host_after)}; load average {host_before['load_avg_1m']} before, "
-        f"{host_after['load_avg_1m']} after. Host speed-ups are not phone or board speed-ups.",
+        hostinfo.describe_run(payload["host"]),
         "",
         f"Accuracy on all 872 SST-2 dev sentences at their real lengths (batch 1); PyTorch eager fp32 "
         f"{ref_acc:.2f}%. Latency p50 at batch 1, seq {SEQ}, {args.rounds} interleaved rounds of {args.runs} runs "
@@ -420,8 +416,7 @@ def write(results, ref_acc, ranking, opt_versions, host_before, host_after, args
     ]
     top = ", ".join(f"{p.removeprefix('base.encoder.')}" for _, _, p in ranking[:SENSITIVE_FLOAT])
     lines += ["", f"Most sensitive layers (logit MSE with only that layer int8, 100 calibration sentences): {top}."]
-    (RESULTS / "peers_onnx.md").write_text("\n".join(lines) + "\n")
-    log(f"wrote {RESULTS / 'peers_onnx.md'}")
+    log(f"wrote {write_results('peers_onnx', payload, lines)}")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 from edgelm import hostinfo
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
@@ -55,8 +56,9 @@ def main() -> None:
     p.add_argument("--keep", type=Path, default=None, help="write the bundle here instead of a temp dir")
     p.add_argument("--from-bundle", type=Path, default=None, help="a bundle already validated: only write the tables")
     args = p.parse_args()
+    host_before = hostinfo.cpu_info()
     if args.from_bundle:
-        write_results(json.loads((args.from_bundle / "validation.json").read_text()), args, None)
+        write_tables(json.loads((args.from_bundle / "validation.json").read_text()), args, None, host_before)
         return
     if not (SST2 / "dev.tsv").is_file():
         sys.exit(f"SST-2 not found at {SST2}: this benchmark reads ../shared/data/sst2")
@@ -97,10 +99,10 @@ def main() -> None:
                 edgelm("emulator", "setup")
             log(f"validate on {runner}")
             edgelm("validate", str(bundle), "--runner", runner, "--data", dev, "--limit", str(args.eval_limit))
-        write_results(json.loads((bundle / "validation.json").read_text()), args, export_s)
+        write_tables(json.loads((bundle / "validation.json").read_text()), args, export_s, host_before)
 
 
-def write_results(doc: dict, args, export_s: float | None) -> None:
+def write_tables(doc: dict, args, export_s: float | None, host_before: dict) -> None:
     """benchmarks/results/validate_targets.{json,md} from a bundle's validation.json."""
     from edgelm.report import markdown_table, side_by_side_rows
 
@@ -119,7 +121,7 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
         "golden_rows": args.limit,
         "eval_rows": args.eval_limit,
         "export_s": export_s,
-        "host": hostinfo.cpu_info(),
+        "host": hostinfo.run_record(host_before),
         "runners": runners,
         "rows": rows,
         "artifacts": {
@@ -134,8 +136,6 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
             for r in doc["runners"]
         },
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "validate_targets.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = [
         f"# One pixel8 bundle on the host and under arm64 emulation ({args.limit} SST-2 dev sentences)",
         "",
@@ -143,7 +143,7 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
         "on the golden set; Δ vs host is the max |difference| from the same artifact's outputs on the host; "
         "eval acc is the `--data` set run on the target. Emulated latency is functional only.",
         "",
-        f"Host: {hostinfo.describe(result['host'])}; host speed-ups are not phone or board speed-ups.",
+        hostinfo.describe_run(result["host"]),
         "",
         *markdown_table(rows),
     ]
@@ -152,7 +152,7 @@ def write_results(doc: dict, args, export_s: float | None) -> None:
         f"| {n} | {r['machine']} | {r.get('qemu_cpu') or '–'} | {r['passed']} | {r['seconds']:.0f} |"
         for n, r in runners.items()
     ]
-    (RESULTS / "validate_targets.md").write_text("\n".join(md) + "\n")
+    write_results("validate_targets", result, md)
     log("wrote benchmarks/results/validate_targets.{json,md}")
 
 
