@@ -438,6 +438,8 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
     for r in summary["rows"]:
         if r["status"] != "passed":
             out_console.print(f"[red]{escape(r['artifact'])} {r['status']}[/]: {escape(r['problems'])}")
+    for line in summary.get("tokenizers", []):
+        out_console.print(f"tokenizer: {line}", markup=False, highlight=False)
     out_console.print(f"report: {Path(summary['bundle']) / 'report.md'}  ({summary['seconds']:.0f} s)")
     if not summary["passed"]:
         raise typer.Exit(1)

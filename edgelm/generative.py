@@ -42,6 +42,7 @@ from edgelm.generation import PROMPTS
 from edgelm.recipe import GenerationRecipe
 from edgelm.report import fmt, markdown_table
 from edgelm.validate.host import HostRunner
+from edgelm.validate.tokenizer_parity import check_tokenizers, summary_lines, write_check
 from exporters import decoder
 from exporters.base import ExporterError, sha256_file
 
@@ -88,6 +89,15 @@ def _prompt_ids(lm: CausalLM, text: str) -> list[int]:
         ids = enc["input_ids"] if hasattr(enc, "keys") else enc
         return [int(x) for x in ids]
     return [int(x) for x in tok(text)["input_ids"]]
+
+
+def _prompt_text(lm: CausalLM, text: str) -> str:
+    """The golden prompt as the model sees it: chat-templated when the model has a template."""
+    if lm.chat_template:
+        return lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    return text
 
 
 def _eager_greedy(lm: CausalLM, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -273,7 +283,7 @@ def export_generative(
     if text is not None and not text.is_file():
         raise DataError(f"perplexity text not found: {text}")
     threads = min(recipe.threads, os.cpu_count() or 1)
-    total, done = 5 + len(recipe.plans), 0
+    total, done = 6 + len(recipe.plans), 0
 
     def step(desc: str) -> None:
         nonlocal done
@@ -310,6 +320,11 @@ def export_generative(
             f for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja") if (tmp / f).is_file()
         )
         _write_golden(tmp, ref)
+        step("check the runtimes' tokenizers")
+        wikitext = default_text()  # WikiText-2 and SST-2 dev from the shared data, when it is there
+        data_root = wikitext.parents[2] if wikitext is not None else None
+        tokenizer_check = check_tokenizers(tmp, data_root, [_prompt_text(lm, p) for p in PROMPTS])
+        write_check(tmp, tokenizer_check)
         est = decoder_estimate(recipe.hardware, lm.config, recipe.context_length)
         gguf_type = gguf_weight_type(lm.source) if lm.blocks else None
         for e in entries:  # the artifact's own size; a separate embedding table is read one row per token
@@ -347,6 +362,14 @@ def export_generative(
                     "reference_perplexity": ref.perplexity,
                     "eager": ref.eager,
                     "host": hostinfo.cpu_info(),
+                    "runtime_tokenizers": {
+                        "file": "tokenizer_check.json",
+                        "identical": {r["name"]: r["identical"] for r in tokenizer_check["runtimes"]},
+                        "golden_prompts_identical": {
+                            r["name"]: not r["encode_mismatches"].get("golden prompts")
+                            for r in tokenizer_check["runtimes"]
+                        },
+                    },
                 },
             }
         )
@@ -361,6 +384,7 @@ def export_generative(
         )
         step("report")
         summary.update(_summary(final, lm, recipe, ref, entries, record, est, time.perf_counter() - t_start))
+        summary["tokenizers"] = summary_lines(tokenizer_check)
         (tmp / "report.md").write_text(render_report(summary))
         write_validation(bundle, record)
 
@@ -478,6 +502,14 @@ def render_report(s: dict) -> str:
         f"tokens/s = bandwidth / (weight bytes + KV bytes read per token). Goal: >= {s['min_decode_tokens_per_s']:g} "
         f"tokens/s, weights + KV cache <= {s['ram_budget_mb']:g} MB.",
     ]
+    if s.get("tokenizers"):
+        lines += [
+            "",
+            "Runtime tokenizers against Hugging Face `tokenizers` (tokenizer_check.json: WikiText-2 test lines, "
+            "SST-2 dev sentences, hard cases, the golden prompts; encode and decode):",
+            "",
+            *[f"- {line}" for line in s["tokenizers"]],
+        ]
     problems = [f"- {r['artifact']}: {r['problems']}" for r in s["rows"] if r["problems"]]
     if problems:
         lines += ["", "Problems:", *problems]

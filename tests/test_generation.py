@@ -227,6 +227,31 @@ def test_export_generative_bundle(gen_bundle):
     assert "| runner | machine | status | perplexity | ppl ratio | agreement | prefix | decode tok/s |" in report
 
 
+def test_runtime_tokenizers_checked_in_the_bundle(gen_bundle):
+    """The export compares ExecuTorch's C++ tokenizer and onnxruntime-genai's with Hugging Face `tokenizers` on
+    the shared data, the hard cases and the golden prompts, and keeps the result in the bundle."""
+    from edgelm.validate.tokenizer_parity import HARD_CASES
+
+    code, output, bundle = gen_bundle
+    record = json.loads((bundle / "tokenizer_check.json").read_text())
+    assert record["texts"]["hard cases"] == len(HARD_CASES) and record["texts"]["golden prompts"] == 32
+    runtimes = {r["name"]: r for r in record["runtimes"]}
+    assert set(runtimes) == {"pytorch-tokenizers", "onnxruntime-genai"} and not record["not_checked"]
+    cpp, og = runtimes["pytorch-tokenizers"], runtimes["onnxruntime-genai"]
+    assert cpp["identical"], cpp["examples"]  # the C++ HF tokenizer ExecuTorch's runner uses
+    # onnxruntime-genai takes a C string: a text with a NUL stops there (encode and decode)
+    nul = [e for e in og["examples"] if "\\x00" in e["text"]]
+    assert og["encode_mismatches"]["hard cases"] >= 1 and nul and nul[0]["what"] == "encode"
+    assert og["encode_mismatches"]["golden prompts"] == 0  # so the golden ids are the runtime's ids too
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    check = manifest["generation"]["runtime_tokenizers"]
+    assert check["identical"] == {"pytorch-tokenizers": True, "onnxruntime-genai": False}
+    assert check["golden_prompts_identical"] == {"pytorch-tokenizers": True, "onnxruntime-genai": True}
+    assert "tokenizer: pytorch-tokenizers" in output and "Runtime tokenizers" in (bundle / "report.md").read_text()
+    if "sst2-dev" in record["texts"]:  # the shared data is beside the checkout
+        assert record["texts"]["sst2-dev"] == 872 and cpp["encode_mismatches"]["sst2-dev"] == 0
+
+
 def test_validate_and_generate_on_the_bundle(gen_bundle, tiny_gguf, capfd):
     """`edgelm validate` re-runs the bundle on the host; `edgelm generate` streams the greedy tokens the
     validation recorded for the same prompt."""
