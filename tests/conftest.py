@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from edgelm.testing import make_checkpoint
+
+# pytest-xdist gives its workers COLUMNS=80 and LINES=24; rich fixes a console's size from them when the
+# console is created (edgelm.cli's at import), which would override the width each CLI test asks for
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -232,7 +232,7 @@ def test_runtime_tokenizers_checked_in_the_bundle(gen_bundle):
     the shared data, the hard cases and the golden prompts, and keeps the result in the bundle."""
     from edgelm.validate.tokenizer_parity import HARD_CASES
 
-    code, output, bundle = gen_bundle
+    _, output, bundle = gen_bundle
     record = json.loads((bundle / "tokenizer_check.json").read_text())
     assert record["texts"]["hard cases"] == len(HARD_CASES) and record["texts"]["golden prompts"] == 32
     runtimes = {r["name"]: r for r in record["runtimes"]}
