@@ -104,7 +104,7 @@ class CausalLM:
         tokenizer: its fast tokenizer (``tokenizer.json``, chat template when the model has one).
         name: what the user passed (``smollm2-135m``, a path).
         source: the checkpoint directory or GGUF file.
-        reference: what the reference is (``"dequantized GGUF (Q4_1)"``, ``"checkpoint (float32)"``).
+        gguf_type: llama.cpp's name for a GGUF's weight type (``Q4_1``); None for a checkpoint.
         family: :data:`SUPPORTED_ARCHITECTURES` value (``"llama"``).
         config: the model's config as a dict.
         blocks: for a GGUF, its own 4- and 8-bit weights by Hugging Face name
@@ -116,10 +116,15 @@ class CausalLM:
     tokenizer: Any
     name: str
     source: Path
-    reference: str
+    gguf_type: str | None
     family: str
     config: dict = field(default_factory=dict)
     blocks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        """What the reference is: ``"dequantized GGUF (Q4_1)"`` or ``"checkpoint (float32)"``."""
+        return f"dequantized GGUF ({self.gguf_type})" if self.gguf_type else "checkpoint (float32)"
 
     @property
     def vocab_size(self) -> int:
@@ -214,9 +219,7 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     gguf = _gguf_file(name)
     if gguf is not None:
         kwargs: dict[str, Any] = {"gguf_file": gguf.name}
-        directory, source = gguf.parent, gguf
-        kind = _gguf_type(gguf)
-        reference = f"dequantized GGUF ({kind})"
+        directory, source, kind = gguf.parent, gguf, _gguf_type(gguf)
     else:
         directory = Path(name)
         if not directory.is_dir():
@@ -225,7 +228,7 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
                 f"{', '.join(PACKAGED)})"
             )
         _check_architecture(read_config_json(directory), str(directory))
-        kwargs, source, reference = {}, directory, "checkpoint (float32)"
+        kwargs, source, kind = {}, directory, None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
         hf, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -247,7 +250,7 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
         cfg["architectures"] = [type(hf).__name__]
     family = _check_architecture(cfg, str(source))
     blocks = read_block_weights(gguf, hf.state_dict()) if gguf is not None else {}
-    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), reference, family, cfg, blocks)
+    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), kind, family, cfg, blocks)
 
 
 def model_config(model: str | os.PathLike) -> dict:

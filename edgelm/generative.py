@@ -32,7 +32,6 @@ from edgelm.causal_lm import (
     CausalLM,
     executorch_blocks,
     executorch_checkpoint,
-    gguf_weight_type,
     load_causal_lm,
     save_hf_checkpoint,
 )
@@ -326,7 +325,7 @@ def export_generative(
         tokenizer_check = check_tokenizers(tmp, data_root, [_prompt_text(lm, p) for p in PROMPTS])
         write_check(tmp, tokenizer_check)
         est = decoder_estimate(recipe.hardware, lm.config, recipe.context_length)
-        gguf_type = gguf_weight_type(lm.source) if lm.blocks else None
+        gguf_type = lm.gguf_type if lm.blocks else None  # an 8-bit head only where the blocks are carried
         for e in entries:  # the artifact's own size; a separate embedding table is read one row per token
             q = e["quantization"]
             _, gathered = decoder_weight_bytes(lm.config, q["scheme"], q["group_size"], e["format"], gguf_type)

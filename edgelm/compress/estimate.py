@@ -315,7 +315,7 @@ def decoder_weight_bytes(
     table, norms = vocab * d, 4 * (2 * layers + 1) * d
     tied = bool(config.get("tie_word_embeddings"))
     if scheme == "fp32":
-        return 4 * (linear - (table if tied else 0) + table) + norms, 0 if tied else 4 * table
+        return 4 * (linear + (0 if tied else table)) + norms, 0 if tied else 4 * table  # linear has the head
     body = linear - table  # every linear but the output head
     groups = body // group_size
     scale = 4 if fmt == "onnx" else 2
