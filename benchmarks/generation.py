@@ -3,8 +3,9 @@
 Rows, each measured in its own process on the same prompts and threads:
 - Hugging Face transformers eager fp32 (the dequantized GGUF, with transformers' KV cache): the baseline
   and the reference;
-- edgelm's artifacts from a bundle of ``edgelm export --device pixel8 --model smollm2-135m`` (``.pte`` and
-  ONNX, 8da4w);
+- edgelm's artifacts from a bundle of ``edgelm export --device pixel8 --model smollm2-135m`` (``.pte``, ONNX
+  and LiteRT ``.tflite``, 8da4w), or from several bundles of the same model (``--bundle A B``: e.g. one
+  exported with ``--format tflite`` beside an older one; their golden sets must be identical);
 - llama.cpp through ``llama-cpp-python`` on the very same Q4_1 GGUF file (skipped, saying so, when it is not
   installed; it builds from source: ``pip install llama-cpp-python``).
 - optimum-executorch's export of the same model (``--qlinear 8da4w --qembedding 8w --use_custom_sdpa
@@ -20,7 +21,7 @@ prefill tokens/s (128-token prompt), decode tokens/s (128 new tokens) and time t
 threads. Results: ``benchmarks/results/generation.{json,md,png}`` (the PNG: decode tokens/s against perplexity
 ratio), with the host's CPU and load.
 
-    python benchmarks/generation.py [--export-optimum] [--bundle dist/pixel8] [--threads 1 2]
+    python benchmarks/generation.py [--export-optimum] [--bundle dist/pixel8 ...] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def run_worker(kind: str, path: str, threads: int, golden: Path, quality: bool) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=ROOT / "dist" / "pixel8")
+    ap.add_argument("--bundle", type=Path, nargs="+", default=[ROOT / "dist" / "pixel8"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--worker")
     ap.add_argument("--path", default="")
@@ -218,19 +219,28 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a.worker, a.path, a.threads[0], a.golden, a.quality)))
         return
-    if not (a.bundle / "manifest.json").is_file():
-        sys.exit(f"no bundle at {a.bundle}: run `edgelm export --device pixel8 --model smollm2-135m` first")
-    manifest = json.loads((a.bundle / "manifest.json").read_text())
-    golden = a.bundle / "golden.npz"
+    manifests = []
+    for b in a.bundle:
+        if not (b / "manifest.json").is_file():
+            sys.exit(f"no bundle at {b}: run `edgelm export --device pixel8 --model smollm2-135m` first")
+        manifests.append((b, json.loads((b / "manifest.json").read_text())))
+    first = np.load(a.bundle[0] / "golden.npz")
+    for b in a.bundle[1:]:
+        other = np.load(b / "golden.npz")
+        if any(
+            not np.array_equal(first[k], other[k]) for k in ("prompt_tokens", "reference_tokens", "perplexity_tokens")
+        ):
+            sys.exit(f"{b}'s golden prompts or reference tokens differ from {a.bundle[0]}'s: export the same model")
+    manifest = manifests[0][1]
+    golden = a.bundle[0] / "golden.npz"
     ref_ppl = float(np.load(golden)["reference_perplexity"])
     from edgelm.causal_lm import packaged_gguf
 
     gguf = str(packaged_gguf("smollm2-135m"))
     rows = [("transformers eager fp32", "eager", "", manifest["model"]["parameters"] * 4)]
-    rows += [
-        (f"edgelm {x['file']}", "edgelm", str(a.bundle / x["file"]), x["size_bytes"]) for x in manifest["artifacts"]
-    ]
-    export_s = {f"edgelm {x['file']}": x.get("export_seconds") for x in manifest["artifacts"]}
+    artifacts = {x["file"]: (b, x) for b, m in manifests for x in m["artifacts"]}  # a later bundle's file wins
+    rows += [(f"edgelm {f}", "edgelm", str(b / f), x["size_bytes"]) for f, (b, x) in artifacts.items()]
+    export_s = {f"edgelm {f}": x.get("export_seconds") for f, (_, x) in artifacts.items()}
     if (OPTIMUM / "export.json").is_file():
         export_s["optimum-executorch 8da4w .pte"] = json.loads((OPTIMUM / "export.json").read_text())["seconds"]
     try:
@@ -300,7 +310,8 @@ def main() -> None:
         "",
         *markdown_table(table),
         "",
-        "Reproduce: `edgelm export --device pixel8 --model smollm2-135m && python benchmarks/generation.py`.",
+        "Reproduce: `edgelm export --device pixel8 --model smollm2-135m --format executorch,onnx,tflite && python "
+        "benchmarks/generation.py` (or bundles exported apart: `--bundle dist/pixel8 other/pixel8`).",
         "",
     ]
     md = write_results("generation", payload, lines)

@@ -1080,7 +1080,7 @@ def _estimate_decoder(device: str, model: str, quant: str | None, threads: int |
         rows = []
         for name in available_profiles():
             recipe = make_generation_recipe(load_profile(name), threads=threads)
-            best = fastest_fitting(decoder_rows(recipe, cfg, gguf_type, schemes_ or ["8da4w"]))
+            best = fastest_fitting(decoder_rows(recipe, cfg, gguf_type, schemes_))
             rows.append(
                 {
                     "device": name,

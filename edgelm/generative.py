@@ -42,7 +42,7 @@ from edgelm.recipe import GenerationRecipe
 from edgelm.report import fmt, markdown_table
 from edgelm.validate.host import HostRunner
 from edgelm.validate.tokenizer_parity import check_tokenizers, summary_lines, write_check
-from exporters import decoder
+from exporters import decoder, decoder_tflite
 from exporters.base import ExporterError, sha256_file
 
 ProgressFn = Callable[[str, int, int], None]
@@ -201,11 +201,16 @@ def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: 
             hf_dir = work / "hf"
             if not hf_dir.is_dir():
                 save_hf_checkpoint(lm, hf_dir)
-            info = decoder.export_onnx(hf_dir, path, blocks=lm.blocks, **common)
-            companions = decoder.onnx_files(path)
+            if plan.format == "tflite":
+                info = decoder_tflite.export_tflite(hf_dir, path, bos_id=lm.bos_id, eos_ids=lm.eos_ids, **common)
+                companions = [decoder_tflite.config_path(path)]
+            else:
+                info = decoder.export_onnx(hf_dir, path, blocks=lm.blocks, **common)
+                companions = decoder.onnx_files(path)
     except ExporterError as exc:
         raise ExportError(f"{plan.format}: {exc}") from exc
     files = [path, *companions]
+    tflite = plan.format == "tflite"
     return {
         "file": path.name,
         "format": plan.format,
@@ -213,11 +218,11 @@ def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: 
         "sha256": sha256_file(path),
         "size_bytes": sum(f.stat().st_size for f in files),
         "inputs": [
-            {"name": "tokens", "dtype": "int64", "shape": [1, "n"]},
-            {"name": "input_pos", "dtype": "int64", "shape": [1]},
+            {"name": "tokens", "dtype": "int32" if tflite else "int64", "shape": [1, "n"]},
+            {"name": "input_pos", "dtype": "int32" if tflite else "int64", "shape": ["n" if tflite else 1]},
         ],
         "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["n" if plan.format == "onnx" else 1, lm.vocab_size]}
+            {"name": "logits", "dtype": "float32", "shape": [1 if plan.format == "executorch" else "n", lm.vocab_size]}
         ],
         "runtime": decoder.runtime_versions(path),
         "details": info,
@@ -328,7 +333,9 @@ def export_generative(
         gguf_type = lm.gguf_type if lm.blocks else None  # an 8-bit head only where the blocks are carried
         for e in entries:  # the artifact's own size; a separate embedding table is read one row per token
             q = e["quantization"]
-            _, gathered = decoder_weight_bytes(lm.config, q["scheme"], q["group_size"], e["format"], gguf_type)
+            _, gathered = decoder_weight_bytes(
+                lm.config, q["scheme"], q["group_size"], e["format"], gguf_type, recipe.context_length
+            )
             e["estimate"] = est.for_size(e["size_bytes"], gathered)
         manifest = Manifest.model_validate(
             {

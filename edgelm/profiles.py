@@ -94,16 +94,18 @@ class Compression(_Strict):
 
 class Llm(_Strict):
     """Generative models (text-generation) on this device: ``context_length`` is the KV cache's positions
-    (prompt + generated tokens, the longest prefill); ``formats`` the artifacts exported (ExecuTorch and ONNX;
-    LiteRT follows); ``scheme`` their quantization (``8da4w``: int8 dynamic activations, int4 weights in groups
-    of ``group_size``, 8-bit embeddings) and ``max_artifact_mb`` their size budget, MB;
+    (prompt + generated tokens, the longest prefill); ``formats`` the artifacts exported (ExecuTorch, ONNX, LiteRT);
+    ``scheme`` their quantization (``8da4w``: int8 dynamic activations, int4 weights in groups of
+    ``group_size``; ExecuTorch and ONNX keep 8-bit embeddings, LiteRT's recipe takes 32 or 128) and
+    ``quantization`` a scheme of its own for a format (LiteRT: ``int8_dynamic``, int8 per-channel weights) and ``max_artifact_mb`` their size budget, MB;
     ``min_decode_tokens_per_s`` the decode speed the device must reach (compared with the cost model's
     estimate; host measurements are not device speed); ``ram_budget_mb`` what the weights and the KV cache
     may take, MB."""
 
     context_length: int = Field(default=1024, ge=16, le=32768)
-    formats: list[Literal["executorch", "onnx"]] = ["executorch", "onnx"]
+    formats: list[Literal["executorch", "onnx", "tflite"]] = ["executorch", "onnx"]
     scheme: Literal["8da4w", "fp32"] = "8da4w"
+    quantization: dict[Literal["executorch", "onnx", "tflite"], Literal["8da4w", "int8_dynamic", "fp32"]] = {}
     group_size: Literal[32, 64, 128, 256] = 32
     max_artifact_mb: float = Field(default=512.0, gt=0)
     min_decode_tokens_per_s: float = Field(default=10.0, gt=0)

@@ -255,7 +255,7 @@ class GenerationRecipe:
 
     Attributes:
         device / display_name: the profile's names.
-        plans: one :class:`FormatPlan` per decoder artifact (ExecuTorch, ONNX), with the text-generation gates
+        plans: one :class:`FormatPlan` per decoder artifact (ExecuTorch, ONNX, LiteRT), with the text-generation gates
             (size within ``[llm] max_artifact_mb``).
         context_length: KV-cache positions, tokens (prompt + generated; the longest prefill).
         threads: CPU threads the runtimes use on the target.
@@ -283,8 +283,17 @@ class GenerationRecipe:
         return d
 
 
-#: Formats that export generative decoders (exporters.decoder).
-DECODER_FORMATS = ("executorch", "onnx")
+#: The schemes each format's decoder export takes (exporters.decoder, exporters.decoder_tflite): LiteRT also
+#: takes int8 per-channel weights (litert-torch's ``dynamic_int8`` recipe).
+DECODER_SCHEMES = {
+    "executorch": ("8da4w", "fp32"),
+    "onnx": ("8da4w", "fp32"),
+    "tflite": ("8da4w", "int8_dynamic", "fp32"),
+}
+#: Formats that export generative decoders.
+DECODER_FORMATS = tuple(DECODER_SCHEMES)
+#: Block sizes litert-torch's int4 dynamic recipes take (``dynamic_int4_block32`` / ``_block128``).
+TFLITE_GROUP_SIZES = (32, 128)
 
 
 def make_generation_recipe(
@@ -299,12 +308,15 @@ def make_generation_recipe(
     profile's ``[llm] formats``), ``quant`` (a scheme for every format or ``FORMAT=SCHEME``; default ``[llm]
     scheme``), ``threads`` and ``context_length`` (16..32768 tokens) override the profile.
 
-    Raises RecipeError: a format that cannot export decoders, a scheme other than 8da4w/fp32, a bad count."""
+    ``[llm] quantization`` maps a format to its own scheme (LiteRT: ``int8_dynamic``).
+
+    Raises RecipeError: a format that cannot export decoders, a scheme the format's decoders do not take
+    (:data:`DECODER_SCHEMES`), a bad count, LiteRT 8da4w with a group size its recipes do not have."""
     llm = profile.llm
     chosen = list(dict.fromkeys(formats)) if formats else list(llm.formats)
     for fmt in chosen:
         if fmt not in DECODER_FORMATS:
-            raise RecipeError(f"{fmt} does not export generative models yet; choose from {', '.join(DECODER_FORMATS)}")
+            raise RecipeError(f"unknown format {fmt!r} for generative models; choose from {', '.join(DECODER_FORMATS)}")
     overrides = parse_quant_override(quant, chosen)
     ctx = llm.context_length if context_length is None else int(context_length)
     if not 16 <= ctx <= 32768:
@@ -312,9 +324,14 @@ def make_generation_recipe(
     n_threads = _threads(profile, threads)
     plans = []
     for fmt in chosen:
-        scheme = overrides.get(fmt) or llm.scheme
-        if scheme not in ("8da4w", "fp32"):
-            raise RecipeError(f"generative models export as 8da4w or fp32, not {scheme!r}")
+        scheme = overrides.get(fmt) or llm.quantization.get(fmt) or llm.scheme
+        if scheme not in DECODER_SCHEMES[fmt]:
+            raise RecipeError(f"generative {fmt} models export as {' or '.join(DECODER_SCHEMES[fmt])}, not {scheme!r}")
+        if fmt == "tflite" and scheme == "8da4w" and llm.group_size not in TFLITE_GROUP_SIZES:
+            raise RecipeError(
+                f"LiteRT's int4 recipes use blocks of {' or '.join(map(str, TFLITE_GROUP_SIZES))}, and the profile's "
+                f"[llm] group_size is {llm.group_size}: change it, or leave tflite out of --format"
+            )
         gates = dataclasses.replace(gates_for(profile, scheme), max_size_mb=llm.max_artifact_mb)
         spec = QuantSpec(scheme=scheme, embedding_bits=8 if scheme == "8da4w" else None, group_size=llm.group_size)
         plans.append(FormatPlan(format=fmt, quant=spec, delegate=_delegate(profile, fmt), gates=gates))

@@ -280,6 +280,7 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                     "ppl ratio": fmt(fid.get("perplexity_ratio"), ".4f"),
                     "agreement": fmt(fid.get("token_agreement"), ".2f"),
                     "prefix": fmt(fid.get("mean_prefix"), ".1f"),
+                    "vs host": fmt(vs.get("token_agreement"), ".2f"),
                     "decode tok/s": "functional only" if lat.get("emulated") else fmt(speed, ".1f"),
                 }
             else:
@@ -306,7 +307,8 @@ def render_validation_markdown(doc: dict) -> str:
         "cosine, max error) and against the host's outputs of the same artifact (Δ vs host: max |difference|; "
         "top-1 vs host: share of inputs with the same class); for a generative model, perplexity and its ratio "
         "to the reference's, the share of golden prompts whose greedy tokens equal the reference's (agreement; "
-        "prefix: mean tokens before the first difference) and decode tokens/s. "
+        "prefix: mean tokens before the first difference), the share whose tokens equal the host's run of the "
+        "same artifact (vs host) and decode tokens/s. "
         "Emulated latency is functional only, never device speed.",
         "",
         *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]),

@@ -130,6 +130,9 @@ TABLE: dict[str, Scheme] = {
             golden_max_rel_error=0.25,
             search_float_layers=((),),
             search_order=3,
+            # LiteRT decoders (int8 per-channel weights, --format tflite): the 8da4w gates
+            max_perplexity_ratio=1.10,
+            min_token_agreement=0.15,
         ),
         Scheme(
             "int8_static",

@@ -21,12 +21,16 @@ Export (torch side; never imports edgelm):
 
 Run (runtime side: numpy + the runtime): :func:`load_decoder` -> a :class:`DecoderSession` whose
 ``forward(tokens, pos)`` feeds ``tokens`` int64 [n] at positions ``pos .. pos+n-1`` and returns float32
-logits [n, vocab] (ONNX: every position) or [1, vocab] (ExecuTorch: the last position).
+logits [n, vocab] (ONNX, LiteRT: every position) or [1, vocab] (ExecuTorch: the last position).
+
+LiteRT (``.tflite``, litert-torch's generative API: ``prefill_<N>`` and ``decode`` signatures) lives in
+:mod:`exporters.decoder_tflite`; :func:`load_decoder` opens it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -526,8 +530,9 @@ def _check_window(session: DecoderSession, tokens: np.ndarray, pos: int) -> np.n
 
 @contextlib.contextmanager
 def quiet_stderr() -> Iterator[None]:
-    """Send ExecuTorch's cpuinfo and thread-pool log lines (written to fd 2 and, through pybind, to
-    ``sys.stderr``) to /dev/null while the block runs; Python exceptions still propagate."""
+    """Send the runtimes' log lines (ExecuTorch's cpuinfo and thread-pool lines, written to fd 2 and, through
+    pybind, to ``sys.stderr``; LiteRT's accelerator registry, through buffered C stdio, flushed here before
+    fd 2 comes back) to /dev/null while the block runs; Python exceptions still propagate."""
     sys.stderr.flush()
     saved, saved_py = os.dup(2), sys.stderr
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -540,6 +545,8 @@ def quiet_stderr() -> Iterator[None]:
             finally:
                 sys.stderr = saved_py
     finally:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers still bound for /dev/null
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
@@ -632,7 +639,7 @@ class OnnxDecoder:
 
 
 def load_decoder(path: Path, threads: int | None = None) -> DecoderSession:
-    """Open a generative artifact (``.pte`` or ``.onnx``) for step-wise decoding.
+    """Open a generative artifact (``.pte``, ``.onnx`` or ``.tflite``) for step-wise decoding.
 
     Raises ArtifactLoadError (missing, corrupt, not a decoder, unknown suffix) or RuntimeNotInstalledError.
     """
@@ -641,10 +648,18 @@ def load_decoder(path: Path, threads: int | None = None) -> DecoderSession:
         return ExecuTorchDecoder(path, threads)
     if path.suffix == ".onnx":
         return OnnxDecoder(path, threads)
-    raise ArtifactLoadError(f"{path.name}: generative artifacts are .pte or .onnx files")
+    if path.suffix == ".tflite":
+        from exporters.decoder_tflite import LiteRTDecoder
+
+        return LiteRTDecoder(path, threads)
+    raise ArtifactLoadError(f"{path.name}: generative artifacts are .pte, .onnx or .tflite files")
 
 
 def runtime_versions(path: Path) -> dict[str, str]:
     """``{package: version}`` of the runtime that runs a decoder at ``path``."""
-    names = ("executorch", "torch") if Path(path).suffix == ".pte" else ("onnxruntime", "onnxruntime-genai")
+    names = {
+        ".pte": ("executorch", "torch"),
+        ".onnx": ("onnxruntime", "onnxruntime-genai"),
+        ".tflite": ("ai-edge-litert", "litert-torch"),
+    }.get(Path(path).suffix, ())
     return package_versions(*names)

@@ -407,7 +407,12 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                 if info.get("kind") == "host"
                 else _host_outputs(bundle, name, (info.get("eval_set") or {}).get("source"))
             )
-            if host is not None and host.shape == res.outputs.shape and bundle.kind != tasks.TEXT_GENERATION.kind:
+            if host is not None and host.shape == res.outputs.shape and bundle.kind == tasks.TEXT_GENERATION.kind:
+                from edgelm.generation import token_agreement
+
+                same = token_agreement(host.astype(np.int64), res.outputs.astype(np.int64))
+                rec["vs_host"] = {"token_agreement": same["agreement"], "mean_prefix": same["mean_prefix"]}
+            elif host is not None and host.shape == res.outputs.shape:
                 rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
                 if tasks.for_kind(bundle.kind).uses_labels:
                     rec["vs_host"]["top1_agreement"] = top1_agreement(res.outputs, host)
@@ -553,6 +558,8 @@ def run_runtime_tests(bundle: Bundle, runner_name: str, results_dir: Path, timeo
         "--results",
         str(results_dir),
     ]
+    for name in ResultStore(results_dir).info().get("artifacts", []):  # those run (validate --artifact picks)
+        cmd += ["--artifact", name]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except FileNotFoundError:

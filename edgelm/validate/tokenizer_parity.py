@@ -148,6 +148,9 @@ def runtime_tokenizers(directory: Path) -> tuple[list[RuntimeTokenizer], dict[st
     try:
         import onnxruntime_genai as og
 
+        if not (directory / "genai_config.json").is_file():  # og reads the tokenizer through its model config
+            missing["onnxruntime-genai"] = "the bundle has no ONNX decoder (genai_config.json)"
+            return found, missing
         gen = og.Tokenizer(str(directory))
         found.append(
             RuntimeTokenizer(
