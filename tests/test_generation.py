@@ -402,7 +402,7 @@ def test_decoder_estimate_is_memory_bound():
 def test_decoder_sizes_follow_each_format_layout():
     """SmolLM2-135M from its Q4_1 GGUF as edgelm writes it: within 3% of the measured artifacts (README: .pte
     131.6 MB with a separate 8-bit head and block offsets; .onnx 114.1 MB, the 8-bit table shared by the
-    embedding and the head, 4-byte MatMulNBits scales)."""
+    embedding and the head, 4-byte MatMulNBits scales; .tflite 85.2 MB int4 and 153.6 MB int8)."""
     from edgelm.compress.estimate import decoder_weight_bytes
 
     pte, pte_table = decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, "executorch", "Q4_1")
@@ -411,6 +411,11 @@ def test_decoder_sizes_follow_each_format_layout():
     assert pte_table == 49152 * 576 + 4 * 49152 and onnx_table == 0  # ONNX reads its table as the head
     q4_0, _ = decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, "executorch", "Q4_0")
     assert pte - q4_0 == 4 * (106_168_320 // 32)  # Q4_1: one float32 offset per block of the 30 x 7 linears
+    # LiteRT re-quantizes every weight; its file adds the causal mask and per-signature records (context 1,024)
+    tfl4, _ = decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, "tflite", "Q4_1", 1024)
+    tfl8, tfl8_table = decoder_weight_bytes(SMOLLM2_CONFIG, "int8_dynamic", 32, "tflite", "Q4_1", 1024)
+    assert tfl4 / 1e6 == pytest.approx(85.2, rel=0.01) and tfl8 / 1e6 == pytest.approx(153.6, rel=0.02)
+    assert tfl8_table == 0  # the tied table is the head
     fp32, fp32_table = decoder_weight_bytes(SMOLLM2_CONFIG, "fp32")
     assert fp32 / 1e6 == pytest.approx(538.1, abs=0.1) and fp32_table == 0  # tied: one table
 
