@@ -233,7 +233,7 @@ def main() -> None:
             sys.exit(f"{b}'s golden prompts or reference tokens differ from {a.bundle[0]}'s: export the same model")
     manifest = manifests[0][1]
     golden = a.bundle[0] / "golden.npz"
-    ref_ppl = float(np.load(golden)["reference_perplexity"])
+    ref_ppl = float(first["reference_perplexity"])
     from edgelm.causal_lm import packaged_gguf
 
     gguf = str(packaged_gguf("smollm2-135m"))

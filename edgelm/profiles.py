@@ -94,10 +94,11 @@ class Compression(_Strict):
 
 class Llm(_Strict):
     """Generative models (text-generation) on this device: ``context_length`` is the KV cache's positions
-    (prompt + generated tokens, the longest prefill); ``formats`` the artifacts exported (ExecuTorch, ONNX, LiteRT);
-    ``scheme`` their quantization (``8da4w``: int8 dynamic activations, int4 weights in groups of
-    ``group_size``; ExecuTorch and ONNX keep 8-bit embeddings, LiteRT's recipe takes 32 or 128) and
-    ``quantization`` a scheme of its own for a format (LiteRT: ``int8_dynamic``, int8 per-channel weights) and ``max_artifact_mb`` their size budget, MB;
+    (prompt + generated tokens, the longest prefill); ``formats`` the artifacts exported (ExecuTorch, ONNX,
+    LiteRT); ``scheme`` their quantization (``8da4w``: int8 dynamic activations, int4 weights in groups of
+    ``group_size``; ExecuTorch and ONNX keep 8-bit embeddings, LiteRT's recipe takes 32 or 128);
+    ``quantization`` a scheme of a format's own (LiteRT: ``int8_dynamic``, int8 per-channel weights);
+    ``max_artifact_mb`` their size budget, MB;
     ``min_decode_tokens_per_s`` the decode speed the device must reach (compared with the cost model's
     estimate; host measurements are not device speed); ``ram_budget_mb`` what the weights and the KV cache
     may take, MB."""

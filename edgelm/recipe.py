@@ -13,7 +13,7 @@ import exporters
 from edgelm import schemes
 from edgelm.errors import RecipeError
 from edgelm.profiles import DeviceProfile
-from exporters import QuantSpec
+from exporters import QuantSpec, decoder, decoder_tflite
 
 #: Default maximum task-accuracy drop against the PyTorch fp32 model, in percentage points.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
@@ -283,17 +283,14 @@ class GenerationRecipe:
         return d
 
 
-#: The schemes each format's decoder export takes (exporters.decoder, exporters.decoder_tflite): LiteRT also
-#: takes int8 per-channel weights (litert-torch's ``dynamic_int8`` recipe).
+#: The schemes each format's decoder export takes: LiteRT also takes int8 per-channel weights.
 DECODER_SCHEMES = {
-    "executorch": ("8da4w", "fp32"),
-    "onnx": ("8da4w", "fp32"),
-    "tflite": ("8da4w", "int8_dynamic", "fp32"),
+    "executorch": decoder.DECODER_SCHEMES,
+    "onnx": decoder.DECODER_SCHEMES,
+    "tflite": decoder_tflite.SCHEMES,
 }
 #: Formats that export generative decoders.
 DECODER_FORMATS = tuple(DECODER_SCHEMES)
-#: Block sizes litert-torch's int4 dynamic recipes take (``dynamic_int4_block32`` / ``_block128``).
-TFLITE_GROUP_SIZES = (32, 128)
 
 
 def make_generation_recipe(
@@ -327,9 +324,9 @@ def make_generation_recipe(
         scheme = overrides.get(fmt) or llm.quantization.get(fmt) or llm.scheme
         if scheme not in DECODER_SCHEMES[fmt]:
             raise RecipeError(f"generative {fmt} models export as {' or '.join(DECODER_SCHEMES[fmt])}, not {scheme!r}")
-        if fmt == "tflite" and scheme == "8da4w" and llm.group_size not in TFLITE_GROUP_SIZES:
+        if fmt == "tflite" and scheme == "8da4w" and llm.group_size not in decoder_tflite.GROUP_SIZES:
             raise RecipeError(
-                f"LiteRT's int4 recipes use blocks of {' or '.join(map(str, TFLITE_GROUP_SIZES))}, and the profile's "
+                f"LiteRT's int4 recipes use blocks of {' or '.join(map(str, decoder_tflite.GROUP_SIZES))}, and the profile's "
                 f"[llm] group_size is {llm.group_size}: change it, or leave tflite out of --format"
             )
         gates = dataclasses.replace(gates_for(profile, scheme), max_size_mb=llm.max_artifact_mb)

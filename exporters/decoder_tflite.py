@@ -47,9 +47,10 @@ from exporters.base import (
     check_artifact_file,
     require_installed,
 )
+from exporters.decoder import _check_window, quiet_stderr
 
-#: litert-torch's recipe name per edgelm group size for ``8da4w`` (int4 block-wise weights, dynamic int8).
-_RECIPES = {32: "dynamic_int4_block32", 128: "dynamic_int4_block128"}
+#: Block sizes litert-torch's int4 recipes take for ``8da4w`` (``BLOCKWISE_32`` / ``BLOCKWISE_128``).
+GROUP_SIZES = (32, 128)
 #: Schemes a LiteRT decoder export takes: int4 block-wise or int8 per-channel weights (both with int8 dynamic
 #: activations: litert-torch's ``full_dynamic_recipe``), or float32.
 SCHEMES = ("8da4w", "int8_dynamic", "fp32")
@@ -90,9 +91,9 @@ def export_tflite(
     """
     if scheme not in SCHEMES:
         raise UnsupportedQuantError(f"LiteRT decoders export as {', '.join(SCHEMES)}, not {scheme!r}")
-    if scheme == "8da4w" and group_size not in _RECIPES:
+    if scheme == "8da4w" and group_size not in GROUP_SIZES:
         raise UnsupportedQuantError(
-            f"LiteRT's int4 block-wise recipes use blocks of {' or '.join(map(str, _RECIPES))}, not {group_size}: "
+            f"LiteRT's int4 block-wise recipes use blocks of {' or '.join(map(str, GROUP_SIZES))}, not {group_size}: "
             "set [llm] group_size in the profile to one of these"
         )
     require_installed(("litert_torch", "litert-torch"), purpose="to export LiteRT decoders")
@@ -130,7 +131,7 @@ def export_tflite(
         "scheme": scheme,
         "group_size": group_size if scheme == "8da4w" else None,
         "weights": {
-            "8da4w": f"int4 block {group_size}, dynamic int8 activations ({_RECIPES.get(group_size)})",
+            "8da4w": f"int4 block {group_size}, dynamic int8 activations (full_dynamic_recipe)",
             "int8_dynamic": "int8 per channel, dynamic int8 activations (full_dynamic_recipe)",
         }.get(scheme, "float32"),
         "signatures": [f"prefill_{n}" for n in meta["prefill_lengths"]] + ["decode"],
@@ -340,7 +341,7 @@ class LiteRTDecoder:
         self._weight_cache = Path(tempfile.mkdtemp(prefix="edgelm-xnnpack-"))
         weakref.finalize(self, shutil.rmtree, self._weight_cache, True)
         try:
-            with _quiet_fd2():  # LiteRT 2 logs each vendor plugin it does not find
+            with quiet_stderr():  # LiteRT 2 logs each vendor plugin it does not find
                 self._compiled = _compiled_model(path, threads or 1, self._weight_cache / "weights.xnnpack")
             if self._compiled is not None:
                 sigs = self._compiled.get_signature_list()
@@ -363,7 +364,8 @@ class LiteRTDecoder:
         self._kv_shapes = {n: shapes[n] for n in self._kv_names}
         self.max_context = int(shapes[self._kv_names[0]][1])
         self._kv_buffers = None
-        with _quiet_fd2():  # the first buffer write sets up LiteRT's shared environment, which logs too
+        self._io: dict[str, tuple[dict, Any]] = {}
+        with quiet_stderr():  # the first buffer write sets up LiteRT's shared environment, which logs too
             if self._compiled is not None:
                 self._kv_buffers = {n: self._compiled.create_input_buffer_by_name("decode", n) for n in self._kv_names}
                 _silence_litert_at_exit()
@@ -372,8 +374,9 @@ class LiteRTDecoder:
     def close(self) -> None:
         """Release LiteRT's model, buffers and environment (its log lines about it go to /dev/null)."""
         if getattr(self, "_compiled", None) is not None:
-            with _quiet_fd2():
+            with quiet_stderr():
                 self._kv_buffers = None
+                self._io = {}
                 self._compiled = None
         if getattr(self, "_weight_cache", None) is not None:
             shutil.rmtree(self._weight_cache, ignore_errors=True)
@@ -396,18 +399,20 @@ class LiteRTDecoder:
             out = self._runners[signature](**feeds, **self._cache)
             self._cache = {k: out[k] for k in self._kv_names}
             return out["logits"].reshape(n, -1)
-        m = self._compiled
-        inputs = dict(self._kv_buffers)
+        if signature not in self._io:  # each signature's token, position and logits buffers, made once
+            m = self._compiled
+            self._io[signature] = (
+                {name: m.create_input_buffer_by_name(signature, name) for name in feeds},
+                m.create_output_buffer_by_name(signature, "logits"),
+            )
+        inputs, logits = self._io[signature]
         for name, value in feeds.items():
-            inputs[name] = m.create_input_buffer_by_name(signature, name)
             inputs[name].write(value)
-        logits = m.create_output_buffer_by_name(signature, "logits")
-        m.run_by_name(signature, inputs, {"logits": logits, **self._kv_buffers})  # the cache is updated in place
+        # the cache buffers are both input and output: updated in place
+        self._compiled.run_by_name(signature, {**inputs, **self._kv_buffers}, {"logits": logits, **self._kv_buffers})
         return logits.read(n * self.vocab_size, np.float32).reshape(n, -1)
 
     def forward(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        from exporters.decoder import _check_window
-
         tokens = _check_window(self, tokens, pos)
         if pos > self._len:
             raise ValueError(f"position {pos} skips the cache, which holds {self._len} positions")
@@ -462,12 +467,6 @@ def _silence_litert_at_exit() -> None:
 
     atexit.register(silence)
     _SILENCED.append(True)
-
-
-def _quiet_fd2():
-    from exporters.decoder import quiet_stderr
-
-    return quiet_stderr()
 
 
 if __name__ == "__main__":
