@@ -8,6 +8,13 @@ set (``golden.npz``: token ids, PyTorch fp32 reference outputs, texts and labels
 sequence buckets) and golden tolerance. The app's build takes the folder as an asset source
 (``-Pedgelm.bundle=.../android``), or it is copied to ``app/src/main/assets/``.
 
+A text-generation bundle (:func:`write_generative_android_bundle`) carries the decoders the app runs
+(ExecuTorch ``.pte`` through ``LlmModule`` and ``Module``, LiteRT ``.tflite`` through its interpreter's
+signatures), ``tokenizer.json`` (byte-level BPE: the app's own tokenizer and ``LlmModule``'s read it), the
+golden set (prompt token ids, reference greedy tokens, the perplexity window), ``prompts.json`` (the golden
+prompts as text, the reference continuations decoded, the chat template's prefix and suffix around a user
+message) and ``tokenizer_cases.json`` (texts with Hugging Face's ids, for the on-device tokenizer check).
+
 No torch: it reads a finished export bundle (through :class:`edgelm.validate.bundle.Bundle`).
 """
 
@@ -103,8 +110,11 @@ TOLERANCE_GATES = ("min_cosine", "min_top1_agreement", "max_accuracy_drop")
 def write_android_bundle(bundle_dir: Path) -> Path:
     """Write :func:`android_assets` from a finished export bundle (its manifest.json, golden.npz, tokenizer
     files, labels and artifacts; each artifact's gates from the manifest's recipe). Returns the asset folder.
+    A text-generation bundle goes to :func:`write_generative_android_bundle`.
     Raises ExportError (not a WordPiece tokenizer)."""
     bundle = Bundle.load(bundle_dir)
+    if bundle.kind == tasks.TEXT_GENERATION.kind:
+        return write_generative_android_bundle(bundle)
     manifest = bundle.manifest
     out = android_assets(bundle.path)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,5 +173,186 @@ def write_android_bundle(bundle_dir: Path) -> Path:
         },
         "artifacts": artifacts,
     }
+    (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+#: Decoder formats the demo app runs, with the runtime it runs them on (the ONNX decoders need ONNX Runtime
+#: GenAI's Android library, which the app does not carry).
+APP_DECODER_RUNTIMES = {"executorch": "executorch", "tflite": "litert"}
+
+
+def byte_level_bpe_settings(path: Path) -> dict:
+    """Check that ``tokenizer.json`` is a tokenizer the app's byte-level BPE (``ByteLevelBpeTokenizer`` in
+    examples/android/edgelm-core) implements exactly, and return its settings for the manifest: no normalizer,
+    the pre-tokenizer ``ByteLevel`` (GPT-2's split regex, no prefix space), optionally after ``Digits``, a
+    ``BPE`` model without byte fallback, dropout or subword affixes, the ``ByteLevel`` decoder, and added
+    tokens matched as they are (no lstrip/rstrip/single-word). Raises ExportError naming what differs."""
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--bundle android: cannot read {path.name}: {exc}") from None
+    problems = []
+    if tok.get("normalizer") is not None:
+        problems.append(f"normalizer {tok['normalizer'].get('type')}")
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    digits = False
+    if len(steps) == 2 and steps[0].get("type") == "Digits":
+        digits = bool(steps[0].get("individual_digits"))
+        steps = steps[1:]
+    if not (
+        len(steps) == 1
+        and steps[0].get("type") == "ByteLevel"
+        and steps[0].get("use_regex", True)
+        and not steps[0].get("add_prefix_space", False)
+    ):
+        problems.append(f"pre-tokenizer {json.dumps(pre)[:120]}")
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        problems.append(f"model {model.get('type')}")
+    for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            problems.append(f"BPE {key}={model[key]!r}")
+    if (tok.get("decoder") or {}).get("type") != "ByteLevel":
+        problems.append(f"decoder {(tok.get('decoder') or {}).get('type')}")
+    for t in tok.get("added_tokens") or []:
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            problems.append(f"added token {t.get('content')!r} with lstrip/rstrip/single_word")
+            break
+    if problems:
+        raise ExportError(
+            "--bundle android: the demo app's tokenizer is byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen style "
+            f"tokenizer.json); this model's differs: {'; '.join(problems)}"
+        )
+    return {
+        "type": "byte_level_bpe",
+        "file": path.name,
+        "sha256": exporters.sha256_file(path),
+        "vocab_size": 1
+        + max([*(model.get("vocab") or {}).values(), *(t["id"] for t in tok.get("added_tokens") or [])]),
+        "individual_digits": digits,
+        "ignore_merges": bool(model.get("ignore_merges", False)),
+    }
+
+
+def chat_affixes(rendered: str, message: str) -> dict:
+    """The chat template around one user message, from a golden prompt rendered by the template:
+    ``{"prefix", "suffix"}`` with ``prefix + message + suffix == rendered`` (both empty without a template)."""
+    at = rendered.rfind(message)
+    if at < 0:
+        return {"prefix": "", "suffix": ""}
+    return {"prefix": rendered[:at], "suffix": rendered[at + len(message) :]}
+
+
+def write_generative_android_bundle(bundle: Bundle) -> Path:
+    """The Android app's assets of a text-generation bundle (see the module doc): the decoders the app runs
+    (:data:`APP_DECODER_RUNTIMES`), ``tokenizer.json``, ``golden.npz``, ``prompts.json``,
+    ``tokenizer_cases.json`` and ``manifest.json`` (:data:`ANDROID_SCHEMA`; per artifact its runtime,
+    sha256, size, companions, LiteRT signatures and the gates ``min_token_agreement`` and
+    ``max_perplexity_ratio``; ``generation``: new tokens, BOS/EOS ids, context length, the chat affixes).
+    Returns the asset folder. Raises ExportError (no decoder the app runs, a tokenizer it does not implement)."""
+    from tokenizers import Tokenizer
+
+    from edgelm.generation import PROMPTS, unpad
+    from edgelm.generative import default_text
+    from edgelm.validate.tokenizer_parity import corpora
+
+    manifest = bundle.manifest
+    gen = (manifest.model_extra or {}).get("generation") or {}
+    runnable = [a for a in manifest.artifacts if a.format in APP_DECODER_RUNTIMES]
+    if not runnable:
+        raise ExportError(
+            "--bundle android: the demo app runs ExecuTorch (.pte) and LiteRT (.tflite) decoders and this export "
+            f"has {', '.join(a.file for a in manifest.artifacts)}: add --format executorch or --format tflite"
+        )
+    out = android_assets(bundle.path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_file = bundle.file("tokenizer.json")
+    tokenizer = byte_level_bpe_settings(tok_file)
+    _link_or_copy(tok_file, out / "tokenizer.json")
+    _link_or_copy(bundle.file(manifest.golden.file), out / manifest.golden.file)
+    golden = bundle.golden
+    hf = Tokenizer.from_file(str(tok_file))
+    prompts = [hf.decode(unpad(r), skip_special_tokens=False) for r in golden["prompt_tokens"]]
+    references = [hf.decode(unpad(r), skip_special_tokens=False) for r in golden["reference_tokens"]]
+    (out / "prompts.json").write_text(
+        json.dumps({"prompts": prompts, "messages": list(PROMPTS), "reference_texts": references}, indent=1) + "\n"
+    )
+    # SST-2 dev from the shared data, found beside WikiText-2 (the export's perplexity text, or the default)
+    texts_at = [Path(gen["perplexity_text"]) if gen.get("perplexity_text") else None, default_text()]
+    wikitext = next((p for p in texts_at if p is not None and p.is_file() and p.match("wikitext2/raw/*")), None)
+    data_root = wikitext.parents[2] if wikitext is not None else None
+    texts = corpora(data_root, prompts)
+    texts.pop("wikitext2-test", None)  # 1.3 MB of text: the JDK test checks it, the APK carries the rest
+    cases = [
+        {"corpus": corpus, "text": t, "ids": hf.encode(t, add_special_tokens=False).ids}
+        for corpus, rows in texts.items()
+        for t in rows
+    ]
+    (out / "tokenizer_cases.json").write_text(json.dumps({"cases": cases}, ensure_ascii=False) + "\n")
+    artifacts = []
+    for a in runnable:
+        g = bundle.plan(a.file).gates
+        for f in [a.file] + [c.file for c in a.companions]:
+            _link_or_copy(bundle.file(f), out / f)
+        artifacts.append(
+            {
+                "file": a.file,
+                "format": a.format,
+                "runtime": APP_DECODER_RUNTIMES[a.format],
+                "scheme": a.quantization.scheme,
+                "sha256": a.sha256,
+                "size_bytes": a.size_bytes,
+                "inputs": [t.model_dump() for t in a.inputs],
+                "outputs": [t.model_dump() for t in a.outputs],
+                "max_seq_len": int(a.details.get("max_context_len") or manifest.tokenizer.max_length),
+                "seq_buckets": None,
+                "signatures": a.details.get("signatures"),
+                "companions": [c.model_dump() for c in a.companions],
+                "golden_reference": a.golden_reference,
+                "tolerance": {
+                    "min_token_agreement": g.min_token_agreement,
+                    "max_perplexity_ratio": g.max_perplexity_ratio,
+                },
+            }
+        )
+    ref_ppl = golden.get("reference_perplexity")
+    doc = {
+        "schema": ANDROID_SCHEMA,
+        "edgelm_version": edgelm.__version__,
+        "created": manifest.created,
+        "device": {"name": manifest.device.name, "display_name": manifest.device.display_name},
+        "model": {k: getattr(manifest.model, k, None) for k in ("kind", "output", "name", "architecture")},
+        "labels": None,
+        "threads": manifest.recipe.threads,
+        "tokenizer": tokenizer,
+        "generation": {
+            "new_tokens": int(gen.get("new_tokens") or golden["reference_tokens"].shape[1]),
+            "bos_id": getattr(manifest.model, "bos_id", None),
+            "eos_ids": list(getattr(manifest.model, "eos_ids", None) or []),
+            "context_length": int(manifest.tokenizer.max_length),
+            "temperature": 0.0,
+            "chat": chat_affixes(prompts[0], PROMPTS[0]) if prompts else {"prefix": "", "suffix": ""},
+            "reference_perplexity": None if ref_ppl is None else float(ref_ppl),
+            "prompts_file": "prompts.json",
+            "tokenizer_cases_file": "tokenizer_cases.json",
+        },
+        "golden": {
+            "file": manifest.golden.file,
+            "sha256": manifest.golden.sha256,
+            "count": manifest.golden.count,
+            "labeled": False,
+            "source": manifest.golden.source,
+        },
+        "artifacts": artifacts,
+        "not_in_app": [
+            {"file": a.file, "reason": f"the demo app has no {a.format} decoder runtime (ONNX Runtime GenAI)"}
+            for a in manifest.artifacts
+            if a.format not in APP_DECODER_RUNTIMES
+        ],
+    }
+    for name in ("prompts.json", "tokenizer_cases.json"):
+        doc["generation"][name.split(".")[0] + "_sha256"] = exporters.sha256_file(out / name)
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return out

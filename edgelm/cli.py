@@ -273,7 +273,6 @@ def export(
             "--prune": prune,
             "--train-data": train_data,
             "--adapter": adapter,
-            "--bundle": bundle,
             "--seq-len": seq_len,
             "--search": search,
             "--limit": limit,
@@ -282,7 +281,7 @@ def export(
         given = [k for k, v in unused.items() if v]
         if given:
             raise EdgeLMError(f"{', '.join(given)} do not apply to text-generation exports")
-        _export_generative(device, model, data, out, _split(fmt), quant, threads, context_length)
+        _export_generative(device, model, data, out, _split(fmt), quant, threads, context_length, bundle)
         return
     if context_length is not None:
         raise EdgeLMError("--context-length applies to text-generation exports; encoders take --seq-len")
@@ -378,8 +377,9 @@ def export(
         raise typer.Exit(1)
 
 
-def _export_generative(device, model, data, out, formats, quant, threads, context_length) -> None:
+def _export_generative(device, model, data, out, formats, quant, threads, context_length, bundle) -> None:
     """``edgelm export`` for a generative model (see :func:`edgelm.generative.export_generative`)."""
+    from edgelm.appbundle import APP_DECODER_RUNTIMES, BUNDLE_KINDS
     from edgelm.generative import export_generative
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_generation_recipe
@@ -390,6 +390,13 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
         load_profile(device), formats=formats, quant=quant, threads=threads, context_length=context_length
     )
     fsutil.check_output_dir(out, child=recipe.device)
+    if bundle is not None and bundle not in BUNDLE_KINDS:
+        raise EdgeLMError(f"unknown --bundle {bundle!r}: use {', '.join(BUNDLE_KINDS)}")
+    if bundle == "android" and not any(p.format in APP_DECODER_RUNTIMES for p in recipe.plans):
+        raise EdgeLMError(
+            "--bundle android: the demo app runs ExecuTorch (.pte) and LiteRT (.tflite) decoders: add "
+            "--format executorch or --format tflite"
+        )
     err = _err_console()
     rows = [
         [
@@ -409,7 +416,7 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
         wrap=("quantization", "gates"),
     )
     with StageProgress(err) as progress:
-        summary = export_generative(recipe, model, out, data=data, progress=progress)
+        summary = export_generative(recipe, model, out, data=data, progress=progress, bundle=bundle)
     ref = summary["reference"]
     cols = ("artifact", "MB", "ppl ratio", "agreement", "prefill tok/s", "decode tok/s", "1 thread", "status")
     table = [

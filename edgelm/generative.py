@@ -267,6 +267,7 @@ def export_generative(
     *,
     data: str | None = None,
     progress: ProgressFn | None = None,
+    bundle: str | None = None,
 ) -> dict:
     """Export the generative ``model`` for the recipe's device and check every artifact on this host; write
     ``out/<device>/`` (artifacts, tokenizer, golden.npz, manifest.json, validation.json, report.md, logs/).
@@ -275,6 +276,7 @@ def export_generative(
         recipe: :func:`edgelm.recipe.make_generation_recipe`.
         model: a packaged name (``smollm2-135m``), a ``.gguf`` file or a checkpoint directory.
         data: a plain-text file for the perplexity window (default: WikiText-2, see :func:`default_text`).
+        bundle: ``"android"``: also write the demo app's assets (:func:`edgelm.appbundle.write_android_bundle`).
     Returns:
         The summary: ``{"bundle", "passed", "model", "rows": [per artifact], "reference": {...}}``.
     Raises:
@@ -287,7 +289,8 @@ def export_generative(
     if text is not None and not text.is_file():
         raise DataError(f"perplexity text not found: {text}")
     threads = min(recipe.threads, os.cpu_count() or 1)
-    total, done = 6 + len(recipe.plans), 0
+    app_bundle = bundle
+    total, done = 6 + len(recipe.plans) + (app_bundle is not None), 0
 
     def step(desc: str) -> None:
         nonlocal done
@@ -393,6 +396,11 @@ def export_generative(
         summary["tokenizers"] = summary_lines(tokenizer_check)
         (tmp / "report.md").write_text(render_report(summary))
         write_validation(bundle, record)
+        if app_bundle == "android":
+            step("write the Android app's assets")
+            from edgelm.appbundle import write_android_bundle
+
+            write_android_bundle(tmp)
 
     fsutil.write_directory(final, fill)
     if progress:

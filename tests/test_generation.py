@@ -13,6 +13,8 @@ import pytest
 
 from edgelm import generation
 from edgelm.testing import make_causal_lm
+from exporters.base import sha256_file
+from tests.conftest import SHARED_DATA
 from tests.test_cli import run_cli
 
 
@@ -197,9 +199,62 @@ def gen_bundle(tiny_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen-out")
     code, output = run_cli(
         "export", "--device", "pixel8", "--model", str(tiny_gguf), "--context-length", "128", "--out", str(out),
-        "--format", "executorch", "--format", "onnx", "--format", "tflite",
+        "--format", "executorch", "--format", "onnx", "--format", "tflite", "--bundle", "android",
     )  # fmt: skip
     return code, output, out / "pixel8"
+
+
+def test_generative_android_bundle(gen_bundle):
+    """`--bundle android` of a text-generation export: the decoders the app runs, the tokenizer, the golden set,
+    the prompts as text and the tokenizer cases with Hugging Face's ids, each file's sha256 in the manifest."""
+    from tokenizers import Tokenizer
+
+    from edgelm.generation import PROMPTS, unpad
+
+    code, output, bundle = gen_bundle
+    assert code == 0, output
+    app = bundle / "android" / "edgelm"
+    m = json.loads((app / "manifest.json").read_text())
+    assert m["schema"] == "edgelm-android-bundle/1" and m["model"]["kind"] == "generator"
+    arts = {a["file"]: a for a in m["artifacts"]}
+    assert {f: a["runtime"] for f, a in arts.items()} == {
+        "model.8da4w.pte": "executorch",
+        "model.int8_dynamic.tflite": "litert",
+    }
+    assert [n["file"] for n in m["not_in_app"]] == ["model.8da4w.onnx"] and not (app / "model.8da4w.onnx").exists()
+    assert arts["model.int8_dynamic.tflite"]["signatures"] == ["prefill_32", "prefill_128", "decode"]
+    assert arts["model.8da4w.pte"]["tolerance"] == {"min_token_agreement": 0.15, "max_perplexity_ratio": 1.1}
+    gen, tok = m["generation"], m["tokenizer"]
+    assert (gen["bos_id"], gen["eos_ids"], gen["context_length"], gen["new_tokens"]) == (1, [2], 128, 32)
+    assert tok == {**tok, "type": "byte_level_bpe", "file": "tokenizer.json", "vocab_size": 384}
+    for f, sha in [(tok["file"], tok["sha256"]), ("prompts.json", gen["prompts_sha256"])]:
+        assert sha256_file(app / f) == sha
+    for a in arts.values():
+        assert sha256_file(app / a["file"]) == a["sha256"]
+    prompts = json.loads((app / "prompts.json").read_text())
+    golden = np.load(app / "golden.npz")
+    hf = Tokenizer.from_file(str(app / "tokenizer.json"))
+    # the prompt texts re-encode to the exported ids; the chat affixes rebuild them around the user message
+    assert [hf.encode(p, add_special_tokens=False).ids for p in prompts["prompts"]] == [
+        unpad(r) for r in golden["prompt_tokens"]
+    ]
+    assert gen["chat"]["prefix"] + PROMPTS[5] + gen["chat"]["suffix"] == prompts["prompts"][5]
+    assert gen["chat"]["prefix"] == "<|im_start|>user\n" and prompts["messages"] == list(PROMPTS)
+    cases = json.loads((app / "tokenizer_cases.json").read_text())["cases"]
+    corpora = {c["corpus"] for c in cases}
+    assert {"hard cases", "golden prompts"} <= corpora and "wikitext2-test" not in corpora
+    if (SHARED_DATA / "sst2" / "dev.tsv").is_file():
+        assert sum(c["corpus"] == "sst2-dev" for c in cases) == 872
+
+
+def test_generative_android_bundle_needs_a_decoder_the_app_runs(tiny_gguf, tmp_path):
+    code, output = run_cli(
+        "export", "--device", "pixel8", "--model", str(tiny_gguf), "--format", "onnx", "--bundle", "android",
+        "--out", str(tmp_path / "dist"),
+    )  # fmt: skip
+    assert (
+        code == 2 and "--format executorch or --format tflite" in output and not (tmp_path / "dist" / "pixel8").exists()
+    )
 
 
 def test_export_generative_bundle(gen_bundle):

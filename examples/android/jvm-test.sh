@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Tests of the Android demo app's plain-JVM core (examples/android/edgelm-core: WordPiece tokenizer, manifest
-# and checksum reading, golden comparison, the results JSON) with the JDK alone: no Android SDK, no Gradle,
-# no Maven download. Needs javac (Debian: default-jdk-headless) and edgelm installed (it prepares the inputs:
-# Hugging Face token ids for every SST-2 dev sentence, and a tiny android bundle).
-#   examples/android/jvm-test.sh            (../shared/data beside the checkout for the SST-2 and MRPC cases)
+# Tests of the Android demo app's plain-JVM core (examples/android/edgelm-core: WordPiece and byte-level BPE
+# tokenizers, manifest and checksum reading, golden comparison, greedy generation and agreement scoring, the
+# results JSON) with the JDK alone: no Android SDK, no Gradle, no Maven download. Needs javac (Debian:
+# default-jdk-headless) and edgelm installed (it prepares the inputs: Hugging Face token ids for every SST-2
+# dev sentence and WikiText-2 test line, a tiny classifier's and a tiny causal LM's android bundles).
+#   examples/android/jvm-test.sh            (../shared/data beside the checkout for the SST-2, MRPC, WikiText-2 cases)
+#   EDGELM_BPE_TOKENIZER=dist/pixel8/tokenizer.json examples/android/jvm-test.sh   (also compare that tokenizer)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PY="${PYTHON:-python3}"
@@ -13,10 +15,13 @@ if ! command -v javac >/dev/null 2>&1; then
 fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-"$PY" "$HERE/tools/prepare_jvm_tests.py" "$WORK" ${EDGELM_DATA_DIR:+--data-dir "$EDGELM_DATA_DIR"}
+"$PY" "$HERE/tools/prepare_jvm_tests.py" "$WORK" ${EDGELM_DATA_DIR:+--data-dir "$EDGELM_DATA_DIR"} \
+    ${EDGELM_BPE_TOKENIZER:+--bpe-tokenizer "$EDGELM_BPE_TOKENIZER"}
 mkdir -p "$WORK/classes"
 javac -encoding UTF-8 -Xlint:unchecked -d "$WORK/classes" \
     $(find "$HERE/edgelm-core/src/main/java" "$HERE/edgelm-core/src/test/java" -name '*.java')
 java -cp "$WORK/classes" dev.edgelm.core.CoreTests --tokens "$WORK/tokens" \
-    --bundle "$WORK/dist/pixel8/android/edgelm" --work "$WORK/out"
+    --bundle "$WORK/dist/pixel8/android/edgelm" --bpe "$WORK/bpe" \
+    --gen-bundle "$WORK/gen/pixel8/android/edgelm" --work "$WORK/out"
 "$PY" "$HERE/tools/check_results.py" "$WORK/dist/pixel8" "$WORK/out/results.json"
+"$PY" "$HERE/tools/check_results.py" --generative "$WORK/gen/pixel8" "$WORK/out/gen-results.json"

@@ -9,7 +9,12 @@ Writes
   sentence, MRPC dev pairs at two lengths (longest-first truncation), and hand-picked hard cases (accents,
   CJK, control characters, punctuation, special tokens in the text, over-long words, truncation);
 - WORK/dist/pixel8/android/edgelm/: an android bundle of a tiny random classifier (ONNX and TFLite, int8),
-  exported by ``edgelm export --bundle android`` with a labeled golden set.
+  exported by ``edgelm export --bundle android`` with a labeled golden set;
+- WORK/bpe/<name>/: tokenizer.json and cases.jsonl (per line {"corpus", "text", "ids"}: Hugging Face's ids,
+  no special tokens added) for each byte-level BPE tokenizer: one trained here on SST-2 train sentences
+  (8,000 tokens, Digits then ByteLevel pre-tokenizer, ChatML specials) and any ``--bpe-tokenizer`` file
+  (e.g. SmolLM2's); the texts: WikiText-2 test lines, SST-2 dev sentences, the hard cases, the golden prompts;
+- WORK/gen/dist/pixel8/android/edgelm/: the android bundle of a tiny random causal LM (``.pte``, 8da4w).
 """
 
 from __future__ import annotations
@@ -134,14 +139,105 @@ def bundle(work: Path) -> Path:
     return work / "dist" / "pixel8" / "android" / "edgelm"
 
 
+def bpe(work: Path, data_dir: Path, extra: list[Path]) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edgelm.generation import PROMPTS
+    from edgelm.validate.tokenizer_parity import corpora
+
+    texts = corpora(data_dir if data_dir.is_dir() else None)
+    texts["golden prompts"] = [CHATML_PROMPT.format(p) for p in PROMPTS]
+    sources: dict[str, Path] = {}
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    trained.decoder = decoders.ByteLevel()
+    sst2 = data_dir / "sst2" / "train.tsv"
+    corpus = [r.split("\t")[0] for r in sst2.read_text(encoding="utf-8").split("\n")[1:]] if sst2.is_file() else []
+    trained.train_from_iterator(
+        corpus or [t for rows in texts.values() for t in rows],
+        trainers.BpeTrainer(
+            vocab_size=8000,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    out = work / "bpe"
+    (out / "trained-sst2").mkdir(parents=True)
+    trained.save(str(out / "trained-sst2" / "tokenizer.json"))
+    sources["trained-sst2"] = out / "trained-sst2" / "tokenizer.json"
+    for f in extra:
+        name = f"{f.parent.name or 'extra'}-tokenizer"
+        (out / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, out / name / "tokenizer.json")
+        sources[name] = out / name / "tokenizer.json"
+    n = 0
+    for path in sources.values():
+        tok = Tokenizer.from_file(str(path))
+        with (path.parent / "cases.jsonl").open("w", encoding="utf-8") as fh:
+            for corpus_name, rows in texts.items():
+                for t in rows:
+                    ids = tok.encode(t, add_special_tokens=False).ids
+                    fh.write(json.dumps({"corpus": corpus_name, "text": t, "ids": ids}, ensure_ascii=False) + "\n")
+                    n += 1
+    return n
+
+
+#: The golden prompts as a ChatML template renders them (the tiny models' template, SmolLM2's without its
+#: system turn): special tokens inside the text.
+CHATML_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def gen_bundle(work: Path, data_dir: Path) -> Path:
+    from typer.testing import CliRunner
+
+    from edgelm.cli import app
+    from edgelm.testing import make_causal_lm
+
+    model = make_causal_lm(work / "tiny-llama")
+    r = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--device",
+            "pixel8",
+            "--model",
+            str(model),
+            "--format",
+            "executorch",
+            "--context-length",
+            "128",
+            *(["--data", str(wiki)] if (wiki := data_dir / "wikitext2" / "raw" / "wiki.test.raw").is_file() else []),
+            "--out",
+            str(work / "gen"),
+            "--bundle",
+            "android",
+        ],
+    )
+    if r.exit_code not in (0, 1):
+        sys.exit(f"prepare_jvm_tests: edgelm export (text generation) failed:\n{r.output}")
+    return work / "gen" / "pixel8" / "android" / "edgelm"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", type=Path)
     p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[3].parent / "shared" / "data")
+    p.add_argument(
+        "--bpe-tokenizer",
+        type=Path,
+        action="append",
+        default=[],
+        help="another byte-level BPE tokenizer.json to compare (its folder names it), e.g. a SmolLM2 bundle's",
+    )
     a = p.parse_args()
     n = tokens(a.work, a.data_dir)
     b = bundle(a.work)
-    print(f"prepare_jvm_tests: {n} tokenizer cases, bundle {b}")
+    m = bpe(a.work, a.data_dir, a.bpe_tokenizer)
+    g = gen_bundle(a.work, a.data_dir)
+    print(f"prepare_jvm_tests: {n} WordPiece cases, {m} byte-level BPE cases, bundles {b} and {g}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ public final class BundleManifest {
         public final String inputDtype;
         /** Golden tolerance: min cosine, min top-1 agreement, max |error|, max accuracy drop (NaN: none). */
         public final double minCosine, minTop1, maxAbsError, maxAccuracyDrop, referenceAccuracy;
+        /** Decoders' gates: share of golden prompts with every greedy token equal, perplexity ratio (NaN: none). */
+        public final double minTokenAgreement, maxPerplexityRatio;
+        /** A LiteRT decoder's signatures (prefill_32, ..., decode); empty for other artifacts. */
+        public final List<String> signatures;
 
         Artifact(Map<String, Object> m) {
             file = Json.str(m, "file");
@@ -61,6 +65,12 @@ public final class BundleManifest {
             maxAbsError = num(tol.get("max_abs_error"));
             maxAccuracyDrop = num(tol.get("max_accuracy_drop"));
             referenceAccuracy = num(m.get("reference_accuracy"));
+            minTokenAgreement = num(tol.get("min_token_agreement"));
+            maxPerplexityRatio = num(tol.get("max_perplexity_ratio"));
+            List<String> sigs = new ArrayList<>();
+            if (m.get("signatures") != null)
+                for (Object o : Json.arr(m.get("signatures"), "signatures")) sigs.add((String) o);
+            signatures = Collections.unmodifiableList(sigs);
         }
 
         private static double num(Object o) {
@@ -72,6 +82,8 @@ public final class BundleManifest {
     public final int threads;
     public final List<String> labels;
     public final Map<String, Object> tokenizer;
+    /** A text-generation bundle's settings (new_tokens, bos_id, eos_ids, context_length, chat, ...); else null. */
+    public final Map<String, Object> generation;
     public final List<Artifact> artifacts;
 
     private BundleManifest(Map<String, Object> m) {
@@ -91,6 +103,7 @@ public final class BundleManifest {
         if (m.get("labels") != null) for (Object o : Json.arr(m.get("labels"), "labels")) l.add((String) o);
         labels = Collections.unmodifiableList(l);
         tokenizer = Json.obj(m.get("tokenizer"), "tokenizer");
+        generation = m.get("generation") == null ? null : Json.obj(m.get("generation"), "generation");
         List<Artifact> arts = new ArrayList<>();
         for (Object o : Json.arr(m.get("artifacts"), "artifacts")) arts.add(new Artifact(Json.obj(o, "artifact")));
         if (arts.isEmpty()) throw new IllegalArgumentException("the bundle lists no artifacts");
@@ -116,8 +129,14 @@ public final class BundleManifest {
         return "classifier".equals(kind);
     }
 
+    /** A text-generation bundle (causal LM decoders, byte-level BPE tokenizer, golden prompts). */
+    public boolean isGenerator() {
+        return generation != null;
+    }
+
     /**
-     * Check the sha256 of the golden set, the vocabulary and every artifact with its companions.
+     * Check the sha256 of the golden set, the vocabulary or tokenizer.json, a generative bundle's prompts and
+     * tokenizer cases, and every artifact with its companions.
      * @return one line per missing or changed file; empty when all match
      */
     public List<String> verify(Path dir) throws IOException {
@@ -125,6 +144,12 @@ public final class BundleManifest {
         files.add(new String[] {goldenFile, goldenSha256});
         if (tokenizer.get("vocab_sha256") != null)
             files.add(new String[] {(String) tokenizer.getOrDefault("vocab", "vocab.txt"), (String) tokenizer.get("vocab_sha256")});
+        if (tokenizer.get("file") != null)
+            files.add(new String[] {(String) tokenizer.get("file"), (String) tokenizer.get("sha256")});
+        if (generation != null) {
+            files.add(new String[] {(String) generation.get("prompts_file"), (String) generation.get("prompts_sha256")});
+            files.add(new String[] {(String) generation.get("tokenizer_cases_file"), (String) generation.get("tokenizer_cases_sha256")});
+        }
         for (Artifact a : artifacts) {
             files.add(new String[] {a.file, a.sha256});
             files.addAll(a.companions);

@@ -144,7 +144,7 @@ public final class Json {
         }
     }
 
-    /** Serialise maps, lists, strings, numbers, booleans, null, and float/long/int arrays as JSON. */
+    /** Serialise maps, lists, strings, numbers, booleans, null, and float/long arrays (1-D or 2-D) as JSON. */
     public static String write(Object v) {
         StringBuilder b = new StringBuilder();
         write(v, b);
@@ -199,6 +199,10 @@ public final class Json {
             List<Object> rows = new ArrayList<>();
             for (float[] r : (float[][]) v) rows.add(r);
             write(rows, b);
+        } else if (v instanceof long[][]) {
+            List<Object> rows = new ArrayList<>();
+            for (long[] r : (long[][]) v) rows.add(r);
+            write(rows, b);
         } else throw new IllegalArgumentException("cannot write " + v.getClass() + " as JSON");
     }
 
@@ -223,18 +227,18 @@ public final class Json {
     // typed accessors for parsed documents
 
     @SuppressWarnings("unchecked")
-    static Map<String, Object> obj(Object v, String what) {
+    public static Map<String, Object> obj(Object v, String what) {
         if (!(v instanceof Map)) throw new IllegalArgumentException(what + " is not a JSON object");
         return (Map<String, Object>) v;
     }
 
     @SuppressWarnings("unchecked")
-    static List<Object> arr(Object v, String what) {
+    public static List<Object> arr(Object v, String what) {
         if (!(v instanceof List)) throw new IllegalArgumentException(what + " is not a JSON array");
         return (List<Object>) v;
     }
 
-    static String str(Map<String, Object> m, String key) {
+    public static String str(Map<String, Object> m, String key) {
         Object v = m.get(key);
         if (!(v instanceof String)) throw new IllegalArgumentException("\"" + key + "\" is missing or not a string");
         return (String) v;

@@ -16,16 +16,19 @@ import java.util.Map;
  * Tests of the plain-JVM core with no test framework (none can be downloaded here): run by
  * examples/android/jvm-test.sh, which prepares their inputs with edgelm and Hugging Face tokenizers.
  *
- * <pre>java dev.edgelm.core.CoreTests --tokens DIR --bundle DIR --work DIR</pre>
+ * <pre>java dev.edgelm.core.CoreTests --tokens DIR --bundle DIR --bpe DIR --gen-bundle DIR --work DIR</pre>
  *
  * --tokens: vocab.txt, settings.json (an android manifest's tokenizer object) and tokens.tsv (per line: text,
  * pair or empty, max_length, the ids Hugging Face gives, comma-separated). --bundle: an android bundle from
- * `edgelm export --bundle android`. --work: scratch space; results.json is written there for the Python side.
+ * `edgelm export --bundle android`. --bpe: one folder per byte-level BPE tokenizer, each with tokenizer.json
+ * and cases.jsonl (per line {"corpus", "text", "ids"}: Hugging Face's ids). --gen-bundle: the android bundle of
+ * a text-generation export. --work: scratch space; results.json and gen-results.json are written there for
+ * the Python side.
  */
 public final class CoreTests {
     private static int failures = 0, passes = 0;
 
-    private static void check(boolean ok, String what) {
+    static void check(boolean ok, String what) {
         if (ok) passes++;
         else {
             failures++;
@@ -37,6 +40,7 @@ public final class CoreTests {
         Map<String, String> opt = new HashMap<>();
         for (int k = 0; k + 1 < args.length; k += 2) opt.put(args[k], args[k + 1]);
         Path tokens = Paths.get(opt.get("--tokens")), bundle = Paths.get(opt.get("--bundle")), work = Paths.get(opt.get("--work"));
+        Path bpe = Paths.get(opt.get("--bpe")), genBundle = Paths.get(opt.get("--gen-bundle"));
         Files.createDirectories(work);
         run("json", CoreTests::testJson);
         run("tokenizer parity with Hugging Face", () -> testTokenizer(tokens));
@@ -44,6 +48,10 @@ public final class CoreTests {
         run("checksum failure detected", () -> testChecksums(bundle, work));
         run("golden comparison", () -> testGolden(bundle));
         run("on-device check and results JSON", () -> testOnDeviceCheck(bundle, work));
+        run("byte-level BPE parity with Hugging Face", () -> testByteLevelBpe(bpe));
+        run("greedy generation, perplexity and agreement scoring", GenerationTests::testScoring);
+        run("generative bundle manifest and checksums", () -> GenerationTests.testManifest(genBundle, work));
+        run("generative on-device check and results JSON", () -> GenerationTests.testCheck(genBundle, work));
         System.out.println((failures == 0 ? "OK " : "FAILED ") + passes + " checks passed, " + failures + " failed");
         System.exit(failures == 0 ? 0 : 1);
     }
@@ -62,6 +70,50 @@ public final class CoreTests {
             e.printStackTrace(System.out);
         }
         System.out.println((failures == before ? "PASS " : "FAIL ") + name);
+    }
+
+    static void testByteLevelBpe(Path root) throws IOException {
+        List<Path> dirs = new ArrayList<>();
+        try (java.util.stream.Stream<Path> st = Files.list(root)) {
+            st.filter(d -> Files.isRegularFile(d.resolve("tokenizer.json"))).sorted().forEach(dirs::add);
+        }
+        check(!dirs.isEmpty(), "byte-level BPE tokenizers to compare in " + root);
+        for (Path d : dirs) {
+            ByteLevelBpeTokenizer t = ByteLevelBpeTokenizer.load(d.resolve("tokenizer.json"));
+            Map<String, int[]> counts = new LinkedHashMap<>(); // corpus -> {texts, encode differs, decode differs}
+            int shown = 0;
+            for (String line : Files.readAllLines(d.resolve("cases.jsonl"), StandardCharsets.UTF_8)) {
+                Map<String, Object> c = Json.obj(Json.parse(line), "case");
+                String text = Json.str(c, "text");
+                List<Object> w = Json.arr(c.get("ids"), "ids");
+                int[] want = new int[w.size()];
+                for (int k = 0; k < want.length; k++) want[k] = ((Number) w.get(k)).intValue();
+                int[] got = t.encode(text);
+                String back = t.decode(want);
+                StringBuilder streamed = new StringBuilder();
+                ByteLevelBpeTokenizer.StreamDecoder sd = t.streamDecoder();
+                for (int id : want) streamed.append(sd.push(id));
+                streamed.append(sd.flush());
+                int[] n = counts.computeIfAbsent(Json.str(c, "corpus"), k -> new int[3]);
+                n[0]++;
+                if (!Arrays.equals(got, want)) n[1]++;
+                if (!back.equals(text) || !streamed.toString().equals(text)) n[2]++;
+                if ((!Arrays.equals(got, want) || !back.equals(text)) && shown++ < 3)
+                    System.out.println("  differs: " + text.substring(0, Math.min(60, text.length())) + " want "
+                            + Arrays.toString(want) + " got " + Arrays.toString(got));
+            }
+            int texts = 0, enc = 0, dec = 0;
+            StringBuilder per = new StringBuilder();
+            for (Map.Entry<String, int[]> e : counts.entrySet()) {
+                texts += e.getValue()[0];
+                enc += e.getValue()[1];
+                dec += e.getValue()[2];
+                per.append(per.length() == 0 ? "" : ", ").append(e.getKey()).append(' ').append(e.getValue()[0]);
+            }
+            System.out.println("  " + d.getFileName() + ": " + texts + " texts (" + per + "): encode differs " + enc
+                    + ", decode differs " + dec);
+            check(texts > 0 && enc == 0 && dec == 0, d.getFileName() + ": byte-level BPE equal to Hugging Face on every text");
+        }
     }
 
     static void testJson() {
