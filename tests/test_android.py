@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,10 @@ def test_jvm_core_with_the_jdk():
     if (SHARED_DATA / "sst2" / "dev.tsv").is_file():
         assert compared >= 872 + 300  # every SST-2 dev sentence, MRPC pairs at two lengths, the hard cases
     assert " texts compared with Hugging Face tokenizers, 0 differ" in out
+    # the byte-level BPE (text generation) against Hugging Face, and the generation check read back by edgelm
+    bpe = re.search(r"trained-sst2: (\d+) texts \(.*\): encode differs 0, decode differs 0", out)
+    assert bpe, out[-4000:]
+    if (SHARED_DATA / "wikitext2" / "raw" / "wiki.test.raw").is_file() and (SHARED_DATA / "sst2" / "dev.tsv").is_file():
+        assert int(bpe.group(1)) == 2891 + 872 + 26 + 32  # WikiText-2 test lines, SST-2 dev, hard cases, prompts
+    assert "token_agreement: edgelm 0.125000, JVM 0.125000" in out
+    assert "edgelm and the JVM core agree (generation)" in out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -245,6 +246,20 @@ def test_generative_android_bundle(gen_bundle):
     assert {"hard cases", "golden prompts"} <= corpora and "wikitext2-test" not in corpora
     if (SHARED_DATA / "sst2" / "dev.tsv").is_file():
         assert sum(c["corpus"] == "sst2-dev" for c in cases) == 872
+
+
+@pytest.mark.skipif(shutil.which("adb") is None, reason="adb not installed (apt-get install adb)")
+def test_adb_runner_skips_the_decoders_the_app_does_not_run(gen_bundle):
+    """The ONNX decoder is not in the app's bundle: `--runner adb` reports it skipped with the reason, before
+    it looks for a phone."""
+    from edgelm.validate.adb import AdbRunner
+    from edgelm.validate.runner import BundleJob
+
+    _, _, bundle = gen_bundle
+    got = []
+    AdbRunner("adb").run_bundle(BundleJob(bundle, ["model.8da4w.onnx"], bundle / "golden.npz"), got.append)
+    assert [(r.artifact, r.error) for r in got] == [("model.8da4w.onnx", None)]
+    assert "no onnx decoder runtime" in got[0].skipped
 
 
 def test_generative_android_bundle_needs_a_decoder_the_app_runs(tiny_gguf, tmp_path):

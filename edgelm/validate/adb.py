@@ -3,6 +3,7 @@ results JSON (:data:`DEVICE_RESULTS_SCHEMA`) it pulls and reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -53,6 +54,9 @@ def parse_device_results(data: dict, artifacts: list[str]) -> list[ArtifactRun]:
             result["latency_samples_ms"] = [float(x) for x in entry["latency_samples_ms"]]
             result.setdefault("machine", device.get("abi", "android"))
             result["device"] = device
+            # the app's checks of the whole bundle: its tokenizer against Hugging Face's ids, and (generation)
+            # the golden prompts as text through LlmModule
+            result["device_checks"] = {k: data.get(k) for k in ("tokenization", "text_generation") if data.get(k)}
             runs.append(
                 ArtifactRun(
                     name,
@@ -251,7 +255,21 @@ class AdbRunner(HostRunner):
     def run_bundle(self, job: BundleJob, on_result: OnResult) -> None:
         """Push, run the instrumented check once for all artifacts, pull and read its results JSON.
         Raises ValidationError (no app bundle, no device, app not installed, check failed) or RunnerDropped."""
-        self.app_bundle(job.bundle)
+        app = self.app_bundle(job.bundle)
+        try:
+            absent = {
+                a["file"]: a["reason"] for a in json.loads((app / "manifest.json").read_text()).get("not_in_app", [])
+            }
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValidationError(
+                f"{app / 'manifest.json'} is unreadable: {exc}; export with --bundle android again"
+            ) from None
+        for name in job.artifacts:
+            if name in absent:
+                on_result(ArtifactRun(name, skipped=f"{name}: {absent[name]}"))
+        job = dataclasses.replace(job, artifacts=[n for n in job.artifacts if n not in absent])
+        if not job.artifacts:
+            return
         serial = self.select_device()
         for argv in self.push_commands(job, serial):
             self._adb_call(argv, "pushing the bundle")

@@ -386,8 +386,9 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             ref = bundle.reference(name)
             if bundle.kind == tasks.TEXT_GENERATION.kind and res.outputs.shape == ref.shape:
                 rec["fidelity"], rec["checks"]["golden"] = generation_check(bundle, name, res)
-                for k in ("speed", "speed_1_thread", "next_token"):
-                    rec[k] = res.result.get(k)
+                for k in ("speed", "speed_1_thread", "next_token", "device_checks"):
+                    if k != "device_checks" or res.result.get(k):
+                        rec[k] = res.result.get(k)
             elif res.outputs.shape != ref.shape:
                 rec["checks"]["golden"] = tasks.check(
                     False,

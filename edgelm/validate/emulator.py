@@ -7,8 +7,8 @@
    with ``apt-get`` under a private configuration (its own sources list, state and cache directories, so the
    host's dpkg architectures are never touched) and unpacked with ``dpkg-deb -x``;
 2. aarch64 wheels of numpy, onnxruntime and ai-edge-litert, installed from the host with
-   ``pip install --target SITE --only-binary=:all: --platform manylinux_2_27_aarch64 --platform
-   manylinux_2_17_aarch64 ...``; with ``executorch=True`` also torch and executorch (opt-in: about 1 GB);
+   ``pip install --target SITE --only-binary=:all: --platform manylinux_2_28_aarch64 --platform
+   manylinux_2_27_aarch64 ...``; with ``executorch=True`` also torch and executorch (opt-in: about 1 GB);
 3. an ARM ``/proc/cpuinfo`` inside the sysroot: qemu resolves paths inside ``-L SYSROOT`` first, and ONNX
    Runtime's cpuinfo segfaults on import when it reads the host's x86 one.
 
@@ -193,6 +193,8 @@ def setup(
                 "--target",
                 str(tmp / "site"),
                 "--only-binary=:all:",
+                "--platform",  # bookworm's glibc is 2.36; torch's aarch64 wheels are manylinux_2_28
+                "manylinux_2_28_aarch64",
                 "--platform",
                 "manylinux_2_27_aarch64",
                 "--platform",

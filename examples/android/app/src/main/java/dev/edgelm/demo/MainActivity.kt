@@ -1,5 +1,6 @@
 package dev.edgelm.demo
 
+import android.content.Intent
 import android.os.Bundle
 import android.view.View
 import android.widget.ArrayAdapter
@@ -20,7 +21,8 @@ import kotlin.math.sqrt
 /**
  * Type a sentence, pick a runtime (the bundle's artifacts: ExecuTorch, LiteRT, ONNX Runtime), and see the
  * label and its probability, or for an embedding model the cosine similarity of two sentences, with the
- * measured latency of the model call (tokenization excluded; it is shown apart).
+ * measured latency of the model call (tokenization excluded; it is shown apart). A text-generation bundle
+ * opens [ChatActivity] instead.
  */
 class MainActivity : AppCompatActivity() {
     private val worker = Executors.newSingleThreadExecutor()
@@ -40,6 +42,13 @@ class MainActivity : AppCompatActivity() {
             try {
                 dir = BundleStore.install(this)
                 manifest = BundleManifest.load(dir)
+                if (manifest.isGenerator) { // a text-generation bundle: the chat screen
+                    runOnUiThread {
+                        startActivity(Intent(this, ChatActivity::class.java))
+                        finish()
+                    }
+                    return@execute
+                }
                 tokenizer = WordPieceTokenizer.load(dir, manifest.tokenizer)
                 runOnUiThread { onBundleReady() }
             } catch (e: Exception) {

@@ -135,6 +135,12 @@ final class GenerationTests {
             threw = e.getMessage().contains("context");
         }
         check(threw, "a prompt that fills the context is refused");
+        // ExecuTorch's runner stats (stats.h's JSON): 20 prompt tokens in 40 ms, first token at 50 ms, 31 more by 550 ms
+        Map<String, Object> st = LlmStats.parse("{\"prompt_tokens\":20,\"generated_tokens\":32,\"model_load_start_ms\":1,"
+                + "\"model_load_end_ms\":2,\"inference_start_ms\":1000,\"inference_end_ms\":1550,\"prompt_eval_end_ms\":1040,"
+                + "\"first_token_ms\":1050,\"aggregate_sampling_time_ms\":3,\"SCALING_FACTOR_UNITS_PER_SECOND\":1000}");
+        check(st.get("ttft_ms").equals(50.0) && st.get("prefill_tokens_per_s").equals(500.0) && st.get("decode_tokens_per_s").equals(62.0),
+                "runner stats to TTFT 50 ms, prefill 500 and decode 62 tokens/s: " + st);
         float[] uniform = new float[50];
         check(Math.abs(Generation.logSoftmaxAt(uniform, 3) + Math.log(50)) < 1e-12, "log softmax of uniform logits");
     }
