@@ -12,6 +12,7 @@ import dev.edgelm.core.BundleManifest
 import dev.edgelm.core.GenerativeCheck
 import dev.edgelm.core.Generation
 import java.nio.file.Path
+import java.nio.file.Paths
 import java.util.concurrent.CancellationException
 import java.util.concurrent.Executors
 
@@ -38,10 +39,11 @@ class ChatActivity : AppCompatActivity() {
         status.text = getString(R.string.loading)
         worker.execute {
             try {
-                dir = BundleStore.install(this)
+                // MainActivity installed and checked it already; started directly, install here
+                dir = intent.getStringExtra(EXTRA_DIR)?.let { Paths.get(it) } ?: BundleStore.install(this)
                 check = GenerativeCheck(dir)
                 runOnUiThread { onBundleReady() }
-            } catch (e: Exception) {
+            } catch (e: Throwable) {
                 runOnUiThread { status.text = getString(R.string.load_failed, e.message) }
             }
         }
@@ -81,13 +83,18 @@ class ChatActivity : AppCompatActivity() {
         append(getString(R.string.you_said, message))
         stopRequested = false
         val prompt = check.chatPrompt(message)
-        val maxNew = minOf(MAX_NEW_TOKENS, artifact.maxSeqLen - check.tokenizer.encode(prompt).size - 1)
         worker.execute {
             val line = try {
-                if (artifact.runtime == "executorch") viaLlmModule(artifact, prompt, maxNew) else viaDecoder(artifact, prompt, maxNew)
+                val promptLen = check.tokenizer.encode(prompt).size
+                val maxNew = minOf(MAX_NEW_TOKENS, artifact.maxSeqLen - promptLen - 1)
+                when {
+                    maxNew < 1 -> getString(R.string.too_long, promptLen, artifact.maxSeqLen)
+                    artifact.runtime == "executorch" -> viaLlmModule(artifact, prompt, maxNew)
+                    else -> viaDecoder(artifact, prompt, maxNew)
+                }
             } catch (e: CancellationException) {
                 getString(R.string.stopped)
-            } catch (e: Exception) {
+            } catch (e: Throwable) {
                 getString(R.string.run_failed, e.javaClass.simpleName, e.message)
             }
             runOnUiThread {
@@ -142,5 +149,7 @@ class ChatActivity : AppCompatActivity() {
 
     companion object {
         const val MAX_NEW_TOKENS = 256
+        /** The installed and checked bundle directory, from MainActivity. */
+        const val EXTRA_DIR = "dev.edgelm.demo.BUNDLE_DIR"
     }
 }

@@ -6,6 +6,7 @@ import dev.edgelm.core.GenerativeCheck
 import dev.edgelm.core.Generation
 import dev.edgelm.core.LlmStats
 import java.io.File
+import java.nio.Buffer
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 import java.nio.file.Path
@@ -60,7 +61,8 @@ class ExecuTorchDecoder(file: File, threads: Int, private val context: Int) : Ge
  * A LiteRT decoder (litert-torch's generative layout): prefill_N signatures (logits for every position) and a
  * decode signature, the KV cache (kv_cache_k_i / kv_cache_v_i) passed in and returned by every signature.
  * The interpreter copies inputs in and outputs out, so the cache lives in two sets of direct buffers that swap
- * after each call. Prompts are padded into the smallest prefill signature that holds them, longer ones chunked.
+ * after each call: two copies of the whole cache per call, which the host's runner (CompiledModel, the cache
+ * updated in place) does not make, so decode tokens/s here is below what the runtime can do. Prompts are padded into the smallest prefill signature that holds them, longer ones chunked.
  */
 class LiteRtDecoder(file: File, threads: Int, signatures: List<String>) : Generation.Decoder {
     private val interpreter = Interpreter(file, Interpreter.Options().setNumThreads(threads))
@@ -73,7 +75,8 @@ class LiteRtDecoder(file: File, threads: Int, signatures: List<String>) : Genera
     private val vocab = interpreter.getOutputTensorFromSignature("logits", "decode").shape().last()
 
     private fun buffers(): Map<String, ByteBuffer> = kvNames.associateWith { name ->
-        ByteBuffer.allocateDirect(4 * kvShapes.getValue(name).fold(1) { a, b -> a * b }).order(ByteOrder.nativeOrder())
+        ByteBuffer.allocateDirect(interpreter.getInputTensorFromSignature(name, "decode").numBytes())
+            .order(ByteOrder.nativeOrder())
     }
 
     private fun run(signature: String, tokens: IntArray, pos: Int): Array<FloatArray> {
@@ -85,8 +88,8 @@ class LiteRtDecoder(file: File, threads: Int, signatures: List<String>) : Genera
         val logits = Array(1) { Array(n) { FloatArray(vocab) } }
         outputs["logits"] = logits
         for (name in kvNames) {
-            inputs[name] = kvIn.getValue(name).also { it.rewind() }
-            outputs[name] = kvOut.getValue(name).also { it.rewind() }
+            inputs[name] = kvIn.getValue(name).also { (it as Buffer).rewind() }
+            outputs[name] = kvOut.getValue(name).also { (it as Buffer).rewind() }
         }
         interpreter.runSignature(inputs, outputs, signature)
         kvIn = kvOut.also { kvOut = kvIn }
@@ -97,7 +100,7 @@ class LiteRtDecoder(file: File, threads: Int, signatures: List<String>) : Genera
         if (pos == 0) {
             val zeros = ByteArray(1 shl 16)
             for (b in kvIn.values) {
-                b.rewind()
+                (b as Buffer).rewind()
                 while (b.hasRemaining()) b.put(zeros, 0, minOf(zeros.size, b.remaining()))
             }
         }

@@ -44,7 +44,7 @@ class MainActivity : AppCompatActivity() {
                 manifest = BundleManifest.load(dir)
                 if (manifest.isGenerator) { // a text-generation bundle: the chat screen
                     runOnUiThread {
-                        startActivity(Intent(this, ChatActivity::class.java))
+                        startActivity(Intent(this, ChatActivity::class.java).putExtra(ChatActivity.EXTRA_DIR, dir.toString()))
                         finish()
                     }
                     return@execute

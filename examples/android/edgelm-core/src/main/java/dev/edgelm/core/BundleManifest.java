@@ -154,6 +154,18 @@ public final class BundleManifest {
             files.add(new String[] {a.file, a.sha256});
             files.addAll(a.companions);
         }
+        return check(dir, files);
+    }
+
+    /** Check the sha256 of one artifact and its companions only. @return one line per missing or changed file */
+    public List<String> verifyArtifact(Path dir, Artifact a) throws IOException {
+        List<String[]> files = new ArrayList<>();
+        files.add(new String[] {a.file, a.sha256});
+        files.addAll(a.companions);
+        return check(dir, files);
+    }
+
+    private static List<String> check(Path dir, List<String[]> files) throws IOException {
         List<String> problems = new ArrayList<>();
         for (String[] f : files) {
             Path p = dir.resolve(f[0]);

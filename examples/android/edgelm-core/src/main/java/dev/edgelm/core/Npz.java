@@ -78,7 +78,8 @@ public final class Npz {
                 String name = e.getName();
                 if (!name.endsWith(".npy")) continue;
                 ByteArrayOutputStream buf = new ByteArrayOutputStream();
-                zip.transferTo(buf);
+                byte[] chunk = new byte[1 << 16]; // not transferTo: Android has it from API 33 only
+                for (int n; (n = zip.read(chunk)) > 0; ) buf.write(chunk, 0, n);
                 out.put(name.substring(0, name.length() - 4), readNpy(buf.toByteArray(), name));
             }
         }
