@@ -544,13 +544,20 @@ def generate(
 def validate(
     bundle: Annotated[Path, typer.Argument(help="The bundle to validate: dist/<device>/ from `edgelm export`.")],
     runner: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--runner",
             "-r",
-            help="host, emulator, ssh://user@host[:port] (or ssh: the profile's board), adb or adb:SERIAL, or profile (the profile's runner).",
+            help="host, emulator, ssh://user@host[:port] (or ssh: the profile's board), adb or adb:SERIAL, or profile (the profile's runner). Repeat it to validate on several runners (a device farm).",
         ),
-    ] = "host",
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run every runner at once, each as a Ray actor: --ray alone starts Ray on this machine; --ray auto or --ray ray://HOST:10001 uses a cluster (Ray comes with edgelm's ray extra).",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -597,16 +604,29 @@ def validate(
     check_limit(limit)
     check_timing(warmup, runs)
     b = Bundle.load(bundle)
-    r = bundle_runner(
-        b,
-        runner,
-        cpu=cpu,
-        sysroot=sysroot,
-        key_file=key,
-        known_hosts=known_hosts,
-        remote_python=remote_python,
-        remote_env=parse_env(remote_env),
-    )
+    specs = runner or ["host"]
+    runner_options = {
+        "cpu": cpu,
+        "sysroot": sysroot,
+        "key_file": key,
+        "known_hosts": known_hosts,
+        "remote_python": remote_python,
+        "remote_env": parse_env(remote_env),
+    }
+    if len(specs) > 1 or ray is not None:
+        run_options = {
+            "artifacts": artifact,
+            "data": data,
+            "text_column": text_column,
+            "label_column": label_column,
+            "limit": limit,
+            "threads": threads,
+            "warmup": warmup,
+            "runs": runs,
+        }
+        _validate_farm(b, specs, runner_options, run_options, ray)
+        return
+    r = bundle_runner(b, specs[0], **runner_options)
     with StageProgress(_err_console()) as progress:
         record, _ = run_validation(
             b,
@@ -647,6 +667,48 @@ def validate(
         out_console.print("latency under emulation is functional only, not device speed", highlight=False)
     out_console.print(f"validation: {b.path / 'validation.json'}  report: {b.path / 'report.md'}")
     if not record["passed"]:
+        raise typer.Exit(1)
+
+
+def _validate_farm(b, specs: list[str], runner_options: dict, run_options: dict, ray: str | None) -> None:
+    """``edgelm validate`` on several runners (:func:`edgelm.validate.farm.validate_many`)."""
+    from edgelm.report import side_by_side_rows
+    from edgelm.validate.farm import validate_many
+
+    with StageProgress(_err_console()) as progress:
+        records, outcomes = validate_many(b, specs, runner_options, run_options, ray_address=ray, progress=progress)
+    rows = side_by_side_rows({"runners": {r["runner"]: r for r in records}})
+    cols = ("artifact", "runner", "machine", "status", "top-1", "cosine", "p50 ms", "Δ vs host")
+    if rows and "ppl ratio" in rows[0]:
+        cols = ("artifact", "runner", "machine", "status", "ppl ratio", "agreement", "vs host", "decode tok/s")
+    where = f"on Ray ({ray})" if ray else "one after another"
+    print_table(
+        out_console,
+        f"{b.device} on {len(specs)} runners, {where}",
+        cols,
+        [[row[c] for c in cols] for row in rows],
+        right=cols[4:],
+        style=_gate_style,
+    )
+    for o in outcomes:
+        if o.error:
+            out_console.print(f"[red]{escape(o.spec)} failed[/]: {escape(o.error)}", highlight=False)
+        elif ray:
+            node = o.placement.get("node", "?")
+            out_console.print(
+                f"{escape(o.name)}: ran on node {escape(str(node))} (pid {o.placement.get('pid')}), {o.seconds:.0f} s",
+                highlight=False,
+            )
+    for r in records:
+        if r.get("dropped"):
+            out_console.print(f"[red]{escape(r['runner'])} dropped[/]: {escape(r['dropped'])}", highlight=False)
+        for a in r["artifacts"].values():
+            if a.get("skipped"):
+                out_console.print(
+                    f"[yellow]skipped on {escape(r['runner'])}[/] {escape(a['skipped'])}", highlight=False
+                )
+    out_console.print(f"validation: {b.path / 'validation.json'}  report: {b.path / 'report.md'}")
+    if any(o.error for o in outcomes) or not all(r["passed"] for r in records):
         raise typer.Exit(1)
 
 
@@ -1249,8 +1311,19 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def ray_flag_value(argv: list[str]) -> list[str]:
+    """``--ray`` with no address (last, or before another option) means ``--ray local``: typer options need
+    a value, so it is filled in before parsing."""
+    out = list(argv)
+    for k, a in enumerate(out):
+        if a == "--ray" and (k + 1 == len(out) or out[k + 1].startswith("-")):
+            out[k] = "--ray=local"
+    return out
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)  # `kill`, a job scheduler's stop: same clean-up as Ctrl-C
+    sys.argv[1:] = ray_flag_value(sys.argv[1:])
     app()
 
 
