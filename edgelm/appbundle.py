@@ -254,8 +254,8 @@ def write_generative_android_bundle(bundle: Bundle) -> Path:
     Returns the asset folder. Raises ExportError (no decoder the app runs, a tokenizer it does not implement)."""
     from tokenizers import Tokenizer
 
+    from edgelm.data import default_text
     from edgelm.generation import PROMPTS, unpad
-    from edgelm.generative import default_text
     from edgelm.validate.tokenizer_parity import corpora
 
     manifest = bundle.manifest

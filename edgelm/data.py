@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,3 +325,15 @@ def encode(tokenizer, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray([e.ids for e in encs], dtype=np.int64)
     mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
     return ids, mask
+
+
+#: Where the default perplexity text (of text-generation exports) is looked for (``$EDGELM_DATA`` first).
+WIKITEXT = Path("wikitext2") / "raw" / "wiki.test.raw"
+
+
+def default_text() -> Path | None:
+    """WikiText-2's test text from ``$EDGELM_DATA`` or ``../shared/data`` (None when neither has it)."""
+    for root in (os.environ.get("EDGELM_DATA"), Path.cwd().parent / "shared" / "data"):
+        if root and (Path(root) / WIKITEXT).is_file():
+            return Path(root) / WIKITEXT
+    return None

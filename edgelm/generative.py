@@ -36,6 +36,7 @@ from edgelm.causal_lm import (
     save_hf_checkpoint,
 )
 from edgelm.compress.estimate import decoder_estimate, decoder_weight_bytes
+from edgelm.data import default_text
 from edgelm.errors import DataError, ExportError
 from edgelm.generation import PROMPTS
 from edgelm.recipe import GenerationRecipe
@@ -55,16 +56,6 @@ PERPLEXITY_TOKENS = 512
 SPEED_PROMPT_TOKENS = 128
 SPEED_NEW_TOKENS = 128
 WARMUP_STEPS, TIMED_STEPS = 5, 20
-#: Where the default perplexity text is looked for (``$EDGELM_DATA`` first).
-WIKITEXT = Path("wikitext2") / "raw" / "wiki.test.raw"
-
-
-def default_text() -> Path | None:
-    """WikiText-2's test text from ``$EDGELM_DATA`` or ``../shared/data`` (None when neither has it)."""
-    for root in (os.environ.get("EDGELM_DATA"), Path.cwd().parent / "shared" / "data"):
-        if root and (Path(root) / WIKITEXT).is_file():
-            return Path(root) / WIKITEXT
-    return None
 
 
 @dataclass
