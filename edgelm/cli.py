@@ -218,6 +218,13 @@ def export(
             help="Pick a pruning ratio and scheme per format within the accuracy and device budgets (needs labeled --data).",
         ),
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="With --search: try the candidates as Ray tasks, as many at once as the cluster has CPUs (--ray alone: Ray on this machine; --ray auto or ray://HOST:10001: a cluster).",
+        ),
+    ] = None,
     max_accuracy_drop: Annotated[
         float | None,
         typer.Option(
@@ -277,6 +284,7 @@ def export(
             "--search": search,
             "--limit": limit,
             "--text-column": text_column,
+            "--ray": ray,
         }
         given = [k for k, v in unused.items() if v]
         if given:
@@ -285,6 +293,8 @@ def export(
         return
     if context_length is not None:
         raise EdgeLMError("--context-length applies to text-generation exports; encoders take --seq-len")
+    if ray is not None and not search:
+        raise EdgeLMError("--ray runs the search's candidates on Ray: add --search (and labeled --data)")
     check_limit(limit)
     fsutil.check_output_dir(out)
     recipe = prepare(
@@ -310,6 +320,7 @@ def export(
         lora=lora,
         adapters=tuple(adapter or ()),
         bundle=bundle,
+        ray=ray,
         command="edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
 
@@ -712,6 +723,29 @@ def _validate_farm(b, specs: list[str], runner_options: dict, run_options: dict,
         raise typer.Exit(1)
 
 
+def _run_sweep(job: str, items: list[str], args: dict, out: Path, ray: str | None) -> None:
+    """``--sweep`` of ``finetune`` or ``hypernet train`` (:func:`edgelm.sweep.run_sweep`), its table printed."""
+    from edgelm.report import fmt
+    from edgelm.sweep import FINETUNE_KEYS, HYPERNET_KEYS, METRICS, parse_sweep, run_sweep
+
+    space = parse_sweep(items, FINETUNE_KEYS if job == "finetune" else HYPERNET_KEYS)
+    record = run_sweep(job, space, args, out, address=ray or "local")
+    metric = METRICS[job]
+    rows = [
+        [
+            ", ".join(f"{k}={v}" for k, v in t["values"].items()),
+            fmt(t["metrics"].get(metric), ".2f"),
+            str(t["node"] or "–"),
+            "best" if t is record["best"] or t == record["best"] else (t["error"] or ""),
+        ]
+        for t in record["trials"]
+    ]
+    print_table(
+        out_console, f"{job} sweep: {len(rows)} trials on Ray Tune", ("trial", metric, "node", ""), rows, wrap=("",)
+    )
+    out_console.print(f"best: {Path(out).resolve()}  (every trial: {Path(out) / 'sweep.json'}, {Path(out) / 'trials'})")
+
+
 def _history_table(result, title: str) -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("epoch", "train loss", "eval accuracy %", "heads pruned", "FFN pruned", ""):
@@ -758,8 +792,23 @@ def finetune(
     eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Use the first N eval rows.")] = None,
     text_column: Annotated[str | None, typer.Option("--text-column")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column")] = None,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="KEY=V1,V2,... (lr, epochs, batch_size, seed, optimizer; repeatable): every combination as a Ray Tune trial; the best by eval accuracy is written to --out.",
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="With --sweep: the Ray cluster (auto, ray://HOST:10001; default: Ray on this machine)."
+        ),
+    ] = None,
 ):
     """Fine-tune an encoder into a sequence classifier and write a Hugging Face checkpoint."""
+    from dataclasses import asdict
+
     from edgelm.compress.jobs import run_finetune
     from edgelm.compress.train import TrainConfig
     from edgelm.data import check_limit
@@ -767,6 +816,13 @@ def finetune(
     check_limit(limit)
     check_limit(eval_limit, "--eval-limit")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
+    if sweep or ray:
+        if not sweep or not eval_data:
+            raise RecipeError("a sweep needs --sweep KEY=V1,V2 and --eval (the best trial is chosen by eval accuracy)")
+        limits = {"limit": limit, "eval_limit": eval_limit, "text_column": text_column, "label_column": label_column}
+        args = {"model": model, "data": str(data), "eval_data": str(eval_data), "cfg": asdict(cfg), "limits": limits}
+        _run_sweep("finetune", sweep, args, out, ray)
+        return
     with StageProgress(_err_console()) as progress:
         result = run_finetune(
             model,
@@ -949,13 +1005,34 @@ def hypernet_train(
     seq_len: Annotated[int, typer.Option("--seq-len")] = 64,
     per_task: Annotated[int, typer.Option("--per-task", help="Examples read per task (seeded subset).")] = 2000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="KEY=V1,V2,... (seed, episodes, rank; repeatable): every combination as a Ray Tune trial; the best by query accuracy is written to --out.",
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="With --sweep: the Ray cluster (auto, ray://HOST:10001; default: Ray on this machine)."
+        ),
+    ] = None,
 ):
     """Meta-train a hypernetwork that writes LoRA weights and a classifier head from K demonstrations."""
+    from dataclasses import asdict
+
     from edgelm.adapt.hypernet import HyperConfig, meta_train
 
     cfg = HyperConfig(episodes=episodes, rank=rank, seq_len=seq_len, per_task=per_task, seed=seed)
     if tasks:
         cfg.tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    if sweep or ray:
+        if not sweep:
+            raise RecipeError("--ray runs a sweep: add --sweep KEY=V1,V2 (seed, episodes, rank)")
+        args = {"model": model, "data_dir": str(Path(data_dir).resolve()), "cfg": asdict(cfg)}
+        _run_sweep("hypernet", sweep, args, out, ray)
+        return
     with StageProgress(_err_console()) as progress:
         rec = meta_train(model, data_dir, out, cfg, progress=progress)
     out_console.print(

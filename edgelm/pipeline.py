@@ -199,6 +199,8 @@ class PipelineOptions:
         adapters: with ``lora="separate"``, further LoRA-adapted checkpoints of the same base: each gets
             only a weights file for the same base artifact, validated against its own PyTorch model.
         bundle: ``"android"``: also write the demo app's asset folder ``out/<device>/android/edgelm/``.
+        ray: with ``search``: try the candidates as Ray tasks (``local``, ``auto`` or ``ray://HOST:PORT``, see
+            :func:`edgelm.validate.farm.connect`), as many at once as the cluster has CPUs.
         command: the command line, recorded in the report.
     """
 
@@ -212,6 +214,7 @@ class PipelineOptions:
     lora: str = "merged"
     adapters: tuple[str, ...] = ()
     bundle: str | None = None
+    ray: str | None = None
     command: str = ""
 
 
@@ -527,22 +530,35 @@ class _Stage:
 def export_stage(stage: _Stage, opts: PipelineOptions) -> Exported:
     """Compress (prune, distill) and export every plan of the recipe into the temp folder, or search each
     format's scheme and sparsity with ``--search``; then the swapped adapters' weights files."""
-    recipe, ref = stage.recipe, stage.ref
+    recipe = stage.recipe
     plans, artifacts, sparsities, searches = [], [], [], []
-    for plan in recipe.plans:
-        if opts.search:
-            art, res, summary = _search_format(
-                plan, recipe, ref.variants, stage.measure, stage.cost, stage.tmp, opts.search_time
-            )
-            plan = dataclasses.replace(plan, quant=art.quant, gates=recipe.gates_for(art.quant.scheme))
-            searches.append(summary)
-            sparsity = res.sparsity
-        else:
-            sparsity = recipe.sparsity
-            art = stage.export_plan(plan, sparsity, stage.tmp)
-        plans.append(plan)
-        artifacts.append(art)
-        sparsities.append(sparsity)
+    with contextlib.ExitStack() as stack:
+        remote = stack.enter_context(_RaySearch.connected(stage, opts.ray)) if opts.search and opts.ray else None
+        for plan in recipe.plans:
+            art, sparsity = _plan_or_search(stage, plan, opts, remote, searches)
+            if opts.search:
+                plan = dataclasses.replace(plan, quant=art.quant, gates=recipe.gates_for(art.quant.scheme))
+            plans.append(plan)
+            artifacts.append(art)
+            sparsities.append(sparsity)
+    return _finish_export_stage(stage, opts, plans, artifacts, sparsities, searches)
+
+
+def _plan_or_search(stage: _Stage, plan: FormatPlan, opts: PipelineOptions, remote, searches: list) -> tuple:
+    """One format: its searched artifact (the summary appended to ``searches``) or the recipe's plan exported.
+    Returns ``(artifact, sparsity)``."""
+    recipe, ref = stage.recipe, stage.ref
+    if opts.search:
+        art, res, summary = _search_format(
+            plan, recipe, ref.variants, stage.measure, stage.cost, stage.tmp, opts.search_time, remote
+        )
+        searches.append(summary)
+        return art, res.sparsity
+    return stage.export_plan(plan, recipe.sparsity, stage.tmp), recipe.sparsity
+
+
+def _finish_export_stage(stage: _Stage, opts: PipelineOptions, plans, artifacts, sparsities, searches) -> Exported:
+    recipe, ref = stage.recipe, stage.ref
     final = dataclasses.replace(recipe, plans=plans)
     adapters = []
     for adapter_dir in opts.adapters:
@@ -872,8 +888,10 @@ def _search_format(
     cost,
     tmp: Path,
     search_time: float,
+    remote: _RaySearch | None = None,
 ):
-    """Run the accuracy-budget search for one format; the chosen artifact is moved into ``tmp``.
+    """Run the accuracy-budget search for one format; the chosen artifact is moved into ``tmp``. ``remote``:
+    try the candidates as Ray tasks, as many at once as the cluster has CPUs (the same choice).
     Returns ``(artifact, its measured result, the search summary)``."""
     from edgelm.search import candidates, run_search
 
@@ -907,6 +925,8 @@ def _search_format(
         target_latency_ms=recipe.target_latency_ms,
         max_peak_ram_mb=recipe.max_peak_ram_mb,
         time_limit_s=search_time,
+        evaluate_batch=None if remote is None else lambda wave: remote.evaluate(wave, cplan, work),
+        batch=1 if remote is None else remote.batch,
     )
     target = tmp / cplan(chosen).artifact_name
     os.replace(chosen.artifact.path, target)
@@ -914,6 +934,130 @@ def _search_format(
     chosen.result.file = target.name
     shutil.rmtree(work, ignore_errors=True)
     return chosen.artifact, chosen.result, summary
+
+
+#: Test hook: a path; the first search candidate run as a Ray task creates it and kills its worker process, so
+#: that the tests can check Ray's retry of a lost task (``EDGELM_FAULT_KILL_ONCE=/tmp/marker``).
+FAULT_KILL_ONCE = "EDGELM_FAULT_KILL_ONCE"
+
+
+def _measure_on_worker(
+    model: LoadedModel,
+    plan: FormatPlan,
+    sparsity: float,
+    seq_len: int,
+    calibration,
+    adapter_modules: tuple[str, ...],
+    golden: dict[str, np.ndarray],
+    reference: np.ndarray,
+    labels,
+    baseline,
+    estimate: dict,
+    fp32_bytes: int,
+) -> tuple[exporters.Artifact, ArtifactResult, dict[str, bytes], dict]:
+    """One search candidate in a Ray task: export it into a temp folder on the worker, run it there on the
+    golden set (the host runner, 1 thread: the task's CPU), judge it with the same gate check. Returns the
+    artifact, its result, its files' bytes (the driver writes them into its own folder: nodes share no disk)
+    and where it ran (``{"node", "pid"}``). Raises EdgeLMError (export failed)."""
+    import socket
+
+    marker = os.environ.get(FAULT_KILL_ONCE)
+    if marker and not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)  # a lost worker: Ray retries the task
+    with tempfile.TemporaryDirectory(prefix="edgelm-candidate-") as d:
+        d = Path(d)
+        np.savez(d / "golden.npz", **golden)
+        with captured_output(d / "export.log"):
+            art = export_artifact(model, plan, seq_len, d, calibration, adapter_modules)
+        res = _result(plan, art, sparsity, fp32_bytes, 1, estimate)
+        try:
+            run = HostRunner().run_artifact(art.path, d / "golden.npz", threads=1, warmup=1, runs=3)
+            res.fidelity = fidelity(run.outputs, reference, model.kind, labels, baseline_accuracy=baseline)
+        except EdgeLMError as exc:
+            res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
+        check_gates(res, plan, model.task, reference)
+        files = {p.name: p.read_bytes() for p in [art.path, *art.companions]}
+    return art, res, files, {"node": socket.gethostname(), "pid": os.getpid()}
+
+
+class _RaySearch:
+    """The search's candidates as Ray tasks (one CPU each, retried twice if their worker is lost). Each
+    pruned model (one distillation per ratio, in the driver) and the golden set go into Ray's object store
+    once and every task of that ratio reads them from there."""
+
+    def __init__(self, stage: _Stage):
+        import ray
+
+        self.ray, self.stage = ray, stage
+        self.task = ray.remote(num_cpus=1, max_retries=2)(_measure_on_worker)
+        self.batch = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        with np.load(stage.tmp / "golden.npz") as z:
+            self.golden = ray.put({k: z[k] for k in z.files})
+        self.models: dict[float, Any] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def connected(cls, stage: _Stage, address: str) -> Iterator[_RaySearch]:
+        from edgelm.validate.farm import connect
+
+        disconnect = connect(address)
+        try:
+            yield cls(stage)
+        finally:
+            disconnect()
+
+    def evaluate(self, wave: list, cplan: Callable, work: Path) -> None:
+        """Try ``wave`` (search candidates) at once; fill each one's artifact (written under ``work``),
+        result, accuracy, size and placement."""
+        stage, ref, ray = self.stage, self.stage.ref, self.ray
+        stage.step(f"{len(wave)} {wave[0].format} candidates on Ray: " + ", ".join(_cand_label(c) for c in wave))
+        refs = []
+        for c in wave:
+            plan = cplan(c)
+            if c.sparsity not in self.models:  # the ratio's distillation runs once, here
+                self.models[c.sparsity] = ray.put(ref.variants.get(c.sparsity)[0])
+            calibration = ref.calibration if schemes.get(plan.quant.scheme).needs_calibration else None
+            estimate = stage.cost(ref.variants.structure(c.sparsity), plan.format, plan.quant)
+            refs.append(
+                self.task.remote(
+                    self.models[c.sparsity],
+                    plan,
+                    c.sparsity,
+                    stage.recipe.seq_len,
+                    calibration,
+                    stage.adapter_modules,
+                    self.golden,
+                    ref.variants.get(c.sparsity)[1],
+                    ref.labels,
+                    ref.baseline,
+                    estimate,
+                    stage.loaded.num_parameters * 4,
+                )
+            )
+        for c, r in zip(wave, refs, strict=True):
+            plan = cplan(c)
+            try:
+                art, res, files, where = ray.get(r)
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                c.result = ArtifactResult(
+                    file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(cause).strip()
+                )
+                continue
+            directory = work / f"{plan.format}-{len(list(work.iterdir()))}"
+            directory.mkdir()
+            for name, data in files.items():
+                (directory / name).write_bytes(data)
+            art.path = directory / art.path.name
+            art.companions = [directory / p.name for p in art.companions]
+            c.artifact, c.result, c.placement = art, res, where
+            c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
+            c.accuracy_drop = res.fidelity.get("accuracy_drop")
+
+
+def _cand_label(c) -> str:
+    return f"{c.label}" + (f" ({c.sparsity:.0%} pruned)" if c.sparsity else "")
 
 
 __all__ = ["PipelineOptions", "captured_output", "export_for_device", "prepare"]

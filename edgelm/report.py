@@ -149,14 +149,20 @@ def search_markdown(search: dict) -> list[str]:
             else f"; used {search['seconds']:.0f} s."
         ),
         "",
-        "| format | pruned | scheme | est. device ms | size MB | accuracy % | drop | status |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | pruned | scheme | est. device ms | size MB | accuracy % | drop | status | ran on |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in search["candidates"]:
+        where = c.get("ran_on") or {}
+        ran_on = (
+            f"{where['node']} (pid {where['pid']}, Ray)"
+            if where
+            else ("this process" if c.get("accuracy") is not None else "–")
+        )
         lines.append(
             f"| {c['format']} | {c['sparsity']:.0%} | {c['label']} | {fmt(c.get('est_latency_ms'), '.1f')} | "
             f"{fmt(c.get('size_mb'), '.1f')} | {fmt(c.get('accuracy'), '.2f')} | {fmt(c.get('accuracy_drop'), '+.2f')} "
-            f"| {'**chosen**' if c['status'] == 'chosen' else c['status']} |"
+            f"| {'**chosen**' if c['status'] == 'chosen' else c['status']} | {ran_on} |"
         )
     return [*lines, ""]
 

@@ -37,6 +37,7 @@ class Candidate:
     size_mb: float | None = None
     result: Any = None
     artifact: Any = None
+    placement: dict | None = None
 
     @property
     def label(self) -> str:
@@ -56,6 +57,7 @@ class Candidate:
             "accuracy": self.accuracy,
             "accuracy_drop": self.accuracy_drop,
             "status": self.status,
+            "ran_on": self.placement,
         }
 
 
@@ -83,10 +85,18 @@ def run_search(
     max_peak_ram_mb: float,
     time_limit_s: float,
     clock: Callable[[], float] = time.perf_counter,
+    evaluate_batch: Callable[[list[Candidate]], None] | None = None,
+    batch: int = 1,
 ) -> tuple[Candidate, dict]:
     """Search one format's candidates. ``estimate(c)`` returns the cost model's dict; ``evaluate(c)`` exports
     and validates ``c``, filling ``c.accuracy``, ``c.accuracy_drop``, ``c.size_mb`` and ``c.result`` (whose
     ``.passed`` says whether every gate passed).
+
+    The candidates within the estimated budgets are tried in cost order (fastest first) and the first that
+    passes is chosen. With ``evaluate_batch`` (e.g. Ray tasks) they are tried ``batch`` at a time, in the same
+    order; the first passing one of the first batch that has one is chosen: the same candidate as one at a
+    time, since every one before it was tried and rejected. Those after it in its batch were tried for
+    nothing ("tried in parallel, not needed").
 
     Returns ``(chosen, summary)``; summary holds every candidate as a row.
     Raises:
@@ -99,6 +109,7 @@ def run_search(
     cands.sort(key=lambda c: (c.estimate["latency_ms"], c.estimate["weight_mb"], -c.sparsity))
     chosen = None
     limit_reached = False
+    affordable = []
     for c in cands:
         e = c.estimate
         over = [
@@ -112,20 +123,31 @@ def run_search(
         ]
         if over:
             c.status = f"skipped: estimated {', '.join(over)} over budget"
-            continue
-        if chosen is not None:
-            continue
-        if clock() - start > time_limit_s:
-            c.status = "not tried: time limit reached"
-            limit_reached = True
-            continue
-        evaluate(c)
-        if c.result is not None and getattr(c.result, "passed", False):
-            c.status = "chosen"
-            chosen = c
         else:
-            why = getattr(c.result, "error", None) or _failed_gates(c.result)
-            c.status = f"rejected: {why}"
+            affordable.append(c)
+    step = max(1, batch) if evaluate_batch is not None else 1
+    for k in range(0, len(affordable), step):
+        if chosen is not None:
+            break
+        wave = affordable[k : k + step]
+        if clock() - start > time_limit_s:
+            for c in affordable[k:]:
+                c.status = "not tried: time limit reached"
+            limit_reached = True
+            break
+        if evaluate_batch is not None:
+            evaluate_batch(wave)
+        else:
+            evaluate(wave[0])
+        for c in wave:
+            if chosen is not None:
+                c.status = "tried in parallel, not needed: an earlier candidate fits"
+            elif c.result is not None and getattr(c.result, "passed", False):
+                c.status = "chosen"
+                chosen = c
+            else:
+                why = getattr(c.result, "error", None) or _failed_gates(c.result)
+                c.status = f"rejected: {why}"
     summary = {
         "format": cands[0].format if cands else None,
         "candidates": [c.to_dict() for c in cands],

@@ -1,5 +1,7 @@
-"""`edgelm validate --runner A --runner B --ray`: a device farm on a real local Ray cluster (a head and a
-worker process, loopback only, one CPU each) with two loopback SSH boards validated at once."""
+"""Ray on a real local cluster (a head and a worker node, loopback only, one CPU each): `edgelm validate
+--runner A --runner B --ray` (a device farm: two loopback SSH boards validated at once) and `edgelm export
+--search --ray` (the candidates as Ray tasks: the same choice as the sequential search, a killed worker's task
+retried)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import free_port, start_sshd
 
 from edgelm.cli import ray_flag_value
+from edgelm.pipeline import FAULT_KILL_ONCE
 from tests.test_cli import run_cli
+from tests.test_search import _profile, _search, boundary_classifier  # noqa: F401 (a fixture)
 
 # not imported here: Ray reads its cluster token when it is first imported, after the fixture has set it
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed (edgelm[ray])")
@@ -26,12 +32,15 @@ ONNX = "model.int8_dynamic.onnx"
 def ray_cluster(tmp_path_factory):
     """``ray start --head`` and one ``ray start --address`` worker node on 127.0.0.1; the address."""
     port = free_port()
-    tmp = tmp_path_factory.mktemp("ray")
+    # Ray's sockets live under --temp-dir and a Unix socket path is at most 107 bytes: a short folder in /tmp
+    tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     # Ray 2.5x authenticates every process of a cluster with a token: one for this cluster and this driver
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
     env = dict(os.environ)
+    # the cluster's workers kill themselves on the first search candidate they run (once): Ray must retry it
+    env[FAULT_KILL_ONCE] = str(tmp / "killed-once")
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     head = [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard",
@@ -40,8 +49,9 @@ def ray_cluster(tmp_path_factory):
     address = f"127.0.0.1:{port}"
     worker = [ray_cli, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common]
     subprocess.run(worker, check=True, capture_output=True, env=env, timeout=120)
-    yield address
+    yield address, tmp / "killed-once"
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    shutil.rmtree(tmp, ignore_errors=True)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -81,7 +91,7 @@ def test_two_boards_validated_concurrently_on_the_cluster(pixel8_bundle, two_boa
     targets, key, known = two_boards
     code, output = run_cli(
         "validate", str(bundle), "--runner", targets[0], "--runner", targets[1], "--key", str(key),
-        "--known-hosts", str(known), "--artifact", ONNX, "--warmup", "1", "--runs", "3", "--ray", ray_cluster,
+        "--known-hosts", str(known), "--artifact", ONNX, "--warmup", "1", "--runs", "3", "--ray", ray_cluster[0],
     )  # fmt: skip
     assert code == 0, output
     doc = json.loads((bundle / "validation.json").read_text())
@@ -105,7 +115,7 @@ def test_a_runner_that_fails_is_reported_and_the_others_finish(pixel8_bundle, tw
     dead = f"ssh://nobody@127.0.0.1:{free_port()}"  # nothing listens there
     code, output = run_cli(
         "validate", str(bundle), "--runner", targets[0], "--runner", dead, "--key", str(key),
-        "--known-hosts", str(known), "--artifact", ONNX, "--warmup", "0", "--runs", "2", "--ray", ray_cluster,
+        "--known-hosts", str(known), "--artifact", ONNX, "--warmup", "0", "--runs", "2", "--ray", ray_cluster[0],
     )  # fmt: skip
     assert code == 1, output
     doc = json.loads((bundle / "validation.json").read_text())
@@ -126,6 +136,77 @@ def test_several_runners_without_ray_run_one_after_another(pixel8_bundle, board,
     assert code == 0, output
     assert "one after another" in output and "sys.modules" not in output
     doc = json.loads((bundle / "validation.json").read_text())
-    assert set(doc["runners"]) == {"host", target}
+    assert {"host", target} <= set(doc["runners"])
     host, ssh = doc["runners"]["host"], doc["runners"][target]
     assert host["placement"]["finished_unix"] <= ssh["placement"]["started_unix"]
+
+
+def test_search_on_ray_picks_the_sequential_choice(boundary_classifier, memo_tsv, ray_cluster, tmp_path):  # noqa: F811
+    """A tight budget makes the search back off through several candidates: on Ray they are tried two at a
+    time (the cluster's CPUs) and the same one is chosen; the first task's worker dies and Ray retries it."""
+    address, killed = ray_cluster
+    tight = _profile(tmp_path / "p", min_top1_agreement=1.0, max_accuracy_drop=100.0)
+    code, text, out = _search(tmp_path / "seq", boundary_classifier, memo_tsv, tight, max_sparsity=0)
+    assert code == 0, text
+    code, text, out_ray = _search(
+        tmp_path / "ray", boundary_classifier, memo_tsv, tight, "--ray", address, max_sparsity=0
+    )
+    assert code == 0, text
+    seq = json.loads((out / "dev" / "report.json").read_text())["search"]["candidates"]
+    par = json.loads((out_ray / "dev" / "report.json").read_text())["search"]["candidates"]
+
+    def chosen(cands):
+        c = next(c for c in cands if c["status"] == "chosen")
+        return c["sparsity"], c["scheme"], c["float_layers"]
+
+    assert chosen(par) == chosen(seq) and len([c for c in seq if c["accuracy"] is not None]) > 1
+    k = next(i for i, c in enumerate(seq) if c["status"] == "chosen")
+    assert [c["status"] for c in par[:k]] == [c["status"] for c in seq[:k]]  # the same rejections before it
+    tried = [c for c in par if c["ran_on"]]
+    assert tried and all(c["accuracy"] is not None for c in tried)  # complete, the killed task included
+    assert killed.is_file()  # a worker did die on its first candidate
+    assert all(c["ran_on"] is None for c in seq)
+    assert "Ray)" in (out_ray / "dev" / "report.md").read_text()
+
+
+def test_ray_needs_search_on_export(tiny_classifier, tmp_path):
+    code, output = run_cli("export", "--device", "pixel8", "--model", str(tiny_classifier), "--ray", "auto",
+                           "--out", str(tmp_path / "dist"))  # fmt: skip
+    assert code == 2 and "add --search" in output
+
+
+def test_finetune_sweep_as_tune_trials(tiny_bert, memo_tsv, ray_cluster, tmp_path):
+    """`edgelm finetune --sweep lr=... --sweep epochs=...`: every combination is a Ray Tune trial (one per
+    node at a time here), each writes its checkpoint; the best by eval accuracy becomes --out."""
+    from edgelm.models import load_model
+
+    address, _ = ray_cluster
+    out = tmp_path / "ft"
+    code, output = run_cli(
+        "finetune", "--model", str(tiny_bert), "--data", str(memo_tsv), "--eval", str(memo_tsv), "--out", str(out),
+        "--sweep", "lr=3e-3,1e-6", "--sweep", "epochs=2", "--batch-size", "16", "--seq-len", "32", "--ray", address,
+    )  # fmt: skip
+    assert code == 0, output
+    record = json.loads((out / "sweep.json").read_text())
+    trials = record["trials"]
+    assert sorted(t["values"]["lr"] for t in trials) == [1e-6, 3e-3] and all(t["values"]["epochs"] == 2 for t in trials)
+    assert all(t["error"] is None and t["node"] for t in trials)
+    best = max(trials, key=lambda t: t["metrics"]["eval_accuracy"])
+    assert record["best"]["values"] == best["values"]
+    for t in trials:  # each trial's own checkpoint, and the best one copied to --out
+        assert (Path(t["checkpoint"]) / "config.json").is_file()
+    assert load_model(str(out)).labels == load_model(best["checkpoint"]).labels
+    assert (out / "model.safetensors").read_bytes() == (Path(best["checkpoint"]) / "model.safetensors").read_bytes()
+    assert "finetune sweep: 2 trials on Ray Tune" in output
+
+
+def test_sweep_refuses_unknown_keys_and_missing_eval(tiny_bert, memo_tsv, tmp_path):
+    code, output = run_cli("finetune", "--model", str(tiny_bert), "--data", str(memo_tsv), "--eval", str(memo_tsv),
+                           "--out", str(tmp_path / "o"), "--sweep", "momentum=0.9")  # fmt: skip
+    assert code == 2 and "KEY one of lr, epochs" in output
+    code, output = run_cli("finetune", "--model", str(tiny_bert), "--data", str(memo_tsv), "--out", str(tmp_path / "o"),
+                           "--sweep", "lr=1e-3,1e-4")  # fmt: skip
+    assert code == 2 and "--eval" in output
+    code, output = run_cli("finetune", "--model", str(tiny_bert), "--data", str(memo_tsv), "--eval", str(memo_tsv),
+                           "--out", str(tmp_path / "o"), "--sweep", "epochs=two")  # fmt: skip
+    assert code == 2 and "epochs takes int values" in output

@@ -104,38 +104,29 @@ def tokens(work: Path, data_dir: Path) -> int:
     return len(lines)
 
 
-def bundle(work: Path) -> Path:
+def export(*args: str, what: str) -> None:
+    """`edgelm export --device pixel8 ARGS`; exits when the export fails (a missed gate is fine: exit 1)."""
     from typer.testing import CliRunner
 
     from edgelm.cli import app
+
+    r = CliRunner().invoke(app, ["export", "--device", "pixel8", *args])
+    if r.exit_code not in (0, 1):
+        sys.exit(f"prepare_jvm_tests: edgelm export of {what} failed:\n{r.output}")
+
+
+def bundle(work: Path) -> Path:
+
     from edgelm.data import PROBE_SENTENCES
     from edgelm.testing import make_checkpoint
 
     model = make_checkpoint(work / "tiny", kind="classifier", seed=1)
     data = work / "probes.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(PROBE_SENTENCES[:24])))
-    r = CliRunner().invoke(
-        app,
-        [
-            "export",
-            "--device",
-            "pixel8",
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--format",
-            "onnx,tflite",
-            "--seq-len",
-            "32",
-            "--out",
-            str(work / "dist"),
-            "--bundle",
-            "android",
-        ],
-    )
-    if r.exit_code not in (0, 1):
-        sys.exit(f"prepare_jvm_tests: edgelm export failed:\n{r.output}")
+    export(
+        "--model", str(model), "--data", str(data), "--format", "onnx,tflite", "--seq-len", "32",
+        "--out", str(work / "dist"), "--bundle", "android", what="the classifier",
+    )  # fmt: skip
     return work / "dist" / "pixel8" / "android" / "edgelm"
 
 
@@ -191,33 +182,16 @@ CHATML_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def gen_bundle(work: Path, data_dir: Path) -> Path:
-    from typer.testing import CliRunner
 
-    from edgelm.cli import app
     from edgelm.testing import make_causal_lm
 
     model = make_causal_lm(work / "tiny-llama")
-    r = CliRunner().invoke(
-        app,
-        [
-            "export",
-            "--device",
-            "pixel8",
-            "--model",
-            str(model),
-            "--format",
-            "executorch",
-            "--context-length",
-            "128",
-            *(["--data", str(wiki)] if (wiki := data_dir / "wikitext2" / "raw" / "wiki.test.raw").is_file() else []),
-            "--out",
-            str(work / "gen"),
-            "--bundle",
-            "android",
-        ],
-    )
-    if r.exit_code not in (0, 1):
-        sys.exit(f"prepare_jvm_tests: edgelm export (text generation) failed:\n{r.output}")
+    wiki = data_dir / "wikitext2" / "raw" / "wiki.test.raw"
+    export(
+        "--model", str(model), "--format", "executorch", "--context-length", "128",
+        *(["--data", str(wiki)] if wiki.is_file() else []), "--out", str(work / "gen"), "--bundle", "android",
+        what="the causal LM",
+    )  # fmt: skip
     return work / "gen" / "pixel8" / "android" / "edgelm"
 
 
