@@ -44,49 +44,41 @@ def parse_sweep(items: list[str], keys: dict[str, type]) -> dict[str, list]:
     return space
 
 
-def _trial(config: dict) -> None:
-    """One Tune trial: run the job with this trial's values, report its metric (module-level: workers
-    import it)."""
+def _trial(config: dict, job: str, out: str, args: dict) -> None:
+    """One Tune trial: run ``job`` with this trial's values (``config``) and the fixed ``args``, into
+    ``out/trials/<values>/``; report its metrics (module-level: workers import it)."""
     from ray import tune
 
-    config = dict(config)
-    job = config.pop("__job")
-    out = Path(config.pop("__out")) / "trials" / _trial_name(config)
-    metric = JOBS[job](dict(config), out)
-    tune.report({**metric, "node": socket.gethostname(), "pid": os.getpid(), "checkpoint": str(out)})
+    folder = Path(out) / "trials" / "-".join(f"{k}={v}" for k, v in sorted(config.items()))
+    metric = JOBS[job](dict(config), folder, args)
+    tune.report({**metric, "node": socket.gethostname(), "pid": os.getpid(), "checkpoint": str(folder)})
 
 
-def _trial_name(values: dict) -> str:
-    return "-".join(f"{k}={v}" for k, v in sorted(values.items()) if not k.startswith("__"))
-
-
-def _finetune_job(values: dict, out: Path) -> dict:
+def _finetune_job(values: dict, out: Path, args: dict) -> dict:
     import torch
 
     from edgelm.compress.jobs import run_finetune
     from edgelm.compress.train import TrainConfig
 
     torch.set_num_threads(1)  # one CPU per trial
-    args = values.pop("__args")
     cfg = TrainConfig(**{**args["cfg"], **values})
     result = run_finetune(args["model"], args["data"], out, eval_data=args["eval_data"], cfg=cfg, **args["limits"])
     best = next(e for e in result.history if e.epoch == result.best_epoch)
     return {"eval_accuracy": best.eval_accuracy, "train_loss": best.train_loss, "best_epoch": result.best_epoch}
 
 
-def _hypernet_job(values: dict, out: Path) -> dict:
+def _hypernet_job(values: dict, out: Path, args: dict) -> dict:
     import torch
 
     from edgelm.adapt.hypernet import HyperConfig, meta_train
 
     torch.set_num_threads(1)
-    args = values.pop("__args")
     cfg = HyperConfig(**{**args["cfg"], **values})
     rec = meta_train(args["model"], Path(args["data_dir"]), out, cfg)
     return {"query_accuracy": rec["query_accuracy_last"], "query_loss": rec["loss_last"]}
 
 
-JOBS: dict[str, Callable[[dict, Path], dict]] = {"finetune": _finetune_job, "hypernet": _hypernet_job}
+JOBS: dict[str, Callable[[dict, Path, dict], dict]] = {"finetune": _finetune_job, "hypernet": _hypernet_job}
 #: What the trials report, kept in sweep.json.
 REPORTED = ("eval_accuracy", "train_loss", "best_epoch", "query_accuracy", "query_loss")
 #: The metric each job's sweep maximises.
@@ -109,9 +101,10 @@ def run_sweep(job: str, space: dict[str, list], args: dict, out: Path, *, addres
         from ray import tune
 
         grid = {k: tune.grid_search(v) for k, v in space.items()}
+        trainable = tune.with_parameters(_trial, job=job, out=str(out.resolve()), args=args)
         tuner = tune.Tuner(
-            tune.with_resources(_trial, {"cpu": 1}),
-            param_space={**grid, "__job": job, "__out": str(out.resolve()), "__args": args},
+            tune.with_resources(trainable, {"cpu": 1}),
+            param_space=grid,
             tune_config=tune.TuneConfig(metric=METRICS[job], mode="max"),
             run_config=tune.RunConfig(name=f"edgelm-{job}", storage_path=str((out / "tune").resolve()), verbose=1),
         )

@@ -210,3 +210,26 @@ def test_sweep_refuses_unknown_keys_and_missing_eval(tiny_bert, memo_tsv, tmp_pa
     code, output = run_cli("finetune", "--model", str(tiny_bert), "--data", str(memo_tsv), "--eval", str(memo_tsv),
                            "--out", str(tmp_path / "o"), "--sweep", "epochs=two")  # fmt: skip
     assert code == 2 and "epochs takes int values" in output
+
+
+def test_hypernet_sweep_over_seeds(tiny_bert, ray_cluster, tmp_path):
+    """`edgelm hypernet train --sweep seed=0,1`: two meta-trainings as Tune trials; the one with the higher
+    final query accuracy is the hypernetwork in --out."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "cola").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    address, _ = ray_cluster
+    out = tmp_path / "hn"
+    code, output = run_cli(
+        "hypernet", "train", "--model", str(tiny_bert), "--data-dir", str(SHARED_DATA), "--out", str(out),
+        "--tasks", "cola,trec", "--episodes", "6", "--per-task", "40", "--seq-len", "32", "--sweep", "seed=0,1",
+        "--ray", address,
+    )  # fmt: skip
+    assert code == 0, output
+    record = json.loads((out / "sweep.json").read_text())
+    assert sorted(t["values"]["seed"] for t in record["trials"]) == [0, 1] and record["metric"] == "query_accuracy"
+    best = max(record["trials"], key=lambda t: t["metrics"]["query_accuracy"])
+    assert record["best"]["values"] == best["values"]
+    written = {p.name for p in Path(best["checkpoint"]).iterdir()}
+    assert written and written <= {p.name for p in out.iterdir()}
