@@ -958,9 +958,10 @@ def _measure_on_worker(
     """One search candidate in a Ray task: export it into a temp folder on the worker, run it there on the
     golden set (the host runner, 1 thread: the task's CPU), judge it with the same gate check. Returns the
     artifact, its result, its files' bytes (the driver writes them into its own folder: nodes share no disk)
-    and where it ran (``{"node", "pid"}``). Raises EdgeLMError (export failed)."""
+    and where it ran (``{"node", "pid", "seconds"}``: the task's wall time). Raises EdgeLMError (export failed)."""
     import socket
 
+    t0 = time.perf_counter()
     marker = os.environ.get(FAULT_KILL_ONCE)
     if marker and not Path(marker).exists():
         Path(marker).write_text(str(os.getpid()))
@@ -978,7 +979,7 @@ def _measure_on_worker(
             res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
         check_gates(res, plan, model.task, reference)
         files = {p.name: p.read_bytes() for p in [art.path, *art.companions]}
-    return art, res, files, {"node": socket.gethostname(), "pid": os.getpid()}
+    return art, res, files, {"node": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
 class _RaySearch:
@@ -1051,7 +1052,7 @@ class _RaySearch:
                 (directory / name).write_bytes(data)
             art.path = directory / art.path.name
             art.companions = [directory / p.name for p in art.companions]
-            c.artifact, c.result, c.placement = art, res, where
+            c.artifact, c.result, c.placement, c.seconds = art, res, where, where["seconds"]
             c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
             c.accuracy_drop = res.fidelity.get("accuracy_drop")
 

@@ -38,6 +38,7 @@ class Candidate:
     result: Any = None
     artifact: Any = None
     placement: dict | None = None
+    seconds: float | None = None
 
     @property
     def label(self) -> str:
@@ -58,6 +59,7 @@ class Candidate:
             "accuracy_drop": self.accuracy_drop,
             "status": self.status,
             "ran_on": self.placement,
+            "seconds": self.seconds,
         }
 
 
@@ -138,7 +140,9 @@ def run_search(
         if evaluate_batch is not None:
             evaluate_batch(wave)
         else:
+            t0 = clock()
             evaluate(wave[0])
+            wave[0].seconds = clock() - t0
         for c in wave:
             if chosen is not None:
                 c.status = "tried in parallel, not needed: an earlier candidate fits"
