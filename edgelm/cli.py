@@ -762,6 +762,13 @@ def _history_table(result, title: str) -> Table:
     return t
 
 
+#: ``--ray`` of the sweeps (finetune, hypernet train).
+SweepRayOption = Annotated[
+    str | None,
+    typer.Option("--ray", help="With --sweep: the Ray cluster (auto, ray://HOST:10001; default: Ray on this machine)."),
+]
+
+
 @app.command()
 @handle_errors
 def finetune(
@@ -799,12 +806,7 @@ def finetune(
             help="KEY=V1,V2,... (lr, epochs, batch_size, seed, optimizer; repeatable): every combination as a Ray Tune trial; the best by eval accuracy is written to --out.",
         ),
     ] = None,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray", help="With --sweep: the Ray cluster (auto, ray://HOST:10001; default: Ray on this machine)."
-        ),
-    ] = None,
+    ray: SweepRayOption = None,
 ):
     """Fine-tune an encoder into a sequence classifier and write a Hugging Face checkpoint."""
     from dataclasses import asdict
@@ -1012,12 +1014,7 @@ def hypernet_train(
             help="KEY=V1,V2,... (seed, episodes, rank; repeatable): every combination as a Ray Tune trial; the best by query accuracy is written to --out.",
         ),
     ] = None,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray", help="With --sweep: the Ray cluster (auto, ray://HOST:10001; default: Ray on this machine)."
-        ),
-    ] = None,
+    ray: SweepRayOption = None,
 ):
     """Meta-train a hypernetwork that writes LoRA weights and a classifier head from K demonstrations."""
     from dataclasses import asdict
