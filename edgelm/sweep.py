@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,7 +110,13 @@ def run_sweep(job: str, space: dict[str, list], args: dict, out: Path, *, addres
             tune_config=tune.TuneConfig(metric=METRICS[job], mode="max"),
             run_config=tune.RunConfig(name=f"edgelm-{job}", storage_path=str((out / "tune").resolve()), verbose=1),
         )
-        results = tuner.fit()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            results = tuner.fit()
+        finally:  # Tune installs its own Ctrl-C handler: give the caller's back (main thread only)
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
         trials = []
         for r in results:
             values = {k: r.config[k] for k in space}
