@@ -222,8 +222,8 @@ def byte_level_bpe_settings(path: Path) -> dict:
             break
     if problems:
         raise ExportError(
-            "--bundle android: the demo app's tokenizer is byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen style "
-            f"tokenizer.json); this model's differs: {'; '.join(problems)}"
+            "--bundle android: the demo app's tokenizer is GPT-2-style byte-level BPE (ByteLevel pre-tokenizer with "
+            f"its regex, as SmolLM's tokenizer.json); this model's differs: {'; '.join(problems)}"
         )
     return {
         "type": "byte_level_bpe",

@@ -616,18 +616,18 @@ def validate(
     check_timing(warmup, runs)
     b = Bundle.load(bundle)
     specs = runner or ["host"]
-    runner_options = {
+    runner_options = {  # absolute: Ray workers do not share this working directory
         "cpu": cpu,
-        "sysroot": sysroot,
-        "key_file": key,
-        "known_hosts": known_hosts,
+        "sysroot": sysroot and sysroot.resolve(),
+        "key_file": key and key.resolve(),
+        "known_hosts": known_hosts and known_hosts.resolve(),
         "remote_python": remote_python,
         "remote_env": parse_env(remote_env),
     }
     if len(specs) > 1 or ray is not None:
         run_options = {
             "artifacts": artifact,
-            "data": data,
+            "data": data and str(Path(data).resolve()),
             "text_column": text_column,
             "label_column": label_column,
             "limit": limit,
@@ -660,7 +660,7 @@ def validate(
         out_console,
         f"{b.device} on {record['runner']}",
         cols,
-        [[row[c] for c in cols] for row in rows],
+        [[row.get(c, "–") for c in cols] for row in rows],
         right=cols[2:],
         style=_gate_style,
     )
@@ -697,7 +697,7 @@ def _validate_farm(b, specs: list[str], runner_options: dict, run_options: dict,
         out_console,
         f"{b.device} on {len(specs)} runners, {where}",
         cols,
-        [[row[c] for c in cols] for row in rows],
+        [[row.get(c, "–") for c in cols] for row in rows],
         right=cols[4:],
         style=_gate_style,
     )
@@ -822,7 +822,14 @@ def finetune(
         if not sweep or not eval_data:
             raise RecipeError("a sweep needs --sweep KEY=V1,V2 and --eval (the best trial is chosen by eval accuracy)")
         limits = {"limit": limit, "eval_limit": eval_limit, "text_column": text_column, "label_column": label_column}
-        args = {"model": model, "data": str(data), "eval_data": str(eval_data), "cfg": asdict(cfg), "limits": limits}
+        # absolute paths: every Tune trial runs in its own working directory
+        args = {
+            "model": str(Path(model).resolve()) if Path(model).exists() else model,
+            "data": str(Path(data).resolve()),
+            "eval_data": str(Path(eval_data).resolve()),
+            "cfg": asdict(cfg),
+            "limits": limits,
+        }
         _run_sweep("finetune", sweep, args, out, ray)
         return
     with StageProgress(_err_console()) as progress:
@@ -1027,7 +1034,11 @@ def hypernet_train(
     if sweep or ray:
         if not sweep:
             raise RecipeError("--ray runs a sweep: add --sweep KEY=V1,V2 (seed, episodes, rank)")
-        args = {"model": model, "data_dir": str(Path(data_dir).resolve()), "cfg": asdict(cfg)}
+        args = {
+            "model": str(Path(model).resolve()) if Path(model).exists() else model,
+            "data_dir": str(Path(data_dir).resolve()),
+            "cfg": asdict(cfg),
+        }
         _run_sweep("hypernet", sweep, args, out, ray)
         return
     with StageProgress(_err_console()) as progress:

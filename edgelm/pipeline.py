@@ -1040,12 +1040,20 @@ class _RaySearch:
             plan = cplan(c)
             try:
                 art, res, files, where = ray.get(r)
-            except ray.exceptions.RayError as exc:
-                cause = getattr(exc, "cause", None) or exc
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if not isinstance(cause, EdgeLMError):
+                    raise ExportError(f"{_cand_label(c)} failed on its Ray worker: {str(exc).strip()[-500:]}") from None
+                # a converter failure rejects the candidate, as in the sequential search
                 c.result = ArtifactResult(
-                    file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(cause).strip()
+                    file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(cause)
                 )
                 continue
+            except ray.exceptions.RayError as exc:  # the cluster lost it (retries spent): not the candidate's fault
+                raise ExportError(
+                    f"the Ray cluster lost the {_cand_label(c)} candidate ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0]}); run again, or without --ray"
+                ) from None
             directory = work / f"{plan.format}-{len(list(work.iterdir()))}"
             directory.mkdir()
             for name, data in files.items():

@@ -99,9 +99,9 @@ def markdown_table(rows: list[dict[str, str]]) -> list[str]:
     """A Markdown table (header, rule, one line per row) of display-string rows sharing their keys; [] if none."""
     if not rows:
         return []
-    head = list(rows[0])
+    head = list(dict.fromkeys(k for r in rows for k in r))
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
-        "| " + " | ".join(r[h] for h in head) + " |" for r in rows
+        "| " + " | ".join(r.get(h, "–") for h in head) + " |" for r in rows
     ]
 
 
@@ -265,6 +265,8 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
     order = {"host": 0, "emulator": 1, "ssh": 2, "adb": 3}
     runners = sorted(doc.get("runners", {}).values(), key=lambda r: order.get(r.get("kind"), 9))
     names = list(dict.fromkeys(n for r in runners for n in r["artifacts"]))
+    # a generative bundle's rows all get the decoder columns, also those skipped or failed (no fidelity)
+    decoder = any("token_agreement" in (a.get("fidelity") or {}) for r in runners for a in r["artifacts"].values())
     rows = []
     for name in names:
         for r in runners:
@@ -279,7 +281,7 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                 "machine": str(a.get("machine") or "–"),
                 "status": a["status"],
             }
-            if "token_agreement" in fid:  # a decoder: perplexity, greedy tokens, tokens/s
+            if decoder:  # a decoder: perplexity, greedy tokens, tokens/s
                 speed = (a.get("speed") or {}).get("decode_tokens_per_s")
                 row |= {
                     "perplexity": fmt(fid.get("perplexity"), ".3f"),

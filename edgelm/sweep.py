@@ -110,6 +110,8 @@ def run_sweep(job: str, space: dict[str, list], args: dict, out: Path, *, addres
             tune_config=tune.TuneConfig(metric=METRICS[job], mode="max"),
             run_config=tune.RunConfig(name=f"edgelm-{job}", storage_path=str((out / "tune").resolve()), verbose=1),
         )
+        # Ctrl-C must stop the sweep as an interruption (exit 130), not end Tune quietly as if it had finished
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             results = tuner.fit()
@@ -136,6 +138,11 @@ def run_sweep(job: str, space: dict[str, list], args: dict, out: Path, *, addres
     if not ok:
         raise RecipeError(f"every trial of the sweep failed: {trials[0]['error'] if trials else 'no trial ran'}")
     best = max(ok, key=lambda t: t["metrics"][METRICS[job]])
+    if not Path(best["checkpoint"]).is_dir():
+        raise RecipeError(
+            f"the best trial's checkpoint {best['checkpoint']} is not on this machine (node {best['node']}): "
+            "on a multi-node cluster put --out on a filesystem every node mounts"
+        )
     for item in Path(best["checkpoint"]).iterdir():  # the best trial's checkpoint becomes OUT itself
         dest = out / item.name
         if item.is_dir():

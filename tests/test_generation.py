@@ -260,6 +260,11 @@ def test_adb_runner_skips_the_decoders_the_app_does_not_run(gen_bundle):
     AdbRunner("adb").run_bundle(BundleJob(bundle, ["model.8da4w.onnx"], bundle / "golden.npz"), got.append)
     assert [(r.artifact, r.error) for r in got] == [("model.8da4w.onnx", None)]
     assert "no onnx decoder runtime" in got[0].skipped
+    # the CLI's table of a generative bundle whose only row is a skipped one (no decoder columns in it)
+    copy = bundle.parent / "adb-copy" / "pixel8"
+    shutil.copytree(bundle, copy)
+    code, output = run_cli("validate", str(copy), "--runner", "adb", "--artifact", "model.8da4w.onnx")
+    assert code == 0 and "Traceback" not in output and "skipped" in output, output
 
 
 def test_generative_android_bundle_needs_a_decoder_the_app_runs(tiny_gguf, tmp_path):

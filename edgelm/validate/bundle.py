@@ -386,9 +386,8 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
             ref = bundle.reference(name)
             if bundle.kind == tasks.TEXT_GENERATION.kind and res.outputs.shape == ref.shape:
                 rec["fidelity"], rec["checks"]["golden"] = generation_check(bundle, name, res)
-                for k in ("speed", "speed_1_thread", "next_token", "device_checks"):
-                    if k != "device_checks" or res.result.get(k):
-                        rec[k] = res.result.get(k)
+                for k in ("speed", "speed_1_thread", "next_token"):
+                    rec[k] = res.result.get(k)
             elif res.outputs.shape != ref.shape:
                 rec["checks"]["golden"] = tasks.check(
                     False,
@@ -417,6 +416,8 @@ def evaluate(bundle: Bundle, results_dir: Path) -> dict:
                 rec["vs_host"] = {"max_abs_diff": float(np.abs(res.outputs.astype(np.float64) - host).max())}
                 if tasks.for_kind(bundle.kind).uses_labels:
                     rec["vs_host"]["top1_agreement"] = top1_agreement(res.outputs, host)
+            if res.result.get("device_checks"):  # the app's whole-bundle checks (tokenizer, LlmModule text)
+                rec["device_checks"] = res.result["device_checks"]
             if eval_labels is None and isinstance(res.result.get("eval"), dict):  # computed on the device (the app)
                 rec["eval"] = {k: res.result["eval"].get(k) for k in ("accuracy", "rows", "source")}
             if eval_labels is not None and res.eval_outputs is not None:

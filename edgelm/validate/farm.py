@@ -16,6 +16,7 @@ here, only with ``--ray``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -130,12 +131,13 @@ def run_runners(
             except EdgeLMError as exc:
                 o.error = str(exc)
         return outcomes
-    disconnect = connect(ray_address)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(connect(ray_address))  # disconnects last
         import ray
 
         actor_cls = _actor_class()
         actors = [actor_cls.remote() for _ in specs]
+        stack.callback(lambda: [ray.kill(a) for a in actors])
         pending = {
             a.run.remote(str(bundle.path.resolve()), o.spec, runner_options, run_options): o
             for a, o in zip(actors, outcomes, strict=True)
@@ -153,13 +155,11 @@ def run_runners(
                 o.error = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
             except ray.exceptions.RayActorError as exc:
                 o.error = f"the Ray actor running {o.spec} died: {str(exc).splitlines()[0]}"
+            except ray.exceptions.RayError as exc:  # lost objects, a dead node, out of memory
+                o.error = f"Ray lost the run of {o.spec}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
             done += 1
             if progress and pending:
                 progress(f"waiting for {', '.join(p.spec for p in pending.values())}", done, len(specs))
-        for a in actors:
-            ray.kill(a)
-    finally:
-        disconnect()
     return outcomes
 
 
@@ -183,6 +183,17 @@ def validate_many(
 
     if len(set(specs)) != len(specs):
         raise ValidationError(f"a runner is given twice: {', '.join(specs)}")
+    from edgelm.validate.bundle import bundle_runner
+
+    names = {}
+    for spec in specs:  # two specs for one runner (ssh: and its URL, profile and what it names) would collide
+        try:
+            name = bundle_runner(bundle, spec, **runner_options).name
+        except EdgeLMError:
+            continue  # reported when it runs (it may exist only on a Ray node)
+        if name in names:
+            raise ValidationError(f"--runner {names[name]} and --runner {spec} are the same runner ({name})")
+        names[name] = spec
     outcomes = run_runners(bundle, specs, runner_options, run_options, ray_address=ray_address, progress=progress)
     records = []
     for o in outcomes:
