@@ -344,8 +344,17 @@ def export(
             f"(time limit {search_time:.0f} s per format); the recipe below is the starting point"
         )
     show_recipe(recipe)
-    with StageProgress(err) as progress:
-        report = export_for_device(recipe, model, data, out, options, progress=progress)
+    disconnect = None
+    if ray is not None:  # connect before the long stages: a wrong address fails now, not after the reference
+        from edgelm.validate.farm import connect
+
+        disconnect = connect(ray)
+    try:
+        with StageProgress(err) as progress:
+            report = export_for_device(recipe, model, data, out, options, progress=progress)
+    finally:
+        if disconnect is not None:
+            disconnect()
     from edgelm.report import artifact_rows
 
     for warning in report.data.get("warnings", []):
