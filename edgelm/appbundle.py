@@ -103,6 +103,37 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
+def _app_artifact(bundle: Bundle, a, out: Path, runtime: str) -> dict:
+    """Link artifact ``a`` and its companion files into the app folder ``out``; its manifest fields every kind
+    of bundle shares (file, format, runtime, scheme, sha256, size, signature, companions, golden reference)."""
+    for f in [a.file] + [c.file for c in a.companions]:
+        _link_or_copy(bundle.file(f), out / f)
+    return {
+        "file": a.file,
+        "format": a.format,
+        "runtime": runtime,
+        "scheme": a.quantization.scheme,
+        "sha256": a.sha256,
+        "size_bytes": a.size_bytes,
+        "inputs": [t.model_dump() for t in a.inputs],
+        "outputs": [t.model_dump() for t in a.outputs],
+        "companions": [c.model_dump() for c in a.companions],
+        "golden_reference": a.golden_reference,
+    }
+
+
+def _app_manifest_head(manifest, model_keys: tuple[str, ...]) -> dict:
+    """The app manifest's first fields: schema, versions, device, the model's ``model_keys``, threads."""
+    return {
+        "schema": ANDROID_SCHEMA,
+        "edgelm_version": edgelm.__version__,
+        "created": manifest.created,
+        "device": {"name": manifest.device.name, "display_name": manifest.device.display_name},
+        "model": {k: getattr(manifest.model, k, None) for k in model_keys},
+        "threads": manifest.recipe.threads,
+    }
+
+
 #: The recipe gates the app's golden comparison reads from the manifest (beside ``max_abs_error``).
 TOLERANCE_GATES = ("min_cosine", "min_top1_agreement", "max_accuracy_drop")
 
@@ -128,22 +159,11 @@ def write_android_bundle(bundle_dir: Path) -> Path:
     for a in manifest.artifacts:
         g = bundle.plan(a.file).gates
         scheme = a.quantization.scheme
-        for f in [a.file] + [c.file for c in a.companions]:
-            _link_or_copy(bundle.file(f), out / f)
         artifacts.append(
             {
-                "file": a.file,
-                "format": a.format,
-                "runtime": exporters.get(a.format).app_runtime,
-                "scheme": scheme,
-                "sha256": a.sha256,
-                "size_bytes": a.size_bytes,
-                "inputs": [t.model_dump() for t in a.inputs],
-                "outputs": [t.model_dump() for t in a.outputs],
+                **_app_artifact(bundle, a, out, exporters.get(a.format).app_runtime),
                 "max_seq_len": a.details.get("max_seq_len", manifest.tokenizer.max_length),
                 "seq_buckets": a.details.get("seq_buckets"),
-                "companions": [c.model_dump() for c in a.companions],
-                "golden_reference": a.golden_reference,
                 # the task's gates only (null: not judged; a classifier has no cosine gate)
                 "tolerance": {
                     **{k: getattr(g, k) if k in task.gates else None for k in TOLERANCE_GATES},
@@ -156,13 +176,8 @@ def write_android_bundle(bundle_dir: Path) -> Path:
     if labels:
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     doc = {
-        "schema": ANDROID_SCHEMA,
-        "edgelm_version": edgelm.__version__,
-        "created": manifest.created,
-        "device": {"name": manifest.device.name, "display_name": manifest.device.display_name},
-        "model": {k: getattr(manifest.model, k, None) for k in ("kind", "output", "model_type", "source")},
+        **_app_manifest_head(manifest, ("kind", "output", "model_type", "source")),
         "labels": labels,
-        "threads": manifest.recipe.threads,
         "tokenizer": tokenizer,
         "golden": {
             "file": golden_file,
@@ -294,23 +309,12 @@ def write_generative_android_bundle(bundle: Bundle) -> Path:
     artifacts = []
     for a in runnable:
         g = bundle.plan(a.file).gates
-        for f in [a.file] + [c.file for c in a.companions]:
-            _link_or_copy(bundle.file(f), out / f)
         artifacts.append(
             {
-                "file": a.file,
-                "format": a.format,
-                "runtime": APP_DECODER_RUNTIMES[a.format],
-                "scheme": a.quantization.scheme,
-                "sha256": a.sha256,
-                "size_bytes": a.size_bytes,
-                "inputs": [t.model_dump() for t in a.inputs],
-                "outputs": [t.model_dump() for t in a.outputs],
+                **_app_artifact(bundle, a, out, APP_DECODER_RUNTIMES[a.format]),
                 "max_seq_len": int(a.details.get("max_context_len") or manifest.tokenizer.max_length),
                 "seq_buckets": None,
                 "signatures": a.details.get("signatures"),
-                "companions": [c.model_dump() for c in a.companions],
-                "golden_reference": a.golden_reference,
                 "tolerance": {
                     "min_token_agreement": g.min_token_agreement,
                     "max_perplexity_ratio": g.max_perplexity_ratio,
@@ -319,13 +323,8 @@ def write_generative_android_bundle(bundle: Bundle) -> Path:
         )
     ref_ppl = golden.get("reference_perplexity")
     doc = {
-        "schema": ANDROID_SCHEMA,
-        "edgelm_version": edgelm.__version__,
-        "created": manifest.created,
-        "device": {"name": manifest.device.name, "display_name": manifest.device.display_name},
-        "model": {k: getattr(manifest.model, k, None) for k in ("kind", "output", "name", "architecture")},
+        **_app_manifest_head(manifest, ("kind", "output", "name", "architecture")),
         "labels": None,
-        "threads": manifest.recipe.threads,
         "tokenizer": tokenizer,
         "generation": {
             "new_tokens": int(gen.get("new_tokens") or golden["reference_tokens"].shape[1]),

@@ -745,7 +745,7 @@ def _run_sweep(job: str, items: list[str], args: dict, out: Path, ray: str | Non
             ", ".join(f"{k}={v}" for k, v in t["values"].items()),
             fmt(t["metrics"].get(metric), ".2f"),
             str(t["node"] or "–"),
-            "best" if t is record["best"] or t == record["best"] else (t["error"] or ""),
+            "best" if t == record["best"] else (t["error"] or ""),
         ]
         for t in record["trials"]
     ]

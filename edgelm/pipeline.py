@@ -512,18 +512,10 @@ class _Stage:
         ref = self.ref
         art = self.export_plan(plan, sparsity, directory)
         estimate = self.cost(ref.variants.structure(sparsity), plan.format, plan.quant)
-        res = _result(plan, art, sparsity, self.loaded.num_parameters * 4, ref.host_threads, estimate)
-        reference = ref.variants.get(sparsity)[1]
-        try:
-            run = self.runner.run_artifact(
-                art.path, self.tmp / "golden.npz", threads=ref.host_threads, warmup=1, runs=3
-            )
-            res.fidelity = fidelity(
-                run.outputs, reference, self.loaded.kind, ref.labels, baseline_accuracy=ref.baseline
-            )
-        except EdgeLMError as exc:
-            res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
-        check_gates(res, plan, self.loaded.task, reference)
+        res = _judge_candidate(
+            plan, art, sparsity, self.loaded.num_parameters * 4, self.loaded.kind, estimate, self.tmp / "golden.npz",
+            ref.variants.get(sparsity)[1], ref.labels, ref.baseline, ref.host_threads, self.runner,
+        )  # fmt: skip
         return art, res
 
 
@@ -738,6 +730,33 @@ def _export_into(
     return report
 
 
+def _judge_candidate(
+    plan: FormatPlan,
+    art: exporters.Artifact,
+    sparsity: float,
+    fp32_bytes: int,
+    kind: str,
+    estimate: dict,
+    golden: Path,
+    reference: np.ndarray,
+    labels,
+    baseline,
+    threads: int,
+    runner: HostRunner,
+) -> ArtifactResult:
+    """A search candidate's exported artifact run on the golden set (``runner``, ``threads``, 1 warm-up and 3
+    timed runs) and judged by the same gate check as the final artifacts against ``reference``; a runtime
+    failure is the result's ``error``."""
+    res = _result(plan, art, sparsity, fp32_bytes, threads, estimate)
+    try:
+        run = runner.run_artifact(art.path, golden, threads=threads, warmup=1, runs=3)
+        res.fidelity = fidelity(run.outputs, reference, kind, labels, baseline_accuracy=baseline)
+    except EdgeLMError as exc:
+        res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
+    check_gates(res, plan, tasks.for_kind(kind), reference)
+    return res
+
+
 def _result(
     plan: FormatPlan, art: exporters.Artifact, sparsity: float, fp32_bytes: int, threads: int, estimate: dict
 ) -> ArtifactResult:
@@ -907,13 +926,9 @@ def _search_format(
         try:
             art, res = measure(cplan(c), c.sparsity, directory)
         except EdgeLMError as exc:  # a converter failure rejects the candidate, it does not end the search
-            c.result = ArtifactResult(
-                file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(exc)
-            )
+            _reject(c, cplan(c), exc)
             return
-        c.artifact, c.result = art, res
-        c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
-        c.accuracy_drop = res.fidelity.get("accuracy_drop")
+        _measured(c, art, res)
 
     cands = candidates(plan.format, exporters.get(plan.format).schemes, recipe.max_sparsity, recipe.sparsities)
     chosen, summary = run_search(
@@ -971,13 +986,10 @@ def _measure_on_worker(
         np.savez(d / "golden.npz", **golden)
         with captured_output(d / "export.log"):
             art = export_artifact(model, plan, seq_len, d, calibration, adapter_modules)
-        res = _result(plan, art, sparsity, fp32_bytes, 1, estimate)
-        try:
-            run = HostRunner().run_artifact(art.path, d / "golden.npz", threads=1, warmup=1, runs=3)
-            res.fidelity = fidelity(run.outputs, reference, model.kind, labels, baseline_accuracy=baseline)
-        except EdgeLMError as exc:
-            res.error, res.fidelity = str(exc), {"cosine_mean": float("nan")}
-        check_gates(res, plan, model.task, reference)
+        res = _judge_candidate(
+            plan, art, sparsity, fp32_bytes, model.kind, estimate, d / "golden.npz", reference, labels, baseline, 1,
+            HostRunner(),
+        )  # fmt: skip
         files = {p.name: p.read_bytes() for p in [art.path, *art.companions]}
     return art, res, files, {"node": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
@@ -1013,9 +1025,8 @@ class _RaySearch:
         result, accuracy, size and placement."""
         stage, ref, ray = self.stage, self.stage.ref, self.ray
         stage.step(f"{len(wave)} {wave[0].format} candidates on Ray: " + ", ".join(_cand_label(c) for c in wave))
-        refs = []
-        for c in wave:
-            plan = cplan(c)
+        refs, plans = [], [cplan(c) for c in wave]
+        for c, plan in zip(wave, plans, strict=True):
             if c.sparsity not in self.models:  # the ratio's distillation runs once, here
                 self.models[c.sparsity] = ray.put(ref.variants.get(c.sparsity)[0])
             calibration = ref.calibration if schemes.get(plan.quant.scheme).needs_calibration else None
@@ -1036,18 +1047,14 @@ class _RaySearch:
                     stage.loaded.num_parameters * 4,
                 )
             )
-        for c, r in zip(wave, refs, strict=True):
-            plan = cplan(c)
+        for c, plan, r in zip(wave, plans, refs, strict=True):
             try:
                 art, res, files, where = ray.get(r)
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
                 if not isinstance(cause, EdgeLMError):
                     raise ExportError(f"{_cand_label(c)} failed on its Ray worker: {str(exc).strip()[-500:]}") from None
-                # a converter failure rejects the candidate, as in the sequential search
-                c.result = ArtifactResult(
-                    file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(cause)
-                )
+                _reject(c, plan, cause)  # a converter failure, as in the sequential search
                 continue
             except ray.exceptions.RayError as exc:  # the cluster lost it (retries spent): not the candidate's fault
                 raise ExportError(
@@ -1060,9 +1067,20 @@ class _RaySearch:
                 (directory / name).write_bytes(data)
             art.path = directory / art.path.name
             art.companions = [directory / p.name for p in art.companions]
-            c.artifact, c.result, c.placement, c.seconds = art, res, where, where["seconds"]
-            c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
-            c.accuracy_drop = res.fidelity.get("accuracy_drop")
+            _measured(c, art, res)
+            c.placement, c.seconds = where, where["seconds"]
+
+
+def _measured(c, art: exporters.Artifact, res: ArtifactResult) -> None:
+    """A search candidate's artifact and result, with the figures the search reads from them."""
+    c.artifact, c.result = art, res
+    c.size_mb, c.accuracy = res.size_mb, res.fidelity.get("accuracy")
+    c.accuracy_drop = res.fidelity.get("accuracy_drop")
+
+
+def _reject(c, plan: FormatPlan, exc: Exception) -> None:
+    """A search candidate whose export failed: rejected with the reason; the search goes on."""
+    c.result = ArtifactResult(file="", format=plan.format, quant=c.label, delegate=plan.delegate, error=str(exc))
 
 
 def _cand_label(c) -> str:

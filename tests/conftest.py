@@ -164,6 +164,23 @@ def start_sshd(d: Path):
     return f"ssh://{user}@127.0.0.1:{port}", d / "user_key", d / "known_hosts", port, proc
 
 
+def arm64_board_runner(board, sysroot: Path):
+    """An SSHRunner for the loopback ``board`` whose Python runs as an arm64 program: qemu over the emulator
+    ``sysroot`` (its aarch64 python3.11 and wheels), the CPU model cortex-a76."""
+    from edgelm.validate import emulator
+    from edgelm.validate.ssh import SSHRunner
+
+    target, key, known, _ = board
+    root = sysroot / "root"
+    return SSHRunner(
+        target,
+        key_file=key,
+        known_hosts=known,
+        remote_python=f"{emulator.qemu_binary()} -L {root} {root / 'usr/bin/python3.11'}",
+        remote_env={"PYTHONPATH": f".:{sysroot / 'site'}", "QEMU_CPU": "cortex-a76"},
+    )
+
+
 def free_port() -> int:
     import socket
 

@@ -596,21 +596,13 @@ def test_generative_bundle_on_an_arm64_ssh_board(gen_bundle, board, sysroot):
     """The SSH board as arm64: its Python runs under qemu over the emulator sysroot (aarch64 onnxruntime and
     ai-edge-litert wheels); both decoders run there, at the host's perplexity and with the host's tokens up to
     a near-tie."""
-    from edgelm.bundle import Bundle
-    from edgelm.validate import emulator
-    from edgelm.validate.bundle import evaluate, run_bundle
-    from edgelm.validate.ssh import SSHRunner
+    from conftest import arm64_board_runner
 
-    target, key, known, _ = board
+    from edgelm.bundle import Bundle
+    from edgelm.validate.bundle import evaluate, run_bundle
+
     bundle = Bundle.load(gen_bundle[2])
-    root = sysroot / "root"
-    runner = SSHRunner(
-        target,
-        key_file=key,
-        known_hosts=known,
-        remote_python=f"{emulator.qemu_binary()} -L {root} {root / 'usr/bin/python3.11'}",
-        remote_env={"PYTHONPATH": f".:{sysroot / 'site'}", "QEMU_CPU": "cortex-a76"},
-    )
+    runner = arm64_board_runner(board, sysroot)
     names = ["model.8da4w.onnx", "model.int8_dynamic.tflite"]
     record = evaluate(bundle, run_bundle(bundle, runner, artifacts=names, threads=1, warmup=1, runs=2))
     host = json.loads((gen_bundle[2] / "validation.json").read_text())["runners"]["host"]["artifacts"]

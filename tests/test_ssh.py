@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import arm64_board_runner, free_port
 
 from edgelm.errors import ValidationError
 from edgelm.validate.runners import HostRunner, SSHRunner
@@ -55,20 +55,9 @@ def test_ssh_command_quotes_every_remote_argument(board):
 
 def test_ssh_board_running_arm64_python_under_the_emulator(board, runner_artifacts, sysroot):
     """The 'board' runs the target script as an arm64 program through qemu and the emulator sysroot."""
-    from edgelm.validate import emulator
-
-    target, key, known, _ = board
     golden, arts = runner_artifacts
     path = arts["onnx"]
-    root = sysroot / "root"
-    runner = SSHRunner(
-        target,
-        key_file=key,
-        known_hosts=known,
-        remote_python=f"{emulator.qemu_binary()} -L {root} {root / 'usr/bin/python3.11'}",
-        remote_env={"PYTHONPATH": f".:{sysroot / 'site'}", "QEMU_CPU": "cortex-a76"},
-    )
-    remote = runner.run_artifact(path, golden, threads=1, warmup=0, runs=1)
+    remote = arm64_board_runner(board, sysroot).run_artifact(path, golden, threads=1, warmup=0, runs=1)
     host = HostRunner().run_artifact(path, golden, threads=1, warmup=0, runs=1)
     assert remote.result["machine"] == "aarch64"
     assert np.abs(remote.outputs - host.outputs).max() < 1e-3

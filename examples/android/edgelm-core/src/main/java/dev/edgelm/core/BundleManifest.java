@@ -165,6 +165,12 @@ public final class BundleManifest {
         return check(dir, files);
     }
 
+    /** {@link #verifyArtifact}, as an exception. @throws IllegalStateException a file missing or changed */
+    public void checkArtifact(Path dir, Artifact a) throws IOException {
+        List<String> bad = verifyArtifact(dir, a);
+        if (!bad.isEmpty()) throw new IllegalStateException("checksum: " + String.join("; ", bad));
+    }
+
     private static List<String> check(Path dir, List<String[]> files) throws IOException {
         List<String> problems = new ArrayList<>();
         for (String[] f : files) {

@@ -153,13 +153,9 @@ public final class GenerativeCheck {
     /** Run one decoder artifact; never throws: a failure becomes the entry's "error". */
     public Map<String, Object> run(BundleManifest.Artifact a, Opener opener, int threads, int warmup, int runs,
                                    OnDeviceCheck.MemoryProbe memory) {
-        Map<String, Object> e = new LinkedHashMap<>();
-        e.put("artifact", a.file);
-        e.put("format", a.format);
-        e.put("error", null);
+        Map<String, Object> e = OnDeviceCheck.newEntry(a);
         try {
-            List<String> bad = manifest.verifyArtifact(dir, a);
-            if (!bad.isEmpty()) throw new IllegalStateException("checksum: " + String.join("; ", bad));
+            manifest.checkArtifact(dir, a);
             long t0 = System.nanoTime();
             try (Generation.Decoder d = opener.open(a, dir.resolve(a.file), threads)) {
                 e.put("load_ms", (System.nanoTime() - t0) / 1e6);
@@ -191,7 +187,7 @@ public final class GenerativeCheck {
                 }
             } else e.put("speed_1_thread", null);
         } catch (Exception ex) {
-            e.put("error", ex.getClass().getSimpleName() + ": " + ex.getMessage());
+            e.put("error", OnDeviceCheck.describe(ex));
         }
         return e;
     }
@@ -236,7 +232,7 @@ public final class GenerativeCheck {
             }
             m.put("error", null);
         } catch (Exception ex) {
-            m.put("error", ex.getClass().getSimpleName() + ": " + ex.getMessage());
+            m.put("error", OnDeviceCheck.describe(ex));
         }
         m.put("prompts", prompts.size());
         m.put("prompt_token_counts_equal", counted == 0 ? null : promptsEqual);

@@ -49,13 +49,9 @@ public final class OnDeviceCheck {
     /** Run one artifact; never throws: a failure becomes the entry's "error". */
     public Map<String, Object> run(BundleManifest.Artifact a, Opener opener, int threads, int warmup, int runs,
                                    Path evalFile, MemoryProbe memory) {
-        Map<String, Object> e = new LinkedHashMap<>();
-        e.put("artifact", a.file);
-        e.put("format", a.format);
-        e.put("error", null);
+        Map<String, Object> e = OnDeviceCheck.newEntry(a);
         try {
-            List<String> bad = manifest.verifyArtifact(dir, a);
-            if (!bad.isEmpty()) throw new IllegalStateException("checksum: " + String.join("; ", bad));
+            manifest.checkArtifact(dir, a);
             long t0 = System.nanoTime();
             try (ModelRunner runner = opener.open(a, dir.resolve(a.file), threads)) {
                 e.put("load_ms", (System.nanoTime() - t0) / 1e6);
@@ -91,9 +87,23 @@ public final class OnDeviceCheck {
                 e.put("peak_rss_mb", memory == null ? null : memory.peakRssMb());
             }
         } catch (Exception ex) {
-            e.put("error", ex.getClass().getSimpleName() + ": " + ex.getMessage());
+            e.put("error", OnDeviceCheck.describe(ex));
         }
         return e;
+    }
+
+    /** A results entry for artifact {@code a}: its file and format, no error yet. */
+    static Map<String, Object> newEntry(BundleManifest.Artifact a) {
+        Map<String, Object> e = new LinkedHashMap<>();
+        e.put("artifact", a.file);
+        e.put("format", a.format);
+        e.put("error", null);
+        return e;
+    }
+
+    /** How a failure reads in the results JSON: the exception's class and message. */
+    static String describe(Exception ex) {
+        return ex.getClass().getSimpleName() + ": " + ex.getMessage();
     }
 
     private static Map<String, Object> evalSummary(String source, float[][] outputs, long[] labels) {
