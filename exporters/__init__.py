@@ -101,8 +101,11 @@ def suffix(fmt: str) -> str:
 
 
 def format_for_path(path: str | Path) -> str:
-    """The format of an artifact file from its suffix. Raises ArtifactLoadError for an unknown suffix."""
-    sfx = Path(path).suffix
+    """The format of an artifact file from its suffix (an early-exit cascade ``m.onnx.exits.json``: its
+    segments' format). Raises ArtifactLoadError for an unknown suffix."""
+    from exporters import cascade
+
+    sfx = Path(cascade.inner_name(path)).suffix
     registry = _registry()
     for name, fmt in registry.items():
         if fmt.suffix == sfx:
@@ -116,7 +119,14 @@ def load(path: str | Path, threads: int | None = None, adapter: str | Path | Non
     """Load an artifact in its own runtime: returns a Session whose ``run(feeds)`` maps numpy arrays to
     numpy arrays, named as the artifact's signature says. ``threads``: intra-op CPU threads (None: the
     runtime's default). ``adapter``: the weights file of another adapter of the same base (``.adapter.data``
-    for ONNX, ``.adapter.ptd`` for ExecuTorch) to use instead of the one beside the artifact."""
+    for ONNX, ``.adapter.ptd`` for ExecuTorch) to use instead of the one beside the artifact. An early-exit
+    cascade (``*.exits.json``, :mod:`exporters.cascade`) loads its segments and runs them in order."""
+    from exporters import cascade
+
+    if cascade.is_cascade(path):
+        if adapter is not None:
+            raise ArtifactLoadError("an early-exit cascade has no swappable adapter weights")
+        return cascade.load(Path(path), threads)
     return get(format_for_path(path)).load(
         Path(path), threads=threads, adapter=Path(adapter) if adapter is not None else None
     )

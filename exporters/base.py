@@ -170,7 +170,9 @@ class Artifact:
         details: format-specific facts (delegate, sequence buckets, ops kept in float ...).
         export_seconds: wall time of the export, s.
         companions: files the artifact needs beside it (the swappable adapter weights of an export with
-            ``adapter_modules``); counted in :attr:`size_bytes` and listed with their sha256.
+            ``adapter_modules``, an early-exit cascade's segments); counted in :attr:`size_bytes` and listed
+            with their sha256.
+        companion_role: what the companion files are, as the manifest names them.
     """
 
     path: Path
@@ -182,6 +184,7 @@ class Artifact:
     details: dict[str, Any] = field(default_factory=dict)
     export_seconds: float = 0.0
     companions: list[Path] = field(default_factory=list)
+    companion_role: str = "adapter weights"
 
     @property
     def size_bytes(self) -> int:
@@ -206,7 +209,7 @@ class Artifact:
             "companions": [
                 {
                     "file": Path(c).name,
-                    "role": "adapter weights",
+                    "role": self.companion_role,
                     "sha256": sha256_file(Path(c)),
                     "size_bytes": Path(c).stat().st_size,
                 }
@@ -228,12 +231,20 @@ class ExportOptions:
             file beside the artifact (ONNX external data, ExecuTorch ``.ptd``); formats that cannot refuse.
         seq_buckets: sequence lengths of a static-shape format's signatures (TFLite; default: powers of two
             from 16 up to the example's length). Formats with a dynamic sequence axis ignore it.
+        output_names: for a module that returns a tuple of tensors (an early-exit segment returns
+            ``(hidden_states, logits)``), the name of each; ``output_name`` is then not used.
     """
 
     output_name: str = "output"
     calibration: tuple[dict[str, Any], ...] | list[dict[str, Any]] | None = None
     adapter_modules: tuple[str, ...] = ()
     seq_buckets: tuple[int, ...] | None = None
+    output_names: tuple[str, ...] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The artifact's output names: ``output_names`` or ``(output_name,)``."""
+        return tuple(self.output_names) if self.output_names else (self.output_name,)
 
 
 @runtime_checkable
@@ -366,11 +377,54 @@ def ensure_scheme(quant: QuantSpec, schemes: tuple[str, ...], fmt: str, reasons:
 def output_shape(module: Any, example_inputs: dict[str, Any]) -> tuple[int, ...]:
     """Shape of ``module``'s output after the batch axis, from one no-grad forward on the first example row
     (e.g. ``(384,)`` for MiniLM embeddings, ``(num_labels,)`` for logits)."""
+    return output_shapes(module, example_inputs)[0]
+
+
+def output_shapes(module: Any, example_inputs: dict[str, Any]) -> list[tuple[int, ...]]:
+    """Shape after the batch axis of each of ``module``'s outputs (one tensor or a tuple of them), from one
+    no-grad forward on the first example row of every input."""
     import torch
 
     with torch.no_grad():
-        out = module(example_inputs["input_ids"][:1], example_inputs["attention_mask"][:1])
-    return tuple(out.shape[1:])
+        out = module(*(v[:1] for v in example_inputs.values()))
+    return [tuple(o.shape[1:]) for o in (out if isinstance(out, tuple | list) else (out,))]
+
+
+def output_specs(
+    module: Any, example_inputs: dict[str, Any], options: ExportOptions, dims: tuple[int | str, ...]
+) -> list[TensorSpec]:
+    """The float32 output specs of ``module`` named by ``options.names``: ``dims`` are the leading axes
+    (``("batch",)`` or ``(1,)``); an output whose second axis is the input's sequence axis (hidden states
+    [batch, seq, hidden]) keeps ``"seq"`` there. Raises ExportFailedError when the number of names differs
+    from the number of outputs."""
+    shapes = output_shapes(module, example_inputs)
+    names = options.names
+    if len(names) != len(shapes):
+        raise ExportFailedError(f"the module returns {len(shapes)} outputs and {len(names)} names were given")
+    max_seq = int(next(iter(example_inputs.values())).shape[1])
+    specs = []
+    for name, shape in zip(names, shapes, strict=True):
+        rest: tuple[int | str, ...] = tuple(shape)
+        if len(shape) >= 2 and shape[0] == max_seq:
+            rest = ("seq", *shape[1:])
+        specs.append(TensorSpec(name, "float32", (*dims, *rest)))
+    return specs
+
+
+def input_specs(example_inputs: dict[str, Any], int_dtype: str, dims: tuple[int | str, ...]) -> list[TensorSpec]:
+    """The input specs of an export: one per example input, in order; integer inputs (token ids, masks) get
+    ``int_dtype`` (``"int64"``, or ``"int32"`` for TFLite), float ones (an early-exit segment's hidden
+    states) ``"float32"``; ``dims`` names the leading axes (``("batch", "seq")``), later axes keep their size."""
+    specs = []
+    for name, value in example_inputs.items():
+        dtype = "float32" if value.is_floating_point() else int_dtype
+        specs.append(TensorSpec(name, dtype, (*dims, *tuple(value.shape[2:]))))
+    return specs
+
+
+def as_feed(array: np.ndarray, dtype: str) -> np.ndarray:
+    """``array`` as a contiguous array of a manifest dtype name (``"int64"``, ``"int32"``, ``"float32"``)."""
+    return np.ascontiguousarray(array, dtype=np.dtype(dtype))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -443,8 +497,9 @@ def split_rows(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 
 def trim_padding(feeds: dict[str, np.ndarray], min_len: int = 2) -> dict[str, np.ndarray]:
-    """Drop trailing columns where ``attention_mask`` is 0 in every row (right padding), keeping at least
-    ``min_len`` columns. Outputs of a masked encoder do not depend on those columns."""
+    """Drop trailing columns (axis 1, the sequence axis of every input, hidden states included) where
+    ``attention_mask`` is 0 in every row (right padding), keeping at least ``min_len`` columns. Outputs of a
+    masked encoder do not depend on those columns."""
     mask = feeds.get("attention_mask")
     if mask is None:
         return feeds

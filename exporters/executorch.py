@@ -46,13 +46,14 @@ from exporters.base import (
     ExportOptions,
     ModuleFormat,
     QuantSpec,
-    TensorSpec,
     adapter_path,
+    as_feed,
     check_artifact_file,
     ensure_scheme,
     in_modules,
+    input_specs,
     is_float_layer,
-    output_shape,
+    output_specs,
     package_versions,
     require,
     require_calibration,
@@ -73,6 +74,9 @@ UNSUPPORTED = {
 DELEGATE = "XnnpackPartitioner"
 #: The constant method that holds the program's output name (a string), read by :class:`ExecuTorchSession`.
 SIGNATURE_METHOD = "output_names"
+#: Constant method with the program's inputs, ``"name:dtype,..."`` (programs without it take int64
+#: ``input_ids`` and ``attention_mask``).
+INPUTS_METHOD = "input_names"
 #: Profile backend names this exporter can lower to.
 DELEGATES = ("xnnpack",)
 
@@ -206,9 +210,10 @@ def _pt2e_int8(
     calibration: list[dict[str, Any]],
     details: dict[str, Any],
     adapter_modules: tuple[str, ...] = (),
+    names: tuple[str, ...] = ("input_ids", "attention_mask"),
 ) -> Any:
     """PT2E int8 with the XNNPACK quantizer: dynamic (no calibration) or static (observers run over
-    ``calibration``). Static annotates only ``nn.Linear`` modules, minus ``quant.float_layers``. Modules
+    ``calibration``, feeds keyed by the input ``names``). Static annotates only ``nn.Linear`` modules, minus ``quant.float_layers``. Modules
     of ``adapter_modules`` stay float."""
     import torch
 
@@ -243,10 +248,7 @@ def _pt2e_int8(
         details["quantized_ops"] = ["linear (int8 weights per channel, dynamic int8 activations)"]
     else:
         for row in calibration:
-            graph(
-                torch.as_tensor(row["input_ids"], dtype=torch.int64),
-                torch.as_tensor(row["attention_mask"], dtype=torch.int64),
-            )
+            graph(*(torch.as_tensor(row[k], dtype=a.dtype) for k, a in zip(names, args, strict=True)))
         details["quantized_ops"] = [
             f"linear (int8 weights per channel, static int8 activations from {len(calibration)} calibration inputs)"
         ]
@@ -309,7 +311,7 @@ def export(
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
     options = options or ExportOptions()
-    output_name, calibration, adapter_modules = options.output_name, options.calibration, options.adapter_modules
+    calibration, adapter_modules = options.calibration, options.adapter_modules
     ensure_scheme(quant, SCHEMES, "ExecuTorch", UNSUPPORTED)
     if quant.scheme == "int8_static":
         calibration = require_calibration(calibration, "ExecuTorch")
@@ -319,11 +321,17 @@ def export(
     xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch", "for the XNNPACK delegate")
     path = Path(path)
     start = time.perf_counter()
-    args = (example_inputs["input_ids"], example_inputs["attention_mask"])
+    names = tuple(example_inputs)
+    args = tuple(example_inputs.values())
     max_seq = int(args[0].shape[1])
     seq = torch.export.Dim("seq", min=2, max=max_seq)
-    dynamic_shapes = ({1: seq}, {1: seq})
-    out_shape = output_shape(module, example_inputs)
+    dynamic_shapes = tuple({1: seq} for _ in args)
+    inputs = input_specs(example_inputs, "int64", (1, "seq"))
+    outputs = output_specs(module, example_inputs, options, (1,))
+    signature = {
+        SIGNATURE_METHOD: ",".join(o.name for o in outputs),
+        INPUTS_METHOD: ",".join(f"{i.name}:{i.dtype}" for i in inputs),
+    }
     module = copy.deepcopy(module).eval()
     details: dict[str, Any] = {"delegate": DELEGATE, "max_seq_len": max_seq}
     try:
@@ -332,14 +340,14 @@ def export(
             if quant.is_quantized and quant.embedding_bits == 8:
                 details["embedding_tables_int8"] = _quantize_embeddings(module)
             if quant.scheme in ("int8_dynamic", "int8_static"):
-                module = _pt2e_int8(module, args, dynamic_shapes, quant, calibration or [], details, adapter_modules)
+                module = _pt2e_int8(
+                    module, args, dynamic_shapes, quant, calibration or [], details, adapter_modules, names
+                )
             elif quant.scheme == "8da4w":
                 _torchao_8da4w(module, quant, details, adapter_modules)
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
             partitioner = _base_partitioner(xnn, adapter_modules) if adapter_modules else xnn.XnnpackPartitioner()
-            edge = exir.to_edge_transform_and_lower(
-                exported, partitioner=[partitioner], constant_methods={SIGNATURE_METHOD: output_name}
-            )
+            edge = exir.to_edge_transform_and_lower(exported, partitioner=[partitioner], constant_methods=signature)
             data = adapter_path(path, ".ptd")
             if adapter_modules:
                 tag = data.name[: -len(".ptd")]
@@ -370,8 +378,8 @@ def export(
         path=path,
         format=FORMAT,
         quant=quant,
-        inputs=[TensorSpec("input_ids", "int64", (1, "seq")), TensorSpec("attention_mask", "int64", (1, "seq"))],
-        outputs=[TensorSpec(output_name, "float32", (1, *out_shape))],
+        inputs=inputs,
+        outputs=outputs,
         runtime=runtime_versions(),
         details=details,
         export_seconds=time.perf_counter() - start,
@@ -435,23 +443,29 @@ class ExecuTorchSession:
         self._torch, program = open_program(path, threads, data if data.is_file() else None)
         try:
             self._method = program.load_method("forward")
-            names = (
-                [str(n) for n in program.load_method(SIGNATURE_METHOD).execute([])]
-                if SIGNATURE_METHOD in program.method_names
-                else ["output"]
-            )
+            methods = program.method_names
+
+            def constant(name: str, default: str) -> list[str]:
+                value = str(program.load_method(name).execute([])[0]) if name in methods else default
+                return value.split(",")
+
+            self.output_names = constant(SIGNATURE_METHOD, "output")
+            inputs = [x.split(":") for x in constant(INPUTS_METHOD, "input_ids:int64,attention_mask:int64")]
         except Exception as exc:
             raise ArtifactLoadError(f"ExecuTorch could not load {path}: {exc}") from exc
-        self.input_names = ["input_ids", "attention_mask"]
-        self.output_names = names
+        self.input_names = [name for name, _ in inputs]
+        self._dtypes = [dtype for _, dtype in inputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        outs = []
+        outs: list[list[np.ndarray]] = [[] for _ in self.output_names]
         for row in split_rows(feeds):
-            tensors = [torch.from_numpy(np.ascontiguousarray(row[k], dtype=np.int64)) for k in self.input_names]
-            outs.append(self._method.execute(tensors)[0].numpy().copy())
-        return {self.output_names[0]: np.concatenate(outs, axis=0)}
+            tensors = [
+                torch.from_numpy(as_feed(row[k], d)) for k, d in zip(self.input_names, self._dtypes, strict=True)
+            ]
+            for i, value in enumerate(self._method.execute(tensors)[: len(self.output_names)]):
+                outs[i].append(value.numpy().copy())
+        return {name: np.concatenate(rows, axis=0) for name, rows in zip(self.output_names, outs, strict=True)}
 
 
 def load(path: Path, threads: int | None = None, adapter: Path | None = None) -> ExecuTorchSession:

@@ -55,13 +55,14 @@ from exporters.base import (
     ExportOptions,
     ModuleFormat,
     QuantSpec,
-    TensorSpec,
     adapter_path,
+    as_feed,
     check_artifact_file,
     ensure_scheme,
     in_modules,
+    input_specs,
     is_float_layer,
-    output_shape,
+    output_specs,
     package_versions,
     require,
     require_calibration,
@@ -115,7 +116,7 @@ def export(
         ExportFailedError: torch.onnx or the quantizer failed.
     """
     options = options or ExportOptions()
-    output_name, calibration, adapter_modules = options.output_name, options.calibration, options.adapter_modules
+    calibration, adapter_modules = options.calibration, options.adapter_modules
     ensure_scheme(quant, SCHEMES, "ONNX")
     if quant.scheme == "int8_static":
         calibration = require_calibration(calibration, "ONNX")
@@ -125,11 +126,11 @@ def export(
     require("onnx", "onnx", "to export ONNX")
     path = Path(path)
     start = time.perf_counter()
-    ids, mask = example_inputs["input_ids"], example_inputs["attention_mask"]
-    max_seq = int(ids.shape[1])
-    out_shape = output_shape(module, example_inputs)
+    names = list(example_inputs)
+    max_seq = int(next(iter(example_inputs.values())).shape[1])
+    outputs = output_specs(module, example_inputs, options, ("batch",))
     # Trace at batch 2 so that torch.export does not specialise the batch axis to its example value 1.
-    args = (ids.repeat(2, 1), mask.repeat(2, 1))
+    args = tuple(v.repeat(2, *([1] * (v.dim() - 1))) for v in example_inputs.values())
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=max_seq)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -141,9 +142,9 @@ def export(
                 str(fp32_path),
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=["input_ids", "attention_mask"],
-                output_names=[output_name],
-                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                input_names=names,
+                output_names=list(options.names),
+                dynamic_shapes=tuple({0: batch, 1: seq} for _ in names),
                 external_data=False,
                 verbose=False,
             )
@@ -163,11 +164,8 @@ def export(
         path=path,
         format=FORMAT,
         quant=quant,
-        inputs=[
-            TensorSpec("input_ids", "int64", ("batch", "seq")),
-            TensorSpec("attention_mask", "int64", ("batch", "seq")),
-        ],
-        outputs=[TensorSpec(output_name, "float32", ("batch", *out_shape))],
+        inputs=input_specs(example_inputs, "int64", ("batch", "seq")),
+        outputs=outputs,
         runtime=runtime_versions(),
         details={**details, "max_seq_len": max_seq},
         export_seconds=time.perf_counter() - start,
@@ -599,10 +597,11 @@ class OnnxSession:
                 + f": {exc}"
             ) from exc
         self.input_names = [i.name for i in self._sess.get_inputs()]
+        self._dtypes = ["float32" if i.type == "tensor(float)" else "int64" for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = {k: np.ascontiguousarray(feeds[k], dtype=np.int64) for k in self.input_names}
+        arrays = {k: as_feed(feeds[k], d) for k, d in zip(self.input_names, self._dtypes, strict=True)}
         outs = self._sess.run(self.output_names, arrays)
         return dict(zip(self.output_names, outs, strict=False))
 

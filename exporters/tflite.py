@@ -34,12 +34,12 @@ from exporters.base import (
     ExportOptions,
     ModuleFormat,
     QuantSpec,
-    TensorSpec,
     UnsupportedQuantError,
     check_artifact_file,
     ensure_scheme,
+    input_specs,
     is_installed,
-    output_shape,
+    output_specs,
     package_versions,
     require,
     require_installed,
@@ -78,6 +78,11 @@ def check_installed() -> None:
 
 def runtime_versions() -> dict[str, str]:
     return package_versions("torch", "litert-torch", "ai-edge-litert")
+
+
+#: The input signatures a TFLite export takes: token ids (a whole model, an early-exit cascade's first
+#: segment) or float32 hidden states [1, seq, hidden] (a later segment), each with the attention mask.
+SIGNATURES = (("input_ids", "attention_mask"), ("hidden_states", "attention_mask"))
 
 
 def default_buckets(max_seq: int) -> list[int]:
@@ -123,7 +128,7 @@ def export(
         UnsupportedQuantError, RuntimeNotInstalledError, ExportFailedError.
     """
     options = options or ExportOptions()
-    output_name, seq_buckets, adapter_modules = options.output_name, options.seq_buckets, options.adapter_modules
+    seq_buckets, adapter_modules = options.seq_buckets, options.adapter_modules
     ensure_scheme(quant, SCHEMES, "TFLite", UNSUPPORTED)
     if adapter_modules:
         raise UnsupportedQuantError(NO_SEPARATE_ADAPTERS)
@@ -139,24 +144,43 @@ def export(
     litert_torch = require("litert_torch", "litert-torch", "to convert models to .tflite")
     path = Path(path)
     start = time.perf_counter()
-    max_seq = int(example_inputs["input_ids"].shape[1])
-    out_shape = output_shape(module, example_inputs)
+    max_seq = int(example_inputs["attention_mask"].shape[1])
     buckets = sorted(set(seq_buckets or default_buckets(max_seq)))
 
-    class Int32Inputs(torch.nn.Module):
+    names = options.names
+    keys = tuple(example_inputs)
+    if keys not in SIGNATURES:
+        raise ExportFailedError(f"TFLite export takes inputs {' or '.join(str(k) for k in SIGNATURES)}, not {keys}")
+    inputs = input_specs(example_inputs, "int32", (1, "seq_bucket"))
+    outputs = output_specs(module, example_inputs, options, (1,))
+
+    def named(out: Any) -> dict[str, torch.Tensor]:
+        return dict(zip(names, out if isinstance(out, tuple | list) else (out,), strict=True))
+
+    class TokenInputs(torch.nn.Module):  # int32 ids and mask, as the TFLite interpreter takes them
         def __init__(self, inner: torch.nn.Module):
             super().__init__()
             self.inner = inner
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {output_name: self.inner(input_ids.to(torch.int64), attention_mask.to(torch.int64))}
+            return named(self.inner(input_ids.to(torch.int64), attention_mask.to(torch.int64)))
 
-    wrapped = Int32Inputs(module).eval()
+    class HiddenInputs(torch.nn.Module):  # an early-exit segment: float32 hidden states and the int32 mask
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            return named(self.inner(hidden_states, attention_mask.to(torch.int64)))
+
+    wrapped = (TokenInputs if keys[0] == "input_ids" else HiddenInputs)(module).eval()
     converter = None
     for b in buckets:
         kwargs = {
-            "input_ids": torch.ones(1, b, dtype=torch.int32),
-            "attention_mask": torch.ones(1, b, dtype=torch.int32),
+            k: torch.zeros(1, b, *v.shape[2:], dtype=torch.float32)
+            if v.is_floating_point()
+            else torch.ones(1, b, dtype=torch.int32)
+            for k, v in example_inputs.items()
         }
         converter = (litert_torch.signature if converter is None else converter.signature)(
             f"seq_{b}", wrapped, sample_kwargs=kwargs
@@ -180,11 +204,8 @@ def export(
         path=path,
         format=FORMAT,
         quant=quant,
-        inputs=[
-            TensorSpec("input_ids", "int32", (1, "seq_bucket")),
-            TensorSpec("attention_mask", "int32", (1, "seq_bucket")),
-        ],
-        outputs=[TensorSpec(output_name, "float32", (1, *out_shape))],
+        inputs=inputs,
+        outputs=outputs,
         runtime=runtime_versions(),
         details=details,
         export_seconds=time.perf_counter() - start,
@@ -227,25 +248,29 @@ class TFLiteSession:
         if not self._runners:
             raise ArtifactLoadError(f"{path} has no seq_N signatures: it was not exported by edgelm")
         first = signatures[f"seq_{min(self._runners)}"]
-        self.input_names = ["input_ids", "attention_mask"]
+        self.input_names = list(first["inputs"])
         self.output_names = list(first["outputs"])
+        details = self._runners[min(self._runners)].get_input_details()
+        self._dtypes = {k: np.dtype(details[k]["dtype"]) for k in self.input_names}
         self.buckets = sorted(self._runners)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs: list[np.ndarray] = []
+        outs: list[dict[str, np.ndarray]] = []
         for row in split_rows(feeds):
             row = trim_padding(row)
-            length = row["input_ids"].shape[1]
+            length = row["attention_mask"].shape[1]
             bucket = next((b for b in self.buckets if b >= length), None)
             if bucket is None:
                 raise ValueError(f"sequence of {length} tokens is longer than the largest bucket {self.buckets[-1]}")
             padded = {}
             for k in self.input_names:
-                arr = np.zeros((1, bucket), dtype=np.int32)
+                arr = np.zeros((1, bucket, *row[k].shape[2:]), dtype=self._dtypes[k])
                 arr[:, :length] = row[k]
                 padded[k] = arr
-            outs.append(self._runners[bucket](**padded)[self.output_names[0]])
-        return {self.output_names[0]: np.concatenate(outs, axis=0).astype(np.float32)}
+            result = self._runners[bucket](**padded)
+            # outputs along the sequence (an early-exit segment's hidden states) lose the bucket's padding
+            outs.append({k: v[:, :length] if v.ndim == 3 else v for k, v in result.items()})
+        return {k: np.concatenate([o[k] for o in outs], axis=0).astype(np.float32) for k in self.output_names}
 
 
 def load(path: Path, threads: int | None = None, adapter: Path | None = None) -> TFLiteSession:
