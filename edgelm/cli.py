@@ -261,6 +261,13 @@ def export(
             help="android: also write the Android demo app's assets (OUT/<device>/android/edgelm/: artifacts, vocabulary, labels, golden set, manifest).",
         ),
     ] = None,
+    exit_data: Annotated[
+        str | None,
+        typer.Option(
+            "--exit-data",
+            help="An early-exit checkpoint: labeled file to choose each cascade's exit threshold on (default: --data).",
+        ),
+    ] = None,
 ):
     """Export the model for a device in every format its profile allows, validate each artifact against
     PyTorch fp32 on this host, and write OUT/<device>/ with a manifest, golden set and report."""
@@ -285,6 +292,7 @@ def export(
             "--limit": limit,
             "--text-column": text_column,
             "--ray": ray,
+            "--exit-data": exit_data,
         }
         given = [k for k, v in unused.items() if v]
         if given:
@@ -321,6 +329,7 @@ def export(
         adapters=tuple(adapter or ()),
         bundle=bundle,
         ray=ray,
+        exit_data=exit_data,
         command="edgelm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
 
@@ -373,6 +382,9 @@ def export(
         style=_gate_style,
     )
     for a in report.artifacts:
+        if a.exits:
+            out_console.print(escape(early_exit_line(a, report.artifacts)), highlight=False)
+    for a in report.artifacts:
         if not a.passed:
             failed = [k for k, g in a.gates.items() if not g["passed"]]
             out_console.print(f"[red]{escape(a.file)} failed[/]: {escape(a.error or ', '.join(failed))}")
@@ -395,6 +407,27 @@ def export(
         )
     if not report.passed:
         raise typer.Exit(1)
+
+
+def early_exit_line(a, artifacts) -> str:
+    """One line on an early-exit cascade: policy, exits taken, per-sentence speed against its whole model."""
+    from edgelm.report import fmt
+
+    policy, share = a.exits.get("policy", {}), a.exits.get("share") or {}
+    op = ">=" if policy.get("confidence") == "max_prob" else "<="
+    whole = next((w for w in artifacts if w.format == a.format and a.quant == f"{w.quant} + early exit"), None)
+    mine, full = a.sentence_latency or {}, (whole.sentence_latency if whole else None) or {}
+    speed = (
+        f"; {full['mean_ms'] / mine['mean_ms']:.2f}x the whole model's speed per sentence "
+        f"({mine['mean_ms']:.2f} vs {full['mean_ms']:.2f} ms mean)"
+        if mine and full
+        else ""
+    )
+    return (
+        f"early exit {a.file}: {policy.get('confidence')} {op} {fmt(policy.get('threshold'), '.3f')}; exits "
+        + ", ".join(f"layer {k} {v:.0%}" for k, v in share.items())
+        + f" (mean {fmt(a.exits.get('mean_layers'), '.2f')} layers){speed}"
+    )
 
 
 def _export_generative(device, model, data, out, formats, quant, threads, context_length, bundle) -> None:
@@ -1083,7 +1116,7 @@ def compress(
         str,
         typer.Option(
             "--method",
-            help="platon (sensitivity + uncertainty, cubic schedule during training) or magnitude (one-shot).",
+            help="platon (sensitivity + uncertainty, cubic schedule during training), magnitude (one-shot), or early-exit (exit heads after --exits layers, self-distilled).",
         ),
     ] = "platon",
     distill: Annotated[
@@ -1102,8 +1135,25 @@ def compress(
     eval_limit: Annotated[int | None, typer.Option("--eval-limit")] = None,
     text_column: Annotated[str | None, typer.Option("--text-column")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column")] = None,
+    exits: Annotated[
+        str | None,
+        typer.Option(
+            "--exits", help="early-exit: encoder layers to add exits after, e.g. 2,4 (default: every second)."
+        ),
+    ] = None,
+    confidence: Annotated[
+        str, typer.Option("--confidence", help="early-exit: exit confidence, max_prob or entropy.")
+    ] = "max_prob",
+    freeze_backbone: Annotated[
+        bool, typer.Option("--freeze-backbone", help="early-exit: train only the exit heads (the model is unchanged).")
+    ] = False,
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option("--max-accuracy-drop", help="early-exit: budget (points) of the threshold shown for --eval."),
+    ] = 1.0,
 ):
-    """Remove attention heads and FFN neurons for real (structured pruning), optionally with distillation."""
+    """Remove attention heads and FFN neurons for real (structured pruning), optionally with distillation;
+    or add early exits (off-ramps) to a fine-tuned classifier."""
     from edgelm.compress.jobs import run_compress
     from edgelm.compress.train import TrainConfig
     from edgelm.data import check_limit
@@ -1111,6 +1161,12 @@ def compress(
     check_limit(limit)
     check_limit(eval_limit, "--eval-limit")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
+    if method == "early-exit":
+        _compress_early_exit(model, data, out, eval_data, cfg, exits, confidence, freeze_backbone, max_accuracy_drop,
+                             limit, eval_limit, text_column, label_column)  # fmt: skip
+        return
+    if exits is not None or freeze_backbone:
+        raise EdgeLMError("--exits and --freeze-backbone apply to --method early-exit")
     with StageProgress(_err_console()) as progress:
         result, summary = run_compress(
             model,
@@ -1140,6 +1196,49 @@ def compress(
         + (f"; accuracy: {acc}" if acc else "")
     )
     out_console.print(f"checkpoint: {Path(out).resolve()}")
+
+
+def _compress_early_exit(
+    model,
+    data,
+    out,
+    eval_data,
+    cfg,
+    exits,
+    confidence,
+    freeze_backbone,
+    max_drop,
+    limit,
+    eval_limit,
+    text_col,
+    label_col,
+) -> None:
+    """``edgelm compress --method early-exit`` (see :func:`edgelm.compress.early_exit.run_early_exit`)."""
+    from edgelm.compress.early_exit import run_early_exit
+    from edgelm.report import fmt
+
+    try:
+        layers = [int(x) for x in exits.split(",")] if exits else None
+    except ValueError:
+        raise EdgeLMError(f"--exits {exits!r}: give encoder layer numbers separated by commas, e.g. 2,4") from None
+    with StageProgress(_err_console()) as progress:
+        s = run_early_exit(
+            model, data, out, exit_layers=layers, eval_data=eval_data, cfg=cfg, freeze_backbone=freeze_backbone,
+            confidence_measure=confidence, max_drop=max_drop, limit=limit, eval_limit=eval_limit,
+            text_column=text_col, label_column=label_col, progress=progress,
+        )  # fmt: skip
+    if s.get("exit_accuracy"):
+        rows = [[str(layer), fmt(acc, ".2f")] for layer, acc in zip(s["exit_layers"], s["exit_accuracy"], strict=True)]
+        print_table(out_console, f"exit accuracy on {eval_data} (whole model before: {s['accuracy_before']:.2f}%)",
+                    ("exit after layer", "accuracy %"), rows, right=["accuracy %"])  # fmt: skip
+        c = s["eval"]["chosen"]
+        out_console.print(
+            f"within {max_drop:g} points: {confidence} threshold {c['threshold']:.3f} gives {c['accuracy']:.2f}% "
+            f"with {c['mean_layers']:.2f} of {s['num_layers']} layers on average (exits "
+            + ", ".join(f"layer {k} {v:.0%}" for k, v in zip(s["exit_layers"], c["exit_share"], strict=True))
+            + "); `edgelm export` chooses each artifact's own threshold on its --data"
+        )
+    out_console.print(f"checkpoint: {Path(out).resolve()}  (exits after layers {s['exit_layers']})")
 
 
 @app.command()

@@ -28,6 +28,8 @@ import exporters
 from edgelm import data as data_mod
 from edgelm import fsutil, hostinfo, schemes, tasks
 from edgelm.bundle import MANIFEST_FILE, SCHEMA, Bundle, Manifest
+from edgelm.compress.early_exit import read_exit_config
+from edgelm.compress.early_exit import reference_key as early_exit_key
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
 from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import load_profile
@@ -35,6 +37,7 @@ from edgelm.recipe import FormatPlan, Recipe, make_recipe
 from edgelm.report import ArtifactResult, Report
 from edgelm.validate.host import HostRunner
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats
+from exporters.cascade import is_cascade
 
 #: progress callback: (description, steps completed, total steps)
 ProgressFn = Callable[[str, int, int], None]
@@ -201,6 +204,7 @@ class PipelineOptions:
         bundle: ``"android"``: also write the demo app's asset folder ``out/<device>/android/edgelm/``.
         ray: with ``search``: try the candidates as Ray tasks (``local``, ``auto`` or ``ray://HOST:PORT``, see
             :func:`edgelm.validate.farm.connect`), as many at once as the cluster has CPUs.
+        exit_data: labeled file on which an early-exit checkpoint's thresholds are chosen (default: ``data``).
         command: the command line, recorded in the report.
     """
 
@@ -215,6 +219,7 @@ class PipelineOptions:
     adapters: tuple[str, ...] = ()
     bundle: str | None = None
     ray: str | None = None
+    exit_data: str | None = None
     command: str = ""
 
 
@@ -476,6 +481,13 @@ class Exported:
     estimates: list[dict]
     searches: list[dict]
     adapters: list[dict]
+    extra_plans: list[FormatPlan] = dataclasses.field(default_factory=list)
+
+    @property
+    def plans(self) -> list[FormatPlan]:
+        """The plan of each artifact, in order: the recipe's, then those of extra artifacts (an early-exit
+        checkpoint's cascades share their whole model's plan)."""
+        return [*self.recipe.plans, *self.extra_plans]
 
 
 class _Stage:
@@ -620,7 +632,7 @@ def check_stage(
     runner = HostRunner()
     record = evaluate(bundle, run_bundle(bundle, runner, threads=ref.host_threads, warmup=WARMUP_RUNS, runs=TIMED_RUNS))
     results = []
-    for plan, art, s, est in zip(ex.recipe.plans, ex.artifacts, ex.sparsities, ex.estimates, strict=True):
+    for plan, art, s, est in zip(ex.plans, ex.artifacts, ex.sparsities, ex.estimates, strict=True):
         res = _result(plan, art, s, loaded.num_parameters * 4, ref.host_threads, est)
         rec = record["artifacts"][art.path.name]
         res.error = rec.get("error")
@@ -630,7 +642,14 @@ def check_stage(
             res.latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "mean_ms", "min_ms") if k in lat}
             res.speedup_vs_eager = ref.eager["p50_ms"] / res.latency["p50_ms"]
         res.peak_rss_mb, res.load_ms = rec.get("peak_rss_mb"), rec.get("load_ms")
-        check_gates(res, plan, loaded.task, bundle.reference(art.path.name))
+        cascade = is_cascade(art.path)
+        if cascade:  # judged by top-1 agreement with the PyTorch cascade and accuracy, not logits' error
+            res.quant += " + early exit"
+            res.exits = {**(rec.get("exits") or {}), "policy": art.details["early_exit"]}
+            res.sentence_latency = rec.get("sentence_latency")
+        elif rec.get("sentence_latency"):
+            res.sentence_latency = rec["sentence_latency"]
+        check_gates(res, plan, loaded.task, None if cascade else bundle.reference(art.path.name))
         res.passed = res.passed and rec["status"] == "passed"
         if rec["status"] != "passed" and res.error is None:
             res.error = "; ".join(f"{k}: {c['detail']}" for k, c in rec["checks"].items() if not c["passed"])
@@ -715,10 +734,15 @@ def _export_into(
 
     step("loading model")
     loaded, adapter_modules = load_stage(recipe, model, opts)
+    exits = read_exit_config(loaded.source)
+    if exits is not None:
+        _check_early_exit(recipe, opts, adapter_modules, data)
     step("reading data, PyTorch fp32 reference")
     ref = reference_stage(recipe, loaded, data, opts)
     np.savez(tmp / "golden.npz", **ref.golden)  # the search and swapped adapters run on it; rewritten below
     exported = export_stage(_Stage(recipe, loaded, ref, tmp, adapter_modules, step), opts)
+    if exits is not None:
+        early_exit_stage(tmp, loaded, ref, exported, opts, step)
     step("writing the bundle")
     _, compression = write_stage(tmp, loaded, ref, exported, opts)
     step("checking every artifact on this host")
@@ -728,6 +752,63 @@ def _export_into(
     report.write(tmp)
     write_validation(bundle, record)  # validation.json and the validation sections of report.md
     return report
+
+
+def _check_early_exit(recipe: Recipe, opts: PipelineOptions, adapter_modules, data: str | None) -> None:
+    """Refuse what an early-exit checkpoint cannot be exported with, before the long work."""
+    if recipe.sparsity > 0 or opts.search or adapter_modules:
+        raise RecipeError(
+            "an early-exit checkpoint exports as it was trained: pruning, --search and --lora separate would "
+            "change the layers its exits read; prune first, then add exits (`edgelm compress --method early-exit`)"
+        )
+    if not (opts.exit_data or data):
+        raise RecipeError(
+            "an early-exit checkpoint needs labeled --data (or --exit-data) to choose its exit threshold "
+            "within the profile's accuracy budget"
+        )
+    if opts.bundle == "android":
+        raise RecipeError(
+            "--bundle android does not carry early-exit cascades yet: export without --bundle, or export the "
+            "fine-tuned checkpoint the exits were added to"
+        )
+
+
+def early_exit_stage(
+    tmp: Path, loaded: LoadedModel, ref: Reference, ex: Exported, opts: PipelineOptions, step: Callable
+) -> None:
+    """An early-exit checkpoint's cascades: for each plan, the model split at its exits into segment
+    artifacts of the plan's format and scheme, the threshold chosen on the labeled exit data from the
+    artifact's own exits (:func:`edgelm.compress.early_exit.export_cascades`); appended to ``ex`` beside the
+    whole models, their PyTorch cascade references added to the golden set. Raises RecipeError without labels."""
+    from edgelm.compress.early_exit import export_cascades, load_early_exit
+
+    if opts.exit_data:
+        ds = data_mod.load_dataset(opts.exit_data, opts.text_column, opts.label_column)
+        ids, mask = data_mod.encode(data_mod.load_tokenizer(loaded.tokenizer_dir, ex.recipe.seq_len), ds)
+        labels = data_mod.label_indices(ds.labels, loaded.labels) if ds.labels is not None else None
+        source = ds.source
+    else:
+        ids, mask, labels, source = ref.ids, ref.mask, ref.labels, ref.dataset.source
+    if labels is None:
+        raise RecipeError(f"{source} has no labels: the exit threshold is chosen on labeled data (--exit-data)")
+    model, cfg = load_early_exit(loaded.source, loaded)
+    plans = list(ex.recipe.plans)
+    try:
+        with captured_output(tmp / "logs" / "export-early-exit.log"):
+            done = export_cascades(
+                model, plans, ex.recipe.seq_len, tmp, (ids, mask, labels), (ref.ids, ref.mask),
+                measure=cfg.get("confidence", "max_prob"), threads=ref.host_threads, source=str(source), step=step,
+            )  # fmt: skip
+    except exporters.RuntimeNotInstalledError as exc:
+        raise RuntimeMissingError(str(exc)) from None
+    except exporters.ExporterError as exc:
+        raise ExportError(f"early-exit cascade: {exc}") from None
+    for plan, cascade, est in zip(plans, done, list(ex.estimates), strict=True):
+        ex.extra_plans.append(plan)
+        ex.artifacts.append(cascade.artifact)
+        ex.sparsities.append(0.0)
+        ex.estimates.append({**est, "note": "the whole model's estimate (no exit taken)"})
+        ref.golden[early_exit_key(cascade.artifact.path.name)] = cascade.reference
 
 
 def _judge_candidate(
@@ -779,7 +860,8 @@ def _manifest(recipe, loaded, ref, tmp, artifacts, sparsities, estimates, tok_fi
     artifact_dicts = []
     for a, s_, est in zip(artifacts, sparsities, estimates, strict=True):
         d = a.to_dict()
-        d.update(sparsity=s_, golden_reference=_reference_key(s_), estimate=est)
+        key = early_exit_key(a.path.name) if is_cascade(a.path) else _reference_key(s_)
+        d.update(sparsity=s_, golden_reference=key, estimate=est)
         artifact_dicts.append(d)
     return Manifest.model_validate(
         {

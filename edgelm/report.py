@@ -29,6 +29,8 @@ class ArtifactResult:
         estimate: the cost model's figures for the target device (:mod:`edgelm.compress.estimate`):
             ``latency_ms``, ``peak_ram_mb``, ``weight_mb``, ``macs``, at the recipe's threads and seq_len.
         sparsity: share of heads / FFN neurons pruned before export.
+        sentence_latency: per golden sentence at its real length: ``mean_ms``, ``p50_ms``, ``p90_ms``, ``rows``.
+        exits: an early-exit cascade's exits on the golden set: ``share`` {layer: share 0-1}, ``mean_layers``.
     """
 
     file: str
@@ -50,6 +52,8 @@ class ArtifactResult:
     error: str | None = None
     estimate: dict = field(default_factory=dict)
     sparsity: float = 0.0
+    sentence_latency: dict | None = None
+    exits: dict | None = None
 
 
 @dataclass
@@ -132,6 +136,44 @@ def artifact_rows(report: Report) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def early_exit_markdown(artifacts: list[ArtifactResult]) -> list[str]:
+    """The early-exit cascades beside their whole models (same format and scheme): threshold, accuracy,
+    exits taken, and latency per golden sentence at its real length."""
+    lines = [
+        "## Early exit",
+        "",
+        "Each cascade runs its segments in order and stops at the first exit whose confidence passes the "
+        "threshold, chosen on labeled data within the accuracy budget from the artifact's own exits. Latency per "
+        "golden sentence at its real length (not the padded timing input), on this host's runner.",
+        "",
+    ]
+    rows = []
+    for a in artifacts:
+        if not a.exits:
+            continue
+        whole = next((w for w in artifacts if w.format == a.format and a.quant == f"{w.quant} + early exit"), None)
+        policy = a.exits.get("policy", {})
+        share = a.exits.get("share") or {}
+        mine, full = a.sentence_latency or {}, (whole.sentence_latency if whole else None) or {}
+        op = "≥" if policy.get("confidence") == "max_prob" else "≤"
+        rows.append(
+            {
+                "format": a.format,
+                "scheme": a.quant.replace(" + early exit", ""),
+                "policy": f"{policy.get('confidence')} {op} {fmt(policy.get('threshold'), '.3f')}",
+                "accuracy %": fmt(a.fidelity.get("accuracy"), ".2f"),
+                "whole model %": fmt(whole.fidelity.get("accuracy") if whole else None, ".2f"),
+                "exits (layer: share)": ", ".join(f"{k}: {v:.0%}" for k, v in share.items()),
+                "mean layers": fmt(a.exits.get("mean_layers"), ".2f"),
+                "mean ms": fmt(mine.get("mean_ms"), ".2f"),
+                "p90 ms": fmt(mine.get("p90_ms"), ".2f"),
+                "whole mean ms": fmt(full.get("mean_ms"), ".2f"),
+                "speed-up": fmt(full["mean_ms"] / mine["mean_ms"], ".2f") if full and mine else "–",
+            }
+        )
+    return [*lines, *markdown_table(rows), ""]
 
 
 def search_markdown(search: dict) -> list[str]:
@@ -240,6 +282,8 @@ def render_markdown(report: Report) -> str:
             ),
             "",
         ]
+    if any(a.exits for a in report.artifacts):
+        lines += early_exit_markdown(report.artifacts)
     if report.search:
         lines += search_markdown(report.search)
     if report.adapters:

@@ -273,7 +273,7 @@ def choose_threshold(
         raise RecipeError(f"unknown --confidence {measure!r}: use {' or '.join(CONFIDENCES)}")
     points = [operating_point(logits, labels, exit_layers, measure, t) for t in threshold_candidates(logits, measure)]
     ok = [p for p in points if reference_accuracy - p.accuracy <= max_drop + 1e-9]
-    chosen = min(ok or points[-1:], key=lambda p: (p.mean_layers, -p.accuracy))
+    chosen = min(ok or points[:1], key=lambda p: (p.mean_layers, -p.accuracy))  # points[0]: never exit early
     return chosen, points
 
 
@@ -333,8 +333,10 @@ def train_exits(
             t = torch.from_numpy(teacher[idx]) / temperature
             loss = 0.0
             for z in model.exit_logits(x, m):
-                kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(t, -1), log_target=True)
-                loss = loss + (1 - alpha) * F.cross_entropy(z, y) + alpha * temperature**2 * kl * z.shape[-1]
+                kl = F.kl_div(
+                    F.log_softmax(z / temperature, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean"
+                )
+                loss = loss + (1 - alpha) * F.cross_entropy(z, y) + alpha * temperature**2 * kl
             loss = loss / len(model.exit_layers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -515,3 +517,73 @@ def export_cascade(
         companions=files,
         companion_role="early-exit segment",
     )
+
+
+def reference_key(artifact: str) -> str:
+    """The golden-set key of an early-exit cascade's PyTorch reference (the PyTorch cascade at its threshold)."""
+    return "reference_exits_" + artifact.split(".exits.json")[0].replace(".", "_")
+
+
+@dataclass
+class CascadeExport:
+    """One exported cascade: its artifact, the PyTorch cascade's golden logits at its threshold (float32
+    [N, C]) and how the threshold was chosen (data, budget, the chosen point, the whole-cascade accuracy)."""
+
+    artifact: Any
+    reference: np.ndarray
+    choice: dict
+
+
+def export_cascades(
+    model: Any,
+    plans: list[Any],
+    seq_len: int,
+    directory: Path,
+    choose: tuple[np.ndarray, np.ndarray, np.ndarray],
+    golden: tuple[np.ndarray, np.ndarray],
+    *,
+    measure: str = "max_prob",
+    threads: int | None = None,
+    source: str = "",
+    step: Any = None,
+) -> list[CascadeExport]:
+    """For each recipe plan (format + scheme + gates), export ``model``'s cascade as
+    ``<plan artifact>.exits.json`` in ``directory`` and choose its threshold on ``choose`` = (ids, mask int64
+    [M, seq], labels int64 [M]) from the artifact's own exits, run in its runtime here: the fewest layers whose
+    accuracy is within the plan's ``max_accuracy_drop`` of the whole PyTorch fp32 model's on the same rows
+    (:func:`choose_threshold`). ``golden``: the golden inputs, for the PyTorch cascade reference. ``step(desc)``
+    reports progress. Raises exporters' errors for a plan the format cannot do."""
+    import exporters
+    from exporters.cascade import Cascade, exit_choice
+
+    ids, mask, labels = choose
+    torch_choose = exit_logits(model, ids, mask)
+    whole = float((torch_choose[-1].argmax(1) == labels).mean() * 100)
+    torch_golden = exit_logits(model, *golden)
+    rows = np.arange(len(golden[0]))
+    out = []
+    for plan in plans:
+        name = f"{plan.artifact_name}{exporters.cascade.SUFFIX}"
+        if step:
+            step(f"exporting the {plan.format} {plan.quant.scheme} early-exit cascade")
+        art = export_cascade(model, plan.format, plan.quant, seq_len, directory / name, confidence_measure=measure)
+        session = exporters.load(art.path, threads=threads)
+        logits = session.run_all({"input_ids": ids, "attention_mask": mask})
+        chosen, _ = choose_threshold(logits, labels, model.exit_layers, whole, plan.gates.max_accuracy_drop, measure)
+        cascade = Cascade.read(art.path)
+        cascade = Cascade(**{**cascade.__dict__, "threshold": chosen.threshold})
+        cascade.write(art.path)
+        art.details["early_exit"] = cascade.to_dict()
+        choice = {
+            "data": source,
+            "rows": len(labels),
+            "max_accuracy_drop": plan.gates.max_accuracy_drop,
+            "pytorch_accuracy": whole,
+            "artifact_accuracy_no_exit": float((logits[-1].argmax(1) == labels).mean() * 100),
+            "chosen": chosen.to_dict(),
+        }
+        art.details["threshold_choice"] = choice
+        chosen_golden = exit_choice(torch_golden, measure, chosen.threshold)
+        reference = np.stack(torch_golden)[chosen_golden, rows].astype(np.float32)
+        out.append(CascadeExport(art, reference, choice))
+    return out

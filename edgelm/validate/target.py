@@ -6,8 +6,9 @@
 Reads from ``golden.npz``: ``input_ids``/``attention_mask`` int64 [N, seq_len] (right-padded), and
 ``latency_input_ids``/``latency_attention_mask`` int64 [1, seq_len] (the timing input). Writes
 ``DIR/outputs.npy`` (float32 [N, ...], one row per golden input, run at batch 1 with padding trimmed) and
-``DIR/result.json``: load time (ms), latency samples and p50/p90 (ms), peak RSS (MB) of this process,
-runtime versions. Exit code 0 on success, 3 if the artifact cannot be loaded or run (message on stderr).
+``DIR/result.json``: load time (ms), latency samples and p50/p90 (ms), each golden row's latency (ms, its real
+length; ``row_latency_ms``), the exit layer of each row for an early-exit cascade (``exit_layers``), peak RSS
+(MB) of this process, runtime versions. Exit code 0 on success, 3 if the artifact cannot be loaded or run (message on stderr).
 ``--adapter``: run with another adapter's weights file (``.adapter.data`` / ``.adapter.ptd``) swapped in.
 ``--eval``: also run a labeled eval set (``input_ids``/``attention_mask`` int64 [M, seq_len]) and write its
 outputs to ``DIR/eval_outputs.npy`` (float32 [M, ...]).
@@ -49,15 +50,22 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
 
 
-def _outputs(session, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Run every row of int64 [N, seq_len] ``ids``/``mask`` at batch 1 with its padding trimmed -> float32 [N, ...]."""
+def _outputs(session, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[float], list[int] | None]:
+    """Run every row of int64 [N, seq_len] ``ids``/``mask`` at batch 1 with its padding trimmed. Returns
+    ``(outputs float32 [N, ...], each row's latency in ms, each row's exit layer or None)``: the exit layers
+    of an early-exit cascade (its ``exit_layer`` output), None for a whole model."""
     from exporters.base import trim_padding
 
-    rows = []
+    rows, times, exits = [], [], []
     for i in range(len(ids)):
         feeds = trim_padding({"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})
-        rows.append(next(iter(session.run(feeds).values())))
-    return np.concatenate(rows, axis=0).astype(np.float32)
+        t = time.perf_counter()
+        out = session.run(feeds)
+        times.append((time.perf_counter() - t) * 1000.0)
+        rows.append(next(iter(out.values())))
+        if "exit_layer" in out:
+            exits.append(int(out["exit_layer"][0]))
+    return np.concatenate(rows, axis=0).astype(np.float32), times, (exits or None)
 
 
 def run(
@@ -90,17 +98,17 @@ def run(
     t0 = time.perf_counter()
     session = exporters.load(artifact, threads=threads, adapter=adapter)
     load_ms = (time.perf_counter() - t0) * 1000.0
-    outputs_arr = _outputs(session, data["input_ids"], data["attention_mask"])
+    timing = {"input_ids": data["latency_input_ids"], "attention_mask": data["latency_attention_mask"]}
+    for _ in range(warmup):  # before the golden rows, whose per-row times are kept too
+        session.run(timing)
+    outputs_arr, row_ms, exits = _outputs(session, data["input_ids"], data["attention_mask"])
     out.mkdir(parents=True, exist_ok=True)
-    eval_rows = None
+    eval_rows, eval_ms, eval_exits = None, None, None
     if eval_set is not None:
         ev = np.load(eval_set)
-        eval_out = _outputs(session, ev["input_ids"], ev["attention_mask"])
+        eval_out, eval_ms, eval_exits = _outputs(session, ev["input_ids"], ev["attention_mask"])
         np.save(out / "eval_outputs.npy", eval_out)
         eval_rows = len(eval_out)
-    timing = {"input_ids": data["latency_input_ids"], "attention_mask": data["latency_attention_mask"]}
-    for _ in range(warmup):
-        session.run(timing)
     samples = []
     for _ in range(runs):
         t = time.perf_counter()
@@ -124,6 +132,10 @@ def run(
         "python": platform.python_version(),
         "torch_imported": "torch" in sys.modules,
         "eval_rows": eval_rows,
+        "row_latency_ms": row_ms,
+        "exit_layers": exits,
+        "eval_row_latency_ms": eval_ms,
+        "eval_exit_layers": eval_exits,
     }
     np.save(out / "outputs.npy", outputs_arr)
     (out / "result.json").write_text(json.dumps(result, indent=2))
