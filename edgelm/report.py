@@ -311,6 +311,8 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
     names = list(dict.fromkeys(n for r in runners for n in r["artifacts"]))
     # a generative bundle's rows all get the decoder columns, also those skipped or failed (no fidelity)
     decoder = any("token_agreement" in (a.get("fidelity") or {}) for r in runners for a in r["artifacts"].values())
+    # an early-exit bundle's rows all get the exits and the latency per sentence at its real length
+    exits = any(a.get("exits") for r in runners for a in r["artifacts"].values())
     rows = []
     for name in names:
         for r in runners:
@@ -346,6 +348,12 @@ def side_by_side_rows(doc: dict) -> list[dict[str, str]]:
                     "eval acc %": fmt((a.get("eval") or {}).get("accuracy"), ".2f"),
                     "p50 ms": p50,
                 }
+                if exits:
+                    sent = (a.get("sentence_latency") or {}).get("mean_ms")
+                    row |= {
+                        "mean layers": fmt((a.get("exits") or {}).get("mean_layers"), ".2f"),
+                        "ms/sentence": "functional only" if lat.get("emulated") else fmt(sent, ".2f"),
+                    }
             rows.append(row)
     return rows
 
@@ -360,7 +368,8 @@ def render_validation_markdown(doc: dict) -> str:
         "top-1 vs host: share of inputs with the same class); for a generative model, perplexity and its ratio "
         "to the reference's, the share of golden prompts whose greedy tokens equal the reference's (agreement; "
         "prefix: mean tokens before the first difference), the share whose tokens equal the host's run of the "
-        "same artifact (vs host) and decode tokens/s. "
+        "same artifact (vs host) and decode tokens/s; for early-exit cascades, the mean encoder layers run and the "
+        "mean latency per golden sentence at its real length. "
         "Emulated latency is functional only, never device speed.",
         "",
         *(markdown_table(side_by_side_rows(doc)) or ["(nothing)"]),

@@ -210,3 +210,49 @@ def test_export_and_validate_an_early_exit_checkpoint(ee_checkpoint, memo_tsv, t
     r = cli("export", "--device", "pixel8", "--model", str(out), "--prune", "0.3", "--data", str(memo_tsv),
             "--out", str(tmp_path / "d3"))  # fmt: skip
     assert r.exit_code == 2 and "exports as it was trained" in r.output
+
+
+def test_cascade_exits_on_the_arm64_emulator(sysroot, ee_checkpoint, tmp_path):
+    """The cascade's segments run as aarch64 programs under qemu and take the same exits as on the host."""
+    from edgelm.validate.emulator import EmulatorRunner
+    from edgelm.validate.host import HostRunner
+
+    model, _ = ee.load_early_exit(ee_checkpoint[0])
+    ids, mask = _golden_rows()
+    golden = tmp_path / "golden.npz"
+    np.savez(golden, input_ids=ids, attention_mask=mask, latency_input_ids=ids[:1], latency_attention_mask=mask[:1])
+    for fmt in ("onnx", "tflite"):
+        art = ee.export_cascade(
+            model, fmt, QuantSpec("int8_dynamic", embedding_bits=8), 32, tmp_path / f"m{exporters.suffix(fmt)}.exits.json",
+            threshold=0.6,
+        )  # fmt: skip
+        host = HostRunner().run_artifact(art.path, golden, threads=1, warmup=0, runs=2)
+        emu = EmulatorRunner(sysroot, cpu="cortex-a76").run_artifact(art.path, golden, threads=1, warmup=0, runs=2)
+        assert emu.result["machine"] == "aarch64" and emu.result["torch_imported"] is False
+        assert emu.result["exit_layers"] == host.result["exit_layers"]
+        assert len(emu.result["row_latency_ms"]) == 5
+        assert np.abs(emu.outputs - host.outputs).max() < 1e-3
+
+
+def test_exits_on_a_pruned_checkpoint_the_width_level(trained_classifier, memo_tsv, tmp_path):
+    """Elastic width: exits added to a pruned checkpoint (fewer heads and FFN neurons) export and chain to it."""
+    import torch
+
+    from edgelm.compress.jobs import run_compress
+    from edgelm.compress.train import TrainConfig
+    from edgelm.models import load_model
+
+    pruned = tmp_path / "pruned"
+    run_compress(trained_classifier, memo_tsv, pruned, sparsity=0.5, method="magnitude", cfg=TrainConfig(epochs=0))
+    out = tmp_path / "ee"
+    ee.run_early_exit(pruned, memo_tsv, out, exit_layers=[1], freeze_backbone=True, cfg=TrainConfig(epochs=2, lr=1e-3))
+    model, _ = ee.load_early_exit(out)
+    heads = [layer.attention.self.num_attention_heads for layer in model.layers]
+    assert heads == [layer.attention.self.num_attention_heads for layer in load_model(pruned).module.base.encoder.layer]
+    assert sum(heads) < 2 * 2  # the tiny model had 2 heads per layer
+    ids, mask = _golden_rows()
+    with torch.no_grad():
+        whole = load_model(pruned).module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    art = ee.export_cascade(model, "onnx", QuantSpec("fp32"), 32, tmp_path / "m.onnx.exits.json")
+    chained = exporters.load(art.path).run_all({"input_ids": ids, "attention_mask": mask})
+    assert np.abs(chained[-1] - whole).max() < 1e-4

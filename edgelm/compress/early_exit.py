@@ -75,7 +75,11 @@ def build_classes():
             self.classifier = torch.nn.Linear(hidden, num_labels)
 
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.classifier(self.dropout(torch.tanh(self.dense(mean_pool(hidden, attention_mask)))))
+            return self.from_pooled(mean_pool(hidden, attention_mask))
+
+        def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+            """Logits from the masked mean of the hidden states, float32 [batch, H]."""
+            return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
 
     class EarlyExitModel(torch.nn.Module):
         """A ``SequenceClassifier`` wrapper with exit heads after ``exit_layers`` (1-based; the last layer's
@@ -127,6 +131,16 @@ def build_classes():
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.exit_logits(input_ids, attention_mask)[-1]
+
+        def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+            """What each exit head but the last reads: the masked mean of its layer's hidden states, float32
+            [batch, H] each (the frozen-backbone training caches them)."""
+            hidden, first, out = self.embed(input_ids), 1, []
+            for last in self.exit_layers[:-1]:
+                hidden = self.run_layers(hidden, attention_mask, first, last)
+                out.append(mean_pool(hidden, attention_mask))
+                first = last + 1
+            return out
 
     class Segment(torch.nn.Module):
         """Segment ``k`` of an :class:`EarlyExitModel` for export: layers after exit k-1 up to exit k.
@@ -285,6 +299,21 @@ class ExitTrainResult:
     seconds: float = 0.0
 
 
+def _pooled_features(model: Any, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+    """:meth:`EarlyExitModel.pooled` over int64 [N, seq] ``ids``/``mask`` in batches: float32 [N, H] per exit
+    head."""
+    import torch
+
+    from edgelm.compress.train import _trim
+
+    outs: list[list[np.ndarray]] = [[] for _ in model.heads]
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            for k, f in enumerate(model.pooled(*_trim(ids[i : i + batch_size], mask[i : i + batch_size]))):
+                outs[k].append(f.numpy())
+    return [np.concatenate(o, axis=0) for o in outs]
+
+
 def train_exits(
     model: Any,
     train: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -301,7 +330,8 @@ def train_exits(
     Each exit's loss is ``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher || exit)`` where the teacher is the
     whole model's final logits before training (self-distillation); the final exit trains with the same loss,
     so joint training keeps the whole model close to what it was. With ``freeze_backbone`` only the exit heads
-    train (the whole model is unchanged). ``cfg``: :class:`edgelm.compress.train.TrainConfig`. Raises DataError
+    train (the whole model is unchanged), on what they read computed once (the pooled hidden states: an epoch
+    then costs a few seconds). ``cfg``: :class:`edgelm.compress.train.TrainConfig`. Raises DataError
     for an empty training set."""
     import torch
     import torch.nn.functional as F
@@ -314,30 +344,34 @@ def train_exits(
         raise DataError("the training set is empty")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    start = time.perf_counter()
     teacher = exit_logits(model, ids, mask)[-1]  # the whole model's logits before any training
     for p in model.wrapper.parameters():
         p.requires_grad_(not freeze_backbone)
     trainable = model.heads if freeze_backbone else model
+    pooled = _pooled_features(model, ids, mask) if freeze_backbone else None  # the frozen layers run once
     steps = ((len(ids) + cfg.batch_size - 1) // cfg.batch_size) * cfg.epochs
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay)
     schedule = linear_schedule(optimizer, steps)
-    result, start, step = ExitTrainResult(), time.perf_counter(), 0
+    result, step = ExitTrainResult(), 0
+
+    def loss_of(z: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        return (1 - alpha) * F.cross_entropy(z, y) + alpha * temperature**2 * kl
+
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         if freeze_backbone:
             model.wrapper.eval()
         losses = []
         for idx in _batches(len(ids), cfg.batch_size, rng):
-            x, m = _trim(ids[idx], mask[idx])
             y = torch.from_numpy(labels[idx])
             t = torch.from_numpy(teacher[idx]) / temperature
-            loss = 0.0
-            for z in model.exit_logits(x, m):
-                kl = F.kl_div(
-                    F.log_softmax(z / temperature, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean"
-                )
-                loss = loss + (1 - alpha) * F.cross_entropy(z, y) + alpha * temperature**2 * kl
-            loss = loss / len(model.exit_layers)
+            if pooled is not None:
+                zs = [head.from_pooled(torch.from_numpy(f[idx])) for head, f in zip(model.heads, pooled, strict=True)]
+            else:
+                zs = model.exit_logits(*_trim(ids[idx], mask[idx]))
+            loss = sum(loss_of(z, y, t) for z in zs) / len(zs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)

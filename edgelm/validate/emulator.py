@@ -32,6 +32,7 @@ from pathlib import Path
 from edgelm.errors import EdgeLMError
 from edgelm.fsutil import write_directory
 from edgelm.validate.host import HostRunner
+from exporters.cascade import inner_name
 
 #: CPU models qemu 7.2's aarch64 user-mode emulator has (``qemu-aarch64-static -cpu help``), minus ``max``.
 QEMU_CPUS = ("cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1", "a64fx")
@@ -292,7 +293,7 @@ class EmulatorRunner(HostRunner):
         return any(w.startswith("executorch") for w in self.info.get("wheels", []))
 
     def skip_reason(self, artifact: Path) -> str | None:
-        if artifact.suffix == ".pte" and not self._has_executorch():
+        if Path(inner_name(artifact)).suffix == ".pte" and not self._has_executorch():
             return (
                 f"{artifact.name}: ExecuTorch under emulation is opt-in: it needs the aarch64 torch and "
                 "executorch wheels (about 1 GB); run `edgelm emulator setup --executorch`"

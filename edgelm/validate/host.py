@@ -23,6 +23,7 @@ from edgelm.validate.runner import (
     read_target_output,
     target_options,
 )
+from exporters.cascade import inner_name
 
 
 class HostRunner:
@@ -57,7 +58,7 @@ class HostRunner:
         without ExecuTorch's Python runtime."""
         import importlib.util
 
-        if artifact.suffix == ".pte" and importlib.util.find_spec("executorch") is None:
+        if Path(inner_name(artifact)).suffix == ".pte" and importlib.util.find_spec("executorch") is None:
             return (
                 f"{artifact.name}: ExecuTorch's Python runtime is not installed here (the runtime install has "
                 "ONNX Runtime and LiteRT); pip install executorch==1.5.1 to run .pte artifacts"
