@@ -1125,9 +1125,16 @@ def compress(
             "--distill", help="Distil from the unpruned model (CE + KL + hidden MSE); with platon: HomoDistil-style."
         ),
     ] = False,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (magnitude: 0 for pruning only).")] = 2,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--epochs", help="Training epochs (default 2; magnitude: 0 for pruning only; early-exit heads: 10)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    lr: Annotated[float, typer.Option("--lr")] = 5e-5,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate (default 5e-5; early-exit heads: 1e-3).")
+    ] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sage.")] = "adamw",
     seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -1145,8 +1152,12 @@ def compress(
         str, typer.Option("--confidence", help="early-exit: exit confidence, max_prob or entropy.")
     ] = "max_prob",
     freeze_backbone: Annotated[
-        bool, typer.Option("--freeze-backbone", help="early-exit: train only the exit heads (the model is unchanged).")
-    ] = False,
+        bool,
+        typer.Option(
+            "--freeze-backbone/--train-backbone",
+            help="early-exit: train only the exit heads, the whole model unchanged (default), or the backbone too.",
+        ),
+    ] = True,
     max_accuracy_drop: Annotated[
         float,
         typer.Option("--max-accuracy-drop", help="early-exit: budget (points) of the threshold shown for --eval."),
@@ -1160,13 +1171,16 @@ def compress(
 
     check_limit(limit)
     check_limit(eval_limit, "--eval-limit")
+    heads_only = method == "early-exit" and freeze_backbone
+    epochs = epochs if epochs is not None else (10 if heads_only else 2)
+    lr = lr if lr is not None else (1e-3 if heads_only else 5e-5)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, seq_len=seq_len)
     if method == "early-exit":
         _compress_early_exit(model, data, out, eval_data, cfg, exits, confidence, freeze_backbone, max_accuracy_drop,
                              limit, eval_limit, text_column, label_column)  # fmt: skip
         return
-    if exits is not None or freeze_backbone:
-        raise EdgeLMError("--exits and --freeze-backbone apply to --method early-exit")
+    if exits is not None:
+        raise EdgeLMError("--exits applies to --method early-exit")
     with StageProgress(_err_console()) as progress:
         result, summary = run_compress(
             model,

@@ -168,8 +168,9 @@ class CascadeSession:
     ``run(feeds)``: ``input_ids``/``attention_mask`` int [batch, seq] -> ``{output_name: float32 [batch,
     num_labels], "exit_layer": float32 [batch]}`` (the encoder layer whose exit answered each row); rows run
     one at a time, their padding trimmed. ``threshold`` can be changed between calls (a sweep); ``run_all``
-    returns every exit's logits without exiting (segments chained equal the whole model). The segments'
-    sha256 are checked before loading.
+    returns every exit's logits without exiting (segments chained equal the whole model); ``sessions`` are the
+    segments' own sessions, in order (a benchmark times them one by one). The segments' sha256 are checked
+    before loading.
     """
 
     def __init__(self, path: Path, threads: int | None = None):
@@ -178,7 +179,7 @@ class CascadeSession:
         path = Path(path)
         self.cascade = Cascade.read(path)
         self.threshold = self.cascade.threshold
-        self._segments = []
+        self.sessions = []
         for i, seg in enumerate(self.cascade.segments):
             f = path.parent / seg.file
             got = sha256_file(f) if f.is_file() else "missing"
@@ -188,7 +189,7 @@ class CascadeSession:
                 )
             # ExecuTorch's XNNPACK thread pool is one per process: set it once, before the first segment
             same_pool = self.cascade.format == "executorch" and i > 0
-            self._segments.append(exporters.load(f, threads=None if same_pool else threads))
+            self.sessions.append(exporters.load(f, threads=None if same_pool else threads))
         self.input_names = ["input_ids", "attention_mask"]
         self.output_names = [self.cascade.output_name, "exit_layer"]
 
@@ -197,10 +198,10 @@ class CascadeSession:
         feeds = {"input_ids": row["input_ids"], "attention_mask": mask}
         name, c = self.cascade.output_name, self.cascade
         logits_seen = []
-        for k, session in enumerate(self._segments):
+        for k, session in enumerate(self.sessions):
             out = session.run(feeds)
             logits_seen.append(out[name])
-            last = k == len(self._segments) - 1
+            last = k == len(self.sessions) - 1
             if last or (stop and confident(confidence(out[name], c.confidence), c.confidence, self.threshold)[0]):
                 break
             feeds = {"hidden_states": out["hidden_out"], "attention_mask": mask}

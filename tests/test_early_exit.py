@@ -25,7 +25,8 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def ee_checkpoint(tmp_path_factory, trained_classifier, memo_tsv):
-    """The tiny fine-tuned classifier (2 layers) with exits after layers 1 and 2, trained on ``memo_tsv``."""
+    """The tiny fine-tuned classifier (2 layers) with exits after layers 1 and 2, trained with the backbone
+    (``--train-backbone``) on ``memo_tsv``."""
     from edgelm.compress.train import TrainConfig
 
     out = tmp_path_factory.mktemp("ee") / "ee"
@@ -35,6 +36,7 @@ def ee_checkpoint(tmp_path_factory, trained_classifier, memo_tsv):
         out,
         exit_layers=[1],
         eval_data=memo_tsv,
+        freeze_backbone=False,
         cfg=TrainConfig(epochs=6, lr=3e-3, batch_size=8, seq_len=32),
     )
     return out, summary
@@ -162,11 +164,11 @@ def test_compress_cli_early_exit(trained_classifier, memo_tsv, tmp_path):
     r = cli(
         "compress", "--method", "early-exit", "--model", str(trained_classifier), "--data", str(memo_tsv),
         "--eval", str(memo_tsv), "--out", str(out), "--exits", "1", "--epochs", "1", "--lr", "1e-3",
-        "--seq-len", "32", "--freeze-backbone",
+        "--seq-len", "32",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "exit after layer" in r.output and "threshold" in r.output and (out / ee.HEADS_FILE).is_file()
-    # --freeze-backbone: the whole model is unchanged
+    # the default, --freeze-backbone: the whole model is unchanged
     from edgelm.compress.train import checkpoint_accuracy
 
     assert checkpoint_accuracy(out, memo_tsv, seq_len=32) == checkpoint_accuracy(

@@ -10,7 +10,8 @@ off-ramps choose each input's depth). At inference the first exit whose confiden
 
 Checkpoint layout (``edgelm compress --method early-exit``): a Hugging Face classifier checkpoint (the whole
 model; it exports and validates like any classifier) plus ``early_exit.json`` (exit layers, confidence measure,
-the trade-off measured on the eval data) and ``exit_heads.safetensors`` (the exit heads' weights).
+head) and ``exit_heads.safetensors`` (the exit heads' weights); ``edgelm_training.json`` keeps the training
+history and, with eval data, each exit's accuracy and the threshold sweep.
 """
 
 from __future__ import annotations
@@ -184,7 +185,10 @@ def load_early_exit(directory: str | os.PathLike, loaded: Any = None) -> tuple[A
     loaded = loaded if loaded is not None else load_model(directory)
     if not loaded.task.uses_labels:
         raise ModelError(f"{directory}: early exit needs a sequence classifier")
-    model = attach(loaded.module, cfg["exit_layers"])
+    try:
+        model = attach(loaded.module, cfg["exit_layers"])
+    except RecipeError as exc:
+        raise ModelError(f"{Path(directory) / EXITS_FILE} does not fit the model: {exc}") from None
     try:
         state = load_file(str(Path(directory) / HEADS_FILE))
         missing, unexpected = model.heads.load_state_dict(state, strict=False)
@@ -401,7 +405,7 @@ def run_early_exit(
     exit_layers: list[int] | None = None,
     eval_data: str | os.PathLike | None = None,
     cfg: Any = None,
-    freeze_backbone: bool = False,
+    freeze_backbone: bool = True,
     confidence_measure: str = "max_prob",
     max_drop: float = 1.0,
     limit: int | None = None,
@@ -410,8 +414,9 @@ def run_early_exit(
     label_column: str | None = None,
     progress: Any = None,
 ) -> dict:
-    """``edgelm compress --method early-exit``: add exits to a fine-tuned classifier, train them, and write
-    the early-exit checkpoint to ``out`` (see the module docstring). With ``eval_data`` the summary has each
+    """``edgelm compress --method early-exit``: add exits to a fine-tuned classifier, train them (by default
+    only the heads: ``freeze_backbone``), and write the early-exit checkpoint to ``out`` (see the module
+    docstring). With ``eval_data`` the summary has each
     exit's accuracy and the threshold sweep, and the threshold meeting ``max_drop`` points (the export chooses
     its own on its ``--data``). Returns the summary dict. Raises ModelError (not a classifier), DataError,
     RecipeError (bad exits, measure or hyper-parameters)."""
@@ -422,7 +427,7 @@ def run_early_exit(
     from edgelm.data import load_tokenizer
     from edgelm.models import load_model
 
-    cfg = cfg or TrainConfig(epochs=2, lr=5e-5)
+    cfg = cfg or (TrainConfig(epochs=10, lr=1e-3) if freeze_backbone else TrainConfig(epochs=2, lr=5e-5))
     _check_cfg(cfg)
     if confidence_measure not in CONFIDENCES:
         raise RecipeError(f"unknown --confidence {confidence_measure!r}: use {' or '.join(CONFIDENCES)}")
