@@ -422,21 +422,15 @@ def run_early_exit(
     RecipeError (bad exits, measure or hyper-parameters)."""
     from safetensors.torch import save_file
 
-    from edgelm.compress.jobs import _check_cfg, _data
+    from edgelm.compress.jobs import _check_cfg, _data, load_fine_tuned
     from edgelm.compress.train import TrainConfig, save_checkpoint
     from edgelm.data import load_tokenizer
-    from edgelm.models import load_model
 
     cfg = cfg or (TrainConfig(epochs=10, lr=1e-3) if freeze_backbone else TrainConfig(epochs=2, lr=5e-5))
     _check_cfg(cfg)
     if confidence_measure not in CONFIDENCES:
         raise RecipeError(f"unknown --confidence {confidence_measure!r}: use {' or '.join(CONFIDENCES)}")
-    loaded = load_model(model)
-    if not loaded.task.prunable:
-        raise ModelError(
-            f"{loaded.source} is not a sequence classifier: run `edgelm finetune` first, then add exits to the "
-            "fine-tuned checkpoint"
-        )
+    loaded = load_fine_tuned(model, "add exits to the fine-tuned checkpoint")
     if read_exit_config(loaded.source) is not None:
         raise ModelError(f"{loaded.source} already has exits: start from the fine-tuned classifier")
     num_layers = len(loaded.module.base.encoder.layer)

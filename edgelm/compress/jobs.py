@@ -149,14 +149,7 @@ def run_compress(
     for v in (sparsity, head_sparsity if head_sparsity is not None else sparsity):
         if not 0.0 <= v < 1.0:
             raise RecipeError(f"sparsity {v} is out of range: use 0 <= sparsity < 1 (0.5 removes half)")
-    from edgelm.models import load_model
-
-    loaded = load_model(model)
-    if not loaded.task.prunable:
-        raise ModelError(
-            f"{loaded.source} is not a sequence classifier: run `edgelm finetune` first, then compress "
-            "the fine-tuned checkpoint (pruning importance needs the task's loss)"
-        )
+    loaded = load_fine_tuned(model, "compress the fine-tuned checkpoint (pruning importance needs the task's loss)")
     tokenizer = load_tokenizer(loaded.tokenizer_dir, min(cfg.seq_len, loaded.max_positions))
     train, names = _data(data, limit, text_column, label_column, tokenizer, loaded.labels)
     evals = _data(eval_data, eval_limit, text_column, label_column, tokenizer, names)[0] if eval_data else None
@@ -217,6 +210,17 @@ def run_compress(
         },
     )
     return result, summary
+
+
+def load_fine_tuned(model: str | os.PathLike, then: str):
+    """Load ``model``, which must be a sequence classifier (from ``edgelm finetune``); ``then``: what to do with
+    it once fine-tuned, for the error. Raises ModelError."""
+    from edgelm.models import load_model
+
+    loaded = load_model(model)
+    if not loaded.task.prunable:
+        raise ModelError(f"{loaded.source} is not a sequence classifier: run `edgelm finetune` first, then {then}")
+    return loaded
 
 
 def _check_cfg(cfg: TrainConfig, allow_zero_epochs: bool = False) -> None:
