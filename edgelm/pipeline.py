@@ -737,6 +737,8 @@ def _export_into(
     exits = read_exit_config(loaded.source)
     if exits is not None:
         _check_early_exit(recipe, opts, adapter_modules, data)
+    elif opts.exit_data:
+        raise RecipeError("--exit-data chooses an early-exit checkpoint's threshold; this model has no exits")
     step("reading data, PyTorch fp32 reference")
     ref = reference_stage(recipe, loaded, data, opts)
     np.savez(tmp / "golden.npz", **ref.golden)  # the search and swapped adapters run on it; rewritten below

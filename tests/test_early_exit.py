@@ -179,7 +179,7 @@ def test_compress_cli_early_exit(trained_classifier, memo_tsv, tmp_path):
     assert r.exit_code == 2 and "--exits 'two'" in r.output
 
 
-def test_export_and_validate_an_early_exit_checkpoint(ee_checkpoint, memo_tsv, tmp_path):
+def test_export_and_validate_an_early_exit_checkpoint(ee_checkpoint, trained_classifier, memo_tsv, tmp_path):
     out, _ = ee_checkpoint
     r = cli(
         "export", "--device", "pixel8", "--model", str(out), "--data", str(memo_tsv), "--format", "onnx",
@@ -212,6 +212,9 @@ def test_export_and_validate_an_early_exit_checkpoint(ee_checkpoint, memo_tsv, t
     r = cli("export", "--device", "pixel8", "--model", str(out), "--prune", "0.3", "--data", str(memo_tsv),
             "--out", str(tmp_path / "d3"))  # fmt: skip
     assert r.exit_code == 2 and "exports as it was trained" in r.output
+    r = cli("export", "--device", "pixel8", "--model", str(trained_classifier), "--exit-data", str(memo_tsv),
+            "--out", str(tmp_path / "d4"))  # fmt: skip
+    assert r.exit_code == 2 and "has no exits" in r.output
 
 
 def test_cascade_exits_on_the_arm64_emulator(sysroot, ee_checkpoint, tmp_path):
