@@ -411,16 +411,16 @@ def export(
 
 def early_exit_line(a, artifacts) -> str:
     """One line on an early-exit cascade: policy, exits taken, per-sentence speed against its whole model."""
-    from edgelm.report import fmt
+    from edgelm.report import fmt, speedup_per_sentence, whole_model_of
 
     policy, share = a.exits.get("policy", {}), a.exits.get("share") or {}
     op = ">=" if policy.get("confidence") == "max_prob" else "<="
-    whole = next((w for w in artifacts if w.format == a.format and a.quant == f"{w.quant} + early exit"), None)
-    mine, full = a.sentence_latency or {}, (whole.sentence_latency if whole else None) or {}
+    whole = whole_model_of(a, artifacts)
+    speedup = speedup_per_sentence(a, whole)
     speed = (
-        f"; {full['mean_ms'] / mine['mean_ms']:.2f}x the whole model's speed per sentence "
-        f"({mine['mean_ms']:.2f} vs {full['mean_ms']:.2f} ms mean)"
-        if mine and full
+        f"; {speedup:.2f}x the whole model's speed per sentence "
+        f"({a.sentence_latency['mean_ms']:.2f} vs {whole.sentence_latency['mean_ms']:.2f} ms mean)"
+        if speedup
         else ""
     )
     return (

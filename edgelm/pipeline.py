@@ -34,7 +34,7 @@ from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingE
 from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
-from edgelm.report import ArtifactResult, Report
+from edgelm.report import EARLY_EXIT_LABEL, ArtifactResult, Report
 from edgelm.validate.host import HostRunner
 from edgelm.validate.metrics import accuracy, fidelity, latency_stats
 from exporters.cascade import is_cascade
@@ -642,13 +642,11 @@ def check_stage(
             res.latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "mean_ms", "min_ms") if k in lat}
             res.speedup_vs_eager = ref.eager["p50_ms"] / res.latency["p50_ms"]
         res.peak_rss_mb, res.load_ms = rec.get("peak_rss_mb"), rec.get("load_ms")
+        res.sentence_latency = rec.get("sentence_latency")
         cascade = is_cascade(art.path)
         if cascade:  # judged by top-1 agreement with the PyTorch cascade and accuracy, not logits' error
-            res.quant += " + early exit"
+            res.quant += EARLY_EXIT_LABEL
             res.exits = {**(rec.get("exits") or {}), "policy": art.details["early_exit"]}
-            res.sentence_latency = rec.get("sentence_latency")
-        elif rec.get("sentence_latency"):
-            res.sentence_latency = rec["sentence_latency"]
         check_gates(res, plan, loaded.task, None if cascade else bundle.reference(art.path.name))
         res.passed = res.passed and rec["status"] == "passed"
         if rec["status"] != "passed" and res.error is None:

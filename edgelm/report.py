@@ -138,6 +138,23 @@ def artifact_rows(report: Report) -> list[dict[str, str]]:
     return rows
 
 
+#: What an early-exit cascade's ``quant`` adds to its whole model's (the report's scheme column).
+EARLY_EXIT_LABEL = " + early exit"
+
+
+def whole_model_of(cascade: ArtifactResult, artifacts: list[ArtifactResult]) -> ArtifactResult | None:
+    """The whole model an early-exit cascade was cut from: same format and scheme, no exits."""
+    return next(
+        (w for w in artifacts if w.format == cascade.format and cascade.quant == w.quant + EARLY_EXIT_LABEL), None
+    )
+
+
+def speedup_per_sentence(cascade: ArtifactResult, whole: ArtifactResult | None) -> float | None:
+    """Whole model's mean latency per sentence / the cascade's (None when either was not measured)."""
+    mine, full = cascade.sentence_latency or {}, (whole.sentence_latency if whole else None) or {}
+    return full["mean_ms"] / mine["mean_ms"] if mine.get("mean_ms") and full.get("mean_ms") else None
+
+
 def early_exit_markdown(artifacts: list[ArtifactResult]) -> list[str]:
     """The early-exit cascades beside their whole models (same format and scheme): threshold, accuracy,
     exits taken, and latency per golden sentence at its real length."""
@@ -153,7 +170,7 @@ def early_exit_markdown(artifacts: list[ArtifactResult]) -> list[str]:
     for a in artifacts:
         if not a.exits:
             continue
-        whole = next((w for w in artifacts if w.format == a.format and a.quant == f"{w.quant} + early exit"), None)
+        whole = whole_model_of(a, artifacts)
         policy = a.exits.get("policy", {})
         share = a.exits.get("share") or {}
         mine, full = a.sentence_latency or {}, (whole.sentence_latency if whole else None) or {}
@@ -161,7 +178,7 @@ def early_exit_markdown(artifacts: list[ArtifactResult]) -> list[str]:
         rows.append(
             {
                 "format": a.format,
-                "scheme": a.quant.replace(" + early exit", ""),
+                "scheme": a.quant.removesuffix(EARLY_EXIT_LABEL),
                 "policy": f"{policy.get('confidence')} {op} {fmt(policy.get('threshold'), '.3f')}",
                 "accuracy %": fmt(a.fidelity.get("accuracy"), ".2f"),
                 "whole model %": fmt(whole.fidelity.get("accuracy") if whole else None, ".2f"),
@@ -170,7 +187,7 @@ def early_exit_markdown(artifacts: list[ArtifactResult]) -> list[str]:
                 "mean ms": fmt(mine.get("mean_ms"), ".2f"),
                 "p90 ms": fmt(mine.get("p90_ms"), ".2f"),
                 "whole mean ms": fmt(full.get("mean_ms"), ".2f"),
-                "speed-up": fmt(full["mean_ms"] / mine["mean_ms"], ".2f") if full and mine else "–",
+                "speed-up": fmt(speedup_per_sentence(a, whole), ".2f"),
             }
         )
     return [*lines, *markdown_table(rows), ""]

@@ -63,6 +63,12 @@ def confidence(logits: np.ndarray, measure: str) -> np.ndarray:
     raise ValueError(f"unknown confidence measure {measure!r}: use {' or '.join(CONFIDENCES)}")
 
 
+def never_exit(measure: str) -> float:
+    """A threshold with which no exit but the last ever answers (max softmax probability cannot reach 1.01, an
+    entropy cannot fall below -1)."""
+    return 1.01 if measure == "max_prob" else -1.0
+
+
 def confident(conf: np.ndarray, measure: str, threshold: float) -> np.ndarray:
     """Whether each confidence passes ``threshold`` (``max_prob``: >=; ``entropy``: <=) -> bool [N]."""
     return conf >= threshold if measure == "max_prob" else conf <= threshold

@@ -19,18 +19,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgelm.errors import DataError, ModelError, RecipeError
+from exporters.cascade import CONFIDENCES
 
 EXITS_FILE = "early_exit.json"
 HEADS_FILE = "exit_heads.safetensors"
-#: The exit policies' confidence measures (see :mod:`exporters.cascade`).
-CONFIDENCES = ("max_prob", "entropy")
 
 
 def read_exit_config(directory: str | os.PathLike) -> dict | None:
@@ -133,15 +132,19 @@ def build_classes():
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.exit_logits(input_ids, attention_mask)[-1]
 
-        def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-            """What each exit head but the last reads: the masked mean of its layer's hidden states, float32
-            [batch, H] each (the frozen-backbone training caches them)."""
+        def pooled(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+            """What each exit head but the last reads (the masked mean of its layer's hidden states, float32
+            [batch, H] each) and the whole model's logits [batch, C], from one pass (the frozen-backbone
+            training caches both)."""
             hidden, first, out = self.embed(input_ids), 1, []
             for last in self.exit_layers[:-1]:
                 hidden = self.run_layers(hidden, attention_mask, first, last)
                 out.append(mean_pool(hidden, attention_mask))
                 first = last + 1
-            return out
+            hidden = self.run_layers(hidden, attention_mask, first, self.exit_layers[-1])
+            return out, self.head(len(self.exit_layers) - 1, hidden, attention_mask)
 
     class Segment(torch.nn.Module):
         """Segment ``k`` of an :class:`EarlyExitModel` for export: layers after exit k-1 up to exit k.
@@ -237,12 +240,7 @@ class OperatingPoint:
     exit_share: list[float]
 
     def to_dict(self) -> dict:
-        return {
-            "threshold": self.threshold,
-            "accuracy": self.accuracy,
-            "mean_layers": self.mean_layers,
-            "exit_share": self.exit_share,
-        }
+        return asdict(self)
 
 
 def operating_point(
@@ -265,10 +263,10 @@ def operating_point(
 
 def threshold_candidates(logits: list[np.ndarray], measure: str, n: int = 200) -> list[float]:
     """Thresholds to sweep: quantiles of the non-final exits' confidences, plus one that never exits early."""
-    from exporters.cascade import confidence
+    from exporters.cascade import confidence, never_exit
 
     conf = np.concatenate([confidence(z, measure) for z in logits[:-1]]) if len(logits) > 1 else np.zeros(0)
-    never = 1.01 if measure == "max_prob" else -1.0
+    never = never_exit(measure)
     if conf.size == 0:
         return [never]
     qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, n)))
@@ -303,19 +301,25 @@ class ExitTrainResult:
     seconds: float = 0.0
 
 
-def _pooled_features(model: Any, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+def _pooled_features(
+    model: Any, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64
+) -> tuple[list[np.ndarray], np.ndarray]:
     """:meth:`EarlyExitModel.pooled` over int64 [N, seq] ``ids``/``mask`` in batches: float32 [N, H] per exit
-    head."""
+    head, and the whole model's logits float32 [N, C]."""
     import torch
 
     from edgelm.compress.train import _trim
 
+    model.eval()
     outs: list[list[np.ndarray]] = [[] for _ in model.heads]
+    final = []
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
-            for k, f in enumerate(model.pooled(*_trim(ids[i : i + batch_size], mask[i : i + batch_size]))):
+            feats, logits = model.pooled(*_trim(ids[i : i + batch_size], mask[i : i + batch_size]))
+            for k, f in enumerate(feats):
                 outs[k].append(f.numpy())
-    return [np.concatenate(o, axis=0) for o in outs]
+            final.append(logits.numpy().astype(np.float32))
+    return [np.concatenate(o, axis=0) for o in outs], np.concatenate(final, axis=0)
 
 
 def train_exits(
@@ -349,11 +353,14 @@ def train_exits(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     start = time.perf_counter()
-    teacher = exit_logits(model, ids, mask)[-1]  # the whole model's logits before any training
+    # the teacher: the whole model's logits before any training; frozen, the layers run once for both
+    if freeze_backbone:
+        pooled, teacher = _pooled_features(model, ids, mask)
+    else:
+        pooled, teacher = None, exit_logits(model, ids, mask)[-1]
     for p in model.wrapper.parameters():
         p.requires_grad_(not freeze_backbone)
     trainable = model.heads if freeze_backbone else model
-    pooled = _pooled_features(model, ids, mask) if freeze_backbone else None  # the frozen layers run once
     steps = ((len(ids) + cfg.batch_size - 1) // cfg.batch_size) * cfg.epochs
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay)
     schedule = linear_schedule(optimizer, steps)
@@ -488,20 +495,20 @@ def export_cascade(
     path: Path,
     *,
     confidence_measure: str = "max_prob",
-    threshold: float = 1.01,
+    threshold: float | None = None,
     seq_buckets: tuple[int, ...] | None = None,
 ) -> Any:
     """Export ``model`` (an :class:`EarlyExitModel`) as an early-exit cascade: one ``fmt`` artifact per
     segment beside ``path`` (``m.onnx.exits.json`` -> ``m.seg0.onnx`` ...) quantized by ``quant`` (an
     :class:`exporters.QuantSpec`), and the description at ``path`` with the policy (see
-    :mod:`exporters.cascade`). Returns an :class:`exporters.Artifact` whose file is the description and whose
+    :mod:`exporters.cascade`; ``threshold`` None: never exit early). Returns an :class:`exporters.Artifact` whose file is the description and whose
     companions are the segments (their sizes add up to the artifact's). Raises exporters' errors
     (UnsupportedQuantError for ``int8_static``: the segments after the first would need calibrated hidden
     states)."""
     import torch
 
     import exporters
-    from exporters.cascade import Cascade, Segment, inner_name
+    from exporters.cascade import Cascade, Segment, inner_name, never_exit
 
     if quant.scheme == "int8_static":
         raise exporters.UnsupportedQuantError(
@@ -530,7 +537,8 @@ def export_cascade(
         segments.append(Segment(art.path.name, seg.first, seg.last, exporters.sha256_file(art.path)))
         files.append(art.path)
         details.append(art.details)
-    cascade = Cascade(fmt, tuple(segments), confidence_measure, float(threshold), "logits", len(model.layers))
+    threshold = never_exit(confidence_measure) if threshold is None else float(threshold)
+    cascade = Cascade(fmt, tuple(segments), confidence_measure, threshold, "logits", len(model.layers))
     cascade.write(path)
     return exporters.Artifact(
         path=path,
