@@ -352,11 +352,23 @@ def best_within(points: list[dict], ref_acc: float, whole_ms: float) -> dict | N
     return {**p, "speedup": whole_ms / p["mean_ms"]}
 
 
+def merged_tasks(results: list[dict]) -> list[dict]:
+    """``results`` with the tasks of the existing results file that this run did not measure (a run with
+    ``--tasks agnews`` keeps the SST-2 rows); each task keeps the host record of the run that measured it."""
+    path = RESULTS / "dynamic_inference.json"
+    if not path.is_file():
+        return results
+    old = json.loads(path.read_text())
+    done = {r["task"] for r in results}
+    kept = [{"host": old["host"], **t} for t in old["tasks"] if t["task"] not in done]
+    return kept + results
+
+
 def markdown(payload: dict) -> list[str]:
     lines = [
         "# Dynamic inference: early exit and elastic width (MiniLM-L6, int8 dynamic, 1 thread)",
         "",
-        hostinfo.describe_run(payload["host"]),
+        *[f"{t['task']}: {hostinfo.describe_run(t.get('host', payload['host']))}" for t in payload["tasks"]],
         "",
         f"Exits after layers {EXITS} (+ the classifier's own head after layer 6), heads trained with the backbone "
         f"frozen (`edgelm compress --method early-exit --freeze-backbone`). Threshold (max softmax probability) "
@@ -485,7 +497,10 @@ def main() -> None:
     if args.smoke:
         print(json.dumps(results, indent=1, default=str)[:4000])
         return
-    payload = {"host": hostinfo.run_record(before), "tasks": results}
+    host = hostinfo.run_record(before)
+    for r in results:
+        r["host"] = host
+    payload = {"host": host, "tasks": merged_tasks(results)}
     md = write_results("dynamic_inference", payload, markdown(payload))
     plot(payload, RESULTS / "dynamic_inference.png")
     log(f"wrote {md}")

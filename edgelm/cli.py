@@ -913,9 +913,17 @@ def adapt(
         Path | None,
         typer.Option(
             "--hypernetwork",
-            help="A trained hypernetwork (edgelm hypernet train): adapt from --demos with no gradient step.",
+            help="A trained hypernetwork (edgelm hypernet train): adapt from --demos with no gradient step, "
+            "or with --steps N as the initialisation of N LoRA steps.",
         ),
     ] = None,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            help="With --hypernetwork: N LoRA steps on --demos starting from the generated weights (0: none).",
+        ),
+    ] = 0,
     demos: Annotated[
         str | None, typer.Option("--demos", help="With --hypernetwork: the labeled demonstrations of the new task.")
     ] = None,
@@ -940,7 +948,7 @@ def adapt(
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts).")
     ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-3 (LoRA), 1e-2 (prompts).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-3 (LoRA and --steps), 1e-2 (prompts).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the shot sampling, the head and the shuffling.")] = 0,
@@ -957,13 +965,30 @@ def adapt(
     if hypernetwork is not None:
         if not demos:
             raise RecipeError("--hypernetwork needs --demos FILE (labeled demonstrations of the new task)")
-        from edgelm.adapt.hypernet import adapt_with_hypernetwork
+        from edgelm.adapt.hypernet import DEFAULT_STEP_LR, adapt_with_hypernetwork
 
-        rec = adapt_with_hypernetwork(hypernetwork, demos, out, text_column=text_column, label_column=label_column)
+        with StageProgress(_err_console()) as progress:
+            rec = adapt_with_hypernetwork(
+                hypernetwork,
+                demos,
+                out,
+                text_column=text_column,
+                label_column=label_column,
+                steps=steps,
+                lr=lr if lr is not None else DEFAULT_STEP_LR,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+            )
         per = ", ".join(f"{k}: {v}" for k, v in rec["demonstrations_per_class"].items())
+        work = (
+            f"weights generated in {rec['generate_seconds']:.2f} s, then {steps} LoRA steps in "
+            f"{rec['train_seconds']:.1f} s"
+            if steps
+            else f"in {rec['generate_seconds']:.2f} s, no gradient steps"
+        )
         out_console.print(
-            f"hypernetwork adaptation in {rec['generate_seconds']:.2f} s (no gradient steps; "
-            f"{rec['seconds']:.1f} s with loading); demonstrations per class: {per}"
+            f"hypernetwork adaptation {work} ({rec['seconds']:.1f} s with loading); demonstrations per class: {per}"
         )
         if eval_data:
             from edgelm.compress.train import checkpoint_accuracy
@@ -1049,8 +1074,22 @@ def hypernet_train(
     ] = "default",
     tasks: Annotated[
         str | None,
-        typer.Option("--tasks", help="Comma-separated meta-training tasks (default: all but sst2, which is held out)."),
+        typer.Option(
+            "--tasks",
+            help="Comma-separated meta-training tasks (default: all but sst2, which is held out, and --val-task).",
+        ),
     ] = None,
+    val_task: Annotated[
+        str,
+        typer.Option(
+            "--val-task",
+            help="Held-out meta-validation task for model selection and early stopping ('none': keep the last state).",
+        ),
+    ] = "sms_spam",
+    val_every: Annotated[int, typer.Option("--val-every", help="Episodes between meta-validation scores.")] = 50,
+    patience: Annotated[
+        int, typer.Option("--patience", help="Stop after this many scores without a gain (0: never early).")
+    ] = 4,
     episodes: Annotated[int, typer.Option("--episodes", help="Meta-training episodes.")] = 600,
     rank: Annotated[int, typer.Option("--rank", help="Rank of the generated LoRA updates.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 64,
@@ -1060,7 +1099,7 @@ def hypernet_train(
         list[str] | None,
         typer.Option(
             "--sweep",
-            help="KEY=V1,V2,... (seed, episodes, rank; repeatable): every combination as a Ray Tune trial; the best by query accuracy is written to --out.",
+            help="KEY=V1,V2,... (seed, episodes, rank; repeatable): every combination as a Ray Tune trial; the best by meta-validation accuracy is written to --out.",
         ),
     ] = None,
     ray: SweepRayOption = None,
@@ -1070,7 +1109,16 @@ def hypernet_train(
 
     from edgelm.adapt.hypernet import HyperConfig, meta_train
 
-    cfg = HyperConfig(episodes=episodes, rank=rank, seq_len=seq_len, per_task=per_task, seed=seed)
+    cfg = HyperConfig(
+        episodes=episodes,
+        rank=rank,
+        seq_len=seq_len,
+        per_task=per_task,
+        seed=seed,
+        val_task=None if val_task.lower() == "none" else val_task,
+        val_every=val_every,
+        patience=patience,
+    )
     if tasks:
         cfg.tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if sweep or ray:
@@ -1090,6 +1138,13 @@ def hypernet_train(
         f"query loss {rec['loss_first']:.3f} → {rec['loss_last']:.3f}, query accuracy "
         f"{rec['query_accuracy_first']:.1f}% → {rec['query_accuracy_last']:.1f}% (first → last 10%)"
     )
+    val = rec["validation"]
+    if val:
+        stop = f", stopped early at episode {val['stopped_early_at']}" if val["stopped_early_at"] else ""
+        out_console.print(
+            f"meta-validation on {val['task']} ({val['episodes']} episodes): {val['untrained_accuracy']:.1f}% "
+            f"untrained → best {val['best_accuracy']:.1f}% at episode {val['best_episode']} (kept){stop}"
+        )
     out_console.print(
         f"hypernetwork: {Path(out).resolve()}  (use it: edgelm adapt --hypernetwork {out} --demos FEW.tsv --out DIR)"
     )

@@ -77,14 +77,19 @@ def _hypernet_job(values: dict, out: Path, args: dict) -> dict:
     torch.set_num_threads(1)
     cfg = HyperConfig(**{**args["cfg"], **values})
     rec = meta_train(args["model"], Path(args["data_dir"]), out, cfg)
-    return {"query_accuracy": rec["query_accuracy_last"], "query_loss": rec["loss_last"]}
+    val = rec["validation"]
+    return {  # selected by the meta-validation accuracy; with --val-task none, by the last query accuracy
+        "validation_accuracy": val["best_accuracy"] if val else rec["query_accuracy_last"],
+        "query_accuracy": rec["query_accuracy_last"],
+        "query_loss": rec["loss_last"],
+    }
 
 
 JOBS: dict[str, Callable[[dict, Path, dict], dict]] = {"finetune": _finetune_job, "hypernet": _hypernet_job}
 #: What the trials report, kept in sweep.json.
-REPORTED = ("eval_accuracy", "train_loss", "best_epoch", "query_accuracy", "query_loss")
+REPORTED = ("eval_accuracy", "train_loss", "best_epoch", "validation_accuracy", "query_accuracy", "query_loss")
 #: The metric each job's sweep maximises.
-METRICS = {"finetune": "eval_accuracy", "hypernet": "query_accuracy"}
+METRICS = {"finetune": "eval_accuracy", "hypernet": "validation_accuracy"}
 
 
 def run_sweep(job: str, space: dict[str, list], args: dict, out: Path, *, address: str = "local") -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -276,9 +277,91 @@ def hypernet(tmp_path_factory, encoder):
     from edgelm.adapt.hypernet import HyperConfig, meta_train
 
     out = tmp_path_factory.mktemp("hn") / "hn"
-    rec = meta_train(encoder, SHARED_DATA, out, HyperConfig(episodes=12, per_task=60, seq_len=32, task_dim=16))
-    assert "sst2" not in rec["tasks"] and len(rec["tasks"]) == 8
+    cfg = HyperConfig(episodes=12, per_task=60, seq_len=32, task_dim=16, val_every=4, val_episodes=3, patience=0)
+    rec = meta_train(encoder, SHARED_DATA, out, cfg)
+    # SST-2 (the evaluation task) and SMS Spam (the meta-validation task) are both held out of meta-training
+    assert "sst2" not in rec["tasks"] and "sms_spam" not in rec["tasks"] and len(rec["tasks"]) == 7
+    val = rec["validation"]
+    assert val["task"] == "sms_spam" and [c["episode"] for c in val["curve"]] == [0, 4, 8, 12]
+    assert val["best_accuracy"] == max(c["accuracy"] for c in val["curve"])
+    assert val["untrained_accuracy"] == val["curve"][0]["accuracy"] and val["stopped_early_at"] is None
     return out
+
+
+def test_meta_validation_keeps_the_best_state(hypernet, encoder):
+    """The written hypernetwork is the state that scored best on the meta-validation episodes: re-scored on
+    them it gives the recorded best accuracy (and the untrained one if episode 0 won: no update at all)."""
+    import numpy as np
+
+    from edgelm.adapt.hypernet import (
+        HyperConfig,
+        _episode_logits,
+        _GeneratedLoRA,
+        _validation,
+        backbone_wrapper,
+        load_hypernetwork,
+    )
+    from edgelm.data import load_tokenizer
+
+    hn, rec = load_hypernetwork(hypernet)
+    cfg = HyperConfig(**{**rec["config"], "shots": tuple(rec["config"]["shots"]), "tasks": ()})
+    wrapper, loaded = backbone_wrapper(encoder)
+    task, episodes = _validation(SHARED_DATA, cfg, load_tokenizer(loaded.tokenizer_dir, cfg.seq_len))
+    lora = _GeneratedLoRA(wrapper.base)
+    with torch.no_grad():
+        scores = [_episode_logits(wrapper, lora, hn, task, ep) for ep in episodes]
+    lora.remove()
+    acc = float(np.mean([(lg.argmax(-1) == y).float().mean() for lg, y in scores]) * 100)
+    assert abs(acc - rec["validation"]["best_accuracy"]) < 1e-4
+    if rec["validation"]["best_episode"] == 0:
+        assert float(hn.mix.abs().max()) == 0.0
+
+
+def test_meta_training_refuses_the_held_out_tasks(encoder, tmp_path):
+    from edgelm.adapt.hypernet import HyperConfig, meta_train
+    from edgelm.errors import RecipeError
+
+    for tasks, what in ((("cola", "sms_spam"), "meta-validation"), (("cola", "sst2"), "held-out")):
+        with pytest.raises(RecipeError, match=what):
+            meta_train(encoder, SHARED_DATA, tmp_path / "hn", HyperConfig(episodes=1, tasks=tasks))
+    assert not (tmp_path / "hn").exists()
+
+
+def test_hypernetwork_initialised_lora_steps(hypernet, memo_tsv, tmp_path):
+    """`adapt --hypernetwork --steps N`: the generated LoRA and prototype head are the starting point of N LoRA
+    steps on the demonstrations; they fit the (memorise-only) demonstrations far better than the start, and the
+    unmerged adapter still equals the merged checkpoint."""
+    args = ["adapt", "--hypernetwork", str(hypernet), "--demos", str(memo_tsv), "--eval", str(memo_tsv)]
+    r0 = runner.invoke(app, [*args, "--out", str(tmp_path / "s0")])
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "s200"), "--steps", "200", "--lr", "1e-2"])
+    assert r.exit_code == 0, r.output
+    assert "then 200 LoRA steps" in r.output
+    rec = json.loads((tmp_path / "s200" / "edgelm_adapt.json").read_text())
+    assert rec["steps"] == 200 and rec["train_seconds"] > 0 and rec["adapt_seconds"] > rec["generate_seconds"]
+    acc = [float(re.search(r"accuracy on .*?: ([\d.]+)%", x).group(1)) for x in (r0.output, r.output)]
+    assert acc[1] > 95 and acc[1] > acc[0], acc  # the steps memorise the demonstrations; the start does not
+    m = load_model(tmp_path / "s200")
+    merged = _torch(m.module, *_feeds())  # logits of about ±10: float32 merge rounding stays below 1e-5 relative
+    assert (
+        np.abs(_torch(load_unmerged(tmp_path / "s200").module, *_feeds()) - merged).max() < 1e-5 * np.abs(merged).max()
+    )
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--steps", "-1"])
+    assert bad.exit_code == 2 and "--steps must be 0 or more" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_fit_stops_at_max_steps(encoder, memo_tsv):
+    """TrainConfig.max_steps stops inside an epoch; the schedule spans the steps that run."""
+    from edgelm.compress.train import TrainConfig, encode_labeled, fit, load_classifier
+    from edgelm.data import load_dataset, load_tokenizer
+
+    wrapper, _, loaded = load_classifier(encoder, ["0", "1"])
+    train, _ = encode_labeled(load_tokenizer(loaded.tokenizer_dir, 32), load_dataset(memo_tsv), ["0", "1"])
+    seen = []
+    res = fit(
+        wrapper, train, None, TrainConfig(epochs=5, batch_size=8, max_steps=13), progress=lambda *a: seen.append(a)
+    )
+    assert [a[1] for a in seen] == list(range(1, 14)) and {a[2] for a in seen} == {13}
+    assert [e.epoch for e in res.history] == [1, 2]  # 10 steps per epoch: the second epoch stops after 3
 
 
 def test_adapt_with_hypernetwork_is_deterministic_and_exports(hypernet, memo_tsv, tmp_path):

@@ -214,7 +214,7 @@ def test_sweep_refuses_unknown_keys_and_missing_eval(tiny_bert, memo_tsv, tmp_pa
 
 def test_hypernet_sweep_over_seeds(tiny_bert, ray_cluster, tmp_path):
     """`edgelm hypernet train --sweep seed=0,1`: two meta-trainings as Tune trials; the one with the higher
-    final query accuracy is the hypernetwork in --out."""
+    meta-validation accuracy (SMS Spam, held out of --tasks) is the hypernetwork in --out."""
     from conftest import SHARED_DATA
 
     if not (SHARED_DATA / "cola").is_dir():
@@ -228,8 +228,12 @@ def test_hypernet_sweep_over_seeds(tiny_bert, ray_cluster, tmp_path):
     )  # fmt: skip
     assert code == 0, output
     record = json.loads((out / "sweep.json").read_text())
-    assert sorted(t["values"]["seed"] for t in record["trials"]) == [0, 1] and record["metric"] == "query_accuracy"
-    best = max(record["trials"], key=lambda t: t["metrics"]["query_accuracy"])
+    assert sorted(t["values"]["seed"] for t in record["trials"]) == [0, 1] and record["metric"] == "validation_accuracy"
+    best = max(record["trials"], key=lambda t: t["metrics"]["validation_accuracy"])
+    hn = json.loads((out / "hypernet.json").read_text())
+    assert hn["validation"]["task"] == "sms_spam" and hn["validation"]["best_accuracy"] == max(
+        t["metrics"]["validation_accuracy"] for t in record["trials"]
+    )
     assert record["best"]["values"] == best["values"]
     written = {p.name for p in Path(best["checkpoint"]).iterdir()}
     assert written and written <= {p.name for p in out.iterdir()}

@@ -37,7 +37,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,13 @@ class HyperConfig:
         seq_len: max tokens per example.
         per_task: examples read per task (seeded subset).
         seed: seeds the episode sampling and the initialisation.
-        tasks: meta-training tasks (:data:`edgelm.adapt.tasks.READERS` names).
+        tasks: meta-training tasks (:data:`edgelm.adapt.tasks.READERS` names; empty: every task but the
+            held-out SST-2 and ``val_task``).
+        val_task: the held-out *meta-validation* task (never trained on; None: no validation). Every
+            ``val_every`` episodes, and before the first, the hypernetwork alone is scored on ``val_episodes``
+            fixed episodes of it (K = the largest of ``shots``, :data:`VAL_QUERY` queries per class); the best
+            state is kept (model selection), and training stops after ``patience`` scores without a gain
+            (early stopping; 0: never stops early).
     """
 
     rank: int = 4
@@ -88,13 +94,34 @@ class HyperConfig:
     seq_len: int = 64
     per_task: int = 2000
     seed: int = 0
-    tasks: tuple[str, ...] = field(default_factory=lambda: _meta_tasks())
+    tasks: tuple[str, ...] = ()
+    val_task: str | None = "sms_spam"
+    val_every: int = 50
+    val_episodes: int = 24
+    patience: int = 4
+
+    def meta_tasks(self) -> tuple[str, ...]:
+        """The meta-training tasks: ``tasks``, or every readable task but SST-2 and ``val_task``.
+        Raises RecipeError when they include the held-out or the validation task, or leave none."""
+        from edgelm.adapt.tasks import HELD_OUT, READERS
+
+        tasks = self.tasks or tuple(t for t in READERS if t not in (HELD_OUT, self.val_task))
+        for name in tasks:
+            if name == HELD_OUT:
+                raise RecipeError(f"{HELD_OUT} is the held-out evaluation task: leave it out of --tasks")
+            if name == self.val_task:
+                raise RecipeError(f"{name} is the meta-validation task (--val-task): leave it out of --tasks")
+        if not tasks:
+            raise RecipeError("no meta-training task left: name some with --tasks")
+        return tasks
 
 
-def _meta_tasks() -> tuple[str, ...]:
-    from edgelm.adapt.tasks import META_TASKS
-
-    return META_TASKS
+#: Peak learning rate of the LoRA steps that start from the generated weights (``adapt --steps``).
+DEFAULT_STEP_LR = 1e-3
+#: Query examples per class in a meta-validation episode.
+VAL_QUERY = 16
+#: The meta-validation task reads at least this many examples (seeded subset), whatever ``per_task`` is.
+VAL_EXAMPLES = 2000
 
 
 def target_layers(base: Any) -> list[tuple[str, Any]]:
@@ -215,15 +242,13 @@ class _Task:
     classes: list[str]
 
 
-def _load_tasks(data_dir: Path, cfg: HyperConfig, tokenizer: Any) -> list[_Task]:
-    from edgelm.adapt.tasks import HELD_OUT, load_task
+def _load_tasks(data_dir: Path, names: tuple[str, ...], cfg: HyperConfig, tokenizer: Any) -> list[_Task]:
+    from edgelm.adapt.tasks import load_task
     from edgelm.compress.train import labels_for
     from edgelm.data import encode
 
     out = []
-    for name in cfg.tasks:
-        if name == HELD_OUT:
-            raise RecipeError(f"{HELD_OUT} is the held-out evaluation task: leave it out of --tasks")
+    for name in names:
         data = load_task(data_dir, name, limit=cfg.per_task, seed=cfg.seed)
         labels, classes = labels_for(data)
         ids, mask = encode(tokenizer, data)
@@ -231,22 +256,58 @@ def _load_tasks(data_dir: Path, cfg: HyperConfig, tokenizer: Any) -> list[_Task]
     return out
 
 
-def _episode(task: _Task, cfg: HyperConfig, rng: np.random.Generator):
-    """Support and query indices and their episode labels 0..C-1 for one episode, or None if too small."""
+def _episode(task: _Task, shots: tuple[int, ...], query: int, max_classes: int, rng: np.random.Generator):
+    """Support and query indices and their episode labels 0..C-1 for one episode (K drawn from ``shots``),
+    or None if the task has fewer than two classes with K + ``query`` examples."""
     counts = np.bincount(task.labels, minlength=len(task.classes))
-    k = int(rng.choice(cfg.shots))
-    usable = np.flatnonzero(counts >= k + cfg.query)
+    k = int(rng.choice(shots))
+    usable = np.flatnonzero(counts >= k + query)
     if len(usable) < 2:
         return None
-    classes = rng.choice(usable, size=min(cfg.max_classes, len(usable)), replace=False)
+    classes = rng.choice(usable, size=min(max_classes, len(usable)), replace=False)
     sup, qry, ys, yq = [], [], [], []
     for j, c in enumerate(classes):
-        idx = rng.choice(np.flatnonzero(task.labels == c), size=k + cfg.query, replace=False)
+        idx = rng.choice(np.flatnonzero(task.labels == c), size=k + query, replace=False)
         sup += list(idx[:k])
         qry += list(idx[k:])
         ys += [j] * k
-        yq += [j] * cfg.query
+        yq += [j] * query
     return np.asarray(sup), np.asarray(ys), np.asarray(qry), np.asarray(yq)
+
+
+def _episode_logits(wrapper: Any, lora: _GeneratedLoRA, hn: Any, task: _Task, episode: tuple):
+    """Query logits float32 [Q, C] of one episode under the head built from its support examples through the
+    generated LoRA, and the query labels int64 [Q] (gradients flow to ``hn`` unless under no_grad)."""
+    import torch
+
+    sup, ys, qry, yq = episode
+    ys_t = torch.from_numpy(ys)
+    lora.weights = None
+    frozen = _frozen_features(wrapper, task.ids[sup], task.mask[sup])
+    lora.weights = hn(frozen, ys_t)
+    both = np.concatenate([sup, qry])
+    feats = _features(wrapper, task.ids[both], task.mask[both])
+    w, b = prototype_head(feats[: len(sup)], ys_t, int(ys.max()) + 1, hn.tau)
+    return feats[len(sup) :] @ w.T + b, torch.from_numpy(yq)
+
+
+def _validation(data_dir: Path, cfg: HyperConfig, tokenizer: Any) -> tuple[_Task, list[tuple]] | None:
+    """The meta-validation task and its fixed episodes (seeded apart from training), or None without one."""
+    if cfg.val_task is None:
+        return None
+    from edgelm.adapt.tasks import HELD_OUT
+
+    if cfg.val_task == HELD_OUT:
+        raise RecipeError(f"{HELD_OUT} is the held-out evaluation task: choose another --val-task")
+    task = _load_tasks(data_dir, (cfg.val_task,), replace(cfg, per_task=max(cfg.per_task, VAL_EXAMPLES)), tokenizer)[0]
+    rng = np.random.default_rng(cfg.seed + 10_000)
+    episodes = [_episode(task, (max(cfg.shots),), VAL_QUERY, cfg.max_classes, rng) for _ in range(cfg.val_episodes)]
+    if episodes[0] is None:
+        raise RecipeError(
+            f"the meta-validation task {cfg.val_task} has fewer than two classes with {max(cfg.shots) + VAL_QUERY} "
+            "examples: choose another --val-task or raise --per-task"
+        )
+    return task, episodes
 
 
 def backbone_wrapper(model: str | os.PathLike | None):
@@ -286,44 +347,67 @@ def meta_train(
     cfg = cfg or HyperConfig()
     if cfg.episodes < 1 or cfg.rank < 1 or cfg.task_dim < 1 or min(cfg.shots) < 1 or cfg.query < 1:
         raise RecipeError("episodes, rank, task_dim, shots and query must be 1 or more")
+    if cfg.val_task is not None and (cfg.val_every < 1 or cfg.val_episodes < 1 or cfg.patience < 0):
+        raise RecipeError("val_every and val_episodes must be 1 or more, patience 0 or more")
+    names = cfg.meta_tasks()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     wrapper, loaded = backbone_wrapper(model)
     tokenizer = load_tokenizer(loaded.tokenizer_dir, min(cfg.seq_len, loaded.max_positions))
-    tasks = _load_tasks(Path(data_dir), cfg, tokenizer)
+    tasks = _load_tasks(Path(data_dir), names, cfg, tokenizer)
+    val = _validation(Path(data_dir), cfg, tokenizer)
     shapes = [tuple(m.weight.shape) for _, m in target_layers(wrapper.base)]
     hidden = int(wrapper.base.config.hidden_size)
     hn = build_hypernetwork(hidden, shapes, cfg.rank, cfg.task_dim)
     lora = _GeneratedLoRA(wrapper.base)
     optimizer = torch.optim.AdamW(hn.parameters(), lr=cfg.lr, weight_decay=0.0)
-    losses, accs = [], []
+    losses, accs, curve = [], [], []
+    best = {"episode": 0, "accuracy": -1.0, "state": None}
     start = time.perf_counter()
+
+    def validate(episode: int) -> bool:
+        """Score the hypernetwork on the validation episodes, keep the best state; True: stop early."""
+        if val is None:
+            return False
+        with torch.no_grad():
+            hits = [_episode_logits(wrapper, lora, hn, val[0], ep) for ep in val[1]]
+        acc = float(np.mean([(lg.argmax(-1) == y).float().mean() for lg, y in hits]) * 100)
+        curve.append({"episode": episode, "accuracy": acc})
+        if acc > best["accuracy"]:
+            best.update(
+                episode=episode, accuracy=acc, state={k: v.detach().clone() for k, v in hn.state_dict().items()}
+            )
+        stale = sum(1 for c in curve if c["episode"] > best["episode"])
+        return cfg.patience > 0 and stale >= cfg.patience
+
+    stopped = None
     try:
+        validate(0)  # the untrained hypernetwork generates no update: the demonstrations-only head
         for step in range(cfg.episodes):
             task = tasks[rng.integers(len(tasks))]
-            ep = _episode(task, cfg, rng)
-            if ep is None:
-                continue
-            sup, ys, qry, yq = ep
-            ys_t, yq_t = torch.from_numpy(ys), torch.from_numpy(yq)
-            lora.weights = None
-            frozen = _frozen_features(wrapper, task.ids[sup], task.mask[sup])
-            lora.weights = hn(frozen, ys_t)
-            both = np.concatenate([sup, qry])
-            feats = _features(wrapper, task.ids[both], task.mask[both])
-            w, b = prototype_head(feats[: len(sup)], ys_t, int(ys.max()) + 1, hn.tau)
-            logits = feats[len(sup) :] @ w.T + b
-            loss = torch.nn.functional.cross_entropy(logits, yq_t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hn.parameters(), 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            accs.append(float((logits.argmax(-1) == yq_t).float().mean()) * 100)
+            ep = _episode(task, cfg.shots, cfg.query, cfg.max_classes, rng)
+            if ep is not None:
+                logits, yq_t = _episode_logits(wrapper, lora, hn, task, ep)
+                loss = torch.nn.functional.cross_entropy(logits, yq_t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(hn.parameters(), 1.0)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                accs.append(float((logits.argmax(-1) == yq_t).float().mean()) * 100)
+            done = step + 1
+            label = f"episode {done}/{cfg.episodes} ({task.name})"
+            if curve:
+                label += f", validation {curve[-1]['accuracy']:.1f}% (best {best['accuracy']:.1f}%)"
             if progress:
-                progress(f"episode {step + 1}/{cfg.episodes} ({task.name})", step + 1, cfg.episodes)
+                progress(label, done, cfg.episodes)
+            if (done % cfg.val_every == 0 or done == cfg.episodes) and validate(done):
+                stopped = done
+                break
     finally:
         lora.remove()
+    if best["state"] is not None:
+        hn.load_state_dict(best["state"])
     tenth = max(1, len(losses) // 10)
     record = {
         "backbone": "default" if model in (None, "default") else str(loaded.source),
@@ -338,6 +422,18 @@ def meta_train(
         "loss_last": float(np.mean(losses[-tenth:])),
         "query_accuracy_first": float(np.mean(accs[:tenth])),
         "query_accuracy_last": float(np.mean(accs[-tenth:])),
+        "meta_tasks": list(names),
+        "validation": None
+        if val is None
+        else {
+            "task": cfg.val_task,
+            "episodes": len(val[1]),
+            "curve": curve,
+            "best_episode": best["episode"],
+            "best_accuracy": best["accuracy"],
+            "untrained_accuracy": curve[0]["accuracy"],
+            "stopped_early_at": stopped,
+        },
     }
 
     def fill(tmp: Path) -> None:
@@ -379,14 +475,27 @@ def adapt_with_hypernetwork(
     *,
     text_column: str | None = None,
     label_column: str | None = None,
+    steps: int = 0,
+    lr: float = DEFAULT_STEP_LR,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
-    """Write a classifier checkpoint for the task of the labeled demonstrations file ``demos`` to ``out``,
-    with no gradient step: the hypernetwork's LoRA weights (merged into the backbone; the unmerged peft
-    adapter in ``adapter/``) and the prototype head. Deterministic for fixed demonstrations.
+    """Write a classifier checkpoint for the task of the labeled demonstrations file ``demos`` to ``out``:
+    the hypernetwork's LoRA weights (merged into the backbone; the unmerged peft adapter in ``adapter/``) and
+    the prototype head. With ``steps`` = 0 no gradient step is taken and the result is deterministic for
+    fixed demonstrations. With ``steps`` = N > 0 the generated LoRA and head are the *initialisation* of N
+    AdamW steps of LoRA (r = the hypernetwork's rank, scaling 1) on the same demonstrations (batches of
+    ``batch_size``, peak ``lr`` with linear warm-up and decay, ``seed`` for the shuffling): HyperTuning's
+    "hypernetwork as initialisation of parameter-efficient fine-tuning" (Phang et al., ICML 2023).
 
-    Returns the record written to ``edgelm_adapt.json`` (classes, demonstrations per class, seconds).
-    Raises: ModelError (bad hypernetwork or backbone), DataError (no label column, one class, bad file).
+    Returns the record written to ``edgelm_adapt.json`` (classes, demonstrations per class, steps,
+    ``generate_seconds`` and ``train_seconds`` of the adaptation itself, ``seconds`` with loading).
+    Raises: ModelError (bad hypernetwork or backbone), DataError (no label column, one class, bad file),
+    RecipeError (negative steps, lr or batch size out of range).
     """
+    if steps < 0 or lr <= 0 or batch_size < 1:
+        raise RecipeError("--steps must be 0 or more, --lr above 0 and --batch-size 1 or more")
     import torch
 
     from edgelm.adapt.peft_methods import AdaptConfig, attach_peft, finish
@@ -430,10 +539,27 @@ def adapt_with_hypernetwork(
         head.weight.copy_(w)
         head.bias.copy_(bias)
     generate_seconds = time.perf_counter() - t0
+    train_seconds = 0.0
+    if steps:
+        from edgelm.compress.train import TrainConfig, fit
+
+        per_epoch = -(-len(ids) // batch_size)
+        tc = TrainConfig(
+            epochs=-(-steps // per_epoch),
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            seq_len=int(ids.shape[1]),
+            weight_decay=0.0,
+            max_steps=steps,
+        )
+        train_seconds = fit(cls_wrapper, (ids, mask, labels), None, tc, progress=progress).seconds
     counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
     rec = {
         "job": "adapt",
         "method": "hypernetwork",
+        "steps": steps,
+        "lr": lr if steps else None,
         "base_model": backbone,
         "hypernetwork": str(Path(hypernetwork)),
         "demos": str(demos),
@@ -442,6 +568,8 @@ def adapt_with_hypernetwork(
         "rank": rank,
         "tau": float(hn.tau.detach()),
         "generate_seconds": generate_seconds,
+        "train_seconds": train_seconds,
+        "adapt_seconds": generate_seconds + train_seconds,
         "seconds": time.perf_counter() - start,
     }
     finish(cls_wrapper, hf, pm, cfg, loaded.tokenizer_dir, Path(out), rec)

@@ -51,6 +51,8 @@ class TrainConfig:
         seed: seeds torch and the shuffling: a fixed seed gives the same weights on the same machine.
         seq_len: max tokens per example (longer ones are truncated).
         weight_decay: decoupled weight decay (not on biases and LayerNorm).
+        max_steps: stop after this many optimizer steps, inside an epoch if need be (None: every epoch runs);
+            the learning-rate schedule spans the steps that run.
     """
 
     epochs: int = 3
@@ -60,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     seq_len: int = 128
     weight_decay: float = 0.01
+    max_steps: int | None = None
 
 
 @dataclass
@@ -244,6 +247,8 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = (len(ids) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
     optimizer = make_optimizer(cfg.optimizer, wrapper, cfg.lr, cfg.weight_decay)
     schedule = linear_schedule(optimizer, total)
     scorer = pruning.PlatonScorer(wrapper) if prune else None
@@ -261,9 +266,13 @@ def fit(
     start = time.perf_counter()
     step = 0
     for epoch in range(1, cfg.epochs + 1):
+        if step >= total:
+            break
         wrapper.train()
         losses = []
         for idx in _batches(len(ids), cfg.batch_size, rng):
+            if step >= total:
+                break
             x, m = _trim(ids[idx], mask[idx])
             y = torch.from_numpy(labels[idx])
             if teacher is not None:
