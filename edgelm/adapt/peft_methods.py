@@ -64,6 +64,7 @@ class AdaptConfig:
         batch_size: examples per step.
         seed: seeds the shot sampling, the new head and the shuffling.
         seq_len: max tokens per example.
+        max_steps: stop after this many optimizer steps (None: every epoch runs).
     """
 
     method: str = "lora"
@@ -77,6 +78,7 @@ class AdaptConfig:
     batch_size: int = 8
     seed: int = 0
     seq_len: int = 128
+    max_steps: int | None = None
 
     def resolved(self) -> AdaptConfig:
         """A copy with the method's defaults filled in. Raises RecipeError for a bad value."""
@@ -260,7 +262,13 @@ def run_adapt(
     pm = attach_peft(wrapper, hf, cfg)
     trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
     tc = TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, seq_len=seq_len, weight_decay=0.0
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        seq_len=seq_len,
+        weight_decay=0.0,
+        max_steps=cfg.max_steps,
     )
     start = time.perf_counter()
     result = fit(wrapper, train, evals if cfg.shots is None else None, tc, progress=progress)
