@@ -59,6 +59,8 @@ METHODS = (
     "prompt-tuning",
     "scaled-prompt-tuning",
 )
+#: Methods whose rows are kept from the results file unless ``--rerun-prompt-tuning`` (see ``reused_rows``).
+PROMPT_METHODS = ("prompt-tuning", "scaled-prompt-tuning")
 #: Methods whose rows depend on the meta-trained hypernetwork, its weights or the step lr chosen with it
 #: (rerun when it changes).
 HN_METHODS = ("hypernetwork", HN_STEPS, HEAD_STEPS, LORA_STEPS)
@@ -333,6 +335,16 @@ def _markdown(results: dict) -> str:
         "",
         hostinfo.describe_run(results["host"]),
         "",
+        *(
+            [
+                f"Rows of {' and '.join(results['reused_rows']['methods'])}: kept from the run at commit "
+                f"{results['reused_rows']['measured_at']} (same code, seeds and demonstrations; its times are "
+                "that run's); `--rerun-prompt-tuning` measures them again.",
+                "",
+            ]
+            if results.get("reused_rows")
+            else []
+        ),
         "| method | "
         + " | ".join(f"K = {k}" for k in shots)
         + " | adapt time s ("
@@ -448,6 +460,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--no-export", action="store_true", help="Skip the int8 exports.")
+    p.add_argument(
+        "--rerun-prompt-tuning",
+        action="store_true",
+        help="Measure prompt tuning and scaled prompt tuning again instead of keeping their rows from the "
+        "results file (their code and demonstrations are unchanged since they were measured).",
+    )
     a = p.parse_args()
     host_before = hostinfo.cpu_info()
     if not (a.data_dir / "sst2" / "dev.tsv").is_file():
@@ -471,6 +489,15 @@ def main() -> None:
     pool = (train.texts, y)
     cache_path = CACHE / "adaptation_runs.json"
     runs = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    reused = None
+    old_results = ROOT / "benchmarks" / "results" / "adaptation.json"
+    if not a.rerun_prompt_tuning and old_results.is_file():
+        old = json.loads(old_results.read_text())
+        reused = old.get("reused_rows") or {"methods": list(PROMPT_METHODS), "measured_at": "b8170f9"}
+        for key, row in old["runs"].items():
+            for m in PROMPT_METHODS:
+                if m in row:
+                    runs.setdefault(key, {}).setdefault(m, row[m])
     hn_id = f"{hn_record['seconds']:.3f}"  # a retrained hypernetwork invalidates only its own rows
     sel_path = CACHE / "adaptation_step_lr.json"
     selection = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
@@ -516,6 +543,7 @@ def main() -> None:
             )
         },
         "step_lr_selection": selection,
+        "reused_rows": reused,
         "steps": STEPS,
         "previous_recipe": {str(k): v for k, v in PREVIOUS_RECIPE.items()},
     }

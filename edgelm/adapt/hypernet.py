@@ -26,9 +26,14 @@ Parameterisation, for a frozen BERT-family backbone with hidden size d and L lay
    same for every class), with the temperature τ meta-learned (from 10).
 
 Meta-training (``edgelm hypernet train``) samples episodes from the shared tasks (CoLA, MRPC, RTE, QNLI,
-TREC, AG News, SMS Spam, CB; SST-2 held out): a task, up to ``max_classes`` of its classes, K support and
-``query`` query examples per class; the loss is the cross-entropy of the query examples under the head built
-from the support examples through the generated LoRA. Only the hypernetwork is trained.
+TREC, AG News, CB; SST-2 held out for evaluation, SMS Spam held out for meta-validation): a task, up to
+``max_classes`` of its classes, K support and ``query`` query examples per class; the loss is the
+cross-entropy of the query examples under the head built from the support examples through the generated
+LoRA. Only the hypernetwork is trained. Model selection and early stopping use the held-out meta-validation
+task, as HyperTuning selects on held-out tasks.
+
+At adaptation time the generated LoRA and head are used alone (no gradient step) or as the initialisation of
+a few LoRA steps on the same demonstrations (:func:`adapt_with_hypernetwork` with ``steps``).
 """
 
 from __future__ import annotations
@@ -396,10 +401,13 @@ def meta_train(
                 losses.append(float(loss.detach()))
                 accs.append(float((logits.argmax(-1) == yq_t).float().mean()) * 100)
             done = step + 1
-            label = f"episode {done}/{cfg.episodes} ({task.name})"
-            if curve:
-                label += f", validation {curve[-1]['accuracy']:.1f}% (best {best['accuracy']:.1f}%)"
-            if progress:
+            if progress:  # the label changes only with a validation score: one log line per score
+                label = "meta-training episodes"
+                if curve:
+                    label += (
+                        f", {cfg.val_task} {curve[-1]['accuracy']:.1f}% at episode {curve[-1]['episode']} "
+                        f"(best {best['accuracy']:.1f}%)"
+                    )
                 progress(label, done, cfg.episodes)
             if (done % cfg.val_every == 0 or done == cfg.episodes) and validate(done):
                 stopped = done
@@ -539,7 +547,7 @@ def adapt_with_hypernetwork(
         head.weight.copy_(w)
         head.bias.copy_(bias)
     generate_seconds = time.perf_counter() - t0
-    train_seconds = 0.0
+    train_seconds, history = 0.0, []
     if steps:
         from edgelm.compress.train import TrainConfig, fit
 
@@ -553,7 +561,8 @@ def adapt_with_hypernetwork(
             weight_decay=0.0,
             max_steps=steps,
         )
-        train_seconds = fit(cls_wrapper, (ids, mask, labels), None, tc, progress=progress).seconds
+        fitted = fit(cls_wrapper, (ids, mask, labels), None, tc, progress=progress)
+        train_seconds, history = fitted.seconds, fitted.to_dict()["history"]
     counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
     rec = {
         "job": "adapt",
@@ -570,6 +579,7 @@ def adapt_with_hypernetwork(
         "generate_seconds": generate_seconds,
         "train_seconds": train_seconds,
         "adapt_seconds": generate_seconds + train_seconds,
+        "history": history,  # the steps' training loss per epoch over the demonstrations
         "seconds": time.perf_counter() - start,
     }
     finish(cls_wrapper, hf, pm, cfg, loaded.tokenizer_dir, Path(out), rec)
