@@ -982,13 +982,13 @@ def adapt(
             )
         per = ", ".join(f"{k}: {v}" for k, v in rec["demonstrations_per_class"].items())
         work = (
-            f"weights generated in {rec['generate_seconds']:.2f} s, then {steps} LoRA steps in "
+            f": weights generated in {rec['generate_seconds']:.2f} s, then {steps} LoRA steps in "
             f"{rec['train_seconds']:.1f} s"
             if steps
-            else f"in {rec['generate_seconds']:.2f} s, no gradient steps"
+            else f" in {rec['generate_seconds']:.2f} s, no gradient steps"
         )
         out_console.print(
-            f"hypernetwork adaptation {work} ({rec['seconds']:.1f} s with loading); demonstrations per class: {per}"
+            f"hypernetwork adaptation{work} ({rec['seconds']:.1f} s with loading); demonstrations per class: {per}"
         )
         if eval_data:
             from edgelm.compress.train import checkpoint_accuracy
