@@ -137,12 +137,15 @@ def untrained_copy(hn_dir: Path) -> Path:
     from edgelm.adapt.hypernet import CONFIG_FILE, WEIGHTS_FILE
 
     out = hn_dir.parent / f"{hn_dir.name}-untrained"
+    record = (hn_dir / CONFIG_FILE).read_text()
+    if (out / CONFIG_FILE).is_file() and (out / CONFIG_FILE).read_text() == record:
+        return out  # already written for this hypernetwork
     out.mkdir(exist_ok=True)
     weights = load_file(str(hn_dir / WEIGHTS_FILE))
     for key in ("mix", "mix_bias"):
         weights[key] = weights[key] * 0
     save_file(weights, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text((hn_dir / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(record)  # last: a half-written copy is rewritten next time
     return out
 
 

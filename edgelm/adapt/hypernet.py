@@ -107,10 +107,13 @@ class HyperConfig:
 
     def meta_tasks(self) -> tuple[str, ...]:
         """The meta-training tasks: ``tasks``, or every readable task but SST-2 and ``val_task``.
-        Raises RecipeError when they include the held-out or the validation task, or leave none."""
-        from edgelm.adapt.tasks import HELD_OUT, READERS
+        Raises RecipeError when they include the held-out or the validation task, when the validation task is
+        the held-out one, or when none is left."""
+        from edgelm.adapt.tasks import HELD_OUT, META_TASKS
 
-        tasks = self.tasks or tuple(t for t in READERS if t not in (HELD_OUT, self.val_task))
+        if self.val_task == HELD_OUT:
+            raise RecipeError(f"{HELD_OUT} is the held-out evaluation task: choose another --val-task")
+        tasks = self.tasks or tuple(t for t in META_TASKS if t != self.val_task)
         for name in tasks:
             if name == HELD_OUT:
                 raise RecipeError(f"{HELD_OUT} is the held-out evaluation task: leave it out of --tasks")
@@ -297,13 +300,10 @@ def _episode_logits(wrapper: Any, lora: _GeneratedLoRA, hn: Any, task: _Task, ep
 
 
 def _validation(data_dir: Path, cfg: HyperConfig, tokenizer: Any) -> tuple[_Task, list[tuple]] | None:
-    """The meta-validation task and its fixed episodes (seeded apart from training), or None without one."""
+    """The meta-validation task and its fixed episodes (seeded apart from training), or None without one
+    (``cfg.meta_tasks()`` has checked that it is not the held-out task)."""
     if cfg.val_task is None:
         return None
-    from edgelm.adapt.tasks import HELD_OUT
-
-    if cfg.val_task == HELD_OUT:
-        raise RecipeError(f"{HELD_OUT} is the held-out evaluation task: choose another --val-task")
     task = _load_tasks(data_dir, (cfg.val_task,), replace(cfg, per_task=max(cfg.per_task, VAL_EXAMPLES)), tokenizer)[0]
     rng = np.random.default_rng(cfg.seed + 10_000)
     episodes = [_episode(task, (max(cfg.shots),), VAL_QUERY, cfg.max_classes, rng) for _ in range(cfg.val_episodes)]
@@ -430,7 +430,6 @@ def meta_train(
         "loss_last": float(np.mean(losses[-tenth:])),
         "query_accuracy_first": float(np.mean(accs[:tenth])),
         "query_accuracy_last": float(np.mean(accs[-tenth:])),
-        "meta_tasks": list(names),
         "validation": None
         if val is None
         else {
