@@ -5,7 +5,9 @@ assets: the artifacts it can run (ExecuTorch ``.pte``, LiteRT ``.tflite``, ONNX 
 files), the WordPiece vocabulary (``vocab.txt``) with the tokenizer's settings, the class names, the golden
 set (``golden.npz``: token ids, PyTorch fp32 reference outputs, texts and labels) and ``manifest.json``
 (:data:`ANDROID_SCHEMA`): per artifact its runtime, sha256, size, input/output signature (names, dtypes, shapes,
-sequence buckets) and golden tolerance. The app's build takes the folder as an asset source
+sequence buckets) and golden tolerance. An early-exit cascade (``*.exits.json``) comes with its segment
+artifacts and its exit policy in its manifest entry (``cascade``: confidence measure, threshold, segments), which
+the app runs in order, stopping at the first confident exit. The app's build takes the folder as an asset source
 (``-Pedgelm.bundle=.../android``), or it is copied to ``app/src/main/assets/``.
 
 A text-generation bundle (:func:`write_generative_android_bundle`) carries the decoders the app runs
@@ -30,6 +32,8 @@ import exporters
 from edgelm import tasks
 from edgelm.bundle import Bundle, android_assets
 from edgelm.errors import ExportError
+from exporters.cascade import SCHEMA as cascade_schema
+from exporters.cascade import Cascade, is_cascade
 
 ANDROID_SCHEMA = "edgelm-android-bundle/1"
 BUNDLE_KINDS = ("android",)
@@ -138,6 +142,29 @@ def _app_manifest_head(manifest, model_keys: tuple[str, ...]) -> dict:
 TOLERANCE_GATES = ("min_cosine", "min_top1_agreement", "max_accuracy_drop")
 
 
+def app_cascade(bundle: Bundle, name: str) -> dict | None:
+    """The exit policy and segments of an early-exit cascade artifact ``name`` (``*.exits.json``) as the app's
+    manifest carries them, None for a whole model: ``confidence`` (``max_prob`` or ``entropy``), ``threshold``,
+    ``output_name``, ``num_layers`` and ``segments`` in order (file, sha256, first and last encoder layer,
+    1-based; the app checks each file's sha256 before loading it, as it does the artifact's companions).
+    Raises ArtifactLoadError for a description edgelm cannot read."""
+    if not is_cascade(name):
+        return None
+    c = Cascade.read(bundle.file(name))
+    return {
+        "schema": cascade_schema,
+        "confidence": c.confidence,
+        "threshold": c.threshold,
+        "output_name": c.output_name,
+        "num_layers": c.num_layers,
+        "exit_layers": c.exit_layers,
+        "segments": [
+            {"file": s.file, "sha256": s.sha256, "first_layer": s.first_layer, "last_layer": s.last_layer}
+            for s in c.segments
+        ],
+    }
+
+
 def write_android_bundle(bundle_dir: Path) -> Path:
     """Write :func:`android_assets` from a finished export bundle (its manifest.json, golden.npz, tokenizer
     files, labels and artifacts; each artifact's gates from the manifest's recipe). Returns the asset folder.
@@ -159,19 +186,25 @@ def write_android_bundle(bundle_dir: Path) -> Path:
     for a in manifest.artifacts:
         g = bundle.plan(a.file).gates
         scheme = a.quantization.scheme
-        artifacts.append(
-            {
-                **_app_artifact(bundle, a, out, exporters.get(a.format).app_runtime),
-                "max_seq_len": a.details.get("max_seq_len", manifest.tokenizer.max_length),
-                "seq_buckets": a.details.get("seq_buckets"),
-                # the task's gates only (null: not judged; a classifier has no cosine gate)
-                "tolerance": {
-                    **{k: getattr(g, k) if k in task.gates else None for k in TOLERANCE_GATES},
-                    "max_abs_error": tasks.max_abs_error(task, scheme, bundle.reference(a.file)),
-                },
-                "reference_accuracy": bundle.baseline_accuracy,
-            }
-        )
+        cascade = app_cascade(bundle, a.file)
+        # an early-exit cascade's signature is its first segment's (the others take hidden states)
+        shape = a.details["segments"][0] if cascade else a.details
+        entry = {
+            **_app_artifact(bundle, a, out, exporters.get(a.format).app_runtime),
+            "max_seq_len": shape.get("max_seq_len", manifest.tokenizer.max_length),
+            "seq_buckets": shape.get("seq_buckets"),
+            # the task's gates only (null: not judged; a classifier has no cosine gate); a cascade is judged
+            # by top-1 agreement and accuracy: where a confidence moves across the threshold another exit
+            # answers, whose logits differ by design (as edgelm validate judges it)
+            "tolerance": {
+                **{k: getattr(g, k) if k in task.gates else None for k in TOLERANCE_GATES},
+                "max_abs_error": None if cascade else tasks.max_abs_error(task, scheme, bundle.reference(a.file)),
+            },
+            "reference_accuracy": bundle.baseline_accuracy,
+        }
+        if cascade:
+            entry["cascade"] = cascade
+        artifacts.append(entry)
     labels = manifest.labels
     if labels:
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")

@@ -766,11 +766,6 @@ def _check_early_exit(recipe: Recipe, opts: PipelineOptions, adapter_modules, da
             "an early-exit checkpoint needs labeled --data (or --exit-data) to choose its exit threshold "
             "within the profile's accuracy budget"
         )
-    if opts.bundle == "android":
-        raise RecipeError(
-            "--bundle android does not carry early-exit cascades yet: export without --bundle, or export the "
-            "fine-tuned checkpoint the exits were added to"
-        )
 
 
 def early_exit_stage(

@@ -217,6 +217,44 @@ def test_export_and_validate_an_early_exit_checkpoint(ee_checkpoint, trained_cla
     assert r.exit_code == 2 and "has no exits" in r.output
 
 
+def test_android_bundle_carries_the_cascades(ee_checkpoint, memo_tsv, tmp_path):
+    """`--bundle android` of an early-exit checkpoint: each cascade with its segments and exit policy in the app
+    manifest, judged by top-1 and accuracy (not logits' error); the app's own check runs in jvm-test.sh."""
+    out, _ = ee_checkpoint
+    r = cli(
+        "export", "--device", "pixel8", "--model", str(out), "--data", str(memo_tsv), "--format", "onnx,tflite",
+        "--seq-len", "32", "--out", str(tmp_path / "dist"), "--max-accuracy-drop", "5", "--bundle", "android",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "dist" / "pixel8"
+    app = bundle / "android" / "edgelm"
+    m = json.loads((app / "manifest.json").read_text())
+    main = {a["file"]: a for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]}
+    cascades = [a for a in m["artifacts"] if a.get("cascade")]
+    assert [a["file"] for a in cascades] == [
+        "model.int8_dynamic.onnx.exits.json",
+        "model.int8_dynamic.tflite.exits.json",
+    ]
+    assert len(m["artifacts"]) == 4 and all("cascade" not in a for a in m["artifacts"] if a not in cascades)
+    for a in cascades:
+        policy = Cascade.read(bundle / a["file"])
+        c = a["cascade"]
+        assert (
+            c["threshold"] == policy.threshold == main[a["file"]]["details"]["threshold_choice"]["chosen"]["threshold"]
+        )
+        assert c["confidence"] == "max_prob" and c["exit_layers"] == [1, 2] and c["num_layers"] == 2
+        assert [s["file"] for s in c["segments"]] == [comp["file"] for comp in a["companions"]]
+        for seg in c["segments"]:
+            assert seg["sha256"] == exporters.sha256_file(app / seg["file"])
+        assert a["tolerance"]["max_abs_error"] is None and a["tolerance"]["min_top1_agreement"] == 0.95
+        assert a["golden_reference"] == ee.reference_key(a["file"])
+        assert a["inputs"][0]["name"] == "input_ids" and a["max_seq_len"] == 32
+    tfl = next(a for a in cascades if a["runtime"] == "litert")
+    assert tfl["seq_buckets"] == [16, 32] and tfl["inputs"][0]["dtype"] == "int32"
+    with np.load(app / "golden.npz") as z:
+        assert all(a["golden_reference"] in z.files for a in cascades)
+
+
 def test_cascade_exits_on_the_arm64_emulator(sysroot, ee_checkpoint, tmp_path):
     """The cascade's segments run as aarch64 programs under qemu and take the same exits as on the host."""
     from edgelm.validate.emulator import EmulatorRunner

@@ -535,6 +535,8 @@ def export_cascade(
         )
         art = exporters.get(fmt).export(seg, example, quant, path.parent / f"{stem}.seg{k}{suffix}", options)
         segments.append(Segment(art.path.name, seg.first, seg.last, exporters.sha256_file(art.path)))
+        if first:  # the cascade's inputs are its first segment's (int32 in LiteRT)
+            inputs = art.inputs
         files.append(art.path)
         details.append(art.details)
     threshold = never_exit(confidence_measure) if threshold is None else float(threshold)
@@ -544,10 +546,7 @@ def export_cascade(
         path=path,
         format=fmt,
         quant=quant,
-        inputs=[
-            exporters.TensorSpec("input_ids", "int64", (1, "seq")),
-            exporters.TensorSpec("attention_mask", "int64", (1, "seq")),
-        ],
+        inputs=inputs,
         outputs=[
             exporters.TensorSpec("logits", "float32", (1, model.wrapper.model.config.num_labels)),
             exporters.TensorSpec("exit_layer", "float32", (1,)),

@@ -3,12 +3,15 @@ does) with `edgelm validate --runner adb`'s reader, and check that edgelm reache
 
     python check_results.py BUNDLE RESULTS_JSON
     python check_results.py --generative BUNDLE RESULTS_JSON
+    python check_results.py --early-exit BUNDLE RESULTS_JSON REPLAY_NPZ
 
 BUNDLE is the export bundle (dist/pixel8); the JVM test's replay runner answered the ONNX artifact with
 negated logits and every other artifact with the reference, so ONNX must fail its golden check and the
 others pass. With --generative (a text-generation bundle) the replay decoder drifted from the reference on
 all but 4 of the 32 golden prompts: edgelm must read the same token agreement, mean prefix and perplexity
-ratio as the JVM core computed and fail the artifact on agreement, as the JVM did. Exit 0 when they agree.
+ratio as the JVM core computed and fail the artifact on agreement, as the JVM did. With --early-exit (an
+early-exit classifier's bundle) the JVM ran the cascades on their segments' replayed outputs: edgelm must read
+the exits its own cascade session takes and pass them. Exit 0 when they agree.
 """
 
 from __future__ import annotations
@@ -65,10 +68,37 @@ def generative(bundle, results: dict) -> int:
     return 0 if ok else 1
 
 
+def early_exit(bundle, results: dict, replay_file: str) -> int:
+    """The early-exit bundle: the JVM core ran each cascade on its segments' replayed outputs; edgelm must read
+    the exit layers edgelm's own cascade session took on the golden rows (their distribution), the per-sentence
+    latency of every row, and pass the cascades' golden check as the JVM did."""
+    import numpy as np
+
+    replay = np.load(replay_file)
+    names = [e["artifact"] for e in results["artifacts"]]
+    record = read_as_edgelm(bundle, results, names)
+    ok = True
+    for i, name in enumerate(str(n) for n in replay["cascades"]):
+        a, want = record["artifacts"][name], replay[f"{i}_exit_layers"]
+        layers, counts = np.unique(want, return_counts=True)
+        share = {str(int(k)): float(c / len(want)) for k, c in zip(layers, counts, strict=True)}
+        exits, sentences = a.get("exits") or {}, a.get("sentence_latency") or {}
+        same = exits.get("share") == share and abs(exits.get("mean_layers", -1) - float(want.mean())) < 1e-9
+        print(
+            f"check_results: {name}: edgelm {a['status']} ({a['checks']['golden']['detail']}); exits "
+            f"{exits.get('share')} (edgelm's cascade session: {share}), {sentences.get('rows')} sentences timed"
+        )
+        ok &= a["status"] == "passed" and same and sentences.get("rows") == len(want)
+    print("check_results: " + ("OK, edgelm and the JVM core agree (early exit)" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
 def main() -> int:
     from edgelm.bundle import Bundle
 
     args = sys.argv[1:]
+    if args[:1] == ["--early-exit"]:
+        return early_exit(Bundle.load(args[1]), json.loads(Path(args[2]).read_text()), args[3])
     gen = args[:1] == ["--generative"]
     args = args[1:] if gen else args
     bundle, results = Bundle.load(args[0]), json.loads(Path(args[1]).read_text())

@@ -14,7 +14,9 @@ Writes
   no special tokens added) for each byte-level BPE tokenizer: one trained here on SST-2 train sentences
   (8,000 tokens, Digits then ByteLevel pre-tokenizer, ChatML specials) and any ``--bpe-tokenizer`` file
   (e.g. SmolLM2's); the texts: WikiText-2 test lines, SST-2 dev sentences, the hard cases, the golden prompts;
-- WORK/gen/dist/pixel8/android/edgelm/: the android bundle of a tiny random causal LM (``.pte``, 8da4w).
+- WORK/gen/dist/pixel8/android/edgelm/: the android bundle of a tiny random causal LM (``.pte``, 8da4w);
+- WORK/ee/pixel8/android/edgelm/: the android bundle of a tiny early-exit classifier (ONNX and TFLite int8
+  cascades) and WORK/ee/replay.npz, its segments' outputs on the golden rows (:func:`ee_bundle`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,72 @@ def bundle(work: Path) -> Path:
     return work / "dist" / "pixel8" / "android" / "edgelm"
 
 
+def ee_bundle(work: Path) -> Path:
+    """The android bundle of an early-exit checkpoint (a tiny classifier fine-tuned on the probe sentences, exits
+    after layers 1 and 2) with ONNX and TFLite int8 cascades beside the whole models, and ``replay.npz`` beside
+    it: what each cascade's segments return on each golden row and on the timing row (row N), run here in their
+    real runtimes without exiting (``{i}_s{k}_r{r}_hidden`` float32 [seq * hidden], ``{i}_s{k}_r{r}_logits`` float32 [labels]; ``i``
+    the cascade's index in ``cascades``), the exit layer each row takes at the bundle's threshold
+    (``{i}_exit_layers``) and at a few other thresholds (``{i}_thresholds``, ``{i}_sweep_exit_layers`` [T, N])."""
+    import numpy as np
+
+    import exporters
+    from edgelm.compress.early_exit import run_early_exit
+    from edgelm.compress.jobs import run_finetune
+    from edgelm.compress.train import TrainConfig
+    from edgelm.data import PROBE_SENTENCES
+    from edgelm.testing import make_checkpoint
+    from exporters.base import trim_padding
+    from exporters.cascade import confidence, exit_choice
+
+    data = work / "memo.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(PROBE_SENTENCES)))
+    cfg = TrainConfig(epochs=8, lr=3e-3, batch_size=8, seq_len=32)
+    run_finetune(make_checkpoint(work / "ee-base", heads=2, seed=3), data, work / "ee-ft", cfg=cfg)
+    run_early_exit(work / "ee-ft", data, work / "ee-model", exit_layers=[1], freeze_backbone=False, cfg=cfg)
+    export(
+        "--model", str(work / "ee-model"), "--data", str(data), "--limit", "32", "--format", "onnx,tflite",
+        "--seq-len", "32", "--max-accuracy-drop", "5", "--out", str(work / "ee"), "--bundle", "android",
+        what="the early-exit classifier",
+    )  # fmt: skip
+    app = work / "ee" / "pixel8" / "android" / "edgelm"
+    manifest = json.loads((app / "manifest.json").read_text())
+    golden = np.load(app / manifest["golden"]["file"])
+    replay, names = {}, []
+    for i, a in enumerate(x for x in manifest["artifacts"] if x.get("cascade")):
+        names.append(a["file"])
+        session = exporters.load(app / a["file"], threads=1)
+        c = session.cascade
+        per_exit = []
+        # the golden rows, then the timing row (row N: the on-device check warms up and times on it)
+        ids = np.concatenate([golden["input_ids"], golden["latency_input_ids"]])
+        masks = np.concatenate([golden["attention_mask"], golden["latency_attention_mask"]])
+        for r in range(len(ids)):
+            feeds = trim_padding({"input_ids": ids[r : r + 1], "attention_mask": masks[r : r + 1]})
+            mask, logits_r = feeds["attention_mask"], []
+            for k, seg in enumerate(session.sessions):
+                out = seg.run(feeds)
+                replay[f"{i}_s{k}_r{r}_logits"] = out["logits"][0].astype(np.float32)
+                logits_r.append(out["logits"][0])
+                if "hidden_out" in out:
+                    replay[f"{i}_s{k}_r{r}_hidden"] = out["hidden_out"][0].astype(np.float32).ravel()
+                    feeds = {"hidden_states": out["hidden_out"], "attention_mask": mask}
+            per_exit.append(logits_r)
+        logits = [np.stack([row[k] for row in per_exit[:-1]]) for k in range(len(c.segments))]
+        layers = np.asarray(c.exit_layers, np.int64)
+        replay[f"{i}_exit_layers"] = session.run(
+            {"input_ids": golden["input_ids"], "attention_mask": golden["attention_mask"]}
+        )["exit_layer"].astype(np.int64)
+        first = confidence(logits[0], c.confidence)
+        # float32 (what the JVM's npz reader keeps), compared in float64 on both sides
+        thresholds = np.quantile(first, [0.1, 0.5, 0.9]).astype(np.float32)
+        replay[f"{i}_thresholds"] = thresholds
+        thresholds = thresholds.astype(np.float64)
+        replay[f"{i}_sweep_exit_layers"] = np.stack([layers[exit_choice(logits, c.confidence, t)] for t in thresholds])
+    np.savez(work / "ee" / "replay.npz", cascades=np.asarray(names), **replay)
+    return app
+
+
 def bpe(work: Path, data_dir: Path, extra: list[Path]) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -211,7 +279,8 @@ def main() -> None:
     b = bundle(a.work)
     m = bpe(a.work, a.data_dir, a.bpe_tokenizer)
     g = gen_bundle(a.work, a.data_dir)
-    print(f"prepare_jvm_tests: {n} WordPiece cases, {m} byte-level BPE cases, bundles {b} and {g}")
+    e = ee_bundle(a.work)
+    print(f"prepare_jvm_tests: {n} WordPiece cases, {m} byte-level BPE cases, bundles {b}, {g} and {e}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import android.widget.Spinner
 import android.widget.TextView
 import androidx.appcompat.app.AppCompatActivity
 import dev.edgelm.core.BundleManifest
+import dev.edgelm.core.EarlyExitCascade
 import dev.edgelm.core.Golden
 import dev.edgelm.core.ModelRunner
 import dev.edgelm.core.WordPieceTokenizer
@@ -21,7 +22,8 @@ import kotlin.math.sqrt
 /**
  * Type a sentence, pick a runtime (the bundle's artifacts: ExecuTorch, LiteRT, ONNX Runtime), and see the
  * label and its probability, or for an embedding model the cosine similarity of two sentences, with the
- * measured latency of the model call (tokenization excluded; it is shown apart). A text-generation bundle
+ * measured latency of the model call (tokenization excluded; it is shown apart); an early-exit cascade also says
+ * which layer's exit answered. A text-generation bundle
  * opens [ChatActivity] instead.
  */
 class MainActivity : AppCompatActivity() {
@@ -106,7 +108,11 @@ class MainActivity : AppCompatActivity() {
         val exps = logits.map { exp((it - max).toDouble()) }
         val best = Golden.argmax(logits)
         val label = manifest.labels.getOrNull(best) ?: "class $best"
-        return getString(R.string.classified, label, exps[best] / exps.sum(), ms, tokMs)
+        val line = getString(R.string.classified, label, exps[best] / exps.sum(), ms, tokMs)
+        if (runner !is EarlyExitCascade) return line
+        val policy = runner.policy()
+        val op = if (policy.confidence == "max_prob") ">=" else "<="
+        return line + "\n" + getString(R.string.exited, runner.lastExitLayer(), policy.numLayers, policy.confidence, op, runner.threshold())
     }
 
     private fun similarity(runner: ModelRunner, a: String, b: String): String {

@@ -36,6 +36,8 @@ public final class BundleManifest {
         public final double minTokenAgreement, maxPerplexityRatio;
         /** A LiteRT decoder's signatures (prefill_32, ..., decode); empty for other artifacts. */
         public final List<String> signatures;
+        /** An early-exit cascade's policy and segments (the artifact file is its .exits.json); null otherwise. */
+        public final Cascade cascade;
 
         Artifact(Map<String, Object> m) {
             file = Json.str(m, "file");
@@ -71,10 +73,51 @@ public final class BundleManifest {
             if (m.get("signatures") != null)
                 for (Object o : Json.arr(m.get("signatures"), "signatures")) sigs.add((String) o);
             signatures = Collections.unmodifiableList(sigs);
+            cascade = m.get("cascade") == null ? null : new Cascade(Json.obj(m.get("cascade"), file + " cascade"), file);
         }
 
         private static double num(Object o) {
             return o == null ? Double.NaN : ((Number) o).doubleValue();
+        }
+    }
+
+    /** One segment of an early-exit cascade: its file (beside the manifest), sha256, encoder layers (1-based). */
+    public static final class Segment {
+        public final String file, sha256;
+        public final int firstLayer, lastLayer;
+
+        Segment(Map<String, Object> m) {
+            file = Json.str(m, "file");
+            sha256 = Json.str(m, "sha256");
+            firstLayer = ((Number) m.get("first_layer")).intValue();
+            lastLayer = ((Number) m.get("last_layer")).intValue();
+            if (file.isEmpty() || file.contains("/") || file.contains("\\") || file.equals("..") || file.equals("."))
+                throw new IllegalArgumentException("segment " + file + ": segment files are plain names beside the manifest");
+        }
+    }
+
+    /**
+     * An early-exit cascade's exit policy (DeeBERT, Xin et al. ACL 2020): after segment k its exit's confidence,
+     * {@code max_prob} (largest softmax probability; exits when &gt;= threshold) or {@code entropy} (of the
+     * softmax, nats; exits when &lt;= threshold); the last segment always answers.
+     */
+    public static final class Cascade {
+        public final String confidence, outputName;
+        public final double threshold;
+        public final int numLayers;
+        public final List<Segment> segments;
+
+        Cascade(Map<String, Object> m, String artifact) {
+            confidence = Json.str(m, "confidence");
+            if (!confidence.equals("max_prob") && !confidence.equals("entropy"))
+                throw new IllegalArgumentException(artifact + ": unknown exit confidence " + confidence + " (max_prob or entropy)");
+            outputName = Json.str(m, "output_name");
+            threshold = ((Number) m.get("threshold")).doubleValue();
+            numLayers = ((Number) m.get("num_layers")).intValue();
+            List<Segment> segs = new ArrayList<>();
+            for (Object o : Json.arr(m.get("segments"), artifact + " segments")) segs.add(new Segment(Json.obj(o, "segment")));
+            if (segs.isEmpty()) throw new IllegalArgumentException(artifact + ": a cascade without segments");
+            segments = Collections.unmodifiableList(segs);
         }
     }
 

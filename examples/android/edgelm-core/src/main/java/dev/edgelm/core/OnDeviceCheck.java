@@ -14,7 +14,9 @@ import java.util.Map;
  * its sha256, open it (through an {@link Opener} the app provides for ExecuTorch, LiteRT or ONNX Runtime),
  * run every golden input, compare with the PyTorch fp32 reference under the artifact's tolerance, run the
  * eval set (a given .npz, or else the golden texts tokenized here: the end-to-end path, scored against the
- * labels), and time {@code runs} calls after {@code warmup} on the timing input. It also tokenizes
+ * labels), and time {@code runs} calls after {@code warmup} on the timing input; each row's latency is kept
+ * (per-sentence latency at real lengths) and, for an early-exit cascade ({@link EarlyExitCascade}, opened by
+ * the app's opener), the layer whose exit answered each row. It also tokenizes
  * the golden texts with {@link WordPieceTokenizer} and counts rows whose ids differ from the exported ones.
  *
  * <p>{@link #results} builds the JSON that {@code edgelm validate --runner adb} reads (schema
@@ -54,25 +56,30 @@ public final class OnDeviceCheck {
             manifest.checkArtifact(dir, a);
             long t0 = System.nanoTime();
             try (ModelRunner runner = opener.open(a, dir.resolve(a.file), threads)) {
+                if (a.cascade != null && !(runner instanceof EarlyExitCascade))
+                    throw new IllegalStateException(a.file + " is an early-exit cascade; the opener must return an EarlyExitCascade");
                 e.put("load_ms", (System.nanoTime() - t0) / 1e6);
                 e.put("runtime", runner.versions());
-                float[][] outputs = runAll(runner, golden.inputIds, golden.attentionMask);
-                e.put("outputs", outputs);
-                e.put("golden", golden.compare(outputs, a, manifest.isClassifier()));
+                long[][] timing = Golden.trimmed(golden.latencyIds.longRow(0), golden.latencyMask.longRow(0));
+                // warm up before the golden rows, whose per-row times are kept too (as edgelm's host runner does)
+                for (int k = 0; k < warmup; k++) runner.run(timing[0], timing[1]);
+                Rows rows = runAll(runner, golden.inputIds, golden.attentionMask);
+                e.put("outputs", rows.outputs);
+                e.put("golden", golden.compare(rows.outputs, a, manifest.isClassifier()));
+                rows.put(e, "");
                 e.put("eval_outputs", null);
                 if (evalFile != null) {
                     Map<String, Npz.Array> ev = Npz.read(evalFile);
-                    float[][] eo = ev.containsKey("input_ids") ? runAll(runner, ev.get("input_ids"), ev.get("attention_mask"))
+                    Rows eo = ev.containsKey("input_ids") ? runAll(runner, ev.get("input_ids"), ev.get("attention_mask"))
                             : runTexts(runner, ev.get("texts").strings);
-                    e.put("eval_outputs", eo);
+                    e.put("eval_outputs", eo.outputs);
+                    eo.put(e, "eval_");
                     if (ev.containsKey("labels") && manifest.isClassifier())
-                        e.put("eval", evalSummary(evalFile.getFileName().toString(), eo, ev.get("labels").longs));
+                        e.put("eval", evalSummary(evalFile.getFileName().toString(), eo.outputs, ev.get("labels").longs));
                 } else if (golden.texts != null && golden.labels != null && manifest.isClassifier()) {
                     // the bundle's eval set: the golden texts and labels, tokenized here, end to end
-                    e.put("eval", evalSummary("golden texts, tokenized on the device", runTexts(runner, golden.texts), golden.labels));
+                    e.put("eval", evalSummary("golden texts, tokenized on the device", runTexts(runner, golden.texts).outputs, golden.labels));
                 }
-                long[][] timing = Golden.trimmed(golden.latencyIds.longRow(0), golden.latencyMask.longRow(0));
-                for (int k = 0; k < warmup; k++) runner.run(timing[0], timing[1]);
                 List<Double> samples = new ArrayList<>();
                 for (int k = 0; k < runs; k++) {
                     long t = System.nanoTime();
@@ -114,22 +121,46 @@ public final class OnDeviceCheck {
         return m;
     }
 
-    private static float[][] runAll(ModelRunner runner, Npz.Array ids, Npz.Array mask) throws Exception {
-        float[][] out = new float[ids.rows()][];
-        for (int r = 0; r < out.length; r++) {
-            long[][] row = Golden.trimmed(ids.longRow(r), mask.longRow(r));
-            out[r] = runner.run(row[0], row[1]);
+    /**
+     * Rows run one at a time at their real lengths: the output rows, each row's latency (ms, the model call
+     * only) and, for an early-exit cascade, the encoder layer whose exit answered it (else null).
+     */
+    public static final class Rows {
+        public final float[][] outputs;
+        public final List<Double> latencyMs = new ArrayList<>();
+        public final List<Integer> exitLayers;
+
+        Rows(int n, boolean cascade) {
+            outputs = new float[n][];
+            exitLayers = cascade ? new ArrayList<>() : null;
         }
+
+        void run(ModelRunner runner, int r, long[][] row) throws Exception {
+            long t = System.nanoTime();
+            outputs[r] = runner.run(row[0], row[1]);
+            latencyMs.add((System.nanoTime() - t) / 1e6);
+            if (exitLayers != null) exitLayers.add(((EarlyExitCascade) runner).lastExitLayer());
+        }
+
+        /** The keys edgelm reads per row ({@code row_latency_ms}, {@code exit_layers}), {@code prefix}ed. */
+        void put(Map<String, Object> e, String prefix) {
+            e.put(prefix + "row_latency_ms", latencyMs);
+            e.put(prefix + "exit_layers", exitLayers);
+        }
+    }
+
+    private static Rows runAll(ModelRunner runner, Npz.Array ids, Npz.Array mask) throws Exception {
+        Rows out = new Rows(ids.rows(), runner instanceof EarlyExitCascade);
+        for (int r = 0; r < out.outputs.length; r++) out.run(runner, r, Golden.trimmed(ids.longRow(r), mask.longRow(r)));
         return out;
     }
 
     /** Tokenize texts on the device and run them (the end-to-end path the app takes). */
-    public float[][] runTexts(ModelRunner runner, String[] texts) throws Exception {
-        float[][] out = new float[texts.length][];
+    public Rows runTexts(ModelRunner runner, String[] texts) throws Exception {
+        Rows out = new Rows(texts.length, runner instanceof EarlyExitCascade);
         for (int r = 0; r < texts.length; r++) {
             WordPieceTokenizer.Encoding enc = tokenizer.encode(texts[r]);
-            long[][] row = Golden.trimmed(enc.inputIds, enc.attentionMask);
-            out[r] = runner.run(row[0], row[1]);
+            out.run(runner, r, Golden.trimmed(enc.inputIds, enc.attentionMask));
         }
         return out;
     }

@@ -16,14 +16,16 @@ import java.util.Map;
  * Tests of the plain-JVM core with no test framework (none can be downloaded here): run by
  * examples/android/jvm-test.sh, which prepares their inputs with edgelm and Hugging Face tokenizers.
  *
- * <pre>java dev.edgelm.core.CoreTests --tokens DIR --bundle DIR --bpe DIR --gen-bundle DIR --work DIR</pre>
+ * <pre>java dev.edgelm.core.CoreTests --tokens DIR --bundle DIR --bpe DIR --gen-bundle DIR --ee-bundle DIR
+ *     --ee-replay FILE --work DIR</pre>
  *
  * --tokens: vocab.txt, settings.json (an android manifest's tokenizer object) and tokens.tsv (per line: text,
  * pair or empty, max_length, the ids Hugging Face gives, comma-separated). --bundle: an android bundle from
  * `edgelm export --bundle android`. --bpe: one folder per byte-level BPE tokenizer, each with tokenizer.json
  * and cases.jsonl (per line {"corpus", "text", "ids"}: Hugging Face's ids). --gen-bundle: the android bundle of
- * a text-generation export. --work: scratch space; results.json and gen-results.json are written there for
- * the Python side.
+ * a text-generation export. --ee-bundle: the android bundle of an early-exit classifier, --ee-replay: its
+ * segments' outputs on the golden rows (see EarlyExitTests). --work: scratch space; results.json,
+ * gen-results.json and ee-results.json are written there for the Python side.
  */
 public final class CoreTests {
     private static int failures = 0, passes = 0;
@@ -41,6 +43,7 @@ public final class CoreTests {
         for (int k = 0; k + 1 < args.length; k += 2) opt.put(args[k], args[k + 1]);
         Path tokens = Paths.get(opt.get("--tokens")), bundle = Paths.get(opt.get("--bundle")), work = Paths.get(opt.get("--work"));
         Path bpe = Paths.get(opt.get("--bpe")), genBundle = Paths.get(opt.get("--gen-bundle"));
+        Path eeBundle = Paths.get(opt.get("--ee-bundle")), eeReplay = Paths.get(opt.get("--ee-replay"));
         Files.createDirectories(work);
         run("json", CoreTests::testJson);
         run("tokenizer parity with Hugging Face", () -> testTokenizer(tokens));
@@ -52,6 +55,8 @@ public final class CoreTests {
         run("greedy generation, perplexity and agreement scoring", GenerationTests::testScoring);
         run("generative bundle manifest and checksums", () -> GenerationTests.testManifest(genBundle, work));
         run("generative on-device check and results JSON", () -> GenerationTests.testCheck(genBundle, work));
+        run("early-exit confidence and threshold rule", EarlyExitTests::testConfidence);
+        run("early-exit cascades: hand-off, exits, on-device check", () -> EarlyExitTests.testBundle(eeBundle, eeReplay, work));
         System.out.println((failures == 0 ? "OK " : "FAILED ") + passes + " checks passed, " + failures + " failed");
         System.exit(failures == 0 ? 0 : 1);
     }
