@@ -261,6 +261,8 @@ def export_for_device(
         raise RecipeError(f"unknown --bundle {opts.bundle!r}: use {', '.join(BUNDLE_KINDS)}")
     data_mod.check_limit(opts.limit)
     total = 5 + len(recipe.plans) + len(opts.adapters)  # load, reference, exports, adapters, write, check, report
+    with contextlib.suppress(EdgeLMError):  # an early-exit checkpoint exports a cascade per plan too
+        total += len(recipe.plans) if model and read_exit_config(model) else 0
     done = 0
 
     def step(desc: str) -> None:
