@@ -5,7 +5,8 @@ One run, on this host (CPU only):
    SST-2 train rows (``ft-8000``, from ``benchmarks/compression_sst2.py``) and on the first 8,000 rows of the
    AG News subset; the SST-2 model at 75 % width (25 % of its heads and FFN neurons removed in the magnitude
    importance order, then distilled from the whole model for one epoch: ``edgelm compress --method magnitude
-   --sparsity 0.25 --distill``); and each of them with exit heads after layers 1-5 (``edgelm compress --method
+   --sparsity 0.25 --distill``) and at 50 % width (PLATON while distilling, 2 epochs: ``edgelm compress
+   --method platon --sparsity 0.5 --distill``); and each of them with exit heads after layers 1-5 (``edgelm compress --method
    early-exit --freeze-backbone``: the whole model stays as it was);
 2. export, each as int8 dynamic in ONNX, ExecuTorch and TFLite: the whole model and its early-exit cascade
    (one segment per exit);
@@ -189,6 +190,25 @@ def width_model(ft: Path) -> Path:
             ft, DATA / "sst2" / "train.tsv", out, sparsity=0.25, method="magnitude", distill=True, limit=8000,
             cfg=TrainConfig(epochs=1, lr=1e-4, batch_size=32, seq_len=64),
         )  # fmt: skip
+    return out
+
+
+def platon_model(ft: Path) -> Path:
+    """The SST-2 model at 50 % width: half of its heads and FFN neurons removed by PLATON (sensitivity x
+    uncertainty importance, cubic schedule) while it is distilled from the whole model, 2 epochs on the same
+    8,000 train rows (benchmarks/compression_sst2.py's "pruned 50% + distill" recipe), with no eval set, so
+    the dev sentences the benchmark reports choose nothing (cached)."""
+    from edgelm.compress.jobs import run_compress
+    from edgelm.compress.train import TrainConfig
+
+    out = CACHE / "platon-distill-50-8000-noeval"
+    if not out.is_dir():
+        log("pruning 50 % of the SST-2 model (PLATON) while distilling it")
+        r, _ = run_compress(
+            ft, DATA / "sst2" / "train.tsv", out, sparsity=0.5, method="platon", distill=True, limit=8000,
+            cfg=TrainConfig(epochs=2, lr=1e-4, batch_size=32, seq_len=64),
+        )  # fmt: skip
+        log(f"PLATON 50 %: {r.seconds:.0f} s")
     return out
 
 
@@ -457,6 +477,7 @@ def main() -> None:
     if "sst2" in args.tasks:
         ft = fine_tuned(8000, 2)  # benchmarks/compression_sst2.py's SST-2 model
         pruned = width_model(ft)
+        platon = platon_model(ft)
         tasks.append(
             {
                 "name": "SST-2 dev",
@@ -466,6 +487,7 @@ def main() -> None:
                 "cascades": {
                     "early exit (100 % width)": lambda: early_exit_model(ft, CACHE / "ee-sst2", sst2 / "train.tsv", sst2 / "dev.tsv", (None, None)),
                     "early exit (75 % width)": lambda: early_exit_model(pruned, CACHE / "ee-sst2-w75", sst2 / "train.tsv", sst2 / "dev.tsv", (None, None)),
+                    "early exit (50 % width, PLATON)": lambda: early_exit_model(platon, CACHE / "ee-sst2-platon50", sst2 / "train.tsv", sst2 / "dev.tsv", (None, None)),
                 },
             }
         )  # fmt: skip

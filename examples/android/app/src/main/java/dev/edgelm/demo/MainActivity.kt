@@ -111,6 +111,7 @@ class MainActivity : AppCompatActivity() {
         val line = getString(R.string.classified, label, exps[best] / exps.sum(), ms, tokMs)
         if (runner !is EarlyExitCascade) return line
         val policy = runner.policy()
+        if (runner.lastExitLayer() == policy.numLayers) return line + "\n" + getString(R.string.no_exit, policy.numLayers)
         val op = if (policy.confidence == "max_prob") ">=" else "<="
         return line + "\n" + getString(R.string.exited, runner.lastExitLayer(), policy.numLayers, policy.confidence, op, runner.threshold())
     }

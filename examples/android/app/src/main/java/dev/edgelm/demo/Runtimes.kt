@@ -135,10 +135,15 @@ private fun hiddenWidth(hidden: FloatArray, seq: Int): Int {
     return hidden.size / seq
 }
 
-/** An ExecuTorch segment ("forward" loaded up front, as [ExecuTorchRunner]). */
+/** An ExecuTorch segment ("forward" loaded up front, as [ExecuTorchRunner]; the module freed if that fails). */
 class ExecuTorchSegment(file: File, threads: Int, private val last: Boolean) : EarlyExitCascade.SegmentRunner {
     private val module: Module = Module.load(file.absolutePath, Module.LOAD_MODE_MMAP, threads).also {
-        it.loadMethod("forward")
+        try {
+            it.loadMethod("forward")
+        } catch (e: Throwable) {
+            it.destroy()
+            throw e
+        }
     }
 
     override fun run(inputIds: LongArray?, hiddenStates: FloatArray?, attentionMask: LongArray): EarlyExitCascade.Output {
@@ -173,6 +178,7 @@ class LiteRtSegment(
 
     override fun run(inputIds: LongArray?, hiddenStates: FloatArray?, attentionMask: LongArray): EarlyExitCascade.Output {
         val seq = attentionMask.size
+        require(buckets.isNotEmpty()) { "no seq_buckets in the manifest for this LiteRT segment" }
         val bucket = buckets.firstOrNull { it >= seq }
             ?: throw IllegalArgumentException("$seq tokens is longer than the largest bucket ${buckets.last()}")
         val mask = Array(1) { IntArray(bucket) }
@@ -210,11 +216,22 @@ class LiteRtSegment(
     override fun close() = interpreter.close()
 }
 
-/** An ONNX Runtime segment (CPU execution provider); outputs read by name. */
+/**
+ * An ONNX Runtime segment (CPU execution provider); outputs read by name. Its intra-op threads do not spin
+ * while idle: each segment has its own pool, and a spinning pool would take the CPU from the next segment.
+ */
 class OrtSegment(file: File, threads: Int, private val output: String, private val last: Boolean) : EarlyExitCascade.SegmentRunner {
     private val env: OrtEnvironment = OrtEnvironment.getEnvironment()
-    private val session: OrtSession = env.createSession(
-        file.absolutePath, OrtSession.SessionOptions().apply { setIntraOpNumThreads(threads) })
+    private val options = OrtSession.SessionOptions().apply {
+        setIntraOpNumThreads(threads)
+        addConfigEntry("session.intra_op.allow_spinning", "0")
+    }
+    private val session: OrtSession = try {
+        env.createSession(file.absolutePath, options)
+    } catch (e: Throwable) {
+        options.close()
+        throw e
+    }
 
     override fun run(inputIds: LongArray?, hiddenStates: FloatArray?, attentionMask: LongArray): EarlyExitCascade.Output {
         val seq = attentionMask.size.toLong()
@@ -232,7 +249,7 @@ class OrtSegment(file: File, threads: Int, private val output: String, private v
                     val logits = (result.get(output).get().value as Array<FloatArray>)[0]
                     val hidden = if (last) null else {
                         val h = result.get("hidden_out").get() as OnnxTensor
-                        FloatArray(h.floatBuffer.remaining()).also { h.floatBuffer.get(it) }
+                        h.floatBuffer.let { b -> FloatArray(b.remaining()).also { b.get(it) } } // one copy
                     }
                     return EarlyExitCascade.Output(hidden, logits)
                 }
@@ -242,5 +259,8 @@ class OrtSegment(file: File, threads: Int, private val output: String, private v
 
     override fun versions(): Map<String, String> = mapOf("onnxruntime-android" to BuildConfig.ONNXRUNTIME_VERSION)
 
-    override fun close() = session.close()
+    override fun close() {
+        session.close()
+        options.close()
+    }
 }

@@ -52,15 +52,22 @@ public final class EarlyExitCascade implements ModelRunner {
     private final BundleManifest.Cascade policy;
     private final List<SegmentRunner> segments;
     private final double threshold;
+    /** Shared with the {@link #withThreshold} copies: the segments are closed once. */
+    private final boolean[] closed;
     private int lastExitLayer = -1, lastSegments = 0;
 
     /** A cascade over already opened segments, one per {@code policy.segments}, at {@code threshold}. */
     public EarlyExitCascade(BundleManifest.Cascade policy, List<SegmentRunner> segments, double threshold) {
+        this(policy, segments, threshold, new boolean[1]);
+    }
+
+    private EarlyExitCascade(BundleManifest.Cascade policy, List<SegmentRunner> segments, double threshold, boolean[] closed) {
         if (segments.size() != policy.segments.size())
             throw new IllegalArgumentException(segments.size() + " segments opened, the cascade has " + policy.segments.size());
         this.policy = policy;
         this.segments = segments;
         this.threshold = threshold;
+        this.closed = closed;
     }
 
     /**
@@ -90,9 +97,9 @@ public final class EarlyExitCascade implements ModelRunner {
         return new EarlyExitCascade(a.cascade, opened, a.cascade.threshold);
     }
 
-    /** The same opened segments at another threshold (a sweep); closing either closes the segments. */
+    /** The same opened segments at another threshold (a sweep); closing any of them closes the segments, once. */
     public EarlyExitCascade withThreshold(double t) {
-        return new EarlyExitCascade(policy, segments, t);
+        return new EarlyExitCascade(policy, segments, t, closed);
     }
 
     /** A threshold with which only the last exit answers (max_prob cannot reach 1.01, entropy cannot fall below -1). */
@@ -173,6 +180,10 @@ public final class EarlyExitCascade implements ModelRunner {
 
     @Override
     public void close() throws Exception {
+        synchronized (closed) {
+            if (closed[0]) return;
+            closed[0] = true;
+        }
         Exception first = null;
         for (SegmentRunner r : segments) {
             try {

@@ -27,6 +27,7 @@ final class EarlyExitTests {
         final int cascade, rows, segments;
         final Map<String, Integer> rowOfIds = new LinkedHashMap<>();
         final int[] calls;
+        int closes = 0;
 
         ReplaySegments(Map<String, Npz.Array> npz, int cascade, Golden g, int segments) {
             this.npz = npz;
@@ -67,6 +68,11 @@ final class EarlyExitTests {
                 @Override
                 public Map<String, String> versions() {
                     return Map.of("replay", "1");
+                }
+
+                @Override
+                public void close() {
+                    closes++;
                 }
             };
         }
@@ -150,6 +156,9 @@ final class EarlyExitTests {
                     seen.add((long) at.lastExitLayer());
                 }
             }
+            cascade.withThreshold(0.5).close();
+            cascade.close();
+            check(replay.closes == p.segments.size(), a.file + ": each segment closed once by a cascade and its sweep copy: " + replay.closes);
             check(sweepDiff == 0 && seen.size() == 2, a.file + ": at thresholds " + Arrays.toString(ts)
                     + " the exits equal edgelm's exit_choice (" + sweepDiff + " differ; layers taken " + seen + ")");
             Map<String, Object> e = c.run(a, (art, file, threads) -> new ReplaySegments(npz, indexOf(names, art.file),
