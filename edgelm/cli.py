@@ -1157,7 +1157,11 @@ def compress(
         str, typer.Option("--model", "-m", help="A fine-tuned classifier checkpoint (from `edgelm finetune`).")
     ],
     data: Annotated[
-        str, typer.Option("--data", help="Labeled training data for pruning-aware training / distillation.")
+        str,
+        typer.Option(
+            "--data",
+            help="Labeled training data for pruning-aware training / distillation (hybrid-qrnn: text files, comma-separated).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
     eval_data: Annotated[str | None, typer.Option("--eval", help="Labeled eval data.")] = None,
@@ -1171,7 +1175,7 @@ def compress(
         str,
         typer.Option(
             "--method",
-            help="platon (sensitivity + uncertainty, cubic schedule during training), magnitude (one-shot), or early-exit (exit heads after --exits layers, self-distilled).",
+            help="platon (sensitivity + uncertainty, cubic schedule during training), magnitude (one-shot), early-exit (exit heads after --exits layers, self-distilled), or hybrid-qrnn (a causal LM's attention layers replaced by QRNN layers, distilled).",
         ),
     ] = "platon",
     distill: Annotated[
@@ -1186,9 +1190,12 @@ def compress(
             "--epochs", help="Training epochs (default 2; magnitude: 0 for pruning only; early-exit heads: 10)."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size (default 32; hybrid-qrnn: 4 windows).")
+    ] = None,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Learning rate (default 5e-5; early-exit heads: 1e-3).")
+        float | None,
+        typer.Option("--lr", help="Learning rate (default 5e-5; early-exit heads: 1e-3; hybrid-qrnn local: 2e-3)."),
     ] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sage.")] = "adamw",
     seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
@@ -1217,14 +1224,32 @@ def compress(
         float,
         typer.Option("--max-accuracy-drop", help="early-exit: budget (points) of the threshold shown for --eval."),
     ] = 1.0,
+    replace: Annotated[
+        str,
+        typer.Option(
+            "--replace",
+            help="hybrid-qrnn: share of attention layers to replace (0.5: those whose loss costs least, measured) or layer indices as in model.layers.{i}, e.g. 3,5,7.",
+        ),
+    ] = "0.5",
+    local_steps: Annotated[
+        int, typer.Option("--local-steps", help="hybrid-qrnn: steps of layer-local distillation.")
+    ] = 300,
+    e2e_steps: Annotated[
+        int, typer.Option("--e2e-steps", help="hybrid-qrnn: steps of end-to-end distillation from the logits.")
+    ] = 100,
 ):
     """Remove attention heads and FFN neurons for real (structured pruning), optionally with distillation;
-    or add early exits (off-ramps) to a fine-tuned classifier."""
+    add early exits (off-ramps) to a fine-tuned classifier; or turn a causal LM into a hybrid RNN-Transformer
+    (hybrid-qrnn: --data is training text, e.g. ../shared/data/wikitext2/tokenized/wiki.valid.tokens)."""
     from edgelm.compress.jobs import run_compress
     from edgelm.compress.train import TrainConfig
     from edgelm.data import check_limit
 
     check_limit(limit)
+    if method == "hybrid-qrnn":
+        _compress_hybrid_qrnn(model, data, out, replace, seq_len, batch_size, lr, local_steps, e2e_steps, limit, seed)
+        return
+    batch_size = batch_size if batch_size is not None else 32
     check_limit(eval_limit, "--eval-limit")
     heads_only = method == "early-exit" and freeze_backbone
     epochs = epochs if epochs is not None else (10 if heads_only else 2)
@@ -1263,6 +1288,44 @@ def compress(
         f"encoder parameters {s['encoder_parameters_before']:,} → {s['encoder_parameters_after']:,}; "
         f"heads per layer {s['heads_per_layer']}; FFN neurons per layer {s['ffn_neurons_per_layer']}"
         + (f"; accuracy: {acc}" if acc else "")
+    )
+    out_console.print(f"checkpoint: {Path(out).resolve()}")
+
+
+def _compress_hybrid_qrnn(model, data, out, replace, seq_len, batch_size, lr, local_steps, e2e_steps, limit, seed):
+    """``edgelm compress --method hybrid-qrnn`` (see :mod:`edgelm.compress.hybrid_qrnn`)."""
+    from edgelm.compress.hybrid_qrnn import HybridConfig, run_hybrid_qrnn
+
+    try:
+        share = float(replace) if "." in replace else None
+        chosen: float | list[int] = share if share is not None else [int(x) for x in replace.split(",")]
+    except ValueError:
+        raise EdgeLMError(
+            f"--replace {replace!r}: give a share of the attention layers (e.g. 0.5) or layer indices (e.g. 3,5,7)"
+        ) from None
+    cfg = HybridConfig(
+        replace=chosen, seq_len=seq_len, local_steps=local_steps, e2e_steps=e2e_steps, seed=seed,
+        batch_size=batch_size if batch_size is not None else 4, lr=lr if lr is not None else 2e-3,
+        limit=limit if limit is not None else HybridConfig.limit,
+    )  # fmt: skip
+    with StageProgress(_err_console()) as progress:
+        r = run_hybrid_qrnn(model, [x for x in data.split(",") if x], out, cfg, progress=progress)
+    table = Table(title=f"hybrid QRNN: {len(r.replaced_layers)} of {r.num_layers} attention layers replaced")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right")
+    table.add_column("x teacher", justify="right")
+    for name, ppl in (
+        ("teacher", r.teacher_perplexity),
+        ("hybrid, initialised from attention", r.hybrid_perplexity_init),
+        ("after layer-local distillation", r.hybrid_perplexity_local),
+        ("after end-to-end distillation", r.hybrid_perplexity),
+    ):
+        table.add_row(name, f"{ppl:.2f}", f"{ppl / r.teacher_perplexity:.3f}")
+    out_console.print(table)
+    out_console.print(
+        f"replaced layers (model.layers.{{i}}): {','.join(map(str, r.replaced_layers))}; perplexity on "
+        f"{r.calibration_windows} held-out windows of {seq_len} tokens of the training text; {r.train_windows} "
+        f"training windows; {r.seconds:.0f} s"
     )
     out_console.print(f"checkpoint: {Path(out).resolve()}")
 

@@ -37,7 +37,7 @@ from edgelm.causal_lm import (
 )
 from edgelm.compress.estimate import decoder_estimate, decoder_weight_bytes
 from edgelm.data import default_text
-from edgelm.errors import DataError, ExportError
+from edgelm.errors import DataError, ExportError, RecipeError
 from edgelm.generation import PROMPTS
 from edgelm.recipe import GenerationRecipe
 from edgelm.report import fmt, markdown_table
@@ -274,8 +274,15 @@ def export_generative(
         EdgeLMError subclasses for bad input or a failed export (nothing is written). A missed gate is
         ``passed == False`` with the bundle written (the CLI exits 1).
     """
+    from edgelm.compress.hybrid_qrnn import read_hybrid_config
     from edgelm.pipeline import captured_output
 
+    if read_hybrid_config(model) is not None:  # a hybrid's folder also holds its teacher, which must not pass for it
+        raise RecipeError(
+            f"{model} is a hybrid QRNN checkpoint (edgelm compress --method hybrid-qrnn): its export is not built "
+            "yet (the decoder exporters map onto ExecuTorch's Llama transformer, which has no QRNN block); "
+            "export the teacher it was made from instead"
+        )
     text = Path(data) if data else default_text()
     if text is not None and not text.is_file():
         raise DataError(f"perplexity text not found: {text}")

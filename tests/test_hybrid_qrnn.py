@@ -1,0 +1,173 @@
+"""Hybrid RNN-Transformer students (`edgelm compress --method hybrid-qrnn`): the QRNN layer's recurrent decode
+equals its parallel prefill, the layer choice, the distillation, the checkpoint and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgelm.cli import app
+from edgelm.compress import hybrid_qrnn as hq
+from edgelm.errors import DataError, ModelError, RecipeError
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_qrnn_recurrent_decode_equals_parallel_prefill(window):
+    import torch
+
+    QRNN, _, _, fo_pool = hq.build_classes()
+    torch.manual_seed(window)
+    q = QRNN(16, 24, window)
+    torch.nn.init.normal_(q.gates.weight, std=0.3)
+    torch.nn.init.normal_(q.gates.bias, std=1.0)
+    x = torch.randn(2, 2 * hq.SCAN_CHUNK + 22, 16)  # three scan chunks
+    with torch.no_grad():
+        whole, end = q.scan(x)
+        state, steps = None, []
+        for t in range(x.shape[1]):
+            h, state = q.step(x[:, t : t + 1], state)
+            steps.append(h)
+        assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-5)
+        assert torch.allclose(state[0], end[0], atol=1e-5) and torch.equal(state[1], end[1])
+        # a prefill of 100 positions, then decode steps from its state
+        pre, state = q.scan(x[:, :100])
+        rest = []
+        for t in range(100, x.shape[1]):
+            h, state = q.step(x[:, t : t + 1], state)
+            rest.append(h)
+        assert torch.allclose(torch.cat([pre, *rest], 1), whole, atol=1e-5)
+        # fo-pooling against the recurrence written out, from a non-zero state
+        z, f, c0 = torch.randn(1, 5, 3), torch.rand(1, 5, 3), torch.randn(1, 3)
+        c, want = c0, []
+        for t in range(5):
+            c = f[:, t] * c + (1 - f[:, t]) * z[:, t]
+            want.append(c)
+        assert torch.allclose(fo_pool(z, f, c0), torch.stack(want, 1), atol=1e-6)
+
+
+def test_layer_choice_takes_the_cheapest_attention_layers():
+    # layer 0 is never chosen by share; ties go to the later layer
+    importance = [10.0, 30.0, 12.0, 12.0, 50.0, 11.0]
+    assert hq.choose_layers(importance, 0.5, 6) == [2, 3, 5]
+    assert hq.choose_layers(importance, 0.2, 6) == [5]
+    assert hq.choose_layers(importance, [4, 1, 4], 6) == [1, 4]
+    for bad in (0.0, 1.0, 1.5, []):
+        with pytest.raises(RecipeError):
+            hq.choose_layers(importance, bad, 6)
+    with pytest.raises(RecipeError, match=r"layers 0\.\.5"):
+        hq.choose_layers(importance, [6], 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from edgelm.testing import make_causal_lm
+
+    return make_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=4)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from edgelm.data import PROBE_SENTENCES
+    from edgelm.generation import PROMPTS
+
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join([*PROBE_SENTENCES, *PROMPTS] * 3) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory, tiny_lm, text_file):
+    out = tmp_path_factory.mktemp("hyb") / "hybrid"
+    r = cli(
+        "compress", "--method", "hybrid-qrnn", "--model", str(tiny_lm), "--data", str(text_file), "--replace", "0.5",
+        "--local-steps", "200", "--e2e-steps", "10", "--seq-len", "32", "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_compress_hybrid_qrnn_writes_a_checkpoint_that_loads(hybrid, tiny_lm):
+    import torch
+
+    out, output = hybrid
+    assert "2 of 4 attention layers replaced" in output and "after end-to-end distillation" in output
+    doc = json.loads((out / hq.CONFIG_FILE).read_text())
+    layers = doc["replaced_layers"]
+    assert len(layers) == 2 and 0 not in layers
+    # the layers whose dropped attention cost the least perplexity, measured
+    imp = doc["importance_perplexity"]
+    assert len(imp) == 4 and all(imp[i] <= imp[j] for i in layers for j in range(1, 4) if j not in layers)
+    # layer-local distillation reduced the blocks' normalised error
+    loss = doc["local_loss"]
+    assert len(loss) == 200 and np.mean(loss[-20:]) < 0.8 * np.mean(loss[:20])
+    assert len(doc["e2e_loss"]) == 10 and doc["teacher"]["layers"] == 4
+    model, teacher, cfg = hq.load_hybrid(out)
+    assert sorted(hq.qrnn_blocks(model)) == layers and cfg["window"] == 2
+    ids = torch.randint(3, 300, (2, 24))
+    with torch.no_grad():
+        hybrid_logits = model(input_ids=ids, use_cache=False).logits
+        teacher_logits = teacher.model(input_ids=ids, use_cache=False).logits
+        # the folder's Hugging Face checkpoint is the teacher, unchanged
+        from edgelm.causal_lm import load_causal_lm
+
+        original = load_causal_lm(tiny_lm).model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(teacher_logits, original)
+    assert not torch.allclose(hybrid_logits, teacher_logits, atol=1e-3)
+    # the replaced layers' self-attention is gone from the hybrid's computation: changing it changes nothing
+    with torch.no_grad():
+        for i in layers:
+            teacher.model.model.layers[i].self_attn.o_proj.weight.zero_()
+        assert torch.equal(model(input_ids=ids, use_cache=False).logits, hybrid_logits)
+
+
+def test_hybrid_checkpoint_refusals(hybrid, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = hybrid
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    state = load_file(str(broken / hq.WEIGHTS_FILE))
+    first = min(int(k.split(".")[1]) for k in state)
+    del state[f"layers.{first}.o_proj.weight"]
+    save_file(state, str(broken / hq.WEIGHTS_FILE))
+    with pytest.raises(ModelError, match=f"does not cover the QRNN block of layer {first}"):
+        hq.load_hybrid(broken)
+    (broken / hq.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="corrupt"):
+        hq.load_hybrid(broken)
+    # a hybrid's folder holds its teacher: export refuses it rather than exporting the teacher under its name
+    r = cli("export", "--device", "pixel8", "--model", str(out), "--out", str(tmp_path / "dist"))
+    assert r.exit_code == 2 and "hybrid QRNN checkpoint" in r.output
+    assert not (tmp_path / "dist" / "pixel8").exists()
+
+
+def test_compress_hybrid_qrnn_refuses_bad_input(tiny_lm, text_file, tmp_path):
+    base = ["compress", "--method", "hybrid-qrnn", "--model", str(tiny_lm), "--out", str(tmp_path / "h")]
+    r = cli(*base, "--data", str(text_file), "--replace", "1.5")
+    assert r.exit_code == 2 and "above 0 and below 1" in r.output
+    r = cli(*base, "--data", str(text_file), "--replace", "2,9")
+    assert r.exit_code == 2 and "layers 0..3" in r.output
+    r = cli(*base, "--data", str(text_file), "--replace", "half")
+    assert r.exit_code == 2 and "--replace 'half'" in r.output
+    test_set = tmp_path / "wiki.test.raw"
+    test_set.write_text("held out\n")
+    r = cli(*base, "--data", str(test_set))
+    assert r.exit_code == 2 and "where the hybrid's perplexity is measured" in r.output
+    r = cli(*base, "--data", str(tmp_path / "missing.txt"))
+    assert r.exit_code == 2 and "not found" in r.output
+    assert not (tmp_path / "h").exists()
+    with pytest.raises(DataError, match="fewer than one window"):
+        from edgelm.causal_lm import load_causal_lm
+
+        hq.token_windows(load_causal_lm(tiny_lm).tokenizer, ["two words"], 64)
