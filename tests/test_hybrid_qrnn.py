@@ -74,6 +74,24 @@ def tiny_lm(tmp_path_factory):
     return make_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=4)
 
 
+def test_attention_importance_equals_whole_passes_with_the_attention_dropped(tiny_lm):
+    """The fast measurement (layers i.. from the teacher's own inputs) equals a whole forward pass of the model
+    with layer i's attention dropped."""
+    from edgelm.causal_lm import load_causal_lm
+
+    lm = load_causal_lm(tiny_lm)
+    windows = np.random.default_rng(0).integers(3, 300, (5, 24)).astype(np.int64)
+    _, _, DroppedAttention, _ = hq.build_classes()
+    slow = []
+    for layer in lm.model.model.layers:
+        kept, layer.self_attn = layer.self_attn, DroppedAttention()
+        slow.append(hq.perplexity(lm.model, windows, batch_size=2))
+        layer.self_attn = kept
+    fast = hq.attention_importance(lm.model, windows, batch_size=2)
+    assert np.allclose(fast, slow, rtol=1e-4) and len(set(np.round(fast, 3))) == 4
+    assert hq.perplexity(lm.model, windows) not in fast  # each measurement dropped something
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     from edgelm.data import PROBE_SENTENCES

@@ -25,7 +25,7 @@ Here (``edgelm compress --method hybrid-qrnn``):
 
 Checkpoint layout: the teacher's Hugging Face checkpoint (it is also the reference the hybrid is validated
 against), ``hybrid_qrnn.json`` (replaced layers, window, the importance measurements, the training history)
-and ``qrnn.safetensors`` (the QRNN blocks' weights, ``layers.{i}.*``). :func:`load_hybrid` refuses one whose
+``qrnn.safetensors`` (the QRNN blocks' weights, ``layers.{i}.*``) and ``logs/compress.log``. :func:`load_hybrid` refuses one whose
 weights do not cover the QRNN blocks it names.
 
 The parallel form (:meth:`QRNN.forward`, a prefill or training) and the recurrent form (:meth:`QRNN.step`, one
@@ -282,22 +282,54 @@ def perplexity(model: Any, windows: np.ndarray, batch_size: int = 4) -> float:
     return math.exp(total / count)
 
 
-def attention_importance(model: Any, windows: np.ndarray, progress=None) -> list[float]:
-    """Per layer (0-based), the teacher's perplexity on ``windows`` with that layer's attention output dropped
-    (He et al. 2024's attention-drop importance: the lower, the cheaper to replace). ``progress(i, n)``."""
+def attention_importance(model: Any, windows: np.ndarray, progress=None, batch_size: int = 4) -> list[float]:
+    """Per layer (0-based), the teacher's perplexity on ``windows`` int64 [N, T] with that layer's attention
+    output dropped (He et al. 2024's attention-drop importance: the lower, the cheaper to replace).
+
+    One teacher pass per batch keeps every decoder layer's input; layer i's measurement then runs only layers
+    i..L-1 from it (the layers before are unchanged), half the work of a whole pass per layer.
+    ``progress(i, n)`` after each layer."""
+    import torch
+
     _, _, DroppedAttention, _ = build_classes()
     layers = _layers(model)
-    out = []
-    for i, layer in enumerate(layers):
-        kept = layer.self_attn
-        layer.self_attn = DroppedAttention()
-        try:
-            out.append(perplexity(model, windows))
-        finally:
-            layer.self_attn = kept
-        if progress:
-            progress(i + 1, len(layers))
-    return out
+    n = len(layers)
+    total, count = [0.0] * n, 0
+    with torch.no_grad():
+        for s in range(0, len(windows), batch_size):
+            ids = torch.from_numpy(windows[s : s + batch_size])
+            seen: dict[int, tuple] = {}
+            hooks = [
+                layer.register_forward_pre_hook(
+                    lambda m, a, k, i=i, seen=seen: seen.__setitem__(i, (a, k)), with_kwargs=True
+                )
+                for i, layer in enumerate(layers)
+            ]
+            try:
+                model(input_ids=ids, use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            count += ids[:, 1:].numel()
+            for i in range(n):
+                args, kwargs = seen[i]
+                hidden = args[0] if args else kwargs["hidden_states"]
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kept, layers[i].self_attn = layers[i].self_attn, DroppedAttention()
+                try:
+                    for j in range(i, n):
+                        hidden = layers[j](hidden, *args[1:], **rest)
+                finally:
+                    layers[i].self_attn = kept
+                logits = model.lm_head(model.model.norm(hidden))[:, :-1]
+                total[i] += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                    )
+                )
+                if progress and s + batch_size >= len(windows):
+                    progress(i + 1, n)
+    return [math.exp(t / count) for t in total]
 
 
 def choose_layers(importance: list[float], replace: float | list[int], num_layers: int) -> list[int]:
@@ -539,40 +571,43 @@ def run_hybrid_qrnn(
 
     from edgelm import fsutil
     from edgelm.causal_lm import load_causal_lm, save_hf_checkpoint
+    from edgelm.pipeline import captured_output
 
     cfg = cfg or HybridConfig()
     cfg.check()
     texts = read_text(data)
-    lm = load_causal_lm(model)
-    if isinstance(cfg.replace, list):  # layer numbers checked before the long work
-        choose_layers([], cfg.replace, len(_layers(lm.model)))
-    all_windows = token_windows(
-        lm.tokenizer, texts, cfg.seq_len, None if cfg.limit is None else cfg.limit + cfg.calibration_windows
-    )
-    if len(all_windows) < cfg.calibration_windows + 1:
-        raise DataError(
-            f"the training text gives {len(all_windows)} windows of {cfg.seq_len} tokens: at least "
-            f"{cfg.calibration_windows + 1} are needed ({cfg.calibration_windows} held out to measure)"
-        )
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(all_windows))
-    calib, train = all_windows[order[: cfg.calibration_windows]], all_windows[order[cfg.calibration_windows :]]
-
     done: list[HybridResult] = []
 
     def fill(tmp: Path) -> None:
-        save_hf_checkpoint(lm, tmp)  # the teacher, before the model is changed in place
-        result = train_hybrid(lm.model, train, calib, cfg, progress)
-        result.data = [str(Path(p).resolve()) for p in data]
-        state = {
-            f"layers.{i}.{k}": v.detach().contiguous()
-            for i, b in qrnn_blocks(lm.model).items()
-            for k, v in b.state_dict().items()
-        }
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        doc = {"schema": SCHEMA, "teacher": lm.describe(), "config": asdict(cfg), **asdict(result)}
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        done.append(result)
+        (tmp / "logs").mkdir()
+        # third-party output (the GGUF conversion's progress bar, the checkpoint writer's) goes to the log
+        with captured_output(tmp / "logs" / "compress.log"):
+            if progress:
+                progress("loading the model", 0, 1)
+            lm = load_causal_lm(model)
+            if isinstance(cfg.replace, list):  # layer numbers checked before the long work
+                choose_layers([], cfg.replace, len(_layers(lm.model)))
+            limit = None if cfg.limit is None else cfg.limit + cfg.calibration_windows
+            windows = token_windows(lm.tokenizer, texts, cfg.seq_len, limit)
+            if len(windows) < cfg.calibration_windows + 1:
+                raise DataError(
+                    f"the training text gives {len(windows)} windows of {cfg.seq_len} tokens: at least "
+                    f"{cfg.calibration_windows + 1} are needed ({cfg.calibration_windows} held out to measure)"
+                )
+            order = np.random.default_rng(cfg.seed).permutation(len(windows))
+            calib, train = windows[order[: cfg.calibration_windows]], windows[order[cfg.calibration_windows :]]
+            save_hf_checkpoint(lm, tmp)  # the teacher, before the model is changed in place
+            result = train_hybrid(lm.model, train, calib, cfg, progress)
+            result.data = [str(Path(p).resolve()) for p in data]
+            state = {
+                f"layers.{i}.{k}": v.detach().contiguous()
+                for i, b in qrnn_blocks(lm.model).items()
+                for k, v in b.state_dict().items()
+            }
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            doc = {"schema": SCHEMA, "teacher": lm.describe(), "config": asdict(cfg), **asdict(result)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+            done.append(result)
 
     fsutil.write_directory(out, fill)
     return done[0]
