@@ -1233,7 +1233,7 @@ def compress(
     ] = "0.5",
     local_steps: Annotated[
         int, typer.Option("--local-steps", help="hybrid-qrnn: steps of layer-local distillation.")
-    ] = 300,
+    ] = 1000,
     e2e_steps: Annotated[
         int, typer.Option("--e2e-steps", help="hybrid-qrnn: steps of end-to-end distillation from the logits.")
     ] = 100,

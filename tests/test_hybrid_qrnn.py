@@ -29,7 +29,7 @@ def test_qrnn_recurrent_decode_equals_parallel_prefill(window):
     q = QRNN(16, 24, window)
     torch.nn.init.normal_(q.gates.weight, std=0.3)
     torch.nn.init.normal_(q.gates.bias, std=1.0)
-    x = torch.randn(2, 2 * hq.SCAN_CHUNK + 22, 16)  # three scan chunks
+    x = torch.randn(2, 150, 16)
     with torch.no_grad():
         whole, end = q.scan(x)
         state, steps = None, []
@@ -52,6 +52,11 @@ def test_qrnn_recurrent_decode_equals_parallel_prefill(window):
             c = f[:, t] * c + (1 - f[:, t]) * z[:, t]
             want.append(c)
         assert torch.allclose(fo_pool(z, f, c0), torch.stack(want, 1), atol=1e-6)
+    # its written-out gradient against autograd's through the plain recurrence (float64)
+    z = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    f = torch.rand(2, 7, 3, dtype=torch.float64).requires_grad_(True)
+    c0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fo_pool, (z, f, c0))
 
 
 def test_layer_choice_takes_the_cheapest_attention_layers():

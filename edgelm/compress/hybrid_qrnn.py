@@ -28,8 +28,9 @@ against), ``hybrid_qrnn.json`` (replaced layers, window, the importance measurem
 ``qrnn.safetensors`` (the QRNN blocks' weights, ``layers.{i}.*``) and ``logs/compress.log``. :func:`load_hybrid` refuses one whose
 weights do not cover the QRNN blocks it names.
 
-The parallel form (:meth:`QRNN.forward`, a prefill or training) and the recurrent form (:meth:`QRNN.step`, one
-decode step in O(1)) compute the same outputs.
+The sequence form (:meth:`QRNN.forward`, a prefill or training: the gates of all positions at once, then
+fo-pooling as one loop with its gradient written out) and the recurrent form (:meth:`QRNN.step`, one decode
+step in O(1)) compute the same outputs.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ from edgelm.errors import DataError, ModelError, RecipeError
 CONFIG_FILE = "hybrid_qrnn.json"
 WEIGHTS_FILE = "qrnn.safetensors"
 SCHEMA = "edgelm.hybrid_qrnn/1"
-#: Chunk length of the parallel scan (positions per block of the log-space prefix products).
-SCAN_CHUNK = 64
 
 
 def build_classes():
@@ -85,7 +84,7 @@ def build_classes():
             return torch.cat([seq[:, k : k + t] for k in range(self.window)], dim=-1)
 
         def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
-            """The parallel form over T positions. ``state``: (c float32 [B, inner], past inputs [B, w - 1, H])
+            """The sequence form over T positions. ``state``: (c float32 [B, inner], past inputs [B, w - 1, H])
             from before (None: the start). Returns h [B, T, H]; :meth:`scan` also returns the new state."""
             return self.scan(x, state)[0]
 
@@ -124,26 +123,41 @@ def build_classes():
         def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
             return torch.zeros_like(hidden_states), None
 
+    class FoPool(torch.autograd.Function):
+        """fo-pooling with its gradient written out: the forward and backward are plain loops over the
+        positions with no autograd graph per step (on a CPU several times faster than autograd through a
+        loop or a parallel scan). Backward of c_t = f_t c_{t-1} + (1 - f_t) z_t with g_t = dL/dc_t (the
+        output's gradient plus f_{t+1} g_{t+1}): dz_t = g_t (1 - f_t), df_t = g_t (c_{t-1} - z_t),
+        dc_0 = f_1 g_1."""
+
+        @staticmethod
+        def forward(ctx, z, f, c0):
+            c = torch.empty_like(z)
+            prev = c0
+            for t in range(z.shape[1]):
+                prev = torch.addcmul(z[:, t], f[:, t], prev - z[:, t])  # z + f (c - z)
+                c[:, t] = prev
+            ctx.save_for_backward(z, f, c0, c)
+            return c
+
+        @staticmethod
+        def backward(ctx, grad):
+            z, f, c0, c = ctx.saved_tensors
+            dz, df = torch.empty_like(z), torch.empty_like(f)
+            carry = torch.zeros_like(c0)
+            for t in range(z.shape[1] - 1, -1, -1):
+                g = grad[:, t] + carry
+                prev = c[:, t - 1] if t > 0 else c0
+                dz[:, t] = g * (1 - f[:, t])
+                df[:, t] = g * (prev - z[:, t])
+                carry = g * f[:, t]
+            return dz, df, carry
+
     def fo_pool(z: torch.Tensor, f: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
-        """c_t = f_t * c_{t-1} + (1 - f_t) * z_t for all t at once: z, f float32 [B, T, D], c0 [B, D] or
-        None (zeros) -> c [B, T, D]. A chunked scan: within a chunk of :data:`SCAN_CHUNK` positions the
-        products of f come from masked differences of log-f prefix sums (never a growing exponent), chunks
-        are chained by their last state."""
-        b, t, d = z.shape
-        carry = z.new_zeros(b, d) if c0 is None else c0
-        log_f = torch.log(f.clamp_min(1e-12))
-        u = (1 - f) * z
-        out = []
-        for start in range(0, t, SCAN_CHUNK):
-            a = torch.cumsum(log_f[:, start : start + SCAN_CHUNK], dim=1)  # [B, L, D]
-            n = a.shape[1]
-            diff = a.unsqueeze(2) - a.unsqueeze(1)  # [B, L(t), L(s), D]: sum of log f over s+1..t
-            causal = torch.ones(n, n, dtype=torch.bool, device=z.device).tril().view(1, n, n, 1)
-            weights = torch.exp(torch.where(causal, diff, torch.full_like(diff, -math.inf)))
-            c = torch.einsum("btsd,bsd->btd", weights, u[:, start : start + n]) + torch.exp(a) * carry.unsqueeze(1)
-            out.append(c)
-            carry = c[:, -1]
-        return torch.cat(out, dim=1)
+        """c_t = f_t * c_{t-1} + (1 - f_t) * z_t for all t: z, f float32 [B, T, D], c0 [B, D] or None (zeros)
+        -> c [B, T, D] (:class:`FoPool`)."""
+        c0 = z.new_zeros(z.shape[0], z.shape[2]) if c0 is None else c0
+        return FoPool.apply(z.contiguous(), f.contiguous(), c0.contiguous())
 
     return QRNN, QRNNAttention, DroppedAttention, fo_pool
 
