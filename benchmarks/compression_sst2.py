@@ -133,8 +133,9 @@ def main() -> None:
     import exporters
     from edgelm import schemes
     from edgelm.data import encode, label_indices, load_dataset, load_tokenizer
+    from edgelm.fsutil import captured_output
     from edgelm.models import load_model
-    from edgelm.pipeline import captured_output, eager_latency_ms, latency_input
+    from edgelm.pipeline import eager_latency_ms, latency_input
     from edgelm.validate.metrics import accuracy
     from edgelm.validate.runners import HostRunner
 

@@ -144,7 +144,7 @@ def edgelm_artifacts(model, ids, mask, calib, out: Path) -> tuple[dict[str, Path
 
     import exporters
     from edgelm import schemes
-    from edgelm.pipeline import captured_output
+    from edgelm.fsutil import captured_output
 
     ex = {"input_ids": torch.from_numpy(ids[:1]), "attention_mask": torch.from_numpy(mask[:1])}
     calibration = [{"input_ids": calib[0][i : i + 1], "attention_mask": calib[1][i : i + 1]} for i in range(64)]

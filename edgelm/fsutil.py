@@ -9,12 +9,14 @@ user's to fix (disk full, quota, permission, read-only file system) become one l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgelm.errors import OutputError
@@ -193,3 +195,26 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         note_path(exc, path)
         raise
+
+
+@contextlib.contextmanager
+def captured_output(log_path: Path) -> Iterator[None]:
+    """Send everything written to fd 1 and 2 (Python and native code: converters' C++ logs) to
+    ``log_path`` while the block runs. The CLI draws on a duplicate of the terminal's fd, so its progress
+    bar stays visible."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # a full disk must not keep fd 1/2 on the log file
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])

@@ -275,7 +275,7 @@ def export_generative(
         ``passed == False`` with the bundle written (the CLI exits 1).
     """
     from edgelm.compress.hybrid_qrnn import read_hybrid_config
-    from edgelm.pipeline import captured_output
+    from edgelm.fsutil import captured_output
 
     if read_hybrid_config(model) is not None:  # a hybrid's folder also holds its teacher, which must not pass for it
         raise RecipeError(

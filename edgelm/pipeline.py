@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from edgelm.bundle import MANIFEST_FILE, SCHEMA, Bundle, Manifest
 from edgelm.compress.early_exit import read_exit_config
 from edgelm.compress.early_exit import reference_key as early_exit_key
 from edgelm.errors import EdgeLMError, ExportError, RecipeError, RuntimeMissingError
+from edgelm.fsutil import captured_output
 from edgelm.models import LoadedModel, load_model
 from edgelm.profiles import load_profile
 from edgelm.recipe import FormatPlan, Recipe, make_recipe
@@ -45,29 +45,6 @@ ProgressFn = Callable[[str, int, int], None]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 WARMUP_RUNS = 5
 TIMED_RUNS = 20
-
-
-@contextlib.contextmanager
-def captured_output(log_path: Path) -> Iterator[None]:
-    """Send everything written to fd 1 and 2 (Python and native code: converters' C++ logs) to
-    ``log_path`` while the block runs. The CLI draws on a duplicate of the terminal's fd, so its progress
-    bar stays visible."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):  # a full disk must not keep fd 1/2 on the log file
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 def reference_outputs(model: LoadedModel, ids: np.ndarray, mask: np.ndarray, batch: int = 32) -> np.ndarray:

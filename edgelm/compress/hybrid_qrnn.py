@@ -585,7 +585,7 @@ def run_hybrid_qrnn(
 
     from edgelm import fsutil
     from edgelm.causal_lm import load_causal_lm, save_hf_checkpoint
-    from edgelm.pipeline import captured_output
+    from edgelm.fsutil import captured_output
 
     cfg = cfg or HybridConfig()
     cfg.check()
