@@ -92,7 +92,9 @@ def test_attention_importance_equals_whole_passes_with_the_attention_dropped(tin
         kept, layer.self_attn = layer.self_attn, DroppedAttention()
         slow.append(hq.perplexity(lm.model, windows, batch_size=2))
         layer.self_attn = kept
-    fast = hq.attention_importance(lm.model, windows, batch_size=2)
+    steps = []
+    fast = hq.attention_importance(lm.model, windows, lambda d, t: steps.append((d, t)), batch_size=2)
+    assert steps == [(d, 12) for d in range(1, 13)]  # 4 layers x 3 batches, each reported
     assert np.allclose(fast, slow, rtol=1e-4) and len(set(np.round(fast, 3))) == 4
     assert hq.perplexity(lm.model, windows) not in fast  # each measurement dropped something
 

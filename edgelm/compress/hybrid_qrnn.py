@@ -302,7 +302,7 @@ def attention_importance(model: Any, windows: np.ndarray, progress=None, batch_s
 
     One teacher pass per batch keeps every decoder layer's input; layer i's measurement then runs only layers
     i..L-1 from it (the layers before are unchanged), half the work of a whole pass per layer.
-    ``progress(i, n)`` after each layer."""
+    ``progress(done, total)`` after each layer of each batch (total = layers × batches)."""
     import torch
 
     _, _, DroppedAttention, _ = build_classes()
@@ -341,8 +341,8 @@ def attention_importance(model: Any, windows: np.ndarray, progress=None, batch_s
                         logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
                     )
                 )
-                if progress and s + batch_size >= len(windows):
-                    progress(i + 1, n)
+                if progress:
+                    progress(s // batch_size * n + i + 1, n * -(-len(windows) // batch_size))
     return [math.exp(t / count) for t in total]
 
 
