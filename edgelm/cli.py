@@ -433,7 +433,7 @@ def early_exit_line(a, artifacts) -> str:
 def _export_generative(device, model, data, out, formats, quant, threads, context_length, bundle) -> None:
     """``edgelm export`` for a generative model (see :func:`edgelm.generative.export_generative`)."""
     from edgelm.appbundle import APP_DECODER_RUNTIMES, BUNDLE_KINDS
-    from edgelm.generative import export_generative
+    from edgelm.generative import export_generative, hybrid_lines, recipe_for_model
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_generation_recipe
     from edgelm.report import fmt
@@ -451,6 +451,7 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
             "--format executorch or --format tflite"
         )
     err = _err_console()
+    shown, _ = recipe_for_model(recipe, model)  # a hybrid QRNN model: ExecuTorch only (said after the run)
     rows = [
         [
             p.artifact_name,
@@ -458,12 +459,12 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
             f"ppl ≤ {p.gates.max_perplexity_ratio}x, agree ≥ {p.gates.min_token_agreement:.0%}, "
             f"≤ {p.gates.max_size_mb:g} MB",
         ]
-        for p in recipe.plans
+        for p in shown.plans
     ]
     print_table(
         err,
         f"recipe for {recipe.device}: text-generation, context {recipe.context_length} tokens, "
-        f"{recipe.threads} threads, {', '.join(p.delegate for p in recipe.plans)}",
+        f"{recipe.threads} threads, {', '.join(p.delegate for p in shown.plans)}",
         ("artifact", "quantization", "gates"),
         rows,
         wrap=("quantization", "gates"),
@@ -498,6 +499,11 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
     for r in summary["rows"]:
         if r["status"] != "passed":
             out_console.print(f"[red]{escape(r['artifact'])} {r['status']}[/]: {escape(r['problems'])}")
+    if summary.get("hybrid"):
+        for line in hybrid_lines(summary["hybrid"]):
+            out_console.print(line, markup=False, highlight=False)
+    for k in summary.get("skipped", []):
+        out_console.print(f"not exported: {k['artifact']}: {k['reason']}", markup=False, highlight=False)
     for line in summary.get("tokenizers", []):
         out_console.print(f"tokenizer: {line}", markup=False, highlight=False)
     out_console.print(f"report: {Path(summary['bundle']) / 'report.md'}  ({summary['seconds']:.0f} s)")

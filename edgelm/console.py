@@ -83,12 +83,14 @@ class StageProgress:
     """The ``(description, done, total)`` callback of a long command, drawn for a terminal or a log.
 
     Use as a context manager; on a clean exit the bar is completed (done = total). On a terminal: a rich
-    progress bar with the elapsed time. Elsewhere: one line per new description, ``[done/total] description``.
+    progress bar with the elapsed time. Elsewhere: one line per new description, ``[done/total] description``,
+    and, in a stage of 20 steps or more, one more at each tenth of it, so a log shows a long stage moving.
     """
 
     def __init__(self, console: Console, unit: str = "steps"):
         self.console = console
         self._last: str | None = None
+        self._tenth = 0
         self._task = None
         self._bar = None
         if console.is_terminal:
@@ -120,4 +122,7 @@ class StageProgress:
         elif description != self._last:
             step = f"{total}/{total}" if done >= total else f"{done + 1}/{total}"
             self.console.print(f"[{step}] {description}", markup=False, highlight=False)
-            self._last = description
+            self._last, self._tenth = description, 0
+        elif total >= 20 and done * 10 // total > self._tenth:
+            self._tenth = done * 10 // total
+            self.console.print(f"[{done}/{total}] {description}", markup=False, highlight=False)

@@ -14,6 +14,8 @@ WikiText-2's test split (``wiki.test.raw``) from ``$EDGELM_DATA`` or ``../shared
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -56,6 +58,9 @@ PERPLEXITY_TOKENS = 512
 SPEED_PROMPT_TOKENS = 128
 SPEED_NEW_TOKENS = 128
 WARMUP_STEPS, TIMED_STEPS = 5, 20
+#: A hybrid RNN-Transformer's longest call in ExecuTorch (tokens): its QRNN layers' closed-form scan holds
+#: [T, T, D] floats per call, so prompts are fed in chunks of this size (ExecuTorch's LLM runner splits them).
+HYBRID_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -170,13 +175,44 @@ def reference_stage(lm: CausalLM, recipe: GenerationRecipe, text: Path | None, t
     )
 
 
-def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: Path) -> dict:
+@dataclass
+class Hybrid:
+    """A hybrid RNN-Transformer checkpoint (``edgelm compress --method hybrid-qrnn``) being exported: its
+    teacher (the Llama-family layers ExecuTorch's transformer is built from), the QRNN blocks' weights by layer
+    and the checkpoint's ``hybrid_qrnn.json``."""
+
+    teacher: CausalLM
+    recurrent: dict[int, dict]
+    doc: dict
+    teacher_tokens: list[list[int]] = field(default_factory=list)
+    teacher_perplexity: float | None = None
+
+
+def load_hybrid_lm(model: str) -> tuple[CausalLM, Hybrid]:
+    """A hybrid checkpoint as (the hybrid as a :class:`CausalLM`: its PyTorch model is the reference, the
+    :class:`Hybrid`). Raises ModelError for an incomplete checkpoint."""
+    from edgelm.compress.hybrid_qrnn import load_hybrid, qrnn_blocks
+
+    model_h, teacher, doc = load_hybrid(model)
+    lm = copy.copy(teacher)
+    lm.model = model_h
+    recurrent = {
+        i: {"window": b.window, **{k: v.detach().float().numpy() for k, v in b.state_dict().items()}}
+        for i, b in qrnn_blocks(model_h).items()
+    }
+    return lm, Hybrid(teacher, recurrent, doc)
+
+
+def _export_plan(
+    lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: Path, hybrid: Hybrid | None = None
+) -> dict:
     path = tmp / plan.artifact_name
     q = plan.quant
     common = {"scheme": q.scheme, "group_size": q.group_size, "max_context_len": recipe.context_length}
     try:
         if plan.format == "executorch":
-            ckpt, params = executorch_checkpoint(lm, work / "executorch")
+            base = hybrid.teacher if hybrid else lm  # a hybrid: the teacher's layers, its QRNN blocks put in
+            ckpt, params = executorch_checkpoint(base, work / "executorch")
             info = decoder.export_executorch(
                 ckpt,
                 params,
@@ -184,7 +220,9 @@ def _export_plan(lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: 
                 bos_id=lm.bos_id,
                 eos_ids=lm.eos_ids,
                 vocab_size=lm.vocab_size,
-                blocks=executorch_blocks(lm),
+                blocks=executorch_blocks(base),
+                recurrent=hybrid.recurrent if hybrid else None,
+                max_seq_len=min(HYBRID_PREFILL_CHUNK + 1, recipe.context_length) if hybrid else None,
                 **common,
             )
             companions: list[Path] = []
@@ -277,12 +315,8 @@ def export_generative(
     from edgelm.compress.hybrid_qrnn import read_hybrid_config
     from edgelm.fsutil import captured_output
 
-    if read_hybrid_config(model) is not None:  # a hybrid's folder also holds its teacher, which must not pass for it
-        raise RecipeError(
-            f"{model} is a hybrid QRNN checkpoint (edgelm compress --method hybrid-qrnn): its export is not built "
-            "yet (the decoder exporters map onto ExecuTorch's Llama transformer, which has no QRNN block); "
-            "export the teacher it was made from instead"
-        )
+    is_hybrid = read_hybrid_config(model) is not None
+    recipe, skipped = recipe_for_model(recipe, model)
     text = Path(data) if data else default_text()
     if text is not None and not text.is_file():
         raise DataError(f"perplexity text not found: {text}")
@@ -312,13 +346,20 @@ def export_generative(
     def _fill(tmp: Path, work: Path) -> None:
         t_start = time.perf_counter()
         step("load model")
-        lm = load_causal_lm(model)
+        hybrid = None
+        if is_hybrid:
+            lm, hybrid = load_hybrid_lm(model)
+        else:
+            lm = load_causal_lm(model)
         step("reference (PyTorch eager)")
         ref = reference_stage(lm, recipe, text, threads)
+        if hybrid:  # the teacher's greedy tokens and perplexity, to say what the replacement cost
+            t_ref = reference_stage(hybrid.teacher, recipe, text, threads)
+            hybrid.teacher_tokens, hybrid.teacher_perplexity = t_ref.tokens, t_ref.perplexity
         entries = []
         for plan in recipe.plans:
             step(f"export {plan.artifact_name}")
-            entries.append(_export_plan(lm, plan, recipe, tmp, work))
+            entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid))
         step("write bundle")
         lm.tokenizer.save_pretrained(tmp)
         tok_files = sorted(
@@ -330,7 +371,10 @@ def export_generative(
         data_root = wikitext.parents[2] if wikitext is not None else None
         tokenizer_check = check_tokenizers(tmp, data_root, [_prompt_text(lm, p) for p in PROMPTS])
         write_check(tmp, tokenizer_check)
-        est = decoder_estimate(recipe.hardware, lm.config, recipe.context_length)
+        n_layers = int(lm.config.get("num_hidden_layers", 0))
+        est = decoder_estimate(
+            recipe.hardware, lm.config, recipe.context_length, n_layers - len(hybrid.recurrent) if hybrid else None
+        )
         gguf_type = lm.gguf_type if lm.blocks else None  # an 8-bit head only where the blocks are carried
         for e in entries:  # the artifact's own size; a separate embedding table is read one row per token
             q = e["quantization"]
@@ -347,6 +391,7 @@ def export_generative(
                 "recipe": {**recipe.to_dict(), "seq_len": recipe.context_length},
                 "model": {
                     **lm.describe(),
+                    **({"hybrid": _hybrid_facts(hybrid, ref)} if hybrid else {}),
                     "kind": tasks.TEXT_GENERATION.kind,
                     "output": "logits",
                     "task": "text-generation",
@@ -391,6 +436,9 @@ def export_generative(
         )
         step("report")
         summary.update(_summary(final, lm, recipe, ref, entries, record, est, time.perf_counter() - t_start))
+        summary["skipped"] = skipped
+        if hybrid:
+            summary["hybrid"] = _hybrid_facts(hybrid, ref)
         summary["tokenizers"] = summary_lines(tokenizer_check)
         (tmp / "report.md").write_text(render_report(summary))
         write_validation(bundle, record)
@@ -404,6 +452,73 @@ def export_generative(
     if progress:
         progress("done", done, done)
     return summary
+
+
+#: Why a hybrid RNN-Transformer has no ONNX or LiteRT artifact.
+HYBRID_FORMAT_REASON = (
+    "ONNX Runtime GenAI's model builder and litert-torch's generative API build their own Llama layers and "
+    "have no QRNN block; ExecuTorch's transformer takes one"
+)
+
+
+def recipe_for_model(recipe: GenerationRecipe, model: str) -> tuple[GenerationRecipe, list[dict]]:
+    """The recipe's plans that ``model`` can take, and those it cannot (``{"artifact", "format", "reason"}``):
+    a hybrid RNN-Transformer checkpoint exports to ExecuTorch only. Raises RecipeError when no plan is left;
+    ModelError for an unreadable ``hybrid_qrnn.json``."""
+    from edgelm.compress.hybrid_qrnn import read_hybrid_config
+
+    if read_hybrid_config(model) is None:
+        return recipe, []
+    plans = [p for p in recipe.plans if p.format == "executorch"]
+    if not plans:
+        raise RecipeError(
+            f"{model} is a hybrid QRNN checkpoint: it exports to ExecuTorch only ({HYBRID_FORMAT_REASON}); "
+            f"the recipe asks for {', '.join(sorted({p.format for p in recipe.plans}))}: use --format executorch"
+        )
+    skipped = [
+        {"artifact": p.artifact_name, "format": p.format, "reason": HYBRID_FORMAT_REASON}
+        for p in recipe.plans
+        if p.format != "executorch"
+    ]
+    return dataclasses.replace(recipe, plans=plans), skipped
+
+
+def _hybrid_facts(hybrid: Hybrid, ref: Reference) -> dict:
+    """What the manifest and report say about a hybrid: its layers, and the PyTorch hybrid against its teacher
+    (perplexity on the same window, greedy-token agreement on the golden prompts)."""
+    agree = generation.token_agreement(
+        generation.pad_tokens(hybrid.teacher_tokens, NEW_TOKENS), generation.pad_tokens(ref.tokens, NEW_TOKENS)
+    )
+    n = int(hybrid.teacher.config.get("num_hidden_layers", 0))
+    return {
+        "method": "hybrid-qrnn",
+        "recurrent_layers": sorted(hybrid.recurrent),
+        "attention_layers": [i for i in range(n) if i not in hybrid.recurrent],
+        "window": int(hybrid.doc["window"]),
+        "prefill_chunk": HYBRID_PREFILL_CHUNK,
+        "teacher_perplexity": hybrid.teacher_perplexity,
+        "perplexity_vs_teacher": (
+            ref.perplexity / hybrid.teacher_perplexity if ref.perplexity and hybrid.teacher_perplexity else None
+        ),
+        "token_agreement_vs_teacher": agree["agreement"],
+        "mean_prefix_vs_teacher": agree["mean_prefix"],
+    }
+
+
+def hybrid_lines(h: dict) -> list[str]:
+    """A hybrid's facts (:func:`_hybrid_facts`) as the report's and the CLI's lines."""
+    ppl = (
+        f"perplexity {h['perplexity_vs_teacher']:.3f}x the teacher's ({h['teacher_perplexity']:.2f})"
+        if h.get("perplexity_vs_teacher")
+        else "perplexity not measured"
+    )
+    return [
+        f"Hybrid RNN-Transformer: layers {', '.join(map(str, h['recurrent_layers']))} are QRNNs (window "
+        f"{h['window']}, state as mutable buffers; prompts fed {h['prefill_chunk']} tokens per call), "
+        f"{len(h['attention_layers'])} attention layers keep a KV cache. The reference is the PyTorch hybrid; "
+        f"against its teacher: {ppl}, greedy tokens equal on {h['token_agreement_vs_teacher']:.0%} of the prompts "
+        f"(mean prefix {h['mean_prefix_vs_teacher']:.1f} tokens)."
+    ]
 
 
 def _summary(final, lm, recipe, ref, entries, record, est, seconds) -> dict:
@@ -488,6 +603,8 @@ def render_report(s: dict) -> str:
         f"decode {ref['eager_decode_tokens_per_s']:.1f} tokens/s.",
         "",
     ]
+    if s.get("hybrid"):
+        lines += [*hybrid_lines(s["hybrid"]), ""]
     rows = [
         {
             "artifact": r["artifact"],
@@ -522,6 +639,8 @@ def render_report(s: dict) -> str:
             "",
             *[f"- {line}" for line in s["tokenizers"]],
         ]
+    if s.get("skipped"):
+        lines += ["", "Not exported:", *[f"- {k['artifact']}: {k['reason']}" for k in s["skipped"]]]
     problems = [f"- {r['artifact']}: {r['problems']}" for r in s["rows"] if r["problems"]]
     if problems:
         lines += ["", "Problems:", *problems]

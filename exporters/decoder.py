@@ -83,6 +83,8 @@ def export_executorch(
     eos_ids: list[int] | None = None,
     vocab_size: int | None = None,
     blocks: dict[str, Any] | None = None,
+    recurrent: dict[int, dict[str, Any]] | None = None,
+    max_seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Export a Llama-family checkpoint in ExecuTorch's layout (``checkpoint``: a ``.pth`` state dict,
     ``params``: its ``params.json``; see :func:`edgelm.causal_lm.executorch_checkpoint`) to the ``.pte`` at
@@ -95,6 +97,12 @@ def export_executorch(
     scales exactly (torchao ``IntxUnpackedToInt8Tensor`` with the given scales) plus the block-offset term; the
     others are quantized 8da4w as usual, and the output head 8da8w per channel (int8 weights: the GGUF's head is
     8-bit, and an int4 head costs most of the accuracy).
+
+    ``recurrent``: a hybrid RNN-Transformer's QRNN blocks by layer (0-based) -> ``{"window": w,
+    "gates.weight": float32 [3 D, w H], "gates.bias": [3 D], "o_proj.weight": [H, D]}``; those layers'
+    attention (and its KV cache) is replaced by :func:`qrnn_attention_class` with its state as mutable
+    buffers, quantized like every other linear. ``max_seq_len``: the longest call (a prefill chunk; the
+    LLM runner splits longer prompts; default ``max_context_len``).
 
     Raises:
         UnsupportedQuantError: a scheme other than :data:`DECODER_SCHEMES`.
@@ -120,7 +128,7 @@ def export_executorch(
     cfg.model.use_kv_cache = True
     cfg.model.use_sdpa_with_kv_cache = True
     cfg.model.enable_dynamic_shape = True
-    cfg.export.max_seq_length = int(max_context_len)
+    cfg.export.max_seq_length = int(max_seq_len or max_context_len)
     cfg.export.max_context_length = int(max_context_len)
     if scheme == "8da4w":
         cfg.quantization.qmode = None if blocks else "8da4w"  # with blocks: _carry_blocks quantizes the linears
@@ -135,8 +143,11 @@ def export_executorch(
         cfg.export.output_name = str(Path(tmp) / "model.pte")
         carried: dict[str, int] = {}
         try:
-            with _extra_source_transform(
-                _carry_blocks(blocks, group_size, carried) if blocks and scheme == "8da4w" else None
+            with (
+                _extra_source_transform(_replace_with_qrnn(recurrent) if recurrent else None, first=True),
+                _extra_source_transform(
+                    _carry_blocks(blocks, group_size, carried) if blocks and scheme == "8da4w" else None
+                ),
             ):
                 export_llama(cfg)
         except Exception as exc:
@@ -151,26 +162,108 @@ def export_executorch(
         "head_bits": (8 if blocks else 4) if scheme == "8da4w" else None,
         "gguf_blocks": carried,
         "max_context_len": int(max_context_len),
+        "max_seq_len": int(max_seq_len or max_context_len),
+        "recurrent_layers": sorted(int(i) for i in recurrent) if recurrent else [],
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
 @contextlib.contextmanager
-def _extra_source_transform(transform) -> Iterator[None]:
+def _extra_source_transform(transform, first: bool = False) -> Iterator[None]:
     """Append ``transform`` (nn.Module -> nn.Module) to the source transforms ExecuTorch's LLM export applies
-    after loading its checkpoint (``export_llama_lib._get_source_transforms``; executorch 1.5), while inside.
-    ``export_llama`` takes no custom transform otherwise."""
+    after loading its checkpoint (``export_llama_lib._get_source_transforms``; executorch 1.5), or put it before
+    them (``first``: before its quantization), while inside. ``export_llama`` takes no custom transform
+    otherwise."""
     if transform is None:
         yield
         return
     from executorch.examples.models.llama import export_llama_lib
 
     original = export_llama_lib._get_source_transforms
-    export_llama_lib._get_source_transforms = lambda *a, **k: [*original(*a, **k), transform]
+    export_llama_lib._get_source_transforms = lambda *a, **k: (
+        [transform, *original(*a, **k)] if first else [*original(*a, **k), transform]
+    )
     try:
         yield
     finally:
         export_llama_lib._get_source_transforms = original
+
+
+def _replace_with_qrnn(recurrent: dict[int, dict[str, Any]]):
+    """The source transform for :func:`export_executorch`'s ``recurrent``: ``layers[i].attention`` of
+    ExecuTorch's Llama transformer becomes a :func:`qrnn_attention_class` with the given weights."""
+
+    def transform(model):
+        cls = qrnn_attention_class()
+        for i, w in recurrent.items():
+            model.layers[int(i)].attention = cls.from_weights(w)
+        return model
+
+    return transform
+
+
+def qrnn_attention_class():
+    """The QRNN block of a hybrid RNN-Transformer in ExecuTorch's Llama transformer (the attention call:
+    ``(x float32 [1, T, H], freqs_cos, freqs_sin, input_pos=int64 [1]) -> (y [1, T, H], None)``).
+
+    Its state is two mutable buffers held in the program like the KV cache: ``c`` float32 [1, D] (the
+    fo-pooling state) and ``past`` [1, w - 1, H] (the inputs the causal convolution still needs); both are
+    reset when ``input_pos`` is 0. The gates are a linear map of each position's window of inputs, then
+    fo-pooling over the T positions of the call in closed form, so one graph serves a prefill and a decode
+    step (T = 1): with A_t = sum_{r<=t} log f_r, c_t = exp(A_t) c_0 + sum_{s<=t} exp(A_t - A_s) (1 - f_s) z_s,
+    every exponent <= 0 ([1, T, T, D] floats for a call of T positions; the prefill chunk bounds T). Bradbury
+    et al. 2017 (arXiv:1611.01576); :mod:`edgelm.compress.hybrid_qrnn` trains it."""
+    import torch
+
+    class QRNNAttentionET(torch.nn.Module):
+        def __init__(self, hidden: int, inner: int, window: int):
+            super().__init__()
+            self.hidden, self.inner, self.window = hidden, inner, window
+            self.gates = torch.nn.Linear(hidden * window, 3 * inner)
+            self.o_proj = torch.nn.Linear(inner, hidden, bias=False)
+            self.register_buffer("c", torch.zeros(1, inner))
+            self.register_buffer("past", torch.zeros(1, max(window - 1, 1), hidden))
+
+        @classmethod
+        def from_weights(cls, w: dict[str, Any]):
+            gates = torch.as_tensor(np.asarray(w["gates.weight"], dtype=np.float32))
+            out = torch.as_tensor(np.asarray(w["o_proj.weight"], dtype=np.float32))
+            block = cls(out.shape[0], out.shape[1], int(w["window"]))
+            if tuple(gates.shape) != (3 * block.inner, block.hidden * block.window):
+                raise ExportFailedError(
+                    f"QRNN gates of shape {tuple(gates.shape)} do not fit hidden {block.hidden}, inner "
+                    f"{block.inner}, window {block.window}"
+                )
+            with torch.no_grad():
+                block.gates.weight.copy_(gates)
+                block.gates.bias.copy_(torch.as_tensor(np.asarray(w["gates.bias"], dtype=np.float32)))
+                block.o_proj.weight.copy_(out)
+            return block
+
+        def forward(self, x, freqs_cos, freqs_sin, **kwargs):
+            input_pos = kwargs.get("input_pos")
+            t = x.shape[1]
+            keep = (input_pos[0] != 0).to(x.dtype) if input_pos is not None else x.new_zeros(())
+            c0, past = self.c * keep, self.past * keep
+            if self.window > 1:
+                seq = torch.cat([past, x], dim=1)
+                windows = torch.cat([seq[:, k : k + t] for k in range(self.window)], dim=-1)
+            else:
+                seq, windows = x, x
+            z, f, o = self.gates(windows).chunk(3, dim=-1)
+            z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+            a = torch.cumsum(torch.log(f.clamp_min(1e-12)), dim=1)  # [1, T, D]
+            idx = torch.arange(t)
+            causal = (idx[:, None] >= idx[None, :])[None, :, :, None]  # [1, T, T, 1]
+            decay = torch.exp(torch.where(causal, a[:, :, None, :] - a[:, None, :, :], float("-inf")))
+            c = (decay * ((1 - f) * z)[:, None, :, :]).sum(dim=2) + torch.exp(a) * c0[:, None, :]
+            with torch.no_grad():
+                self.c.copy_(c[:, -1])
+                if self.window > 1:
+                    self.past.copy_(seq[:, seq.shape[1] - (self.window - 1) :])
+            return self.o_proj(o * c), None
+
+    return QRNNAttentionET
 
 
 def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int]):
@@ -578,6 +671,9 @@ class ExecuTorchDecoder:
         if not meta.get("use_kv_cache", [False])[0]:
             raise ArtifactLoadError(f"{path.name} is not a decoder with a KV cache (no use_kv_cache method)")
         self.max_context = int(meta["get_max_context_len"][0])
+        #: the longest call the program takes: ExecuTorch's LLM export bounds the token dimension at
+        #: ``get_max_seq_len - 1``; longer feeds are split
+        self.max_seq = max(1, int(meta["get_max_seq_len"][0]) - 1) if "get_max_seq_len" in meta else self.max_context
         self.bos_id = int(meta["get_bos_id"][0]) if "get_bos_id" in meta else None
         self.eos_ids = [int(x) for x in meta.get("get_eos_ids", [])]
         self.vocab_size = int(meta["get_vocab_size"][0]) if "get_vocab_size" in meta else 0
@@ -585,7 +681,9 @@ class ExecuTorchDecoder:
     def forward(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         torch = self._torch
         tokens = _check_window(self, tokens, pos)
-        out = self._method.execute([torch.from_numpy(tokens[None, :]), torch.tensor([pos], dtype=torch.long)])[0]
+        for start in range(0, len(tokens), self.max_seq):  # as ExecuTorch's LLM runner splits a long prompt
+            chunk = np.ascontiguousarray(tokens[start : start + self.max_seq])
+            out = self._method.execute([torch.from_numpy(chunk[None, :]), torch.tensor([pos + start])])[0]
         logits = out.numpy().astype(np.float32, copy=True)
         return logits.reshape(-1, logits.shape[-1])[-1:]
 

@@ -49,3 +49,14 @@ def test_progress_in_a_log_is_one_line_per_stage_and_ends_at_its_total():
         "[4/6] writing",
         "[4/4] done",
     ]
+
+
+def test_progress_in_a_log_shows_a_long_stage_moving_at_each_tenth():
+    con, buf = _console(80)
+    with StageProgress(con) as progress:
+        for i in range(1, 41):
+            progress("layer-local distillation", i, 40)
+        progress("saving", 0, 1)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "[2/40] layer-local distillation" and lines[-1] == "[1/1] saving"
+    assert lines[1:-1] == [f"[{4 * k}/40] layer-local distillation" for k in range(1, 11)]

@@ -79,6 +79,32 @@ def tiny_lm(tmp_path_factory):
     return make_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=4)
 
 
+def test_hybrid_with_transformers_cache_equals_the_whole_pass(tiny_lm):
+    """Generation with transformers' cache (prefill, then decode steps) carries each QRNN's state on the cache:
+    the logits equal one pass over the whole sequence, also with layer 0 a QRNN (the cache's length)."""
+    import torch
+
+    from edgelm.causal_lm import load_causal_lm
+
+    lm = load_causal_lm(tiny_lm)
+    model = hq.make_hybrid(lm.model, [0, 2])
+    for b in hq.qrnn_blocks(model).values():
+        torch.nn.init.normal_(b.gates.weight, std=0.3)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 300, (1, 20)))
+    with torch.no_grad():
+        whole = model(ids).logits
+        out = model(ids[:, :12], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(12, 20):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        assert cache.get_seq_length() == 20
+        assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-4)
+        # a new cache starts from zeros: the same prompt gives the same logits again
+        again = model(ids[:, :12], use_cache=True).logits
+        assert torch.allclose(again, whole[:, :12], atol=1e-5)
+
+
 def test_attention_importance_equals_whole_passes_with_the_attention_dropped(tiny_lm):
     """The fast measurement (layers i.. from the teacher's own inputs) equals a whole forward pass of the model
     with layer i's attention dropped."""
@@ -171,10 +197,54 @@ def test_hybrid_checkpoint_refusals(hybrid, tmp_path):
     (broken / hq.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):
         hq.load_hybrid(broken)
-    # a hybrid's folder holds its teacher: export refuses it rather than exporting the teacher under its name
-    r = cli("export", "--device", "pixel8", "--model", str(out), "--out", str(tmp_path / "dist"))
-    assert r.exit_code == 2 and "hybrid QRNN checkpoint" in r.output
+    # a hybrid exports to ExecuTorch only: asking for ONNX alone is refused, nothing written
+    r = cli("export", "--device", "pixel8", "--model", str(out), "--format", "onnx", "--out", str(tmp_path / "dist"))
+    assert r.exit_code == 2 and "exports to ExecuTorch only" in r.output and "--format executorch" in r.output
     assert not (tmp_path / "dist" / "pixel8").exists()
+    r = cli("export", "--device", "pixel8", "--model", str(broken), "--out", str(tmp_path / "dist"))
+    assert r.exit_code == 2 and "corrupt" in r.output
+
+
+def test_hybrid_exports_to_executorch_with_its_state_and_equals_pytorch(hybrid, tmp_path):
+    """``edgelm export`` of a hybrid: the .pte (fp32) holds the QRNN state as mutable buffers beside the
+    remaining layers' KV cache; a prefill split into chunks and decode steps give PyTorch's logits, a call at
+    position 0 starts again from zeros, and the bundle passes its gates against the PyTorch hybrid."""
+    import torch
+
+    from exporters import decoder
+
+    out, _ = hybrid
+    r = cli(
+        "export", "--device", "pixel8", "--model", str(out), "--quant", "fp32", "--context-length", "160",
+        "--out", str(tmp_path / "dist"),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "dist" / "pixel8"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]  # onnx and tflite are not built for a hybrid: said, not written
+    assert art["format"] == "executorch" and "not exported: model.fp32.onnx" in r.output
+    doc = json.loads((out / hq.CONFIG_FILE).read_text())
+    facts = manifest["model"]["hybrid"]
+    assert (
+        facts["recurrent_layers"] == doc["replaced_layers"]
+        and art["details"]["recurrent_layers"] == facts["recurrent_layers"]
+    )
+    assert "Hybrid RNN-Transformer: layers" in r.output
+    validation = json.loads((bundle / "validation.json").read_text())
+    fid = validation["runners"]["host"]["artifacts"][art["file"]]["fidelity"]
+    assert fid["token_agreement"] == 1.0 and abs(fid["perplexity_ratio"] - 1) < 1e-3
+
+    model, _, _ = hq.load_hybrid(out)
+    session = decoder.load_decoder(bundle / art["file"])
+    assert session.max_seq == 64  # prompts are fed 64 tokens per call
+    ids = np.random.default_rng(3).integers(3, 300, 150)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    got = [session.forward(ids[:140], 0)[-1]]  # 64 + 64 + 12 tokens
+    got += [session.forward(ids[p : p + 1], p)[-1] for p in range(140, 150)]
+    assert np.abs(np.stack(got) - want[139:150]).max() < 1e-3
+    again = session.forward(ids[:20], 0)[-1]  # position 0: the QRNN state starts from zeros again
+    assert np.abs(again - want[19]).max() < 1e-3
 
 
 def test_compress_hybrid_qrnn_refuses_bad_input(tiny_lm, text_file, tmp_path):

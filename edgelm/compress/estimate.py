@@ -280,12 +280,16 @@ def _decoder_shape(config: dict) -> dict:
     }
 
 
-def decoder_estimate(hardware: dict, config: dict, context_length: int) -> DecoderEstimate:
+def decoder_estimate(
+    hardware: dict, config: dict, context_length: int, attention_layers: int | None = None
+) -> DecoderEstimate:
     """:class:`DecoderEstimate` of a Llama-family decoder (``config``: its Hugging Face config as a dict) at
-    ``context_length`` tokens on ``hardware`` (a profile's ``[hardware]``)."""
+    ``context_length`` tokens on ``hardware`` (a profile's ``[hardware]``). ``attention_layers``: the layers
+    that keep a KV cache (a hybrid RNN-Transformer's attention layers; default: all)."""
     shape = _decoder_shape(config)
     macs = shape["linear"]
-    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context_length * 4
+    layers = shape["layers"] if attention_layers is None else attention_layers
+    kv = 2 * layers * shape["kv_heads"] * shape["head_dim"] * context_length * 4
     return DecoderEstimate(
         kv_cache_mb=kv / 1e6,
         prefill_gmacs_per_token=macs / 1e9,

@@ -107,15 +107,29 @@ def build_classes():
             return self.o_proj((o[:, 0] * c).unsqueeze(1)), (c, new_past)
 
     class QRNNAttention(nn.Module):
-        """A decoder layer's ``self_attn`` replaced: the same call (the position embeddings, mask and cache
-        are not needed), ``(output, None)``."""
+        """A decoder layer's ``self_attn`` replaced: the same call, ``(output, None)`` (the position embeddings
+        and mask are not needed).
 
-        def __init__(self, qrnn: QRNN):
+        With transformers' cache (``cache``/``past_key_values``, generation with ``use_cache=True``) the QRNN
+        state of layer ``layer_idx`` rides on the cache object: a call whose cache holds no position yet starts
+        from zeros, later calls continue from the state the previous one left (a prefill, then decode steps).
+        The layer also records one float per position in the cache (keys and values [B, 1, T, 1]) so that the
+        cache's length stays right whichever layers are QRNNs. Without a cache: the sequence form from zeros."""
+
+        def __init__(self, qrnn: QRNN, layer_idx: int = 0):
             super().__init__()
-            self.qrnn = qrnn
+            self.qrnn, self.layer_idx = qrnn, layer_idx
 
         def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-            return self.qrnn(hidden_states), None
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is None:
+                return self.qrnn(hidden_states), None
+            states = cache.__dict__.setdefault("edgelm_qrnn_states", {})
+            state = states.get(self.layer_idx) if cache.get_seq_length(self.layer_idx) > 0 else None
+            out, states[self.layer_idx] = self.qrnn.scan(hidden_states, state)
+            mark = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(mark, mark, self.layer_idx)
+            return out, None
 
     class DroppedAttention(nn.Module):
         """An attention block whose output is dropped (zeros): the importance measurement."""
@@ -212,7 +226,7 @@ def make_hybrid(model: Any, layers: list[int], window: int = 2) -> Any:
         raise RecipeError(f"--replace {bad}: the model has layers 0..{n - 1}")
     for i in layers:
         layer = _layers(model)[i]
-        layer.self_attn = QRNNAttention(qrnn_from_attention(layer.self_attn, model, window))
+        layer.self_attn = QRNNAttention(qrnn_from_attention(layer.self_attn, model, window), i)
     return model
 
 
