@@ -897,6 +897,13 @@ def finetune(
     out_console.print(f"checkpoint: {Path(out).resolve()}  (export it: edgelm export --device DEVICE --model {out})")
 
 
+def _is_causal(model: str) -> bool:
+    """Whether ``model`` names a generative model (``smollm2-135m``, a GGUF, a causal-LM checkpoint)."""
+    from edgelm.causal_lm import is_causal_lm
+
+    return model not in (None, "default") and is_causal_lm(model)
+
+
 @app.command()
 @handle_errors
 def adapt(
@@ -1001,6 +1008,24 @@ def adapt(
 
             acc = checkpoint_accuracy(out, eval_data, eval_limit, text_column, label_column)
             out_console.print(f"accuracy on {eval_data}: {acc:.2f}%")
+    elif _is_causal(model):
+        if not data:
+            raise RecipeError("pass --data (source/target pairs: .tsv/.csv/.jsonl) to adapt a generative model")
+        from edgelm.adapt.generation import GenAdaptConfig, run_adapt_generation
+
+        gcfg = GenAdaptConfig(
+            method=method, shots=shots, num_virtual_tokens=virtual_tokens, rank=rank, alpha=alpha, epochs=epochs,
+            lr=lr, batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+        with StageProgress(_err_console()) as progress:
+            gres = run_adapt_generation(
+                model, data, out, gcfg, eval_data=eval_data, eval_limit=eval_limit, progress=progress
+            )
+        out_console.print(
+            f"{method}: {gres.examples} pairs, {gres.trainable_parameters:,} trainable parameters, "
+            f"{gres.seconds:.1f} s, loss {gres.history[0]:.3f} -> {gres.history[-1]:.3f}"
+            + (f"; ROUGE-L on {eval_data}: {gres.eval_rouge_l:.2f}" if gres.eval_rouge_l is not None else "")
+        )
     else:
         if not data:
             raise RecipeError("pass --data (labeled training data) for --method, or --hypernetwork with --demos")

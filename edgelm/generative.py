@@ -465,8 +465,15 @@ def recipe_for_model(recipe: GenerationRecipe, model: str) -> tuple[GenerationRe
     """The recipe's plans that ``model`` can take, and those it cannot (``{"artifact", "format", "reason"}``):
     a hybrid RNN-Transformer checkpoint exports to ExecuTorch only. Raises RecipeError when no plan is left;
     ModelError for an unreadable ``hybrid_qrnn.json``."""
+    from edgelm.adapt.generation import read_adapt_record
     from edgelm.compress.hybrid_qrnn import read_hybrid_config
 
+    adapted = read_adapt_record(model)
+    if adapted and adapted.get("method") != "lora":
+        raise RecipeError(
+            f"{model} is prompt-tuned ({adapted.get('method')}): exporting its soft prompt inside the decoder is "
+            "not built yet; adapt with --method lora (merged into the weights) to export"
+        )
     if read_hybrid_config(model) is None:
         return recipe, []
     plans = [p for p in recipe.plans if p.format == "executorch"]

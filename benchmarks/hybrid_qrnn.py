@@ -1,0 +1,323 @@
+"""Benchmark: hybrid RNN-Transformer students of SmolLM2-135M-Instruct (``edgelm compress --method hybrid-qrnn``)
+with 0, 25, 50 and 75 % of the attention layers replaced by QRNN layers, side by side on this host.
+
+Per level, in one run:
+- the hybrid is trained as the CLI does (layer-local then end-to-end distillation on WikiText-2 *valid*;
+  the layers chosen by the attention-drop importance measured once, on the 50 % run or the first share run,
+  so every level replaces the cheapest layers of the same ranking); the 0 % level is the teacher (the
+  dequantized GGUF as a Hugging Face checkpoint, exported the same way);
+- WikiText-2 *test* perplexity in PyTorch fp32 over ``--ppl-windows`` windows of 1,024 tokens, and its ratio to
+  the teacher's;
+- ``edgelm export --device pixel8 --format executorch`` (8da4w ``.pte``, context ``--context``) in its own
+  process, whose host check gives the ``.pte``'s perplexity on the golden window (512 tokens), its greedy token
+  agreement with the PyTorch model it came from, and decode tokens/s;
+- decode time per token at positions ``--positions`` (default 128, 512, 2048: the prompt is WikiText-2 test
+  text fed up to that position, then 16 greedy decode steps, median ms), 1 thread, each ``.pte`` in its own
+  process, with that process's peak RSS;
+- KV cache + QRNN state at 2,048 positions: what the program holds (ExecuTorch's cache is float32,
+  ``2 · layers · kv_heads · head_dim · positions · 4`` bytes per attention layer; a QRNN layer holds
+  ``(D + (w − 1) · H) · 4`` bytes whatever the position).
+
+Targets (issue 16) at 50 %: perplexity ≤ 1.10× the teacher's, decode time at position 2048 ≤ 0.75× the
+all-attention model's, cache + state ≤ 0.55× its KV cache. Results:
+``benchmarks/results/hybrid_qrnn.{json,md,png}``; trained hybrids and bundles are cached in
+``benchmarks/.cache/``.
+
+    python benchmarks/hybrid_qrnn.py [--levels 0 0.25 0.5 0.75] [--local-steps 1000] [--e2e-steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _results import RESULTS, write_results
+
+from edgelm import hostinfo
+from edgelm.report import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache"
+DATA = ROOT.parent / "shared" / "data" / "wikitext2"
+TRAIN_TEXT = DATA / "tokenized" / "wiki.valid.tokens"
+TEST_TEXT = DATA / "raw" / "wiki.test.raw"
+DECODE_STEPS = 16
+TARGETS = {"perplexity_ratio": 1.10, "decode_ms_2048_ratio": 0.75, "memory_ratio": 0.55}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(level: float) -> int:
+    return round(level * 100)
+
+
+def teacher_dir() -> Path:
+    """The teacher as a Hugging Face checkpoint (the 0 % level), written once."""
+    from edgelm.causal_lm import load_causal_lm, save_hf_checkpoint
+
+    out = CACHE / "hybrid-qrnn-teacher"
+    if not (out / "config.json").is_file():
+        log("writing the teacher checkpoint (dequantized SmolLM2-135M-Instruct)")
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_hf_checkpoint(load_causal_lm("smollm2-135m"), tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def train(level: float, layers: list[int] | None, args) -> Path:
+    """The hybrid of ``level`` (cached): ``layers`` given (from an earlier level's importance) or measured."""
+    from edgelm.compress import hybrid_qrnn as hq
+
+    out = CACHE / f"hybrid-qrnn-{pct(level)}-{args.local_steps}-{args.e2e_steps}"
+    if (out / hq.CONFIG_FILE).is_file():
+        return out
+    log(f"training the {pct(level)} % hybrid ({'layers ' + str(layers) if layers else 'measuring the layers'})")
+    last = [""]
+
+    def progress(desc, done, total):
+        if desc != last[0] or done == total or done % max(1, total // 10) == 0:
+            log(f"  {desc} {done}/{total}")
+            last[0] = desc
+
+    cfg = hq.HybridConfig(replace=layers or level, local_steps=args.local_steps, e2e_steps=args.e2e_steps)
+    res = hq.run_hybrid_qrnn("smollm2-135m", [TRAIN_TEXT], out, cfg, progress=progress)
+    log(f"  layers {res.replaced_layers}: perplexity {res.teacher_perplexity:.2f} -> {res.hybrid_perplexity:.2f}")
+    return out
+
+
+def test_windows(tokenizer, n: int, length: int = 1024) -> np.ndarray:
+    """The first ``n`` windows of ``length`` tokens of WikiText-2 test (the raw file, as the export reads it)."""
+    ids = tokenizer(TEST_TEXT.read_text(encoding="utf-8")[:2_000_000], add_special_tokens=False)["input_ids"]
+    n = min(n, len(ids) // length)
+    return np.asarray(ids[: n * length], dtype=np.int64).reshape(n, length)
+
+
+def pytorch_perplexity(model_dir: Path, windows: np.ndarray) -> float:
+    from edgelm.causal_lm import load_causal_lm
+    from edgelm.compress import hybrid_qrnn as hq
+
+    if (model_dir / hq.CONFIG_FILE).is_file():
+        model, _, _ = hq.load_hybrid(model_dir)
+    else:
+        model = load_causal_lm(model_dir).model
+    return hq.perplexity(model, windows, batch_size=1)
+
+
+def export(model_dir: Path, level: float, context: int) -> Path:
+    """``edgelm export --format executorch`` in its own process (cached): the bundle folder."""
+    out = CACHE / "hybrid-qrnn-dist" / f"{pct(level)}-{model_dir.name}-{context}"
+    bundle = out / "pixel8"
+    if (bundle / "validation.json").is_file():
+        return bundle
+    log(f"exporting the {pct(level)} % model to an 8da4w .pte (context {context})")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [shutil.which("edgelm") or "edgelm", "export", "--device", "pixel8", "--model", str(model_dir)]
+    cmd += ["--format", "executorch", "--context-length", str(context), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    log(f"  {time.perf_counter() - t0:.0f} s, exit {proc.returncode}")
+    if not (bundle / "validation.json").is_file():
+        sys.exit(f"the export of {model_dir} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return bundle
+
+
+def worker(pte: str, positions: list[int], prompt_file: str) -> dict:
+    """In its own process: decode ms per token at each position (1 thread) and the peak RSS."""
+    import resource
+
+    from exporters.decoder import load_decoder
+
+    session = load_decoder(Path(pte), threads=1)
+    prompt = np.load(prompt_file)
+    out = {}
+    for p in positions:
+        logits = session.forward(prompt[:p], 0)
+        token, times = int(np.argmax(logits[-1])), []
+        for k in range(DECODE_STEPS):
+            t0 = time.perf_counter()
+            logits = session.forward(np.asarray([token]), p + k)
+            times.append((time.perf_counter() - t0) * 1000)
+            token = int(np.argmax(logits[-1]))
+        out[str(p)] = float(np.median(times))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"decode_ms": out, "peak_rss_mb": rss_mb}
+
+
+def run_worker(pte: Path, positions: list[int], prompt_file: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(pte), "--positions", *map(str, positions)]
+    cmd += ["--prompt-file", str(prompt_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"measuring {pte} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cache_bytes(config: dict, attention_layers: int, qrnn: list[dict], positions: int) -> dict:
+    """KV cache (float32, ExecuTorch's) of the attention layers and the QRNN layers' state, bytes."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    kv = 2 * attention_layers * kv_heads * head_dim * positions * 4
+    state = sum((heads * head_dim + (q["window"] - 1) * int(config["hidden_size"])) * 4 for q in qrnn)
+    return {"kv_cache_bytes": kv, "state_bytes": state, "total_bytes": kv + state}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    ap.add_argument("--local-steps", type=int, default=1000)
+    ap.add_argument("--e2e-steps", type=int, default=100)
+    ap.add_argument("--positions", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--context", type=int, default=2080)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.positions, args.prompt_file)))
+        return
+    if not TEST_TEXT.is_file() or not TRAIN_TEXT.is_file():
+        sys.exit(f"WikiText-2 not found under {DATA}: this benchmark reads ../shared/data/wikitext2")
+    if max(args.positions) + DECODE_STEPS >= args.context:
+        sys.exit(f"--context {args.context} must exceed the last position + {DECODE_STEPS} decode steps")
+    from edgelm.causal_lm import load_causal_lm
+    from edgelm.compress import hybrid_qrnn as hq
+
+    load_before = os.getloadavg()[0]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    teacher = load_causal_lm("smollm2-135m")
+    n_layers = int(teacher.config["num_hidden_layers"])
+    # the layer ranking: measured once by the first share level (50 % first when asked for)
+    shares = sorted((x for x in args.levels if x > 0), key=lambda x: (x != 0.5, x))
+    dirs: dict[float, Path] = {0.0: teacher_dir()} if 0.0 in args.levels else {}
+    importance = None
+    for level in shares:
+        layers = hq.choose_layers(importance, level, n_layers) if importance else None
+        dirs[level] = train(level, layers, args)
+        importance = importance or hq.read_hybrid_config(dirs[level])["importance_perplexity"]
+    windows = test_windows(teacher.tokenizer, args.ppl_windows)
+    prompt = test_windows(teacher.tokenizer, 1, max(args.positions) + 1)[0]
+    prompt_file = CACHE / "hybrid-qrnn-prompt.npy"
+    np.save(prompt_file, prompt)
+    log(f"teacher perplexity on {windows.size} WikiText-2 test tokens (PyTorch fp32)")
+    teacher_ppl = pytorch_perplexity(teacher_dir(), windows)
+    rows = []
+    for level in sorted(dirs):
+        d = dirs[level]
+        doc = hq.read_hybrid_config(d) if level > 0 else None
+        qrnn = [{"layer": i, "window": doc["window"]} for i in doc["replaced_layers"]] if doc else []
+        log(f"{pct(level)} %: perplexity")
+        ppl = teacher_ppl if level == 0 else pytorch_perplexity(d, windows)
+        bundle = export(d, level, args.context)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        art = manifest["artifacts"][0]
+        host = json.loads((bundle / "validation.json").read_text())["runners"]["host"]["artifacts"][art["file"]]
+        log(f"{pct(level)} %: decode time at positions {args.positions}")
+        speed = run_worker(bundle / art["file"], args.positions, prompt_file)
+        mem = cache_bytes(teacher.config, n_layers - len(qrnn), qrnn, 2048)
+        rows.append(
+            {
+                "level": level,
+                "replaced_layers": [q["layer"] for q in qrnn],
+                "model": str(d),
+                "training_seconds": doc.get("seconds") if doc else None,
+                "perplexity": ppl,
+                "perplexity_ratio": ppl / teacher_ppl,
+                "pte_perplexity_512": host["fidelity"].get("perplexity"),
+                "pte_perplexity_ratio_vs_own_reference": host["fidelity"].get("perplexity_ratio"),
+                "pte_token_agreement_vs_own_reference": host["fidelity"].get("token_agreement"),
+                "pte_size_mb": art["size_bytes"] / 1e6,
+                "export_seconds": art["export_seconds"],
+                "decode_ms": speed["decode_ms"],
+                "peak_rss_mb": speed["peak_rss_mb"],
+                **mem,
+            }
+        )
+        log(f"  ppl {ppl:.2f} ({ppl / teacher_ppl:.3f}x), decode ms {speed['decode_ms']}")
+    base = next((r for r in rows if r["level"] == 0), None)
+    for r in rows:
+        if base:
+            last = str(max(args.positions))
+            r["decode_ms_ratio"] = {p: r["decode_ms"][p] / base["decode_ms"][p] for p in r["decode_ms"]}
+            r["memory_ratio"] = r["total_bytes"] / base["total_bytes"]
+            if r["level"] == 0.5:
+                r["targets"] = {
+                    "perplexity_ratio": r["perplexity_ratio"] <= TARGETS["perplexity_ratio"],
+                    "decode_ms_2048_ratio": r["decode_ms_ratio"].get(last, 9) <= TARGETS["decode_ms_2048_ratio"],
+                    "memory_ratio": r["memory_ratio"] <= TARGETS["memory_ratio"],
+                }
+    host_info = hostinfo.describe(hostinfo.cpu_info())
+    payload = {
+        "host": host_info,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "teacher": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, float32)",
+        "teacher_perplexity": teacher_ppl,
+        "perplexity_tokens": int(windows.size),
+        "positions": args.positions,
+        "context": args.context,
+        "local_steps": args.local_steps,
+        "e2e_steps": args.e2e_steps,
+        "targets_at_50": TARGETS,
+        "rows": rows,
+    }
+    table = [
+        {
+            "replaced": f"{pct(r['level'])} % ({len(r['replaced_layers'])} of {n_layers})",
+            "ppl (PyTorch)": f"{r['perplexity']:.2f} ({r['perplexity_ratio']:.3f}x)",
+            ".pte ppl, 512 tok": f"{r['pte_perplexity_512']:.2f}" if r["pte_perplexity_512"] else "–",
+            **{f"decode ms @{p}": f"{r['decode_ms'][str(p)]:.1f}" for p in args.positions},
+            "vs 0 % @2048": f"{r['decode_ms_ratio'][str(max(args.positions))]:.2f}x" if base else "–",
+            "KV + state MB @2048": f"{r['total_bytes'] / 1e6:.1f}" + (f" ({r['memory_ratio']:.2f}x)" if base else ""),
+            ".pte MB": f"{r['pte_size_mb']:.0f}",
+        }
+        for r in rows
+    ]
+    md = [
+        "# Hybrid RNN-Transformer students of SmolLM2-135M-Instruct (8da4w .pte, 1 thread)",
+        "",
+        f"Host: {host_info}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
+        f"Perplexity: PyTorch fp32 over {windows.size:,} WikiText-2 test tokens (windows of 1,024); the .pte's "
+        f"on the export's 512-token golden window. Decode: median of {DECODE_STEPS} steps after a prompt of that "
+        f"many tokens. Training: {args.local_steps} layer-local + {args.e2e_steps} end-to-end steps on "
+        "WikiText-2 valid.",
+        "",
+        *markdown_table(table),
+        "",
+        "Reproduce: `python benchmarks/hybrid_qrnn.py` (hybrids and bundles cached in `benchmarks/.cache/`).",
+    ]
+    write_results("hybrid_qrnn", payload, md)
+    plot(rows, args.positions)
+    log(f"wrote {RESULTS / 'hybrid_qrnn.md'}")
+
+
+def plot(rows: list[dict], positions: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows:
+        ax[0].plot(positions, [r["decode_ms"][str(p)] for p in positions], marker="o", label=f"{pct(r['level'])} %")
+    ax[0].set(xlabel="position (tokens)", ylabel="decode ms / token (1 thread)", xscale="log")
+    ax[0].legend(title="attention replaced")
+    ax[1].bar([f"{pct(r['level'])} %" for r in rows], [r["perplexity"] for r in rows])
+    ax[1].set(xlabel="attention replaced", ylabel="WikiText-2 test perplexity (PyTorch)")
+    fig.tight_layout()
+    tmp = RESULTS / ".hybrid_qrnn.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, RESULTS / "hybrid_qrnn.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""``edgelm adapt`` on a causal LM (source/target pairs): prompt tuning, scaled prompt tuning, LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgelm.adapt import generation as g
+from edgelm.cli import app
+from edgelm.errors import DataError
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from edgelm.testing import make_causal_lm
+
+    d = tmp_path_factory.mktemp("gen")
+    model = make_causal_lm(d / "tiny", layers=2)
+    pairs = d / "pairs.tsv"
+    rows = ["source\ttarget"] + [f"the number {i} is written here today\tnumber {i}" for i in range(40)]
+    pairs.write_text("\n".join(rows) + "\n")
+    return model, pairs
+
+
+def test_pairs_read_from_tsv_jsonl_and_the_ag_news_layout(tmp_path):
+    j = tmp_path / "p.jsonl"
+    j.write_text('{"source": "a b", "target": "c"}\n\n{"source": "d", "target": "e  f"}\n')
+    assert g.load_pairs(j) == [("a b", "c"), ("d", "e f")]
+    ag = tmp_path / "ag.csv"
+    ag.write_text('Class Index,Title,Description\n3,Fears for pension,"Unions say they are\\\\disappointed"\n')
+    assert g.load_pairs(ag) == [("Unions say they are disappointed", "Fears for pension")]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tlabel\nx\t1\n")
+    with pytest.raises(DataError, match="'source' and 'target'"):
+        g.load_pairs(bad)
+    with pytest.raises(DataError, match="only 2 pairs"):
+        g.sample_pairs(g.load_pairs(j), 3, 0)
+    assert g.rouge_l(["the cat sat"], ["the cat sat"]) == 100.0
+    assert 0 < g.rouge_l(["the cat"], ["the cat sat down"]) < 100.0
+
+
+@pytest.mark.parametrize("method", ["scaled-prompt-tuning", "lora"])
+def test_adapt_a_causal_lm_on_pairs(tiny, tmp_path, method):
+    import torch
+
+    model, pairs = tiny
+    out = tmp_path / method
+    r = cli(
+        "adapt", "--model", str(model), "--method", method, "--data", str(pairs), "--shots", "16",
+        "--eval", str(pairs), "--eval-limit", "8", "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"{method}: 16 pairs" in r.output and "ROUGE-L on" in r.output
+    rec = json.loads((out / g.ADAPT_FILE).read_text())
+    assert rec["examples"] == 16 and rec["eval_pairs"] == 8 and rec["task"] == "text-generation"
+    assert np.mean(rec["history"][-10:]) < np.mean(rec["history"][:10])  # it learned
+    from edgelm.causal_lm import load_causal_lm
+
+    base, adapted = load_causal_lm(model), load_causal_lm(out)
+    same = all(torch.equal(a, b) for a, b in zip(base.model.parameters(), adapted.model.parameters(), strict=True))
+    if method == "lora":  # merged into the weights; no soft prompt
+        assert not same and not (out / g.SOFT_PROMPT_FILE).exists()
+    else:  # the model unchanged; the soft prompt [16, H] beside it, scale applied
+        from safetensors.torch import load_file
+
+        assert same
+        prompt = load_file(str(out / g.SOFT_PROMPT_FILE))["soft_prompt"]
+        assert tuple(prompt.shape) == (16, 64)
+        # the trained prompt makes the targets likelier than the untrained model finds them
+        nll = []
+        for soft in (None, prompt):
+            losses = []
+            for src, tgt in g.load_pairs(pairs)[:8]:
+                ids, start = g.example_ids(base.tokenizer, (src, tgt), g.GenAdaptConfig(), base.eos_ids[0])
+                with torch.no_grad():
+                    emb = base.model.get_input_embeddings()(torch.tensor([ids]))
+                    if soft is not None:
+                        emb = torch.cat([soft[None], emb], 1)
+                    logits = base.model(inputs_embeds=emb).logits[0, -len(ids) :]
+                logp = torch.log_softmax(logits[start - 1 : -1], -1)
+                losses.append(-logp[torch.arange(len(ids) - start), torch.tensor(ids[start:])].mean().item())
+            nll.append(np.mean(losses))
+        assert nll[1] < nll[0] - 0.1
+        r = cli("export", "--device", "pixel8", "--model", str(out), "--out", str(tmp_path / "dist"))
+        assert r.exit_code == 2 and "not built yet" in r.output
+
+
+def test_adapt_refuses_bad_input(tiny, tmp_path):
+    model, pairs = tiny
+    base = ["adapt", "--model", str(model), "--out", str(tmp_path / "a")]
+    r = cli(*base, "--method", "prompt-tuning", "--data", str(pairs), "--shots", "99")
+    assert r.exit_code == 2 and "only 40 pairs" in r.output
+    r = cli(*base, "--method", "adapters", "--data", str(pairs))
+    assert r.exit_code == 2 and "unknown adaptation method" in r.output
+    r = cli(*base, "--method", "lora")
+    assert r.exit_code == 2 and "source/target pairs" in r.output
+    assert not (tmp_path / "a").exists()
