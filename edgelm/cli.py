@@ -433,7 +433,7 @@ def early_exit_line(a, artifacts) -> str:
 def _export_generative(device, model, data, out, formats, quant, threads, context_length, bundle) -> None:
     """``edgelm export`` for a generative model (see :func:`edgelm.generative.export_generative`)."""
     from edgelm.appbundle import APP_DECODER_RUNTIMES, BUNDLE_KINDS
-    from edgelm.generative import export_generative, hybrid_lines, recipe_for_model
+    from edgelm.generative import export_generative, hybrid_lines, recipe_for_model, soft_prompt_lines
     from edgelm.profiles import load_profile
     from edgelm.recipe import make_generation_recipe
     from edgelm.report import fmt
@@ -501,6 +501,9 @@ def _export_generative(device, model, data, out, formats, quant, threads, contex
             out_console.print(f"[red]{escape(r['artifact'])} {r['status']}[/]: {escape(r['problems'])}")
     if summary.get("hybrid"):
         for line in hybrid_lines(summary["hybrid"]):
+            out_console.print(line, markup=False, highlight=False)
+    if summary.get("soft_prompt"):
+        for line in soft_prompt_lines(summary["soft_prompt"]):
             out_console.print(line, markup=False, highlight=False)
     for k in summary.get("skipped", []):
         out_console.print(f"not exported: {k['artifact']}: {k['reason']}", markup=False, highlight=False)

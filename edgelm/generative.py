@@ -188,6 +188,35 @@ class Hybrid:
     teacher_perplexity: float | None = None
 
 
+@dataclass
+class SoftPrompt:
+    """A prompt-tuned checkpoint (``edgelm adapt --method prompt-tuning | scaled-prompt-tuning`` on a causal
+    LM) being exported: the base model, its soft prompt's keys and values per layer (see
+    :func:`edgelm.adapt.generation.prefix_cache`) and ``edgelm_adapt.json``."""
+
+    base: CausalLM
+    keys: list
+    values: list
+    record: dict
+
+    @property
+    def tokens(self) -> int:
+        return int(self.keys[0].shape[1])
+
+
+def load_prompt_tuned_lm(model: str, record: dict) -> tuple[CausalLM, SoftPrompt]:
+    """A prompt-tuned checkpoint as (the model with its soft prompt before every sequence: the reference, the
+    :class:`SoftPrompt`). Raises ModelError for a missing or corrupt soft prompt."""
+    from edgelm.adapt.generation import load_soft_prompt, prefix_cache, prefixed_model
+
+    base = load_causal_lm(model)
+    prompt = load_soft_prompt(model, int(base.config["hidden_size"]))
+    keys, values = prefix_cache(base.model, prompt)
+    lm = copy.copy(base)
+    lm.model = prefixed_model(base.model, prompt)
+    return lm, SoftPrompt(base, keys, values, record)
+
+
 def load_hybrid_lm(model: str) -> tuple[CausalLM, Hybrid]:
     """A hybrid checkpoint as (the hybrid as a :class:`CausalLM`: its PyTorch model is the reference, the
     :class:`Hybrid`). Raises ModelError for an incomplete checkpoint."""
@@ -204,14 +233,21 @@ def load_hybrid_lm(model: str) -> tuple[CausalLM, Hybrid]:
 
 
 def _export_plan(
-    lm: CausalLM, plan, recipe: GenerationRecipe, tmp: Path, work: Path, hybrid: Hybrid | None = None
+    lm: CausalLM,
+    plan,
+    recipe: GenerationRecipe,
+    tmp: Path,
+    work: Path,
+    hybrid: Hybrid | None = None,
+    soft: SoftPrompt | None = None,
 ) -> dict:
     path = tmp / plan.artifact_name
     q = plan.quant
     common = {"scheme": q.scheme, "group_size": q.group_size, "max_context_len": recipe.context_length}
     try:
         if plan.format == "executorch":
-            base = hybrid.teacher if hybrid else lm  # a hybrid: the teacher's layers, its QRNN blocks put in
+            # a hybrid: the teacher's layers with its QRNN blocks put in; prompt-tuned: the base model's
+            base = hybrid.teacher if hybrid else soft.base if soft else lm
             ckpt, params = executorch_checkpoint(base, work / "executorch")
             info = decoder.export_executorch(
                 ckpt,
@@ -222,6 +258,7 @@ def _export_plan(
                 vocab_size=lm.vocab_size,
                 blocks=executorch_blocks(base),
                 recurrent=hybrid.recurrent if hybrid else None,
+                prefix={"keys": soft.keys, "values": soft.values} if soft else None,
                 max_seq_len=min(HYBRID_PREFILL_CHUNK + 1, recipe.context_length) if hybrid else None,
                 **common,
             )
@@ -312,10 +349,12 @@ def export_generative(
         EdgeLMError subclasses for bad input or a failed export (nothing is written). A missed gate is
         ``passed == False`` with the bundle written (the CLI exits 1).
     """
+    from edgelm.adapt.generation import read_adapt_record
     from edgelm.compress.hybrid_qrnn import read_hybrid_config
     from edgelm.fsutil import captured_output
 
     is_hybrid = read_hybrid_config(model) is not None
+    adapted = read_adapt_record(model)
     recipe, skipped = recipe_for_model(recipe, model)
     text = Path(data) if data else default_text()
     if text is not None and not text.is_file():
@@ -346,9 +385,11 @@ def export_generative(
     def _fill(tmp: Path, work: Path) -> None:
         t_start = time.perf_counter()
         step("load model")
-        hybrid = None
+        hybrid = soft = None
         if is_hybrid:
             lm, hybrid = load_hybrid_lm(model)
+        elif adapted and adapted.get("method") != "lora":
+            lm, soft = load_prompt_tuned_lm(model, adapted)
         else:
             lm = load_causal_lm(model)
         step("reference (PyTorch eager)")
@@ -359,7 +400,7 @@ def export_generative(
         entries = []
         for plan in recipe.plans:
             step(f"export {plan.artifact_name}")
-            entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid))
+            entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid, soft))
         step("write bundle")
         lm.tokenizer.save_pretrained(tmp)
         tok_files = sorted(
@@ -392,6 +433,7 @@ def export_generative(
                 "model": {
                     **lm.describe(),
                     **({"hybrid": _hybrid_facts(hybrid, ref)} if hybrid else {}),
+                    **({"soft_prompt": _soft_prompt_facts(soft)} if soft else {}),
                     "kind": tasks.TEXT_GENERATION.kind,
                     "output": "logits",
                     "task": "text-generation",
@@ -439,6 +481,8 @@ def export_generative(
         summary["skipped"] = skipped
         if hybrid:
             summary["hybrid"] = _hybrid_facts(hybrid, ref)
+        if soft:
+            summary["soft_prompt"] = _soft_prompt_facts(soft)
         summary["tokenizers"] = summary_lines(tokenizer_check)
         (tmp / "report.md").write_text(render_report(summary))
         write_validation(bundle, record)
@@ -469,25 +513,52 @@ def recipe_for_model(recipe: GenerationRecipe, model: str) -> tuple[GenerationRe
     from edgelm.compress.hybrid_qrnn import read_hybrid_config
 
     adapted = read_adapt_record(model)
-    if adapted and adapted.get("method") != "lora":
-        raise RecipeError(
-            f"{model} is prompt-tuned ({adapted.get('method')}): exporting its soft prompt inside the decoder is "
-            "not built yet; adapt with --method lora (merged into the weights) to export"
-        )
-    if read_hybrid_config(model) is None:
+    if read_hybrid_config(model) is not None:
+        what, reason = "a hybrid QRNN checkpoint", HYBRID_FORMAT_REASON
+    elif adapted and adapted.get("method") != "lora":
+        what, reason = f"prompt-tuned ({adapted.get('method')})", SOFT_PROMPT_FORMAT_REASON
+    else:
         return recipe, []
     plans = [p for p in recipe.plans if p.format == "executorch"]
     if not plans:
         raise RecipeError(
-            f"{model} is a hybrid QRNN checkpoint: it exports to ExecuTorch only ({HYBRID_FORMAT_REASON}); "
-            f"the recipe asks for {', '.join(sorted({p.format for p in recipe.plans}))}: use --format executorch"
+            f"{model} is {what}: it exports to ExecuTorch only ({reason}); the recipe asks for "
+            f"{', '.join(sorted({p.format for p in recipe.plans}))}: use --format executorch"
         )
     skipped = [
-        {"artifact": p.artifact_name, "format": p.format, "reason": HYBRID_FORMAT_REASON}
+        {"artifact": p.artifact_name, "format": p.format, "reason": reason}
         for p in recipe.plans
         if p.format != "executorch"
     ]
     return dataclasses.replace(recipe, plans=plans), skipped
+
+
+#: Why a prompt-tuned model has no ONNX or LiteRT artifact.
+SOFT_PROMPT_FORMAT_REASON = (
+    "its soft prompt is built into ExecuTorch's program (its keys and values written before the user's "
+    "tokens); ONNX Runtime GenAI's model builder and litert-torch's generative API build their own graphs"
+)
+
+
+def _soft_prompt_facts(soft: SoftPrompt) -> dict:
+    r = soft.record
+    return {
+        "method": r.get("method"),
+        "tokens": soft.tokens,
+        "examples": r.get("examples"),
+        "train": r.get("train"),
+        "eval_rouge_l": r.get("eval_rouge_l"),
+        "separator": r.get("separator"),
+    }
+
+
+def soft_prompt_lines(f: dict) -> list[str]:
+    """A prompt-tuned model's facts as the report's and the CLI's lines."""
+    return [
+        f"Soft prompt ({f['method']}, {f['tokens']} virtual tokens, trained on {f['examples']} pairs) built into "
+        "the program before the user's tokens: the runtime passes the user's tokens from position 0. The "
+        "reference is the PyTorch model with the same prompt."
+    ]
 
 
 def _hybrid_facts(hybrid: Hybrid, ref: Reference) -> dict:
@@ -612,6 +683,8 @@ def render_report(s: dict) -> str:
     ]
     if s.get("hybrid"):
         lines += [*hybrid_lines(s["hybrid"]), ""]
+    if s.get("soft_prompt"):
+        lines += [*soft_prompt_lines(s["soft_prompt"]), ""]
     rows = [
         {
             "artifact": r["artifact"],

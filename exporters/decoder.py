@@ -85,6 +85,7 @@ def export_executorch(
     blocks: dict[str, Any] | None = None,
     recurrent: dict[int, dict[str, Any]] | None = None,
     max_seq_len: int | None = None,
+    prefix: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Export a Llama-family checkpoint in ExecuTorch's layout (``checkpoint``: a ``.pth`` state dict,
     ``params``: its ``params.json``; see :func:`edgelm.causal_lm.executorch_checkpoint`) to the ``.pte`` at
@@ -104,6 +105,12 @@ def export_executorch(
     buffers, quantized like every other linear. ``max_seq_len``: the longest call (a prefill chunk; the
     LLM runner splits longer prompts; default ``max_context_len``).
 
+    ``prefix``: a soft prompt built into the program (prompt tuning) as its keys and values per layer,
+    ``{"keys": [float32 [kv_heads, P, head_dim]] * layers, "values": [...]}`` (after RoPE at positions
+    0..P-1, as transformers' cache holds them): every call writes them at cache positions 0..P-1 and runs the
+    user's tokens at ``input_pos + P``, so the runtime passes only the user's tokens and positions from 0.
+    The cache has ``max_context_len + P`` positions; ``get_max_context_len`` says ``max_context_len``.
+
     Raises:
         UnsupportedQuantError: a scheme other than :data:`DECODER_SCHEMES`.
         RuntimeNotInstalledError: executorch (or torchao) is not installed.
@@ -115,6 +122,9 @@ def export_executorch(
     from executorch.extension.llm.export.config.llm_config import LlmConfig, ModelType
 
     metadata: dict[str, Any] = {}
+    n_prefix = int(prefix["keys"][0].shape[1]) if prefix else 0
+    if n_prefix:
+        metadata["get_max_context_len"] = int(max_context_len)  # what the user's tokens may fill
     if bos_id is not None:
         metadata["get_bos_id"] = int(bos_id)
     if eos_ids:
@@ -129,7 +139,7 @@ def export_executorch(
     cfg.model.use_sdpa_with_kv_cache = True
     cfg.model.enable_dynamic_shape = True
     cfg.export.max_seq_length = int(max_seq_len or max_context_len)
-    cfg.export.max_context_length = int(max_context_len)
+    cfg.export.max_context_length = int(max_context_len) + n_prefix
     if scheme == "8da4w":
         cfg.quantization.qmode = None if blocks else "8da4w"  # with blocks: _carry_blocks quantizes the linears
         cfg.quantization.group_size = int(group_size)
@@ -148,6 +158,7 @@ def export_executorch(
                 _extra_source_transform(
                     _carry_blocks(blocks, group_size, carried) if blocks and scheme == "8da4w" else None
                 ),
+                _extra_source_transform(_with_prefix(prefix) if n_prefix else None),
             ):
                 export_llama(cfg)
         except Exception as exc:
@@ -164,6 +175,7 @@ def export_executorch(
         "max_context_len": int(max_context_len),
         "max_seq_len": int(max_seq_len or max_context_len),
         "recurrent_layers": sorted(int(i) for i in recurrent) if recurrent else [],
+        "soft_prompt_tokens": n_prefix,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -187,6 +199,55 @@ def _extra_source_transform(transform, first: bool = False) -> Iterator[None]:
         yield
     finally:
         export_llama_lib._get_source_transforms = original
+
+
+def _with_prefix(prefix: dict[str, list[np.ndarray]]):
+    """The source transform for :func:`export_executorch`'s ``prefix`` (applied last, after ExecuTorch's own
+    KV-cache transforms): each attention's cache writes the prefix at positions 0..P-1 before every update,
+    and the model runs the user's tokens at ``input_pos + P``."""
+    import torch
+
+    keys, values = prefix["keys"], prefix["values"]
+    n = int(keys[0].shape[1])
+
+    class PrefixKVCache(torch.nn.Module):
+        def __init__(self, inner, k, v):
+            super().__init__()
+            self.inner = inner
+            self.register_buffer("k_prefix", torch.as_tensor(np.asarray(k, dtype=np.float32))[None], persistent=False)
+            self.register_buffer("v_prefix", torch.as_tensor(np.asarray(v, dtype=np.float32))[None], persistent=False)
+
+        def update(self, input_pos, k_val, v_val, *args, **kwargs):
+            # position 0 computed from the input: a constant one would be folded away with the write
+            self.inner.update(input_pos[:1] * 0, self.k_prefix, self.v_prefix)
+            return self.inner.update(input_pos, k_val, v_val, *args, **kwargs)
+
+        def __getattr__(self, name):  # is_ring_buffer and the like: the inner cache's
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("inner"), name)
+
+    def transform(model):
+        layers = list(model.layers)
+        if len(layers) != len(keys):
+            raise ExportFailedError(f"the soft prompt has keys for {len(keys)} layers, the model {len(layers)}")
+        for layer, k, v in zip(layers, keys, values, strict=True):
+            if getattr(layer.attention, "kv_cache", None) is None:
+                raise ExportFailedError("a soft prompt needs every layer's KV cache (a hybrid QRNN has none)")
+            layer.attention.kv_cache = PrefixKVCache(layer.attention.kv_cache, k, v)
+        base = type(model)
+
+        class WithSoftPrompt(base):
+            def forward(self, tokens=None, attn_options=None, h=None):
+                options = dict(attn_options or {})
+                options["input_pos"] = options["input_pos"] + n
+                return base.forward(self, tokens, options, h)
+
+        model.__class__ = WithSoftPrompt
+        return model
+
+    return transform
 
 
 def _replace_with_qrnn(recurrent: dict[int, dict[str, Any]]):

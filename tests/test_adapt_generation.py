@@ -90,8 +90,50 @@ def test_adapt_a_causal_lm_on_pairs(tiny, tmp_path, method):
                 losses.append(-logp[torch.arange(len(ids) - start), torch.tensor(ids[start:])].mean().item())
             nll.append(np.mean(losses))
         assert nll[1] < nll[0] - 0.1
-        r = cli("export", "--device", "pixel8", "--model", str(out), "--out", str(tmp_path / "dist"))
-        assert r.exit_code == 2 and "not built yet" in r.output
+        r = cli("export", "--device", "pixel8", "--model", str(out), "--format", "onnx", "--out", str(tmp_path / "d"))
+        assert r.exit_code == 2 and "exports to ExecuTorch only" in r.output
+
+
+def test_prompt_tuned_model_exports_with_its_soft_prompt_inside_the_pte(tiny, tmp_path):
+    """The soft prompt's keys and values are written by the program before the user's tokens: the .pte, fed only
+    the user's tokens from position 0, equals PyTorch with the prompt before them; the bundle passes."""
+    import torch
+
+    from edgelm.adapt.generation import load_soft_prompt, prefixed_model
+    from edgelm.causal_lm import load_causal_lm
+    from exporters import decoder
+
+    model, pairs = tiny
+    out = tmp_path / "pt"
+    r = cli(
+        "adapt", "--model", str(model), "--method", "prompt-tuning", "--virtual-tokens", "8", "--data", str(pairs),
+        "--shots", "8", "--epochs", "3", "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = cli(
+        "export", "--device", "pixel8", "--model", str(out), "--quant", "fp32", "--context-length", "160",
+        "--out", str(tmp_path / "dist"),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "dist" / "pixel8"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert manifest["model"]["soft_prompt"]["tokens"] == 8 and art["details"]["soft_prompt_tokens"] == 8
+    assert "Soft prompt (prompt-tuning, 8 virtual tokens" in r.output and "not exported: model.fp32.onnx" in r.output
+    host = json.loads((bundle / "validation.json").read_text())["runners"]["host"]["artifacts"][art["file"]]
+    assert host["fidelity"]["token_agreement"] == 1.0
+
+    base = load_causal_lm(out)
+    ref = prefixed_model(base.model, load_soft_prompt(out, 64))
+    session = decoder.load_decoder(bundle / art["file"])
+    assert session.max_context == 160  # the user's context; the prompt's 8 positions come on top
+    ids = np.random.default_rng(4).integers(3, 300, 30)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)[None]).logits[0].numpy()
+        plain = base.model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    got = [session.forward(ids[:20], 0)[-1]] + [session.forward(ids[p : p + 1], p)[-1] for p in range(20, 30)]
+    assert np.abs(np.stack(got) - want[19:30]).max() < 1e-3
+    assert np.abs(np.stack(got) - plain[19:30]).max() > 1e-2  # the prompt is there
 
 
 def test_adapt_refuses_bad_input(tiny, tmp_path):

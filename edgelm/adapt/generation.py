@@ -405,6 +405,61 @@ def run_adapt_generation(
     return GenAdaptResult(cfg.method, len(train_pairs), int(trainable), seconds, score, Path(out).resolve(), history)
 
 
+def load_soft_prompt(directory: str | os.PathLike, hidden: int) -> Any:
+    """The soft prompt of a prompt-tuned checkpoint: float32 [n, ``hidden``]. Raises ModelError when the file
+    is missing, corrupt or of another width."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / SOFT_PROMPT_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: the soft prompt of this prompt-tuned checkpoint; adapt it again")
+    try:
+        prompt = load_file(str(path))["soft_prompt"].float()
+    except Exception as exc:  # safetensors raises several types for a bad file
+        raise ModelError(f"{path} is corrupt ({exc})") from None
+    if prompt.ndim != 2 or prompt.shape[1] != hidden or prompt.shape[0] < 1:
+        raise ModelError(f"{path} holds a prompt of shape {tuple(prompt.shape)}; the model needs [n, {hidden}]")
+    return prompt
+
+
+def prefix_cache(model: Any, prompt: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The soft prompt's keys and values per layer as transformers' cache holds them after running ``prompt``
+    (float32 [n, H]) at positions 0..n-1: float32 [kv_heads, n, head_dim] each (after RoPE)."""
+    import torch
+
+    with torch.no_grad():
+        cache = model(inputs_embeds=prompt[None].float(), use_cache=True).past_key_values
+    keys = [layer.keys[0].float().numpy().copy() for layer in cache.layers]
+    values = [layer.values[0].float().numpy().copy() for layer in cache.layers]
+    return keys, values
+
+
+def prefixed_model(model: Any, prompt: Any) -> Any:
+    """``model`` with the soft prompt always before the tokens it is given: a module with the causal LM's call
+    (``input_ids``, ``past_key_values``/``cache``, ``use_cache``) whose logits are those of the given tokens only.
+    A call without a cache starts a sequence from the prompt's cache (computed once, copied per sequence).
+    The reference of a prompt-tuned model's export."""
+    import copy
+
+    import torch
+
+    class Prefixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.config = model.config
+            with torch.no_grad():
+                self._cache = model(inputs_embeds=prompt[None].float(), use_cache=True).past_key_values
+
+        def forward(self, input_ids=None, past_key_values=None, use_cache=False, **kwargs):
+            past = kwargs.pop("cache", None) or past_key_values
+            if past is None:
+                past = copy.deepcopy(self._cache)
+            return self.inner(input_ids=input_ids, past_key_values=past, use_cache=True, **kwargs)
+
+    return Prefixed().eval()
+
+
 def read_adapt_record(directory: str | os.PathLike) -> dict | None:
     """``edgelm_adapt.json`` of an adapted causal LM, or None when the folder has none or is not one."""
     path = Path(directory) / ADAPT_FILE
