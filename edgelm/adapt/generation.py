@@ -23,6 +23,7 @@ the targets, in percent.
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import time
@@ -147,7 +148,9 @@ def load_pairs(path: str | os.PathLike, limit: int | None = None) -> list[tuple[
 
 
 def _clean(text: str) -> str:
-    return " ".join(text.replace("\\", " ").split())
+    """One line: HTML entities decoded (AG News has ``&lt;``), backslash line breaks and runs of spaces
+    made single spaces."""
+    return " ".join(html.unescape(text).replace("\\", " ").split())
 
 
 def sample_pairs(pairs: list, k: int, seed: int) -> list:
@@ -274,12 +277,14 @@ def train(pm: Any, tokenizer: Any, pairs: list, cfg: GenAdaptConfig, eos: int, p
 
 
 def generate_text(
-    model: Any, tokenizer: Any, source_tokens: list[int], max_new: int, eos: int, prompt: Any = None
+    model: Any, tokenizer: Any, source_tokens: list[int], max_new: int, eos: int | list[int], prompt: Any = None
 ) -> list[int]:
-    """Greedy decoding after ``source_tokens`` with transformers' cache; ``prompt`` (float32 [n, H]) goes
-    before them as embeddings (a prompt-tuned model). Returns the new tokens without the EOS."""
+    """Greedy decoding after ``source_tokens`` with transformers' cache, stopping at ``eos`` (an id or several);
+    ``prompt`` (float32 [n, H]) goes before them as embeddings (a prompt-tuned model). Returns the new tokens
+    without the EOS."""
     import torch
 
+    stop = {eos} if isinstance(eos, int) else set(eos)
     with torch.inference_mode():
         emb = model.get_input_embeddings()(torch.tensor([source_tokens]))
         if prompt is not None:
@@ -288,7 +293,7 @@ def generate_text(
         new: list[int] = []
         for _ in range(max_new):
             t = int(torch.argmax(out.logits[0, -1]))
-            if t == eos:
+            if t in stop:
                 break
             new.append(t)
             out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
@@ -322,7 +327,7 @@ def evaluate(
 
 def run_adapt_generation(
     model: str,
-    data: str | os.PathLike,
+    data: str | os.PathLike | list[tuple[str, str]],
     out: str | os.PathLike,
     cfg: GenAdaptConfig | None = None,
     *,
@@ -332,8 +337,8 @@ def run_adapt_generation(
 ) -> GenAdaptResult:
     """Adapt the causal LM ``model`` (``smollm2-135m``, a GGUF or a checkpoint directory) to the pairs in
     ``data`` with ``cfg.method`` and write the adapted checkpoint to ``out`` (atomically; see the module
-    docstring). ``eval_data``: pairs scored by ROUGE-L after training (when it is the training file, the pairs
-    trained on are left out of the score).
+    docstring). ``data``: a pairs file (:func:`load_pairs`) or the pairs themselves. ``eval_data``: pairs scored
+    by ROUGE-L after training (when it is the training file, the pairs trained on are left out of the score).
 
     Raises:
         ModelError (not a causal LM, unreadable), DataError (no pairs, too few for ``--shots``), RecipeError.
@@ -345,13 +350,16 @@ def run_adapt_generation(
     from edgelm.causal_lm import load_causal_lm, save_hf_checkpoint
 
     cfg = cfg or GenAdaptConfig()
-    pairs = load_pairs(data)
+    given = isinstance(data, list)
+    pairs = list(data) if given else load_pairs(data)
+    if not pairs:
+        raise DataError("no source/target pairs to train on")
     train_pairs = sample_pairs(pairs, cfg.shots, cfg.seed) if cfg.shots else pairs
     cfg = cfg.resolved(len(train_pairs))
     evals = None
     if eval_data:
         evals = load_pairs(eval_data)
-        if Path(eval_data).resolve() == Path(data).resolve():
+        if not given and Path(eval_data).resolve() == Path(data).resolve():
             seen = set(train_pairs)
             evals = [p for p in evals if p not in seen]
         evals = evals[:eval_limit] if eval_limit else evals
@@ -382,7 +390,7 @@ def run_adapt_generation(
         "task": "text-generation",
         "method": cfg.method,
         "base_model": str(model),
-        "train": str(data),
+        "train": f"{len(pairs)} pairs given" if given else str(data),
         "examples": len(train_pairs),
         "config": asdict(cfg),
         "separator": SEPARATOR,
