@@ -60,6 +60,7 @@ def test_adapt_a_causal_lm_on_pairs(tiny, tmp_path, method):
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert f"{method}: 16 pairs" in r.output and "ROUGE-L on" in r.output
+    assert "warn" not in r.output.lower() and (out / "logs" / "adapt.log").is_file()  # third-party output kept apart
     rec = json.loads((out / g.ADAPT_FILE).read_text())
     assert rec["examples"] == 16 and rec["eval_pairs"] == 8 and rec["task"] == "text-generation"
     assert np.mean(rec["history"][-10:]) < np.mean(rec["history"][:10])  # it learned

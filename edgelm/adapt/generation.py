@@ -269,7 +269,7 @@ def train(pm: Any, tokenizer: Any, pairs: list, cfg: GenAdaptConfig, eos: int, p
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            history.append(float(loss))
+            history.append(loss.item())
             if progress:
                 progress("training", len(history), steps)
     pm.eval()
@@ -363,54 +363,63 @@ def run_adapt_generation(
             seen = set(train_pairs)
             evals = [p for p in evals if p not in seen]
         evals = evals[:eval_limit] if eval_limit else evals
-    if progress:
-        progress("loading the model", 0, 1)
-    lm = load_causal_lm(model)
-    eos = lm.eos_ids[0] if lm.eos_ids else int(lm.tokenizer.eos_token_id)
-    torch.manual_seed(cfg.seed)
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
-    pm = attach(lm.model, cfg)
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    start = time.perf_counter()
-    history = train(pm, lm.tokenizer, train_pairs, cfg, eos, progress)
-    seconds = time.perf_counter() - start
-    prompt = None
-    if cfg.method == "lora":
-        merged = pm.merge_and_unload()
-    else:
-        prompt = soft_prompt(pm, cfg.num_virtual_tokens)
-        merged = pm.get_base_model()
-    score = None
-    if evals:
-        score, _ = evaluate(merged, lm.tokenizer, evals, cfg, eos, prompt, progress)
-    record = {
-        "schema": SCHEMA,
-        "job": "adapt",
-        "task": "text-generation",
-        "method": cfg.method,
-        "base_model": str(model),
-        "train": f"{len(pairs)} pairs given" if given else str(data),
-        "examples": len(train_pairs),
-        "config": asdict(cfg),
-        "separator": SEPARATOR,
-        "trainable_parameters": int(trainable),
-        "seconds": seconds,
-        "eval": str(eval_data) if eval_data else None,
-        "eval_pairs": len(evals or []),
-        "eval_rouge_l": score,
-        "history": history,
-    }
-    lm.model = merged
+    done: list[GenAdaptResult] = []
 
-    def fill(tmp: Path) -> None:
+    def fill(tmp: Path) -> None:  # everything inside: third-party output goes to the checkpoint's logs/adapt.log
+        (tmp / "logs").mkdir()
+        with fsutil.captured_output(tmp / "logs" / "adapt.log"):
+            _fill(tmp)
+
+    def _fill(tmp: Path) -> None:
+        if progress:
+            progress("loading the model", 0, 1)
+        lm = load_causal_lm(model)
+        eos = lm.eos_ids[0] if lm.eos_ids else int(lm.tokenizer.eos_token_id)
+        torch.manual_seed(cfg.seed)
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        pm = attach(lm.model, cfg)
+        trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+        start = time.perf_counter()
+        history = train(pm, lm.tokenizer, train_pairs, cfg, eos, progress)
+        seconds = time.perf_counter() - start
+        prompt = None
+        if cfg.method == "lora":
+            merged = pm.merge_and_unload()
+        else:
+            prompt = soft_prompt(pm, cfg.num_virtual_tokens)
+            merged = pm.get_base_model()
+        score = None
+        if evals:
+            score, _ = evaluate(merged, lm.tokenizer, evals, cfg, eos, prompt, progress)
+        record = {
+            "schema": SCHEMA,
+            "job": "adapt",
+            "task": "text-generation",
+            "method": cfg.method,
+            "base_model": str(model),
+            "train": f"{len(pairs)} pairs given" if given else str(data),
+            "examples": len(train_pairs),
+            "config": asdict(cfg),
+            "separator": SEPARATOR,
+            "trainable_parameters": int(trainable),
+            "seconds": seconds,
+            "eval": str(eval_data) if eval_data else None,
+            "eval_pairs": len(evals or []),
+            "eval_rouge_l": score,
+            "history": history,
+        }
+        lm.model = merged
         save_hf_checkpoint(lm, tmp)
         if prompt is not None:
             save_file({"soft_prompt": prompt}, str(tmp / SOFT_PROMPT_FILE))
         (tmp / ADAPT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        done.append(
+            GenAdaptResult(cfg.method, len(train_pairs), int(trainable), seconds, score, Path(out).resolve(), history)
+        )
 
     fsutil.write_directory(Path(out), fill)
-    return GenAdaptResult(cfg.method, len(train_pairs), int(trainable), seconds, score, Path(out).resolve(), history)
+    return done[0]
 
 
 def load_soft_prompt(directory: str | os.PathLike, hidden: int) -> Any:
