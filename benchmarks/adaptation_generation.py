@@ -70,7 +70,7 @@ def cached_json(path: Path, compute):
 def adapted(method: str, k: int, seed: int, pool: list) -> Path:
     from edgelm.adapt import generation as g
 
-    out = CACHE / f"{method}-k{k}-s{seed}"
+    out = CACHE / f"{method}-k{k}-s{seed}-pool{len(pool)}"  # the pool depends on --eval-items
     if not (out / g.ADAPT_FILE).is_file():
         log(f"adapting: {method}, K = {k}, seed {seed}")
         g.run_adapt_generation("smollm2-135m", pool, out, g.GenAdaptConfig(method=method, shots=k, seed=seed))
@@ -116,11 +116,12 @@ def pte_worker(pte: str, ckpt: str, eval_items: int) -> dict:
 
     _, evals = split(eval_items)
     tok = load_causal_lm(ckpt).tokenizer
+    max_source = json.loads((Path(ckpt) / g.ADAPT_FILE).read_text())["config"]["max_source_tokens"]
     session = load_decoder(Path(pte), threads=2)
     eos = session.eos_ids[0] if session.eos_ids else tok.eos_token_id
     preds = []
     for src, _ in evals:
-        ids = g.source_ids(tok, src, g.GenAdaptConfig().max_source_tokens)
+        ids = g.source_ids(tok, src, max_source)
         gen = generation.generate(session, ids, 32, eos_ids=[eos])
         preds.append(tok.decode([t for t in gen.tokens if t != eos], skip_special_tokens=True).strip())
     return {"rouge_l": g.rouge_l(preds, [t for _, t in evals]), "examples": preds[:5]}
@@ -133,9 +134,9 @@ def score_pte(ckpt: Path, eval_items: int) -> dict:
         log(f"exporting {ckpt.name} to an 8da4w .pte")
         shutil.rmtree(out, ignore_errors=True)
         cmd = [shutil.which("edgelm") or "edgelm", "export", "--device", "pixel8", "--model", str(ckpt)]
-        subprocess.run([*cmd, "--format", "executorch", "--out", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([*cmd, "--format", "executorch", "--out", str(out)], capture_output=True, text=True)
         if not (bundle / "manifest.json").is_file():
-            sys.exit(f"the export of {ckpt} failed (see {out})")
+            sys.exit(f"the export of {ckpt} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     art = json.loads((bundle / "manifest.json").read_text())["artifacts"][0]["file"]
     cmd = [sys.executable, __file__, "--worker", str(bundle / art), "--ckpt", str(ckpt)]
     proc = subprocess.run([*cmd, "--eval-items", str(eval_items)], capture_output=True, text=True)

@@ -14,7 +14,7 @@ Per level, in one run:
 - decode time per token at positions ``--positions`` (default 128, 512, 2048: the prompt is WikiText-2 test
   text fed up to that position, then 16 greedy decode steps, median ms), 1 thread, each ``.pte`` in its own
   process, with that process's peak RSS;
-- KV cache + QRNN state at 2,048 positions: what the program holds (ExecuTorch's cache is float32,
+- KV cache + QRNN state for 2,048 positions (ExecuTorch's cache is float32,
   ``2 · layers · kv_heads · head_dim · positions · 4`` bytes per attention layer; a QRNN layer holds
   ``(D + (w − 1) · H) · 4`` bytes whatever the position).
 
@@ -49,8 +49,12 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext2"
 TRAIN_TEXT = DATA / "tokenized" / "wiki.valid.tokens"
 TEST_TEXT = DATA / "raw" / "wiki.test.raw"
 DECODE_STEPS = 16
-#: The .pte's perplexity: over the first tokens of WikiText-2 test, beside PyTorch's on the same tokens.
+#: The .pte's perplexity: over the first tokens of WikiText-2 test, beside PyTorch's on the same tokens (fed
+#: one token per call: a .pte returns the last position's logits).
 PTE_PPL_TOKENS = 512
+#: Prompts are fed in chunks of this many tokens to every model (the hybrid's own chunk), so peak memory and
+#: prefill compare like with like.
+PREFILL_CHUNK = 64
 TARGETS = {"perplexity_ratio": 1.10, "decode_ms_2048_ratio": 0.75, "memory_ratio": 0.55}
 
 
@@ -142,6 +146,7 @@ def worker(pte: str, positions: list[int], prompt_file: str) -> dict:
     from exporters.decoder import load_decoder
 
     session = load_decoder(Path(pte), threads=1)
+    session.max_seq = min(session.max_seq, PREFILL_CHUNK)  # every model's prompt in the same chunks
     prompt = np.load(prompt_file)
     ppl = perplexity(session, prompt[:PTE_PPL_TOKENS])
     out = {}
@@ -168,7 +173,8 @@ def run_worker(pte: Path, positions: list[int], prompt_file: Path) -> dict:
 
 
 def cache_bytes(config: dict, attention_layers: int, qrnn: list[dict], positions: int) -> dict:
-    """KV cache (float32, ExecuTorch's) of the attention layers and the QRNN layers' state, bytes."""
+    """KV cache (float32, as ExecuTorch holds it) of the attention layers for ``positions`` tokens and the QRNN
+    layers' state, bytes (the program allocates its cache for the whole context it was exported with)."""
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     kv_heads = int(config.get("num_key_value_heads") or heads)

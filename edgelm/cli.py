@@ -922,7 +922,9 @@ def adapt(
     shots: Annotated[
         int | None,
         typer.Option(
-            "--shots", help="Train on N labeled examples per class drawn from --data (seeded); all of it when omitted."
+            "--shots",
+            help="Train on N labeled examples per class drawn from --data (seeded; a generative model: N pairs); "
+            "all of it when omitted.",
         ),
     ] = None,
     hypernetwork: Annotated[
@@ -962,9 +964,17 @@ def adapt(
         ),
     ] = "mean",
     epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts).")
+        int | None,
+        typer.Option(
+            "--epochs",
+            help="Default: 3 on full data; with --shots 30 (LoRA) or 50 (prompts); a generative model: enough for "
+            "100 steps, at least 3.",
+        ),
     ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-3 (LoRA and --steps), 1e-2 (prompts).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Default: 1e-3 (LoRA and --steps), 1e-2 (prompts; a generative model's: 3e-2)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the shot sampling, the head and the shuffling.")] = 0,

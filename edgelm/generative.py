@@ -259,7 +259,7 @@ def _export_plan(
                 blocks=executorch_blocks(base),
                 recurrent=hybrid.recurrent if hybrid else None,
                 prefix={"keys": soft.keys, "values": soft.values} if soft else None,
-                max_seq_len=min(HYBRID_PREFILL_CHUNK + 1, recipe.context_length) if hybrid else None,
+                max_seq_len=min(HYBRID_PREFILL_CHUNK + 1, recipe.context_length + 1) if hybrid else None,
                 **common,
             )
             companions: list[Path] = []

@@ -89,8 +89,7 @@ def export_executorch(
 ) -> dict[str, Any]:
     """Export a Llama-family checkpoint in ExecuTorch's layout (``checkpoint``: a ``.pth`` state dict,
     ``params``: its ``params.json``; see :func:`edgelm.causal_lm.executorch_checkpoint`) to the ``.pte`` at
-    ``path`` with ExecuTorch's LLM export. ``max_context_len``: KV-cache positions (tokens), also the longest
-    prefill. Returns the export facts (scheme, group size, context length, seconds, methods).
+    ``path`` with ExecuTorch's LLM export. ``max_context_len``: KV-cache positions (tokens). Returns the export facts (scheme, group size, context length, seconds, methods).
 
     ``blocks`` (``8da4w`` only): a GGUF file's own weights by ExecuTorch name (``layers.0.attention.wq.weight``
     -> an object with ``bits``, ``codes`` int8 [out, in], ``scales`` float32 [out, in / 32], ``offsets`` float32
@@ -102,8 +101,9 @@ def export_executorch(
     ``recurrent``: a hybrid RNN-Transformer's QRNN blocks by layer (0-based) -> ``{"window": w,
     "gates.weight": float32 [3 D, w H], "gates.bias": [3 D], "o_proj.weight": [H, D]}``; those layers'
     attention (and its KV cache) is replaced by :func:`qrnn_attention_class` with its state as mutable
-    buffers, quantized like every other linear. ``max_seq_len``: the longest call (a prefill chunk; the
-    LLM runner splits longer prompts; default ``max_context_len``).
+    buffers, quantized like every other linear. ``max_seq_len``: one more than the longest call (ExecuTorch
+    bounds a call at ``max_seq_len - 1`` tokens and the program's ``get_max_seq_len`` says that bound; the LLM
+    runner splits longer prompts by it; default ``max_context_len``, 65 with ``recurrent``).
 
     ``prefix``: a soft prompt built into the program (prompt tuning) as its keys and values per layer,
     ``{"keys": [float32 [kv_heads, P, head_dim]] * layers, "values": [...]}`` (after RoPE at positions
@@ -121,7 +121,11 @@ def export_executorch(
     from executorch.examples.models.llama.export_llama_lib import export_llama
     from executorch.extension.llm.export.config.llm_config import LlmConfig, ModelType
 
-    metadata: dict[str, Any] = {}
+    if recurrent and not max_seq_len:
+        max_seq_len = 65  # the closed-form scan holds [T, T, D] floats per call: prompts go in chunks of 64
+    # ExecuTorch's export bounds the token dimension at max_seq_len - 1, and its LLM runner splits prompts by
+    # get_max_seq_len: say the bound
+    metadata: dict[str, Any] = {"get_max_seq_len": int(max_seq_len or max_context_len) - 1}
     n_prefix = int(prefix["keys"][0].shape[1]) if prefix else 0
     if n_prefix:
         metadata["get_max_context_len"] = int(max_context_len)  # what the user's tokens may fill
@@ -154,6 +158,7 @@ def export_executorch(
         carried: dict[str, int] = {}
         try:
             with (
+                _metadata_after_init({"get_max_seq_len": metadata["get_max_seq_len"]}),
                 _extra_source_transform(_replace_with_qrnn(recurrent) if recurrent else None, first=True),
                 _extra_source_transform(
                     _carry_blocks(blocks, group_size, carried) if blocks and scheme == "8da4w" else None
@@ -178,6 +183,26 @@ def export_executorch(
         "soft_prompt_tokens": n_prefix,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+@contextlib.contextmanager
+def _metadata_after_init(values: dict[str, Any]) -> Iterator[None]:
+    """Set ``values`` in the constant methods of ExecuTorch's LLM export after its ``LLMEdgeManager`` sets its
+    own (it writes ``get_max_seq_len`` itself, after the ``--metadata`` values; executorch 1.5), while
+    inside."""
+    from executorch.extension.llm.export.builder import LLMEdgeManager
+
+    original = LLMEdgeManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.metadata.update(values)
+
+    LLMEdgeManager.__init__ = init
+    try:
+        yield
+    finally:
+        LLMEdgeManager.__init__ = original
 
 
 @contextlib.contextmanager
@@ -732,9 +757,9 @@ class ExecuTorchDecoder:
         if not meta.get("use_kv_cache", [False])[0]:
             raise ArtifactLoadError(f"{path.name} is not a decoder with a KV cache (no use_kv_cache method)")
         self.max_context = int(meta["get_max_context_len"][0])
-        #: the longest call the program takes: ExecuTorch's LLM export bounds the token dimension at
-        #: ``get_max_seq_len - 1``; longer feeds are split
-        self.max_seq = max(1, int(meta["get_max_seq_len"][0]) - 1) if "get_max_seq_len" in meta else self.max_context
+        #: the longest call the program takes (its ``get_max_seq_len``; edgelm's exports say the bound, one
+        #: less than the export's ``max_seq_len``); longer feeds are split
+        self.max_seq = int(meta["get_max_seq_len"][0]) if "get_max_seq_len" in meta else self.max_context
         self.bos_id = int(meta["get_bos_id"][0]) if "get_bos_id" in meta else None
         self.eos_ids = [int(x) for x in meta.get("get_eos_ids", [])]
         self.vocab_size = int(meta["get_vocab_size"][0]) if "get_vocab_size" in meta else 0

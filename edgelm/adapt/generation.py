@@ -73,7 +73,7 @@ class GenAdaptConfig:
     epochs: int | None = None
     min_steps: int = 100
     lr: float | None = None
-    batch_size: int = 4
+    batch_size: int = 8
     seed: int = 0
     max_source_tokens: int = 128
     max_target_tokens: int = 32
@@ -84,8 +84,10 @@ class GenAdaptConfig:
             raise RecipeError(f"unknown adaptation method {self.method!r}: use {', '.join(METHODS)}")
         if self.shots is not None and self.shots < 1:
             raise RecipeError(f"--shots {self.shots}: use 1 or more pairs")
-        if self.num_virtual_tokens < 1 or self.rank < 1:
-            raise RecipeError("--virtual-tokens and --rank must be 1 or more")
+        if self.num_virtual_tokens < 1 or self.rank < 1 or self.batch_size < 1:
+            raise RecipeError("--virtual-tokens, --rank and --batch-size must be 1 or more")
+        if self.epochs is not None and self.epochs < 1:
+            raise RecipeError(f"--epochs {self.epochs}: use 1 or more")
         steps_per_epoch = -(-n_pairs // self.batch_size)
         epochs = self.epochs if self.epochs is not None else max(3, -(-self.min_steps // steps_per_epoch))
         lr = self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 3e-2)
@@ -348,7 +350,13 @@ def run_adapt_generation(
 
     from edgelm import fsutil
     from edgelm.causal_lm import load_causal_lm, save_hf_checkpoint
+    from edgelm.compress.hybrid_qrnn import read_hybrid_config
 
+    if read_hybrid_config(model) is not None:
+        raise RecipeError(f"{model} is a hybrid QRNN checkpoint: adapt the model it was made from, then compress")
+    earlier = read_adapt_record(model)
+    if earlier and earlier.get("method") != "lora":
+        raise RecipeError(f"{model} is already prompt-tuned ({earlier.get('method')}): adapt its base model instead")
     cfg = cfg or GenAdaptConfig()
     given = isinstance(data, list)
     pairs = list(data) if given else load_pairs(data)
