@@ -122,7 +122,7 @@ class StageProgress:
         elif description != self._last:
             step = f"{total}/{total}" if done >= total else f"{done + 1}/{total}"
             self.console.print(f"[{step}] {description}", markup=False, highlight=False)
-            self._last, self._tenth = description, 0
+            self._last, self._tenth = description, (done + 1) * 10 // max(total, 1)
         elif total >= 20 and done * 10 // total > self._tenth:
             self._tenth = done * 10 // total
             self.console.print(f"[{done}/{total}] {description}", markup=False, highlight=False)
