@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edgelm.errors import OutputError
+from edgelm.errors import ModelError, OutputError
 
 #: ``.<name>.partial-<pid>-<random>`` (a run's temp dir) or ``.<name>.old-<pid>`` (a replaced output)
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)(?:-.*)?")
@@ -218,3 +219,18 @@ def captured_output(log_path: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def read_json_sidecar(path: Path, again: str) -> dict | None:
+    """The JSON object in ``path`` (a checkpoint's ``early_exit.json``, ``hybrid_qrnn.json`` ...), or None when
+    there is no such file. Raises ModelError ("<path> is corrupt (why): <again>") when it is unreadable or not
+    an object."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is corrupt ({exc}): {again}") from None
+    return doc

@@ -487,11 +487,7 @@ def prefixed_model(model: Any, prompt: Any) -> Any:
 
 def read_adapt_record(directory: str | os.PathLike) -> dict | None:
     """``edgelm_adapt.json`` of an adapted causal LM, or None when the folder has none or is not one."""
-    path = Path(directory) / ADAPT_FILE
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise ModelError(f"{path} is corrupt: adapt the model again") from None
-    return doc if doc.get("schema") == SCHEMA else None
+    from edgelm.fsutil import read_json_sidecar
+
+    doc = read_json_sidecar(Path(directory) / ADAPT_FILE, "adapt the model again")
+    return doc if doc is not None and doc.get("schema") == SCHEMA else None

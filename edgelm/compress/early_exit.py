@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import DataError, ModelError, RecipeError
+from edgelm.fsutil import read_json_sidecar
 from exporters.cascade import CONFIDENCES
 
 EXITS_FILE = "early_exit.json"
@@ -35,13 +36,14 @@ HEADS_FILE = "exit_heads.safetensors"
 def read_exit_config(directory: str | os.PathLike) -> dict | None:
     """``early_exit.json`` of a checkpoint, or None when it has none. Raises ModelError when it is unreadable."""
     path = Path(directory) / EXITS_FILE
-    if not path.is_file():
+    again = "run `edgelm compress --method early-exit` again"
+    cfg = read_json_sidecar(path, again)
+    if cfg is None:
         return None
     try:
-        cfg = json.loads(path.read_text())
         cfg["exit_layers"] = [int(x) for x in cfg["exit_layers"]]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is corrupt ({exc}): run `edgelm compress --method early-exit` again") from None
+        raise ModelError(f"{path} is corrupt ({exc}): {again}") from None
     return cfg
 
 

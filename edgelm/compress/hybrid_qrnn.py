@@ -643,17 +643,20 @@ def run_hybrid_qrnn(
 
 def read_hybrid_config(directory: str | os.PathLike) -> dict | None:
     """``hybrid_qrnn.json`` of a checkpoint, or None when it has none. Raises ModelError when unreadable."""
+    from edgelm.fsutil import read_json_sidecar
+
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
+    again = "run `edgelm compress --method hybrid-qrnn` again"
+    doc = read_json_sidecar(path, again)
+    if doc is None:
         return None
     try:
-        doc = json.loads(path.read_text())
         if doc.get("schema") != SCHEMA:
             raise ValueError(f"schema {doc.get('schema')!r} is not {SCHEMA}")
         doc["replaced_layers"] = [int(i) for i in doc["replaced_layers"]]
         doc["window"] = int(doc["window"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is corrupt ({exc}): run `edgelm compress --method hybrid-qrnn` again") from None
+        raise ModelError(f"{path} is corrupt ({exc}): {again}") from None
     return doc
 
 
