@@ -115,9 +115,12 @@ def _eager_greedy(lm: CausalLM, prompt: list[int], n: int) -> tuple[list[int], n
         return tokens, first
 
 
-def reference_stage(lm: CausalLM, recipe: GenerationRecipe, text: Path | None, threads: int) -> Reference:
+def reference_stage(
+    lm: CausalLM, recipe: GenerationRecipe, text: Path | None, threads: int, speed: bool = True
+) -> Reference:
     """Greedy reference tokens and first-token logits for :data:`PROMPTS`, perplexity over the text window,
-    and PyTorch eager speed (prefill of :data:`SPEED_PROMPT_TOKENS`, decode of :data:`SPEED_NEW_TOKENS`)."""
+    and PyTorch eager speed (prefill of :data:`SPEED_PROMPT_TOKENS`, decode of :data:`SPEED_NEW_TOKENS`;
+    ``speed=False``: not measured, ``eager`` left empty)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -153,26 +156,34 @@ def reference_stage(lm: CausalLM, recipe: GenerationRecipe, text: Path | None, t
     filler = ids or [int(x) for p in prompts for x in p]
     speed_prompt = (filler * (SPEED_PROMPT_TOKENS // max(len(filler), 1) + 1))[:SPEED_PROMPT_TOKENS]
     speed_prompt = speed_prompt[: max(2, recipe.context_length - SPEED_NEW_TOKENS - 1)]
+    eager = _eager_speed(lm, speed_prompt, recipe.context_length, threads) if speed else {}
+    return Reference(
+        prompts, rows, np.stack(first).astype(np.float32), window, ppl, str(text) if text else None, speed_prompt, eager
+    )
+
+
+def _eager_speed(lm: CausalLM, prompt: list[int], context_length: int, threads: int) -> dict:
+    """PyTorch eager prefill of ``prompt`` and up to :data:`SPEED_NEW_TOKENS` greedy decode steps with
+    transformers' cache: ``threads``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``."""
+    import torch
+
     with torch.inference_mode():
-        lm.model(torch.tensor([speed_prompt[:8]]), use_cache=True)  # warm-up: the first call allocates
+        lm.model(torch.tensor([prompt[:8]]), use_cache=True)  # warm-up: the first call allocates
         t0 = time.perf_counter()
-        out = lm.model(torch.tensor([speed_prompt]), use_cache=True)
+        out = lm.model(torch.tensor([prompt]), use_cache=True)
         prefill_s = time.perf_counter() - t0
         past, t = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
-        steps = min(SPEED_NEW_TOKENS, recipe.context_length - len(speed_prompt) - 1)
+        steps = min(SPEED_NEW_TOKENS, context_length - len(prompt) - 1)
         t1 = time.perf_counter()
         for _ in range(steps):
             out = lm.model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
             past, t = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
         decode_s = time.perf_counter() - t1
-    eager = {
+    return {
         "threads": threads,
-        "prefill_tokens_per_s": len(speed_prompt) / prefill_s,
+        "prefill_tokens_per_s": len(prompt) / prefill_s,
         "decode_tokens_per_s": steps / decode_s if decode_s > 0 else 0.0,
     }
-    return Reference(
-        prompts, rows, np.stack(first).astype(np.float32), window, ppl, str(text) if text else None, speed_prompt, eager
-    )
 
 
 @dataclass
@@ -395,12 +406,14 @@ def export_generative(
         step("reference (PyTorch eager)")
         ref = reference_stage(lm, recipe, text, threads)
         if hybrid:  # the teacher's greedy tokens and perplexity, to say what the replacement cost
-            t_ref = reference_stage(hybrid.teacher, recipe, text, threads)
+            t_ref = reference_stage(hybrid.teacher, recipe, text, threads, speed=False)
             hybrid.teacher_tokens, hybrid.teacher_perplexity = t_ref.tokens, t_ref.perplexity
         entries = []
         for plan in recipe.plans:
             step(f"export {plan.artifact_name}")
             entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid, soft))
+        facts = {"hybrid": _hybrid_facts(hybrid, ref)} if hybrid else {}
+        facts |= {"soft_prompt": _soft_prompt_facts(soft)} if soft else {}
         step("write bundle")
         lm.tokenizer.save_pretrained(tmp)
         tok_files = sorted(
@@ -432,8 +445,7 @@ def export_generative(
                 "recipe": {**recipe.to_dict(), "seq_len": recipe.context_length},
                 "model": {
                     **lm.describe(),
-                    **({"hybrid": _hybrid_facts(hybrid, ref)} if hybrid else {}),
-                    **({"soft_prompt": _soft_prompt_facts(soft)} if soft else {}),
+                    **facts,
                     "kind": tasks.TEXT_GENERATION.kind,
                     "output": "logits",
                     "task": "text-generation",
@@ -479,10 +491,7 @@ def export_generative(
         step("report")
         summary.update(_summary(final, lm, recipe, ref, entries, record, est, time.perf_counter() - t_start))
         summary["skipped"] = skipped
-        if hybrid:
-            summary["hybrid"] = _hybrid_facts(hybrid, ref)
-        if soft:
-            summary["soft_prompt"] = _soft_prompt_facts(soft)
+        summary.update(facts)
         summary["tokenizers"] = summary_lines(tokenizer_check)
         (tmp / "report.md").write_text(render_report(summary))
         write_validation(bundle, record)

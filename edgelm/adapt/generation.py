@@ -245,6 +245,8 @@ def train(pm: Any, tokenizer: Any, pairs: list, cfg: GenAdaptConfig, eos: int, p
     """Fit the adapter on ``pairs``: cross-entropy of the target and EOS tokens. Returns the loss per step."""
     import torch
 
+    from edgelm.compress.train import optimizer_step
+
     examples = [example_ids(tokenizer, p, cfg, eos) for p in pairs]
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -266,12 +268,7 @@ def train(pm: Any, tokenizer: Any, pairs: list, cfg: GenAdaptConfig, eos: int, p
                 mask[r, : len(x)] = 1
                 labels[r, start : len(x)] = torch.tensor(x[start:])
             loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            history.append(loss.item())
+            history.append(optimizer_step(loss, opt, params, sched))
             if progress:
                 progress("training", len(history), steps)
     pm.eval()

@@ -346,6 +346,7 @@ def meta_train(
     import torch
     from safetensors.torch import save_file
 
+    from edgelm.compress.train import optimizer_step
     from edgelm.data import load_tokenizer
     from edgelm.fsutil import write_directory
 
@@ -394,11 +395,7 @@ def meta_train(
             if ep is not None:
                 logits, yq_t = _episode_logits(wrapper, lora, hn, task, ep)
                 loss = torch.nn.functional.cross_entropy(logits, yq_t)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(hn.parameters(), 1.0)
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(optimizer_step(loss, optimizer, hn.parameters()))
                 accs.append(float((logits.argmax(-1) == yq_t).float().mean()) * 100)
             done = step + 1
             if progress:  # the label changes only with a validation score: one log line per score

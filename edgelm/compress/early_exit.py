@@ -347,7 +347,7 @@ def train_exits(
     import torch.nn.functional as F
 
     from edgelm.compress.sage import linear_schedule, make_optimizer
-    from edgelm.compress.train import _batches, _trim
+    from edgelm.compress.train import _batches, _trim, optimizer_step
 
     ids, mask, labels = train
     if len(ids) == 0:
@@ -385,13 +385,8 @@ def train_exits(
             else:
                 zs = model.exit_logits(*_trim(ids[idx], mask[idx]))
             loss = sum(loss_of(z, y, t) for z in zs) / len(zs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+            losses.append(optimizer_step(loss, optimizer, trainable.parameters(), schedule))
             step += 1
-            losses.append(float(loss.detach()))
             if progress:
                 progress(f"exits, epoch {epoch}/{cfg.epochs}", step, steps)
         row: dict = {"epoch": epoch, "loss": float(np.mean(losses))}

@@ -469,6 +469,8 @@ def train_hybrid(model: Any, windows: np.ndarray, calib: np.ndarray, cfg: Hybrid
 
     import torch
 
+    from edgelm.compress.train import optimizer_step
+
     cfg.check()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -533,12 +535,7 @@ def train_hybrid(model: Any, windows: np.ndarray, calib: np.ndarray, cfg: Hybrid
         loss = sum(torch.nn.functional.mse_loss(blocks[i](xs[i][rows]), ys[i][rows]) / scale[i] for i in layers) / len(
             layers
         )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        local_loss.append(loss.item())
+        local_loss.append(optimizer_step(loss, opt, params, sched))
         say("layer-local distillation", step + 1, cfg.local_steps)
     del xs, ys
     local_ppl = perplexity(model, calib)
@@ -553,11 +550,7 @@ def train_hybrid(model: Any, windows: np.ndarray, calib: np.ndarray, cfg: Hybrid
             target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits, -1)
         logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits, -1)
         loss = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean") / ids.shape[1]
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        e2e_loss.append(loss.item())
+        e2e_loss.append(optimizer_step(loss, opt, params))
         say("end-to-end distillation", step + 1, cfg.e2e_steps)
     model.eval()
     for p in params:

@@ -159,6 +159,20 @@ def distillation_loss(
     return loss
 
 
+def optimizer_step(loss: Any, optimizer: Any, params: Any, schedule: Any = None) -> float:
+    """One optimizer step on scalar ``loss``: gradients cleared, back-propagated, their global norm clipped at
+    1.0 over ``params``, the step and the learning-rate ``schedule``'s (when given). Returns the loss."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return loss.item()
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
     order = rng.permutation(n) if rng is not None else np.arange(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
