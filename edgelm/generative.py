@@ -429,7 +429,7 @@ def export_generative(
         est = decoder_estimate(
             recipe.hardware, lm.config, recipe.context_length, n_layers - len(hybrid.recurrent) if hybrid else None
         )
-        gguf_type = lm.gguf_type if lm.blocks else None  # an 8-bit head only where the blocks are carried
+        gguf_type = lm.blocks_type  # an 8-bit head only where the blocks are carried
         for e in entries:  # the artifact's own size; a separate embedding table is read one row per token
             q = e["quantization"]
             _, gathered = decoder_weight_bytes(

@@ -186,6 +186,43 @@ def test_gguf_blocks_decode_exactly(tiny_gguf):
     assert q not in read_block_weights(tiny_gguf, tampered) and len(read_block_weights(tiny_gguf, tampered)) == 14
 
 
+def test_checkpoint_written_from_a_gguf_keeps_its_blocks(tiny_gguf, tmp_path):
+    """A checkpoint saved from a GGUF model (a hybrid's teacher, an adapted model) records its GGUF: loading it
+    carries the blocks of every tensor still equal to the GGUF's (a changed one is left out); a GGUF that is
+    gone or changed since (another SHA-256) carries none."""
+    import torch
+
+    from edgelm.causal_lm import GGUF_ORIGIN_FILE, load_causal_lm, save_hf_checkpoint
+    from edgelm.errors import ModelError
+
+    gguf = tmp_path / "model.Q4_1.gguf"
+    shutil.copy(tiny_gguf, gguf)
+    lm = load_causal_lm(str(gguf))
+    save_hf_checkpoint(lm, tmp_path / "same")
+    origin = json.loads((tmp_path / "same" / GGUF_ORIGIN_FILE).read_text())
+    assert origin["gguf_type"] == "Q4_1" and len(origin["sha256"]) == 64
+    same = load_causal_lm(tmp_path / "same")
+    assert same.gguf_type is None and same.blocks_type == "Q4_1" and sorted(same.blocks) == sorted(lm.blocks)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(same.blocks[q].codes, lm.blocks[q].codes)
+    with torch.no_grad():  # what merging a LoRA adapter does to one projection
+        lm.model.get_parameter(q).add_(0.01)
+    save_hf_checkpoint(lm, tmp_path / "changed")
+    changed = load_causal_lm(tmp_path / "changed")
+    assert q not in changed.blocks and len(changed.blocks) == len(lm.blocks) - 1
+    save_hf_checkpoint(changed, tmp_path / "again")  # a checkpoint of a checkpoint keeps the record
+    assert len(load_causal_lm(tmp_path / "again").blocks) == len(lm.blocks) - 1
+    with gguf.open("ab") as f:  # the file is no longer the one the checkpoint came from
+        f.write(b"\0")
+    stale = load_causal_lm(tmp_path / "same")
+    assert stale.blocks == {} and stale.blocks_type is None
+    gguf.unlink()
+    assert load_causal_lm(tmp_path / "same").blocks == {}
+    (tmp_path / "same" / GGUF_ORIGIN_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="corrupt"):
+        load_causal_lm(tmp_path / "same")
+
+
 def _raw(path, name):
     import gguf
 

@@ -299,6 +299,59 @@ def generate_text(
         return new
 
 
+def generate_batch(
+    model: Any,
+    sources: list[list[int]],
+    max_new: int,
+    eos: int | list[int],
+    prompt: Any = None,
+    batch_size: int = 32,
+    progress=None,
+) -> list[list[int]]:
+    """Greedy decoding after each of ``sources`` (token ids), ``batch_size`` sequences at a time with
+    transformers' ``generate`` (left padding, attention mask); ``prompt`` (float32 [n, H]) goes before every
+    source as embeddings. Returns each source's new tokens without the EOS: what :func:`generate_text` gives
+    one at a time (a batch runs about 6x faster per item on a 2-core CPU; padding can flip a near-tie argmax,
+    rarely). ``progress(desc, done, total)`` after each batch."""
+    import torch
+
+    stop = [eos] if isinstance(eos, int) else list(eos)
+    pad = stop[0]
+    embed = model.get_input_embeddings()
+    out: list[list[int]] = []
+    with torch.inference_mode():
+        for b in range(0, len(sources), batch_size):
+            chunk = sources[b : b + batch_size]
+            width = max(len(s) for s in chunk)
+            n = 0 if prompt is None else int(prompt.shape[0])
+            ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in chunk])
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * (n + len(s)) for s in chunk])
+            emb = embed(ids)
+            if prompt is not None:  # [pads, prompt, source]: the prompt right before each source
+                p = prompt.to(emb.dtype)
+                emb = torch.stack(
+                    [torch.cat([e[: width - len(s)], p, e[width - len(s) :]]) for e, s in zip(emb, chunk, strict=True)]
+                )
+            gen = model.generate(
+                inputs_embeds=emb,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=pad,
+            )
+            for row in gen.tolist():
+                new: list[int] = []
+                for t in row:
+                    if t in stop:
+                        break
+                    new.append(int(t))
+                out.append(new)
+            if progress:
+                progress("generating", len(out), len(sources))
+    return out
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 in percent (``rouge-score``, Porter stemming). Raises ModelError without the package."""
     try:
@@ -314,13 +367,10 @@ def evaluate(
     model: Any, tokenizer: Any, pairs: list, cfg: GenAdaptConfig, eos: int, prompt: Any = None, progress=None
 ) -> tuple[float, list[str]]:
     """ROUGE-L (%) of greedy generations on ``pairs`` and the generations."""
-    preds = []
-    for i, (src, _) in enumerate(pairs):
-        new = generate_text(model, tokenizer, source_ids(tokenizer, src, cfg.max_source_tokens),
-                            cfg.max_target_tokens, eos, prompt)  # fmt: skip
-        preds.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-        if progress:
-            progress("generating the eval targets", i + 1, len(pairs))
+    sources = [source_ids(tokenizer, src, cfg.max_source_tokens) for src, _ in pairs]
+    say = (lambda _d, done, total: progress("generating the eval targets", done, total)) if progress else None
+    news = generate_batch(model, sources, cfg.max_target_tokens, eos, prompt, progress=say)
+    preds = [tokenizer.decode(new, skip_special_tokens=True).strip() for new in news]
     return rouge_l(preds, [t for _, t in pairs]), preds
 
 
