@@ -8,8 +8,8 @@ drawn once with a fixed seed are held out; the K training pairs of each seed are
 Rows: prompt tuning, scaled prompt tuning and LoRA at K = ``--ks`` (16, 64, 256) over ``--seeds`` (0, 1, 2),
 and the zero-shot instruct model given an instruction in its chat template. Each is scored by ROUGE-L F1
 (``rouge-score``, stemming) of greedy generations (at most 32 tokens) on the held-out pairs, in PyTorch, and
-with ``--pte`` also in the exported 8da4w ``.pte`` of seed 0 at K = ``--pte-k`` (each export in its own
-process: ``edgelm export --device pixel8 --format executorch``; the soft prompt inside the program).
+with ``--pte`` also in the exported 8da4w ``.pte`` of seed 0 at K = ``--pte-k`` for ``--pte-methods`` (each
+export in its own process: ``edgelm export --device pixel8 --format executorch``; the soft prompt inside the program).
 
 Targets (issue 16): scaled prompt tuning ≥ prompt tuning at every K; the exported artifact within 1 ROUGE-L
 point of PyTorch. Results: ``benchmarks/results/adaptation_generation.{json,md}``; adapted checkpoints and
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=500)
     ap.add_argument("--pte", action="store_true", help="also score the exported .pte of seed 0 at --pte-k")
     ap.add_argument("--pte-k", type=int, default=64)
+    ap.add_argument("--pte-methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods --pte exports")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,7 +176,7 @@ def main() -> None:
                 res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals))
                 rec = json.loads((ckpt / "edgelm_adapt.json").read_text())
                 row = {"method": method, "k": k, "seed": seed, "rouge_l": res["rouge_l"], "train_s": rec["seconds"]}
-                if args.pte and seed == 0 and k == args.pte_k:
+                if args.pte and seed == 0 and k == args.pte_k and method in args.pte_methods:
                     pte = cached_json(ckpt / f"score-pte-{tag}.json", lambda c=ckpt: score_pte(c, args.eval_items))
                     row["pte_rouge_l"] = pte["rouge_l"]
                 runs.append(row)

@@ -17,9 +17,12 @@ ExecuTorch's own Llama-family transformer (``executorch.examples.models.llama``)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +206,26 @@ def _check_architecture(cfg: dict, where: str) -> str:
     return family
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """transformers' GGUF loader draws a tqdm bar on stderr whatever its progress-bar setting (5.x): off
+    while inside."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     """Load ``model`` (a :data:`PACKAGED` name, a ``.gguf`` file or a checkpoint directory) as the float32
     reference.
@@ -235,9 +258,10 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
         kwargs, source, kind = {}, directory, None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
-        hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, output_loading_info=True, **kwargs
-        )
+        with _quiet_gguf_progress():
+            hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, output_loading_info=True, **kwargs
+            )
     except ModelError:
         raise
     except Exception as exc:  # transformers, safetensors and gguf raise many types for a bad file
