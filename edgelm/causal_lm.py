@@ -314,7 +314,10 @@ def _gguf_origin_file(directory: Path) -> tuple[Path | None, str | None]:
     if doc is None:
         return None, None
     model = str(doc.get("model", ""))
-    path = packaged_gguf(model) if model in PACKAGED else Path(str(doc.get("file", "")))
+    try:
+        path = packaged_gguf(model) if model in PACKAGED else Path(str(doc.get("file", "")))
+    except ModelError:  # its package is no longer installed
+        return None, None
     if not path.is_file() or importlib.util.find_spec("gguf") is None:
         return None, None
     if sha256_file(path) != doc.get("sha256"):  # another file now: its blocks are not this checkpoint's
