@@ -48,6 +48,28 @@ def test_pairs_read_from_tsv_jsonl_and_the_ag_news_layout(tmp_path):
     assert 0 < g.rouge_l(["the cat"], ["the cat sat down"]) < 100.0
 
 
+def test_batched_greedy_generation_equals_one_at_a_time(tmp_path):
+    """Scoring decodes in left-padded batches: each source's tokens equal its own greedy decoding, with and
+    without a soft prompt before it, across sources of different lengths and a batch that is not full."""
+    import torch
+
+    from edgelm.causal_lm import load_causal_lm
+    from edgelm.testing import make_causal_lm
+
+    lm = load_causal_lm(make_causal_lm(tmp_path / "m", init_std=0.3))  # clear arg-maxes, a prompt changes them
+    rng = np.random.default_rng(3)
+    sources = [[int(x) for x in rng.integers(3, 300, n)] for n in (5, 17, 9, 12, 3)]
+    eos = lm.eos_ids
+    torch.manual_seed(0)
+    outputs = []
+    for prompt in (None, torch.randn(4, 64)):
+        batched = g.generate_batch(lm.model, sources, 12, eos, prompt, batch_size=2)
+        single = [g.generate_text(lm.model, lm.tokenizer, s, 12, eos, prompt) for s in sources]
+        assert batched == single and all(len(x) > 0 for x in single)
+        outputs.append(batched)
+    assert outputs[0] != outputs[1]  # the prompt is there
+
+
 @pytest.mark.parametrize("method", ["scaled-prompt-tuning", "lora"])
 def test_adapt_a_causal_lm_on_pairs(tiny, tmp_path, method):
     import torch
