@@ -187,7 +187,7 @@ def main() -> None:
         for k in args.ks:
             vals = [r["rouge_l"] for r in runs if r["method"] == method and r["k"] == k]
             summary[f"{method}@{k}"] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
-            cells[f"K = {k}"] = f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
+            cells[f"K = {k}"] = f"{np.mean(vals):.2f}" + (f" ± {np.std(vals):.2f}" if len(vals) > 1 else "")
         ptes = [r for r in runs if r["method"] == method and "pte_rouge_l" in r]
         cells[".pte (seed 0)"] = (
             f"{ptes[0]['pte_rouge_l']:.2f} vs {ptes[0]['rouge_l']:.2f} (K = {ptes[0]['k']})" if ptes else "–"
@@ -202,6 +202,9 @@ def main() -> None:
         for k in args.ks
         if f"scaled-prompt-tuning@{k}" in summary and f"prompt-tuning@{k}" in summary
     }
+    for r in runs:
+        if "pte_rouge_l" in r:
+            targets[f"{r['method']} .pte within 1 point at K = {r['k']}"] = abs(r["pte_rouge_l"] - r["rouge_l"]) <= 1.0
     host = hostinfo.describe(hostinfo.cpu_info())
     payload = {
         "host": host,
@@ -218,13 +221,15 @@ def main() -> None:
         "# Few-shot adaptation of SmolLM2-135M-Instruct: AG News headline generation (ROUGE-L F1)",
         "",
         f"Host: {host}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
-        f"{len(evals)} held-out pairs, greedy decoding, mean ± std over seeds {args.seeds}.",
+        f"{len(evals)} held-out pairs, greedy decoding, "
+        + (f"mean ± std over seeds {args.seeds}." if len(args.seeds) > 1 else f"seed {args.seeds[0]}.")
+        + " Cells are cached: the load average is this run's, not the training's.",
         "",
         *markdown_table(table),
         "",
         "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()),
         "",
-        "Reproduce: `python benchmarks/adaptation_generation.py --pte`.",
+        f"Reproduce: `python benchmarks/adaptation_generation.py {' '.join(sys.argv[1:])}`.",
     ]
     write_results("adaptation_generation", payload, md)
     log(f"wrote {RESULTS / 'adaptation_generation.md'}")
