@@ -16,6 +16,7 @@ point of PyTorch. Results: ``benchmarks/results/adaptation_generation.{json,md}`
 scores are cached in ``benchmarks/.cache/``.
 
     python benchmarks/adaptation_generation.py [--ks 16 64 256] [--seeds 0 1 2] [--eval-items 500] [--pte]
+        [--cached-only]   (a table of the cells already measured)
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--pte", action="store_true", help="also score the exported .pte of seed 0 at --pte-k")
     ap.add_argument("--pte-k", type=int, default=64)
     ap.add_argument("--pte-methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods --pte exports")
+    ap.add_argument("--cached-only", action="store_true", help="tabulate the cached cells only (no training)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,6 +174,9 @@ def main() -> None:
     for seed in args.seeds:  # seed 0 of every cell first: a stopped run still has one of each
         for k in args.ks:
             for method in args.methods:
+                cell = CACHE / f"{method}-k{k}-s{seed}-pool{len(pool)}" / f"score-pytorch-{tag}.json"
+                if args.cached_only and not cell.is_file():
+                    continue  # a table of what was measured, without training the rest
                 ckpt = adapted(method, k, seed, pool)
                 res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals))
                 rec = json.loads((ckpt / "edgelm_adapt.json").read_text())
@@ -186,6 +191,9 @@ def main() -> None:
         cells = {}
         for k in args.ks:
             vals = [r["rouge_l"] for r in runs if r["method"] == method and r["k"] == k]
+            if not vals:
+                cells[f"K = {k}"] = "not run"
+                continue
             summary[f"{method}@{k}"] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
             cells[f"K = {k}"] = f"{np.mean(vals):.2f}" + (f" ± {np.std(vals):.2f}" if len(vals) > 1 else "")
         ptes = [r for r in runs if r["method"] == method and "pte_rouge_l" in r]
