@@ -68,10 +68,15 @@ def cached_json(path: Path, compute):
     return value
 
 
+def cell_dir(method: str, k: int, seed: int, pool: list) -> Path:
+    """Where the adapted checkpoint of one cell and its scores are cached (the pool depends on --eval-items)."""
+    return CACHE / f"{method}-k{k}-s{seed}-pool{len(pool)}"
+
+
 def adapted(method: str, k: int, seed: int, pool: list) -> Path:
     from edgelm.adapt import generation as g
 
-    out = CACHE / f"{method}-k{k}-s{seed}-pool{len(pool)}"  # the pool depends on --eval-items
+    out = cell_dir(method, k, seed, pool)
     if not (out / g.ADAPT_FILE).is_file():
         log(f"adapting: {method}, K = {k}, seed {seed}")
         g.run_adapt_generation("smollm2-135m", pool, out, g.GenAdaptConfig(method=method, shots=k, seed=seed))
@@ -174,8 +179,7 @@ def main() -> None:
     for seed in args.seeds:  # seed 0 of every cell first: a stopped run still has one of each
         for k in args.ks:
             for method in args.methods:
-                cell = CACHE / f"{method}-k{k}-s{seed}-pool{len(pool)}" / f"score-pytorch-{tag}.json"
-                if args.cached_only and not cell.is_file():
+                if args.cached_only and not (cell_dir(method, k, seed, pool) / f"score-pytorch-{tag}.json").is_file():
                     continue  # a table of what was measured, without training the rest
                 ckpt = adapted(method, k, seed, pool)
                 res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals))

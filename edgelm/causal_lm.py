@@ -212,11 +212,9 @@ def _quiet_gguf_progress() -> Iterator[None]:
     while inside."""
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
+
+        original = gguf_utils.tqdm
+    except (ImportError, AttributeError):  # another transformers: nothing to quiet
         yield
         return
     gguf_utils.tqdm = functools.partial(original, disable=True)
