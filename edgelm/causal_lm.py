@@ -109,13 +109,10 @@ class CausalLM:
         gguf_type: llama.cpp's name for a GGUF's weight type (``Q4_1``); None for a checkpoint.
         family: :data:`SUPPORTED_ARCHITECTURES` value (``"llama"``).
         config: the model's config as a dict.
-        blocks: for a GGUF, its own 4- and 8-bit weights by Hugging Face name
-            (:class:`edgelm.gguf_weights.BlockWeights`, each checked equal to the reference's): the exporters
-            carry them exactly instead of quantizing the dequantized weights again. A checkpoint written from a
-            GGUF model (:func:`save_hf_checkpoint`: a hybrid, an adapted model) has the blocks of its tensors
-            that still equal the GGUF's, when that file is still there with the same SHA-256
-            (:data:`GGUF_ORIGIN_FILE`). Empty otherwise.
-        blocks_type: the GGUF type the blocks come from (``Q4_1``), None without blocks.
+        blocks_origin: the GGUF file whose blocks :attr:`blocks` reads: a GGUF model's own file, or the one a
+            checkpoint written from a GGUF model records (:func:`save_hf_checkpoint`: a hybrid, an adapted
+            model; :data:`GGUF_ORIGIN_FILE`) when it is still there with the same SHA-256. None otherwise.
+        origin_type: that file's llama.cpp weight type (``Q4_1``), None without one.
     """
 
     model: Any
@@ -125,8 +122,27 @@ class CausalLM:
     gguf_type: str | None
     family: str
     config: dict = field(default_factory=dict)
-    blocks: dict[str, Any] = field(default_factory=dict)
-    blocks_type: str | None = None
+    blocks_origin: Path | None = None
+    origin_type: str | None = None
+    _blocks: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def blocks(self) -> dict[str, Any]:
+        """The GGUF's own 4- and 8-bit weights by Hugging Face name (:class:`edgelm.gguf_weights.BlockWeights`):
+        the exporters carry them exactly instead of quantizing the dequantized weights again. Read from
+        :attr:`blocks_origin` on first use (seconds for SmolLM2; a load for PyTorch alone never pays it), each
+        tensor checked equal to the model's weight *at that moment*: one changed since the load (a merged LoRA
+        projection) is left out and quantized again. Empty without an origin. Raises ModelError for a GGUF the
+        ``gguf`` package cannot read."""
+        if self._blocks is None:
+            origin = self.blocks_origin
+            self._blocks = read_block_weights(origin, self.model.state_dict()) if origin is not None else {}
+        return self._blocks
+
+    @property
+    def blocks_type(self) -> str | None:
+        """The GGUF type the :attr:`blocks` come from (``Q4_1``); None when there are none (reads them)."""
+        return self.origin_type if self.blocks else None
 
     @property
     def reference(self) -> str:
@@ -275,10 +291,8 @@ def load_causal_lm(model: str | os.PathLike) -> CausalLM:
     if not cfg.get("architectures"):  # a GGUF's config does not name its class
         cfg["architectures"] = [type(hf).__name__]
     family = _check_architecture(cfg, str(source))
-    origin, blocks_type = (gguf, kind) if gguf is not None else _gguf_origin_file(directory)
-    blocks = read_block_weights(origin, hf.state_dict()) if origin is not None else {}
-    blocks_type = blocks_type if blocks else None
-    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), kind, family, cfg, blocks, blocks_type)
+    origin, origin_type = (gguf, kind) if gguf is not None else _gguf_origin_file(directory)
+    return CausalLM(hf.eval(), tokenizer, name, source.resolve(), kind, family, cfg, origin, origin_type)
 
 
 #: A checkpoint's record of the GGUF file its weights were dequantized from (written by

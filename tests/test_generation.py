@@ -188,8 +188,9 @@ def test_gguf_blocks_decode_exactly(tiny_gguf):
 
 def test_checkpoint_written_from_a_gguf_keeps_its_blocks(tiny_gguf, tmp_path):
     """A checkpoint saved from a GGUF model (a hybrid's teacher, an adapted model) records its GGUF: loading it
-    carries the blocks of every tensor still equal to the GGUF's (a changed one is left out); a GGUF that is
-    gone or changed since (another SHA-256) carries none."""
+    carries the blocks of every tensor still equal to the GGUF's (a changed one is left out, also one changed
+    after the load and before the blocks' first use); a GGUF that is gone or changed since (another SHA-256)
+    carries none."""
     import torch
 
     from edgelm.causal_lm import GGUF_ORIGIN_FILE, load_causal_lm, save_hf_checkpoint
@@ -212,6 +213,10 @@ def test_checkpoint_written_from_a_gguf_keeps_its_blocks(tiny_gguf, tmp_path):
     assert q not in changed.blocks and len(changed.blocks) == len(lm.blocks) - 1
     save_hf_checkpoint(changed, tmp_path / "again")  # a checkpoint of a checkpoint keeps the record
     assert len(load_causal_lm(tmp_path / "again").blocks) == len(lm.blocks) - 1
+    later = load_causal_lm(tmp_path / "same")  # blocks are read on first use, against the weights then
+    with torch.no_grad():
+        later.model.get_parameter(q).add_(0.01)
+    assert q not in later.blocks and len(later.blocks) == len(lm.blocks) - 1 and later.blocks_type == "Q4_1"
     with gguf.open("ab") as f:  # the file is no longer the one the checkpoint came from
         f.write(b"\0")
     stale = load_causal_lm(tmp_path / "same")
