@@ -1088,9 +1088,17 @@ def emulator_setup(
         bool,
         typer.Option(
             "--executorch",
-            help="Also install the aarch64 torch and executorch wheels (about 1 GB) to run .pte artifacts.",
+            help="Also install the aarch64 torch and executorch wheels to run .pte artifacts.",
         ),
     ] = False,
+    torch_index_url: Annotated[
+        str,
+        typer.Option(
+            "--torch-index-url",
+            help="With --executorch: the index of torch's CPU build, beside PyPI (PyPI's aarch64 torch is the CUDA "
+            "build). Empty: PyPI alone.",
+        ),
+    ] = "https://download.pytorch.org/whl/cpu",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete sysroot is there.")] = False,
 ):
     """Build (once) and cache the arm64 sysroot the emulator runner uses: Debian arm64 python3.11 and
@@ -1099,7 +1107,9 @@ def emulator_setup(
 
     qemu_binary()
     with StageProgress(_err_console()) as progress:
-        path = setup(sysroot, executorch=executorch, force=force, progress=progress)
+        path = setup(
+            sysroot, executorch=executorch, torch_index=torch_index_url or None, force=force, progress=progress
+        )
     out_console.print(f"emulator sysroot: {path}")
 
 

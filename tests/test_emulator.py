@@ -61,3 +61,16 @@ def test_emulator_setup_cli_reuses_the_sysroot(sysroot):
     assert r.exit_code == 0, r.output
     assert str(sysroot) in r.output.replace("\n", "")
     assert emulator.sysroot_info(sysroot)["check"].startswith("aarch64")
+
+
+def test_aarch64_wheels_install_with_an_unreachable_torch_index(tmp_path):
+    """The pip step of ``emulator setup``: aarch64 wheels land in the target; the extra index for torch's CPU build
+    (PyTorch's, unreachable here) is tried and passed over, not fatal."""
+    import subprocess
+
+    cmd = emulator.pip_command(tmp_path / "site", ("numpy==2.2.6",), extra_index="http://127.0.0.1:9/whl/cpu")
+    assert cmd[cmd.index("--extra-index-url") + 1] == "http://127.0.0.1:9/whl/cpu"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    libs = list((tmp_path / "site" / "numpy").rglob("_multiarray_umath*.so"))
+    assert libs and "aarch64" in libs[0].name

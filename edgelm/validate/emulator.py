@@ -8,7 +8,8 @@
    host's dpkg architectures are never touched) and unpacked with ``dpkg-deb -x``;
 2. aarch64 wheels of numpy, onnxruntime and ai-edge-litert, installed from the host with
    ``pip install --target SITE --only-binary=:all: --platform manylinux_2_28_aarch64 --platform
-   manylinux_2_27_aarch64 ...``; with ``executorch=True`` also torch and executorch (opt-in: about 1 GB);
+   manylinux_2_27_aarch64 ...``; with ``executorch=True`` also torch (its CPU build, from PyTorch's index beside
+   PyPI: :data:`TORCH_CPU_INDEX`) and executorch (opt-in);
 3. an ARM ``/proc/cpuinfo`` inside the sysroot: qemu resolves paths inside ``-L SYSROOT`` first, and ONNX
    Runtime's cpuinfo segfaults on import when it reads the host's x86 one.
 
@@ -45,6 +46,10 @@ PACKAGES = ("python3.11", "libstdc++6", "libgomp1")
 #: aarch64 wheels every sysroot gets, and the opt-in ones for .pte artifacts.
 WHEELS = ("numpy", "onnxruntime", "ai-edge-litert")
 EXECUTORCH_WHEELS = ("torch==2.13.0", "executorch==1.5.1")
+#: Where the opt-in torch comes from (an extra index beside PyPI): since torch 2.9 PyPI's aarch64 Linux wheel is
+#: the CUDA build, which needs about 3 GB of nvidia-* wheels (and the registry here lacks one of them,
+#: nvidia-nccl-cu13 2.29.7 for aarch64); the CPU build (``2.13.0+cpu``, which pip prefers) is on PyTorch's index.
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MARKER = "edgelm-sysroot.json"
 ARM_CPUINFO = "".join(
     f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
@@ -136,13 +141,16 @@ def setup(
     dest: str | os.PathLike | None = None,
     *,
     executorch: bool = False,
+    torch_index: str | None = TORCH_CPU_INDEX,
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """Build the arm64 sysroot into ``dest`` (default :func:`default_sysroot`) and return it; an existing,
     complete sysroot with the same wheel set is reused unless ``force``. Built in a temp dir beside
     ``dest`` and renamed at the end (:func:`edgelm.fsutil.write_directory`). Needs ``apt-get``,
-    ``dpkg-deb`` and ``qemu-aarch64-static``, and network access to the Debian mirror and PyPI.
+    ``dpkg-deb`` and ``qemu-aarch64-static``, and network access to the Debian mirror and PyPI; with
+    ``executorch``, also to ``torch_index`` (an extra index for torch's CPU build, :data:`TORCH_CPU_INDEX`;
+    None: PyPI alone, whose aarch64 torch is the CUDA build).
 
     Raises:
         EmulatorError: a tool missing, a download or unpack failure, or the finished sysroot failing to
@@ -183,33 +191,19 @@ def setup(
         (root / "proc").mkdir(exist_ok=True)
         (root / "proc" / "cpuinfo").write_text(ARM_CPUINFO)
         tick(f"installing aarch64 wheels ({', '.join(wheels)})")
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-                str(tmp / "site"),
-                "--only-binary=:all:",
-                "--platform",  # bookworm's glibc is 2.36; torch's aarch64 wheels are manylinux_2_28
-                "manylinux_2_28_aarch64",
-                "--platform",
-                "manylinux_2_27_aarch64",
-                "--platform",
-                "manylinux_2_17_aarch64",
-                "--platform",
-                "manylinux2014_aarch64",
-                "--python-version",
-                "3.11",
-                "--implementation",
-                "cp",
-                *wheels,
-            ],
-            "pip install of the aarch64 wheels",
-        )
+        try:
+            _run(
+                pip_command(tmp / "site", wheels, torch_index if executorch else None),
+                "pip install of the aarch64 wheels",
+            )
+        except EmulatorError as exc:
+            if not executorch:
+                raise
+            raise EmulatorError(
+                f"{exc}. The ExecuTorch wheels need torch for aarch64: PyPI's is the CUDA build (about 3 GB of "
+                f"nvidia-* wheels); its CPU build is on {TORCH_CPU_INDEX} (pass a mirror of it with "
+                "--torch-index-url), or run the .pte on a board (--runner ssh) instead"
+            ) from None
         tick("checking the sysroot under emulation")
         out = _run(
             [
@@ -236,6 +230,20 @@ def setup(
     write_directory(dest, build)
     tick("done")
     return dest
+
+
+def pip_command(target: Path, wheels: tuple[str, ...], extra_index: str | None = None) -> list[str]:
+    """The ``pip install`` that puts the aarch64 ``wheels`` into ``target`` from this host (binary wheels for
+    manylinux aarch64, CPython 3.11), with ``extra_index`` beside the configured index when given."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    cmd += ["--target", str(target), "--only-binary=:all:"]
+    # bookworm's glibc is 2.36; torch's aarch64 wheels are manylinux_2_28
+    for tag in ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"):
+        cmd += ["--platform", tag]
+    cmd += ["--python-version", "3.11", "--implementation", "cp"]
+    if extra_index:
+        cmd += ["--extra-index-url", extra_index]
+    return [*cmd, *wheels]
 
 
 def sysroot_info(sysroot: str | os.PathLike | None = None) -> dict:
