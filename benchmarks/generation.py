@@ -69,8 +69,8 @@ class HFSession:
         if pos == 0:
             self._past = None
         with torch.inference_mode():
-            out = self.lm.model(torch.from_numpy(np.asarray(tokens))[None], past_key_values=self._past, use_cache=True)
-        self._past = out.past_key_values
+            out = self.lm.model(torch.from_numpy(np.asarray(tokens))[None], cache=self._past, use_cache=True)
+        self._past = out.cache
         return out.logits[0].float().numpy()
 
 

@@ -102,7 +102,7 @@ def _eager_greedy(lm: CausalLM, prompt: list[int], n: int) -> tuple[list[int], n
     eos = set(lm.eos_ids)
     with torch.inference_mode():
         out = lm.model(torch.tensor([prompt]), use_cache=True)
-        logits, past = out.logits[0, -1], out.past_key_values
+        logits, past = out.logits[0, -1], out.cache
         first = logits.float().numpy().copy()
         tokens: list[int] = []
         while True:
@@ -110,8 +110,8 @@ def _eager_greedy(lm: CausalLM, prompt: list[int], n: int) -> tuple[list[int], n
             tokens.append(t)
             if t in eos or len(tokens) >= n:
                 break
-            out = lm.model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
-            logits, past = out.logits[0, -1], out.past_key_values
+            out = lm.model(torch.tensor([[t]]), cache=past, use_cache=True)
+            logits, past = out.logits[0, -1], out.cache
         return tokens, first
 
 
@@ -172,12 +172,12 @@ def _eager_speed(lm: CausalLM, prompt: list[int], context_length: int, threads: 
         t0 = time.perf_counter()
         out = lm.model(torch.tensor([prompt]), use_cache=True)
         prefill_s = time.perf_counter() - t0
-        past, t = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
+        past, t = out.cache, int(torch.argmax(out.logits[0, -1]))
         steps = min(SPEED_NEW_TOKENS, context_length - len(prompt) - 1)
         t1 = time.perf_counter()
         for _ in range(steps):
-            out = lm.model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
-            past, t = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
+            out = lm.model(torch.tensor([[t]]), cache=past, use_cache=True)
+            past, t = out.cache, int(torch.argmax(out.logits[0, -1]))
         decode_s = time.perf_counter() - t1
     return {
         "threads": threads,

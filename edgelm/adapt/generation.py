@@ -295,7 +295,7 @@ def generate_text(
             if t in stop:
                 break
             new.append(t)
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=torch.tensor([[t]]), cache=out.cache, use_cache=True)
         return new
 
 
@@ -500,7 +500,7 @@ def prefix_cache(model: Any, prompt: Any) -> tuple[list[np.ndarray], list[np.nda
     import torch
 
     with torch.no_grad():
-        cache = model(inputs_embeds=prompt[None].float(), use_cache=True).past_key_values
+        cache = model(inputs_embeds=prompt[None].float(), use_cache=True).cache
     keys = [layer.keys[0].float().numpy().copy() for layer in cache.layers]
     values = [layer.values[0].float().numpy().copy() for layer in cache.layers]
     return keys, values
@@ -508,7 +508,7 @@ def prefix_cache(model: Any, prompt: Any) -> tuple[list[np.ndarray], list[np.nda
 
 def prefixed_model(model: Any, prompt: Any) -> Any:
     """``model`` with the soft prompt always before the tokens it is given: a module with the causal LM's call
-    (``input_ids``, ``past_key_values``/``cache``, ``use_cache``) whose logits are those of the given tokens only.
+    (``input_ids``, ``cache``, ``use_cache``) whose logits are those of the given tokens only.
     A call without a cache starts a sequence from the prompt's cache (computed once, copied per sequence).
     The reference of a prompt-tuned model's export."""
     import copy
@@ -521,13 +521,13 @@ def prefixed_model(model: Any, prompt: Any) -> Any:
             self.inner = model
             self.config = model.config
             with torch.no_grad():
-                self._cache = model(inputs_embeds=prompt[None].float(), use_cache=True).past_key_values
+                self._cache = model(inputs_embeds=prompt[None].float(), use_cache=True).cache
 
-        def forward(self, input_ids=None, past_key_values=None, use_cache=False, **kwargs):
-            past = kwargs.pop("cache", None) or past_key_values
+        def forward(self, input_ids=None, cache=None, use_cache=False, **kwargs):
+            past = cache if cache is not None else kwargs.pop("past_key_values", None)
             if past is None:
                 past = copy.deepcopy(self._cache)
-            return self.inner(input_ids=input_ids, past_key_values=past, use_cache=True, **kwargs)
+            return self.inner(input_ids=input_ids, cache=past, use_cache=True, **kwargs)
 
     return Prefixed().eval()
 
