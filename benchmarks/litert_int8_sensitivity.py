@@ -1,0 +1,229 @@
+"""Why LiteRT's int8 SmolLM2 decoder misses the token-agreement gate: LiteRT's int8 arithmetic simulated in
+PyTorch, one part of the model at a time.
+
+A LiteRT conversion of SmolLM2-135M takes five minutes and each weight-only layer costs memory at load, so the
+recipes are compared here in simulation on the same reference and golden prompts as ``edgelm export``
+(the dequantized Q4_1 GGUF in float32; 32 chat-templated prompts, 32 greedy tokens each; perplexity over the
+first 512 tokens of WikiText-2 test):
+
+- weights: int8, symmetric, one scale per output channel (litert-torch's ``MIN_MAX`` / ``CHANNELWISE``), the
+  embedding table per row (it is also the tied output head);
+- dynamic-range layers: each input row quantized to int8 on the fly, asymmetric, one scale and zero point per
+  row (XNNPACK's ``qd8`` fully-connected kernels, which LiteRT's dynamic-range ops run on), then the matmul;
+- weight-only layers: int8 weights, float activations (litert-torch's ``WEIGHT_ONLY`` mode).
+
+Rows: LiteRT's ``full_dynamic_recipe`` (every linear dynamic-range: what ``--quant tflite=int8_dynamic``
+exports), every linear weight-only, attention or feed-forward weight-only per block (the granularity
+litert-torch's ``GenerativeQuantRecipe`` offers), and SmoothQuant (Xiao et al. 2023, arXiv:2211.10438: per
+channel scales s = max|x|^a / max|W|^(1-a), calibrated on 2,048 tokens of WikiText-2 *valid*, folded into the
+preceding norm, up-projection or value projection, so the float model is unchanged) before the dynamic
+recipe. The first two rows reproduce the real LiteRT exports' numbers (README).
+
+    python benchmarks/litert_int8_sensitivity.py      # about 15 minutes on 2 cores
+
+Results: ``benchmarks/results/litert_int8_sensitivity.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from _results import write_results
+
+from edgelm import hostinfo
+from edgelm.report import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext2"
+TEST_TEXT = DATA / "raw" / "wiki.test.raw"
+CALIB_TEXT = DATA / "tokenized" / "wiki.valid.tokens"
+PPL_TOKENS = 512
+CALIB_TOKENS = 2048
+GATE = 0.15  # the profiles' token-agreement gate for text generation
+
+
+def quantize_weight(w):
+    """int8 symmetric per output channel (rows of ``w`` float32 [out, in]), dequantized."""
+    s = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    return (w / s).round().clamp(-127, 127) * s
+
+
+def quantize_rows(x):
+    """int8 asymmetric per row (the last dimension), dequantized: XNNPACK's dynamic ``qd8`` inputs."""
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 255).clamp_min(1e-12)
+    zp = (-128 - lo / s).round()
+    return ((x / s + zp).round().clamp(-128, 127) - zp) * s
+
+
+class Simulation:
+    """Forward hooks that make the model compute as a LiteRT int8 decoder would (see the module docstring)."""
+
+    def __init__(self, model):
+        import torch
+
+        self.model, self.hooks, self.torch = model, [], torch
+        self.linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def apply(self, weight_only: set[str]) -> None:
+        F = self.torch.nn.functional
+        self.clear()
+        for name, mod in self.model.named_modules():
+            if name in self.linears:
+                w = quantize_weight(mod.weight.detach())
+                dynamic = name not in weight_only
+
+                def hook(m, args, out, w=w, dynamic=dynamic):
+                    return F.linear(quantize_rows(args[0]) if dynamic else args[0], w)
+
+                self.hooks.append(mod.register_forward_hook(hook))
+        emb = self.model.get_input_embeddings()
+        table = quantize_weight(emb.weight.detach())
+        self.hooks.append(emb.register_forward_hook(lambda m, args, out: F.embedding(args[0], table)))
+
+    def clear(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def smooth(model, calib, alpha: float, heads: int, kv_heads: int) -> None:
+    """SmoothQuant's equivalent rescaling, in place: per input channel of the q/k/v, gate/up, down and o
+    projections, s = max|x|^alpha / max|W|^(1-alpha) over ``calib`` (int64 [N, T]); x / s is folded into the
+    producer (the RMSNorm gain, the up-projection's rows, the value projection's rows: one scale per KV channel,
+    the largest of the query heads that share it), W · s into the consumer."""
+    import torch
+
+    stats: dict = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        for key, mod in (("qkv", a.q_proj), ("o", a.o_proj), ("gu", m.gate_proj), ("down", m.down_proj)):
+
+            def f(mod, args, k=(i, key)):
+                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+                stats[k] = torch.maximum(stats[k], x) if k in stats else x
+
+            hooks.append(mod.register_forward_pre_hook(f))
+    with torch.inference_mode():
+        for row in calib:
+            model(torch.from_numpy(row)[None])
+    for h in hooks:
+        h.remove()
+
+    def scales(xmax, weights):
+        wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        return (xmax.clamp_min(1e-5).pow(alpha) / wmax.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            s = scales(stats[(i, "qkv")], [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            layer.input_layernorm.weight.div_(s)
+            for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight):
+                w.mul_(s)
+            s = scales(stats[(i, "gu")], [m.gate_proj.weight, m.up_proj.weight])
+            layer.post_attention_layernorm.weight.div_(s)
+            for w in (m.gate_proj.weight, m.up_proj.weight):
+                w.mul_(s)
+            s = scales(stats[(i, "down")], [m.down_proj.weight])
+            m.up_proj.weight.div_(s[:, None])
+            m.down_proj.weight.mul_(s)
+            group = heads // kv_heads
+            so = scales(stats[(i, "o")], [a.o_proj.weight]).view(kv_heads, group, -1).amax(1)
+            a.v_proj.weight.div_(so.reshape(-1)[:, None])
+            a.o_proj.weight.mul_(so.repeat_interleave(group, 0).reshape(-1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
+    args = ap.parse_args()
+    if not TEST_TEXT.is_file() or not CALIB_TEXT.is_file():
+        raise SystemExit(f"WikiText-2 not found under {DATA}: this benchmark reads ../shared/data/wikitext2")
+    import torch
+
+    from edgelm import generative as gen
+    from edgelm.causal_lm import load_causal_lm
+    from edgelm.generation import pad_tokens, token_agreement
+
+    torch.set_num_threads(2)
+    lm = load_causal_lm("smollm2-135m")
+    prompts = [gen._prompt_ids(lm, p) for p in gen.PROMPTS]
+    tok = lm.tokenizer
+    window = torch.tensor(tok(TEST_TEXT.read_text()[:200_000], add_special_tokens=False)["input_ids"][:PPL_TOKENS])
+    calib_ids = tok(CALIB_TEXT.read_text()[:100_000], add_special_tokens=False)["input_ids"][:CALIB_TOKENS]
+    calib = np.asarray(calib_ids, dtype=np.int64).reshape(-1, 512)
+
+    def greedy() -> np.ndarray:
+        return pad_tokens([gen._eager_greedy(lm, p, gen.NEW_TOKENS)[0] for p in prompts], gen.NEW_TOKENS)
+
+    def perplexity() -> float:
+        with torch.inference_mode():
+            logp = torch.log_softmax(lm.model(window[None]).logits[0, :-1].double(), -1)
+        return float(torch.exp(-logp[torch.arange(len(window) - 1), window[1:]].mean()))
+
+    reference, ref_ppl = greedy(), perplexity()
+    sim = Simulation(lm.model)
+    attention = {n for n in sim.linears if ".self_attn." in n}
+    ffn = {n for n in sim.linears if ".mlp." in n}
+    rows = [
+        ("every linear dynamic-range (full_dynamic_recipe: --quant tflite=int8_dynamic)", set(), False),
+        ("every linear weight-only", set(sim.linears), False),
+        ("attention weight-only, feed-forward dynamic-range", attention, False),
+        ("feed-forward weight-only, attention dynamic-range", ffn, False),
+        (f"SmoothQuant (alpha {args.alpha:g}), then every linear dynamic-range", set(), True),
+    ]
+    results = []
+    for label, weight_only, smoothed in rows:
+        t0 = time.perf_counter()
+        if smoothed:
+            cfg = lm.config
+            smooth(lm.model, calib, args.alpha, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+        sim.apply(weight_only)
+        agree = token_agreement(reference, greedy())
+        ppl = perplexity()
+        sim.clear()
+        results.append(
+            {
+                "recipe": label,
+                "weight_only_linears": len(weight_only),
+                "agreement": agree["agreement"],
+                "prompts_equal": round(agree["agreement"] * agree["prompts"]),
+                "mean_prefix": agree["mean_prefix"],
+                "perplexity": ppl,
+                "perplexity_ratio": ppl / ref_ppl,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        print(f"{label}: {results[-1]['prompts_equal']}/32, ppl {ppl / ref_ppl:.3f}x", flush=True)
+    host = hostinfo.describe(hostinfo.cpu_info())
+    payload = {"host": host, "reference_perplexity": ref_ppl, "gate": GATE, "alpha": args.alpha, "rows": results}
+    table = [
+        {
+            "recipe (simulated)": r["recipe"],
+            "prompts with all 32 tokens equal": f"{r['prompts_equal']} of 32 ({r['agreement']:.0%})",
+            "tokens before the first difference": f"{r['mean_prefix']:.1f}",
+            "perplexity (x reference)": f"{r['perplexity']:.2f} ({r['perplexity_ratio']:.3f}x)",
+        }
+        for r in results
+    ]
+    md = [
+        "# LiteRT int8 on SmolLM2-135M-Instruct, simulated in PyTorch",
+        "",
+        f"Host: {host}. Reference: the dequantized Q4_1 GGUF in float32 (perplexity {ref_ppl:.2f} over the first "
+        f"{PPL_TOKENS} tokens of WikiText-2 test); gate: {GATE:.0%} of the 32 golden prompts with all 32 greedy "
+        "tokens equal. Weight-only layers are dequantized to float32 when LiteRT loads the model.",
+        "",
+        *markdown_table(table),
+        "",
+        "Reproduce: `python benchmarks/litert_int8_sensitivity.py`.",
+    ]
+    print(write_results("litert_int8_sensitivity", payload, md))
+
+
+if __name__ == "__main__":
+    main()
