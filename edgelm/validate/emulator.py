@@ -304,6 +304,6 @@ class EmulatorRunner(HostRunner):
         if Path(inner_name(artifact)).suffix == ".pte" and not self._has_executorch():
             return (
                 f"{artifact.name}: ExecuTorch under emulation is opt-in: it needs the aarch64 torch and "
-                "executorch wheels (about 1 GB); run `edgelm emulator setup --executorch`"
+                "executorch wheels; run `edgelm emulator setup --executorch`"
             )
         return None
