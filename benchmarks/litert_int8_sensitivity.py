@@ -148,13 +148,15 @@ def main() -> None:
 
     from edgelm import generative as gen
     from edgelm.causal_lm import load_causal_lm
+    from edgelm.compress.hybrid_qrnn import perplexity as window_perplexity
     from edgelm.generation import pad_tokens, token_agreement
 
     torch.set_num_threads(2)
     lm = load_causal_lm("smollm2-135m")
     prompts = [gen._prompt_ids(lm, p) for p in gen.PROMPTS]
     tok = lm.tokenizer
-    window = torch.tensor(tok(TEST_TEXT.read_text()[:200_000], add_special_tokens=False)["input_ids"][:PPL_TOKENS])
+    test_ids = tok(TEST_TEXT.read_text()[:200_000], add_special_tokens=False)["input_ids"][:PPL_TOKENS]
+    window = np.asarray(test_ids, dtype=np.int64)[None]
     calib_ids = tok(CALIB_TEXT.read_text()[:100_000], add_special_tokens=False)["input_ids"][:CALIB_TOKENS]
     calib = np.asarray(calib_ids, dtype=np.int64).reshape(-1, 512)
 
@@ -162,9 +164,7 @@ def main() -> None:
         return pad_tokens([gen._eager_greedy(lm, p, gen.NEW_TOKENS)[0] for p in prompts], gen.NEW_TOKENS)
 
     def perplexity() -> float:
-        with torch.inference_mode():
-            logp = torch.log_softmax(lm.model(window[None]).logits[0, :-1].double(), -1)
-        return float(torch.exp(-logp[torch.arange(len(window) - 1), window[1:]].mean()))
+        return window_perplexity(lm.model, window, batch_size=1)
 
     reference, ref_ppl = greedy(), perplexity()
     sim = Simulation(lm.model)
