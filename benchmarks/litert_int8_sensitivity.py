@@ -90,54 +90,6 @@ class Simulation:
         self.hooks = []
 
 
-def smooth(model, calib, alpha: float, heads: int, kv_heads: int) -> None:
-    """SmoothQuant's equivalent rescaling, in place: per input channel of the q/k/v, gate/up, down and o
-    projections, s = max|x|^alpha / max|W|^(1-alpha) over ``calib`` (int64 [N, T]); x / s is folded into the
-    producer (the RMSNorm gain, the up-projection's rows, the value projection's rows: one scale per KV channel,
-    the largest of the query heads that share it), W · s into the consumer."""
-    import torch
-
-    stats: dict = {}
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        a, m = layer.self_attn, layer.mlp
-        for key, mod in (("qkv", a.q_proj), ("o", a.o_proj), ("gu", m.gate_proj), ("down", m.down_proj)):
-
-            def f(mod, args, k=(i, key)):
-                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-                stats[k] = torch.maximum(stats[k], x) if k in stats else x
-
-            hooks.append(mod.register_forward_pre_hook(f))
-    with torch.inference_mode():
-        for row in calib:
-            model(torch.from_numpy(row)[None])
-    for h in hooks:
-        h.remove()
-
-    def scales(xmax, weights):
-        wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-        return (xmax.clamp_min(1e-5).pow(alpha) / wmax.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
-
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            s = scales(stats[(i, "qkv")], [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            layer.input_layernorm.weight.div_(s)
-            for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight):
-                w.mul_(s)
-            s = scales(stats[(i, "gu")], [m.gate_proj.weight, m.up_proj.weight])
-            layer.post_attention_layernorm.weight.div_(s)
-            for w in (m.gate_proj.weight, m.up_proj.weight):
-                w.mul_(s)
-            s = scales(stats[(i, "down")], [m.down_proj.weight])
-            m.up_proj.weight.div_(s[:, None])
-            m.down_proj.weight.mul_(s)
-            group = heads // kv_heads
-            so = scales(stats[(i, "o")], [a.o_proj.weight]).view(kv_heads, group, -1).amax(1)
-            a.v_proj.weight.div_(so.reshape(-1)[:, None])
-            a.o_proj.weight.mul_(so.repeat_interleave(group, 0).reshape(-1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
@@ -149,6 +101,7 @@ def main() -> None:
     from edgelm import generative as gen
     from edgelm.causal_lm import load_causal_lm
     from edgelm.compress.hybrid_qrnn import perplexity as window_perplexity
+    from edgelm.compress.smoothquant import smooth
     from edgelm.generation import pad_tokens, token_agreement
 
     torch.set_num_threads(2)
@@ -181,8 +134,7 @@ def main() -> None:
     for label, weight_only, smoothed in rows:
         t0 = time.perf_counter()
         if smoothed:
-            cfg = lm.config
-            smooth(lm.model, calib, args.alpha, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+            smooth(lm.model, calib, args.alpha)
         sim.apply(weight_only)
         agree = token_agreement(reference, greedy())
         ppl = perplexity()

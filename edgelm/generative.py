@@ -54,6 +54,8 @@ ProgressFn = Callable[[str, int, int], None]
 NEW_TOKENS = 32
 #: Tokens in the perplexity window (capped at the context length).
 PERPLEXITY_TOKENS = 512
+#: SmoothQuant's calibration (LiteRT int8 decoders): at most this many tokens of the perplexity text after the window.
+CALIBRATION_TOKENS = 2048
 #: The speed measurement: a prompt of this many tokens (from the perplexity text) and new tokens decoded.
 SPEED_PROMPT_TOKENS = 128
 SPEED_NEW_TOKENS = 128
@@ -75,6 +77,9 @@ class Reference:
     text_source: str | None
     speed_prompt: list[int]
     eager: dict = field(default_factory=dict)
+    #: SmoothQuant's calibration rows (int64 [T] each) and where they come from (:func:`_calibration`).
+    calibration: list[np.ndarray] = field(default_factory=list, repr=False)
+    calibration_source: str = ""
 
 
 def _prompt_ids(lm: CausalLM, text: str) -> list[int]:
@@ -157,9 +162,53 @@ def reference_stage(
     speed_prompt = (filler * (SPEED_PROMPT_TOKENS // max(len(filler), 1) + 1))[:SPEED_PROMPT_TOKENS]
     speed_prompt = speed_prompt[: max(2, recipe.context_length - SPEED_NEW_TOKENS - 1)]
     eager = _eager_speed(lm, speed_prompt, recipe.context_length, threads) if speed else {}
+    calibration, calibration_source = _calibration(ids[n:], text, prompts, rows)
     return Reference(
-        prompts, rows, np.stack(first).astype(np.float32), window, ppl, str(text) if text else None, speed_prompt, eager
+        prompts,
+        rows,
+        np.stack(first).astype(np.float32),
+        window,
+        ppl,
+        str(text) if text else None,
+        speed_prompt,
+        eager,
+        calibration,
+        calibration_source,
     )
+
+
+def _calibration(
+    after: list[int], text: Path | None, prompts: list[list[int]], tokens: list[list[int]]
+) -> tuple[list[np.ndarray], str]:
+    """SmoothQuant's calibration rows: up to :data:`CALIBRATION_TOKENS` of the perplexity text that follow the
+    perplexity window (disjoint from what perplexity is measured on), in rows of 512; with fewer than 512 such
+    tokens, each golden prompt followed by the reference's greedy tokens (the model's own text)."""
+    from edgelm.compress.smoothquant import CALIBRATION_ROW_TOKENS, calibration_rows
+
+    if len(after) >= CALIBRATION_ROW_TOKENS:
+        rows = calibration_rows(after, CALIBRATION_TOKENS)
+        return list(rows), f"{rows.size} tokens of {Path(str(text)).name} after the perplexity window"
+    rows = [np.asarray(p + t, dtype=np.int64) for p, t in zip(prompts, tokens, strict=True)]
+    return rows, f"the {len(rows)} golden prompts and their reference tokens (the perplexity text is too short)"
+
+
+def _smoothed_checkpoint(lm: CausalLM, ref: Reference, alpha: float, directory: Path) -> dict:
+    """Write a copy of ``lm`` with SmoothQuant's rescaling (alpha ``alpha``, calibrated on
+    ``ref.calibration``) as a float32 Hugging Face checkpoint in ``directory``; returns what the manifest
+    records of it."""
+    from edgelm.compress.smoothquant import smooth
+
+    model = copy.deepcopy(lm.model)
+    layers = smooth(model, ref.calibration, alpha)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    lm.tokenizer.save_pretrained(directory)
+    return {
+        "method": "SmoothQuant (Xiao et al. 2023, arXiv:2211.10438)",
+        "alpha": alpha,
+        "linears_rescaled": layers,
+        "calibration": ref.calibration_source,
+    }
 
 
 def _eager_speed(lm: CausalLM, prompt: list[int], context_length: int, threads: int) -> dict:
@@ -251,6 +300,7 @@ def _export_plan(
     work: Path,
     hybrid: Hybrid | None = None,
     soft: SoftPrompt | None = None,
+    ref: Reference | None = None,
 ) -> dict:
     path = tmp / plan.artifact_name
     q = plan.quant
@@ -274,6 +324,14 @@ def _export_plan(
                 **common,
             )
             companions: list[Path] = []
+        elif plan.format == "tflite" and q.scheme == "int8_dynamic" and recipe.smoothquant_alpha > 0 and ref:
+            # int8 activations on the fly: SmoothQuant moves the outlier channels' range into the weights first
+            smoothed = _smoothed_checkpoint(lm, ref, recipe.smoothquant_alpha, work / "hf-smoothquant")
+            info = decoder_tflite.export_tflite(
+                work / "hf-smoothquant", path, bos_id=lm.bos_id, eos_ids=lm.eos_ids, **common
+            )
+            info |= {"smoothquant": smoothed, "weights": info["weights"] + ", after SmoothQuant"}
+            companions = [decoder_tflite.config_path(path)]
         else:
             hf_dir = work / "hf"
             if not hf_dir.is_dir():
@@ -411,7 +469,7 @@ def export_generative(
         entries = []
         for plan in recipe.plans:
             step(f"export {plan.artifact_name}")
-            entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid, soft))
+            entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid, soft, ref))
         facts = {"hybrid": _hybrid_facts(hybrid, ref)} if hybrid else {}
         facts |= {"soft_prompt": _soft_prompt_facts(soft)} if soft else {}
         step("write bundle")

@@ -99,6 +99,7 @@ class Llm(_Strict):
     ``group_size``; ExecuTorch and ONNX keep 8-bit embeddings, LiteRT's recipe takes 32 or 128);
     ``quantization`` a scheme of a format's own (LiteRT: ``int8_dynamic``, int8 per-channel weights);
     ``max_artifact_mb`` their size budget, MB;
+    ``smoothquant_alpha`` SmoothQuant's migration strength for LiteRT ``int8_dynamic`` decoders (0: off);
     ``min_decode_tokens_per_s`` the decode speed the device must reach (compared with the cost model's
     estimate; host measurements are not device speed); ``ram_budget_mb`` what the weights and the KV cache
     may take, MB."""
@@ -109,6 +110,7 @@ class Llm(_Strict):
     quantization: dict[Literal["executorch", "onnx", "tflite"], Literal["8da4w", "int8_dynamic", "fp32"]] = {}
     group_size: Literal[32, 64, 128, 256] = 32
     max_artifact_mb: float = Field(default=512.0, gt=0)
+    smoothquant_alpha: float = Field(default=0.5, ge=0, le=1)
     min_decode_tokens_per_s: float = Field(default=10.0, gt=0)
     ram_budget_mb: float = Field(default=1024.0, gt=0)
 

@@ -261,6 +261,8 @@ class GenerationRecipe:
         threads: CPU threads the runtimes use on the target.
         min_decode_tokens_per_s: the device's decode-speed goal, tokens/s (reported beside the estimate).
         ram_budget_mb: what weights + KV cache may take on the device, MB.
+        smoothquant_alpha: SmoothQuant's migration strength before a LiteRT ``int8_dynamic`` export (0: none;
+            :mod:`edgelm.compress.smoothquant`).
         hardware: the profile's hardware figures, for the cost model.
         profile: the profile as plain data (the manifest keeps it).
     """
@@ -272,6 +274,7 @@ class GenerationRecipe:
     threads: int
     min_decode_tokens_per_s: float
     ram_budget_mb: float
+    smoothquant_alpha: float = 0.0
     hardware: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict, repr=False)
 
@@ -340,6 +343,7 @@ def make_generation_recipe(
         threads=n_threads,
         min_decode_tokens_per_s=llm.min_decode_tokens_per_s,
         ram_budget_mb=llm.ram_budget_mb,
+        smoothquant_alpha=llm.smoothquant_alpha,
         hardware=profile.hardware.model_dump(mode="json"),
         profile=profile.to_dict(),
     )

@@ -332,6 +332,11 @@ def test_export_generative_bundle(gen_bundle):
     tfl = arts["model.int8_dynamic.tflite"]
     assert [c["file"] for c in tfl["companions"]] == ["model.int8_dynamic.tflite.json"]
     assert tfl["details"]["signatures"] == ["prefill_32", "prefill_128", "decode"]  # prompt lengths up to 128
+    # int8 activations on the fly: SmoothQuant first (the profile's alpha), calibrated off the perplexity window
+    sq = tfl["details"]["smoothquant"]
+    assert (sq["alpha"], sq["linears_rescaled"]) == (0.5, 8) and "after SmoothQuant" in tfl["details"]["weights"]
+    if (SHARED_DATA / "wikitext2").is_dir():
+        assert sq["calibration"] == "2048 tokens of wiki.test.raw after the perplexity window"
     assert tfl["inputs"][0] == {"name": "tokens", "dtype": "int32", "shape": [1, "n"]}
     settings = json.loads((bundle / "model.int8_dynamic.tflite.json").read_text())
     assert (settings["context_length"], settings["bos_token_id"], settings["eos_token_id"]) == (128, 1, [2])
