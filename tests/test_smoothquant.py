@@ -88,3 +88,14 @@ def test_an_outlier_channel_costs_less_under_dynamic_int8_after_smoothing():
     before = error()
     smoothquant.smooth(model, np.random.default_rng(1).integers(0, 64, (2, 32)), 0.5)
     assert error() < 0.5 * before
+
+
+def test_calibration_comes_after_the_perplexity_window_or_from_the_golden_set():
+    """The export calibrates on the perplexity text after its window; a text too short for a 512-token row
+    falls back to the golden prompts followed by the reference's tokens."""
+    from edgelm.generative import _calibration
+
+    rows, source = _calibration(list(range(1500)), Path("wiki.test.raw"), [[1, 2]], [[3, 4]])
+    assert [r[0] for r in rows] == [0, 512] and source == "1024 tokens of wiki.test.raw after the perplexity window"
+    rows, source = _calibration(list(range(100)), Path("short.txt"), [[1, 2], [5]], [[3, 4], [6, 7]])
+    assert [r.tolist() for r in rows] == [[1, 2, 3, 4], [5, 6, 7]] and source.startswith("the 2 golden prompts")
