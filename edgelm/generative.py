@@ -162,7 +162,7 @@ def reference_stage(
     speed_prompt = (filler * (SPEED_PROMPT_TOKENS // max(len(filler), 1) + 1))[:SPEED_PROMPT_TOKENS]
     speed_prompt = speed_prompt[: max(2, recipe.context_length - SPEED_NEW_TOKENS - 1)]
     eager = _eager_speed(lm, speed_prompt, recipe.context_length, threads) if speed else {}
-    calibration, calibration_source = _calibration(ids[n:], text, prompts, rows)
+    calibration, calibration_source = _calibration(lm, ids[n:], text)
     return Reference(
         prompts,
         rows,
@@ -177,19 +177,33 @@ def reference_stage(
     )
 
 
-def _calibration(
-    after: list[int], text: Path | None, prompts: list[list[int]], tokens: list[list[int]]
-) -> tuple[list[np.ndarray], str]:
-    """SmoothQuant's calibration rows: up to :data:`CALIBRATION_TOKENS` of the perplexity text that follow the
-    perplexity window (disjoint from what perplexity is measured on), in rows of 512; with fewer than 512 such
-    tokens, each golden prompt followed by the reference's greedy tokens (the model's own text)."""
+def _calibration(lm: CausalLM, after: list[int], text: Path | None) -> tuple[list[np.ndarray], str]:
+    """SmoothQuant's calibration rows (int64 [T] each): up to :data:`CALIBRATION_TOKENS` of the perplexity text
+    that follow the perplexity window (disjoint from what perplexity is measured on), in rows of 512; without
+    512 such tokens, 512 tokens the model samples itself from its BOS (temperature 1, seed 0: the data-free
+    calibration of LLM-QAT, Liu et al. 2023, arXiv:2305.17888), never the golden prompts the gates check."""
     from edgelm.compress.smoothquant import CALIBRATION_ROW_TOKENS, calibration_rows
 
     if len(after) >= CALIBRATION_ROW_TOKENS:
         rows = calibration_rows(after, CALIBRATION_TOKENS)
         return list(rows), f"{rows.size} tokens of {Path(str(text)).name} after the perplexity window"
-    rows = [np.asarray(p + t, dtype=np.int64) for p, t in zip(prompts, tokens, strict=True)]
-    return rows, f"the {len(rows)} golden prompts and their reference tokens (the perplexity text is too short)"
+    import torch
+
+    start = lm.bos_id if lm.bos_id is not None else (lm.eos_ids or [0])[0]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = lm.model.generate(
+            torch.tensor([[start]]),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=CALIBRATION_ROW_TOKENS - 1,
+            min_new_tokens=CALIBRATION_ROW_TOKENS - 1,
+            pad_token_id=start,
+        )
+    why = "no perplexity text" if text is None else f"{Path(str(text)).name} is too short"
+    return [out[0].numpy().astype(np.int64)], f"{out.shape[1]} tokens sampled from the model ({why})"
 
 
 def _smoothed_checkpoint(lm: CausalLM, ref: Reference, alpha: float, directory: Path) -> dict:

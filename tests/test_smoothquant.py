@@ -90,12 +90,18 @@ def test_an_outlier_channel_costs_less_under_dynamic_int8_after_smoothing():
     assert error() < 0.5 * before
 
 
-def test_calibration_comes_after_the_perplexity_window_or_from_the_golden_set():
-    """The export calibrates on the perplexity text after its window; a text too short for a 512-token row
-    falls back to the golden prompts followed by the reference's tokens."""
+def test_calibration_comes_after_the_perplexity_window_or_from_the_model_itself():
+    """The export calibrates on the perplexity text after its window; without 512 tokens there, on 512 tokens
+    the model samples from its BOS (never the golden prompts the gates check)."""
+    from edgelm.causal_lm import CausalLM
     from edgelm.generative import _calibration
 
-    rows, source = _calibration(list(range(1500)), Path("wiki.test.raw"), [[1, 2]], [[3, 4]])
+    model = tiny("llama")
+    lm = CausalLM(model, None, "tiny", Path("tiny"), None, "llama", model.config.to_dict())
+    rows, source = _calibration(lm, list(range(1500)), Path("wiki.test.raw"))
     assert [r[0] for r in rows] == [0, 512] and source == "1024 tokens of wiki.test.raw after the perplexity window"
-    rows, source = _calibration(list(range(100)), Path("short.txt"), [[1, 2], [5]], [[3, 4], [6, 7]])
-    assert [r.tolist() for r in rows] == [[1, 2, 3, 4], [5, 6, 7]] and source.startswith("the 2 golden prompts")
+    rows, source = _calibration(lm, list(range(100)), Path("short.txt"))
+    assert len(rows) == 1 and rows[0].shape == (512,) and rows[0][0] == lm.bos_id
+    assert len(set(rows[0].tolist())) > 20 and source == "512 tokens sampled from the model (short.txt is too short)"
+    again, _ = _calibration(lm, [], None)
+    assert np.array_equal(again[0], rows[0])  # seeded: the same export calibrates the same way
