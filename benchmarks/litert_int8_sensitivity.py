@@ -21,6 +21,9 @@ recipe. The first two rows reproduce the real LiteRT exports' numbers (README).
 
     python benchmarks/litert_int8_sensitivity.py      # about 15 minutes on 2 cores
 
+``--extra-prompts 96`` also scores every row on 96 SST-2 dev sentences (chat-templated, a one-sentence reply
+asked for), so that a difference of one or two of the 32 golden prompts can be told from noise.
+
 Results: ``benchmarks/results/litert_int8_sensitivity.{json,md}``.
 """
 
@@ -43,6 +46,20 @@ CALIB_TEXT = DATA / "tokenized" / "wiki.valid.tokens"
 PPL_TOKENS = 512
 CALIB_TOKENS = 2048
 GATE = 0.15  # the profiles' token-agreement gate for text generation
+SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
+#: The further prompts of ``--extra-prompts``: an SST-2 dev sentence after this request, in the chat template.
+EXTRA_PROMPT = "Write one sentence in reply to this movie review: "
+
+
+def sst2_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` SST-2 dev sentences drawn without replacement with ``seed`` (none for n = 0)."""
+    if n <= 0:
+        return []
+    if not SST2_DEV.is_file():
+        raise SystemExit(f"--extra-prompts reads {SST2_DEV}, which is not there")
+    rows = [ln.split("\t")[0] for ln in SST2_DEV.read_text().splitlines()[1:] if ln.strip()]
+    idx = np.random.default_rng(seed).choice(len(rows), min(n, len(rows)), replace=False)
+    return [rows[i] for i in idx]
 
 
 def quantize_weight(w):
@@ -93,6 +110,12 @@ class Simulation:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
+    ap.add_argument(
+        "--extra-prompts",
+        type=int,
+        default=0,
+        help="also score agreement on this many SST-2 dev sentences (chat-templated, a reply asked for)",
+    )
     args = ap.parse_args()
     if not TEST_TEXT.is_file() or not CALIB_TEXT.is_file():
         raise SystemExit(f"WikiText-2 not found under {DATA}: this benchmark reads ../shared/data/wikitext2")
@@ -113,13 +136,16 @@ def main() -> None:
     calib_ids = tok(CALIB_TEXT.read_text()[:100_000], add_special_tokens=False)["input_ids"][:CALIB_TOKENS]
     calib = np.asarray(calib_ids, dtype=np.int64).reshape(-1, 512)
 
-    def greedy() -> np.ndarray:
-        return pad_tokens([gen._eager_greedy(lm, p, gen.NEW_TOKENS)[0] for p in prompts], gen.NEW_TOKENS)
+    extra = [gen._prompt_ids(lm, EXTRA_PROMPT + s) for s in sst2_sentences(args.extra_prompts)]
+
+    def greedy(which: list[list[int]] = prompts) -> np.ndarray:
+        return pad_tokens([gen._eager_greedy(lm, p, gen.NEW_TOKENS)[0] for p in which], gen.NEW_TOKENS)
 
     def perplexity() -> float:
         return window_perplexity(lm.model, window, batch_size=1)
 
     reference, ref_ppl = greedy(), perplexity()
+    extra_reference = greedy(extra) if extra else None
     sim = Simulation(lm.model)
     attention = {n for n in sim.linears if ".self_attn." in n}
     ffn = {n for n in sim.linears if ".mlp." in n}
@@ -137,6 +163,7 @@ def main() -> None:
             smooth(lm.model, calib, args.alpha)
         sim.apply(weight_only)
         agree = token_agreement(reference, greedy())
+        agree_extra = token_agreement(extra_reference, greedy(extra)) if extra else None
         ppl = perplexity()
         sim.clear()
         results.append(
@@ -146,6 +173,8 @@ def main() -> None:
                 "agreement": agree["agreement"],
                 "prompts_equal": round(agree["agreement"] * agree["prompts"]),
                 "mean_prefix": agree["mean_prefix"],
+                "extra_prompts_equal": round(agree_extra["agreement"] * len(extra)) if extra else None,
+                "extra_mean_prefix": agree_extra["mean_prefix"] if extra else None,
                 "perplexity": ppl,
                 "perplexity_ratio": ppl / ref_ppl,
                 "seconds": round(time.perf_counter() - t0, 1),
@@ -153,7 +182,14 @@ def main() -> None:
         )
         print(f"{label}: {results[-1]['prompts_equal']}/32, ppl {ppl / ref_ppl:.3f}x", flush=True)
     host = hostinfo.describe(hostinfo.cpu_info())
-    payload = {"host": host, "reference_perplexity": ref_ppl, "gate": GATE, "alpha": args.alpha, "rows": results}
+    payload = {
+        "host": host,
+        "reference_perplexity": ref_ppl,
+        "gate": GATE,
+        "alpha": args.alpha,
+        "extra_prompts": len(extra),
+        "rows": results,
+    }
     table = [
         {
             "recipe (simulated)": r["recipe"],
@@ -161,6 +197,14 @@ def main() -> None:
             "tokens before the first difference": f"{r['mean_prefix']:.1f}",
             "perplexity (x reference)": f"{r['perplexity']:.2f} ({r['perplexity_ratio']:.3f}x)",
         }
+        | (
+            {
+                f"{len(extra)} SST-2 prompts: all equal (first difference)": f"{r['extra_prompts_equal']} "
+                f"({r['extra_mean_prefix']:.1f})"
+            }
+            if extra
+            else {}
+        )
         for r in results
     ]
     md = [
@@ -172,7 +216,9 @@ def main() -> None:
         "",
         *markdown_table(table),
         "",
-        "Reproduce: `python benchmarks/litert_int8_sensitivity.py`.",
+        "Reproduce: `python benchmarks/litert_int8_sensitivity.py"
+        + (f" --extra-prompts {len(extra)}" if extra else "")
+        + "`.",
     ]
     print(write_results("litert_int8_sensitivity", payload, md))
 

