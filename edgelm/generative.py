@@ -77,9 +77,8 @@ class Reference:
     text_source: str | None
     speed_prompt: list[int]
     eager: dict = field(default_factory=dict)
-    #: SmoothQuant's calibration rows (int64 [T] each) and where they come from (:func:`_calibration`).
-    calibration: list[np.ndarray] = field(default_factory=list, repr=False)
-    calibration_source: str = ""
+    #: The perplexity text's tokens after the window: SmoothQuant's calibration (:func:`_calibration`).
+    after_window: list[int] = field(default_factory=list, repr=False)
 
 
 def _prompt_ids(lm: CausalLM, text: str) -> list[int]:
@@ -162,7 +161,6 @@ def reference_stage(
     speed_prompt = (filler * (SPEED_PROMPT_TOKENS // max(len(filler), 1) + 1))[:SPEED_PROMPT_TOKENS]
     speed_prompt = speed_prompt[: max(2, recipe.context_length - SPEED_NEW_TOKENS - 1)]
     eager = _eager_speed(lm, speed_prompt, recipe.context_length, threads) if speed else {}
-    calibration, calibration_source = _calibration(lm, ids[n:], text)
     return Reference(
         prompts,
         rows,
@@ -172,12 +170,11 @@ def reference_stage(
         str(text) if text else None,
         speed_prompt,
         eager,
-        calibration,
-        calibration_source,
+        ids[n : n + CALIBRATION_TOKENS],
     )
 
 
-def _calibration(lm: CausalLM, after: list[int], text: Path | None) -> tuple[list[np.ndarray], str]:
+def _calibration(lm: CausalLM, after: list[int], text: Path | str | None) -> tuple[list[np.ndarray], str]:
     """SmoothQuant's calibration rows (int64 [T] each): up to :data:`CALIBRATION_TOKENS` of the perplexity text
     that follow the perplexity window (disjoint from what perplexity is measured on), in rows of 512; without
     512 such tokens, 512 tokens the model samples itself from its BOS (temperature 1, seed 0: the data-free
@@ -207,13 +204,14 @@ def _calibration(lm: CausalLM, after: list[int], text: Path | None) -> tuple[lis
 
 
 def _smoothed_checkpoint(lm: CausalLM, ref: Reference, alpha: float, directory: Path) -> dict:
-    """Write a copy of ``lm`` with SmoothQuant's rescaling (alpha ``alpha``, calibrated on
-    ``ref.calibration``) as a float32 Hugging Face checkpoint in ``directory``; returns what the manifest
+    """Write a copy of ``lm`` with SmoothQuant's rescaling (alpha ``alpha``, calibrated on the perplexity text
+    after its window: :func:`_calibration`) as a float32 Hugging Face checkpoint in ``directory``; returns what the manifest
     records of it."""
     from edgelm.compress.smoothquant import smooth
 
+    calibration, source = _calibration(lm, ref.after_window, ref.text_source)
     model = copy.deepcopy(lm.model)
-    layers = smooth(model, ref.calibration, alpha)
+    layers = smooth(model, calibration, alpha)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     lm.tokenizer.save_pretrained(directory)
@@ -221,7 +219,7 @@ def _smoothed_checkpoint(lm: CausalLM, ref: Reference, alpha: float, directory: 
         "method": "SmoothQuant (Xiao et al. 2023, arXiv:2211.10438)",
         "alpha": alpha,
         "linears_rescaled": layers,
-        "calibration": ref.calibration_source,
+        "calibration": source,
     }
 
 
