@@ -328,6 +328,8 @@ def plot(rows: list[dict], positions: list[int]) -> None:
     for r in rows:
         ax[0].plot(positions, [r["decode_ms"][str(p)] for p in positions], marker="o", label=f"{pct(r['level'])} %")
     ax[0].set(xlabel="position (tokens)", ylabel="decode ms / token (1 thread)", xscale="log")
+    ax[0].set_xticks(positions, [str(p) for p in positions])  # the measured positions, no 10^k labels
+    ax[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax[0].legend(title="attention replaced")
     ax[1].bar([f"{pct(r['level'])} %" for r in rows], [r["perplexity"] for r in rows])
     ax[1].set(xlabel="attention replaced", ylabel="WikiText-2 test perplexity (PyTorch)")
