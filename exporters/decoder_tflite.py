@@ -280,9 +280,10 @@ def _quant_config(scheme: str, group_size: int, config):
 
     Measured on SmolLM2-135M (Q4_1 GGUF reference; README): int4 blocks 1.45x perplexity (the GGUF's weights
     rounded a second time onto symmetric blocks with bfloat16-rounded scales); int8 1.02x, 4 of 32 golden
-    prompts with all 32 greedy tokens equal. litert-torch's weight-only int8 (1.004x, 10 of 32) dequantizes
-    every weight to float32 at load: 4.4 GB resident (2.5 GB with the weight cache), so it is not offered; keeping only the head weight-only
-    did not move the agreement (4 of 32) and took 1.8 GB."""
+    prompts with all 32 greedy tokens equal, 7 of 32 (1.019x) when the checkpoint had SmoothQuant's rescaling
+    first (edgelm.generative does that for ``int8_dynamic``). litert-torch's weight-only int8 (1.004x, 10 of 32)
+    dequantizes every weight to float32 at load: 4.4 GB resident (2.5 GB with the weight cache), so it is not
+    offered; keeping only the head weight-only did not move the agreement (4 of 32) and took 1.8 GB."""
     if scheme == "fp32":
         return None
     from litert_torch.generative.quantize import quant_attrs, quant_recipes
