@@ -124,7 +124,7 @@ def main() -> None:
     from edgelm import generative as gen
     from edgelm.causal_lm import load_causal_lm
     from edgelm.compress.hybrid_qrnn import perplexity as window_perplexity
-    from edgelm.compress.smoothquant import smooth
+    from edgelm.compress.smoothquant import calibration_rows, smooth
     from edgelm.generation import pad_tokens, token_agreement
 
     torch.set_num_threads(2)
@@ -133,8 +133,8 @@ def main() -> None:
     tok = lm.tokenizer
     test_ids = tok(TEST_TEXT.read_text()[:200_000], add_special_tokens=False)["input_ids"][:PPL_TOKENS]
     window = np.asarray(test_ids, dtype=np.int64)[None]
-    calib_ids = tok(CALIB_TEXT.read_text()[:100_000], add_special_tokens=False)["input_ids"][:CALIB_TOKENS]
-    calib = np.asarray(calib_ids, dtype=np.int64).reshape(-1, 512)
+    calib_ids = tok(CALIB_TEXT.read_text()[:100_000], add_special_tokens=False)["input_ids"]
+    calib = calibration_rows(calib_ids, CALIB_TOKENS)
 
     extra = [gen._prompt_ids(lm, EXTRA_PROMPT + s) for s in sst2_sentences(args.extra_prompts)]
 

@@ -308,11 +308,11 @@ def _export_plan(
     lm: CausalLM,
     plan,
     recipe: GenerationRecipe,
+    ref: Reference,
     tmp: Path,
     work: Path,
     hybrid: Hybrid | None = None,
     soft: SoftPrompt | None = None,
-    ref: Reference | None = None,
 ) -> dict:
     path = tmp / plan.artifact_name
     q = plan.quant
@@ -336,20 +336,18 @@ def _export_plan(
                 **common,
             )
             companions: list[Path] = []
-        elif plan.format == "tflite" and q.scheme == "int8_dynamic" and recipe.smoothquant_alpha > 0 and ref:
-            # int8 activations on the fly: SmoothQuant moves the outlier channels' range into the weights first
-            smoothed = _smoothed_checkpoint(lm, ref, recipe.smoothquant_alpha, work / "hf-smoothquant")
-            info = decoder_tflite.export_tflite(
-                work / "hf-smoothquant", path, bos_id=lm.bos_id, eos_ids=lm.eos_ids, **common
-            )
-            info |= {"smoothquant": smoothed, "weights": info["weights"] + ", after SmoothQuant"}
-            companions = [decoder_tflite.config_path(path)]
         else:
-            hf_dir = work / "hf"
-            if not hf_dir.is_dir():
+            hf_dir, smoothed = work / "hf", None
+            if plan.format == "tflite" and q.scheme == "int8_dynamic" and recipe.smoothquant_alpha > 0:
+                # int8 activations on the fly: SmoothQuant moves the outlier channels' range into the weights first
+                hf_dir = work / "hf-smoothquant"
+                smoothed = _smoothed_checkpoint(lm, ref, recipe.smoothquant_alpha, hf_dir)
+            elif not hf_dir.is_dir():
                 save_hf_checkpoint(lm, hf_dir)
             if plan.format == "tflite":
                 info = decoder_tflite.export_tflite(hf_dir, path, bos_id=lm.bos_id, eos_ids=lm.eos_ids, **common)
+                if smoothed:
+                    info |= {"smoothquant": smoothed, "weights": info["weights"] + ", after SmoothQuant"}
                 companions = [decoder_tflite.config_path(path)]
             else:
                 info = decoder.export_onnx(hf_dir, path, blocks=lm.blocks, **common)
@@ -481,7 +479,7 @@ def export_generative(
         entries = []
         for plan in recipe.plans:
             step(f"export {plan.artifact_name}")
-            entries.append(_export_plan(lm, plan, recipe, tmp, work, hybrid, soft, ref))
+            entries.append(_export_plan(lm, plan, recipe, ref, tmp, work, hybrid, soft))
         facts = {"hybrid": _hybrid_facts(hybrid, ref)} if hybrid else {}
         facts |= {"soft_prompt": _soft_prompt_facts(soft)} if soft else {}
         step("write bundle")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-#: The migration strength the paper uses for most models (Llama-family included); 0 turns smoothing off.
+#: The migration strength the paper uses for most models (the profiles' ``[llm] smoothquant_alpha`` default).
 DEFAULT_ALPHA = 0.5
 #: Calibration rows are this many tokens long.
 CALIBRATION_ROW_TOKENS = 512
