@@ -7,7 +7,8 @@ Per level, in one run:
   so every level replaces the cheapest layers of the same ranking); the 0 % level is the teacher (the
   dequantized GGUF as a Hugging Face checkpoint, exported the same way);
 - WikiText-2 *test* perplexity in PyTorch fp32 over ``--ppl-windows`` windows of 1,024 tokens, and its ratio to
-  the teacher's;
+  the teacher's, overall and over the tokens predicted at positions 0-127, 128-511 and 512-1022 of the windows
+  (a hybrid trained on short windows loses most where the replaced attention reached furthest back);
 - ``edgelm export --device pixel8 --format executorch`` (8da4w ``.pte``, context ``--context``) in its own
   process, whose host check gives the ``.pte``'s perplexity on the golden window (512 tokens), its greedy token
   agreement with the PyTorch model it came from, and decode tokens/s;
@@ -21,9 +22,11 @@ Per level, in one run:
 Targets (issue 16) at 50 %: perplexity ≤ 1.10× the teacher's, decode time at position 2048 ≤ 0.75× the
 all-attention model's, cache + state ≤ 0.55× its KV cache. Results:
 ``benchmarks/results/hybrid_qrnn.{json,md,png}``; trained hybrids and bundles are cached in
-``benchmarks/.cache/``.
+``benchmarks/.cache/``. With ``--seq-len`` / ``--batch-size`` other than the CLI's 128 tokens x 4 windows, the
+hybrids are trained on those windows and the results go to ``hybrid_qrnn_w{seq_len}x{batch}.{json,md,png}``.
 
     python benchmarks/hybrid_qrnn.py [--levels 0 0.25 0.5 0.75] [--local-steps 1000] [--e2e-steps 100]
+        [--seq-len 128] [--batch-size 4]
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ PTE_PPL_TOKENS = 512
 #: Prompts are fed in chunks of this many tokens to every model (the hybrid's own chunk), so peak memory and
 #: prefill compare like with like.
 PREFILL_CHUNK = 64
+#: Context spans (0-based positions of the predicting token) of the perplexity-by-position columns.
+POSITION_SPANS = ((0, 128), (128, 512), (512, 1023))
 TARGETS = {"perplexity_ratio": 1.10, "decode_ms_2048_ratio": 0.75, "memory_ratio": 0.55}
 
 
@@ -84,7 +89,7 @@ def train(level: float, layers: list[int] | None, args) -> Path:
     """The hybrid of ``level`` (cached): ``layers`` given (from an earlier level's importance) or measured."""
     from edgelm.compress import hybrid_qrnn as hq
 
-    out = CACHE / f"hybrid-qrnn-{pct(level)}-{args.local_steps}-{args.e2e_steps}"
+    out = CACHE / f"hybrid-qrnn-{pct(level)}-{args.local_steps}-{args.e2e_steps}{window_tag(args)}"
     if (out / hq.CONFIG_FILE).is_file():
         return out
     log(f"training the {pct(level)} % hybrid ({'layers ' + str(layers) if layers else 'measuring the layers'})")
@@ -95,10 +100,25 @@ def train(level: float, layers: list[int] | None, args) -> Path:
             log(f"  {desc} {done}/{total}")
             last[0] = desc
 
-    cfg = hq.HybridConfig(replace=layers or level, local_steps=args.local_steps, e2e_steps=args.e2e_steps)
+    cfg = hq.HybridConfig(
+        replace=layers or level,
+        local_steps=args.local_steps,
+        e2e_steps=args.e2e_steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+    )
     res = hq.run_hybrid_qrnn("smollm2-135m", [TRAIN_TEXT], out, cfg, progress=progress)
     log(f"  layers {res.replaced_layers}: perplexity {res.teacher_perplexity:.2f} -> {res.hybrid_perplexity:.2f}")
     return out
+
+
+def window_tag(args) -> str:
+    """The cache and results suffix of a training window other than the CLI's default (128 tokens, 4 windows)."""
+    from edgelm.compress import hybrid_qrnn as hq
+
+    default = hq.HybridConfig()
+    same = (args.seq_len, args.batch_size) == (default.seq_len, default.batch_size)
+    return "" if same else f"-w{args.seq_len}x{args.batch_size}"
 
 
 def test_windows(tokenizer, n: int, length: int = 1024) -> np.ndarray:
@@ -108,7 +128,8 @@ def test_windows(tokenizer, n: int, length: int = 1024) -> np.ndarray:
     return np.asarray(ids[: n * length], dtype=np.int64).reshape(n, length)
 
 
-def pytorch_perplexity(model_dir: Path, windows: np.ndarray) -> float:
+def pytorch_nll(model_dir: Path, windows: np.ndarray) -> np.ndarray:
+    """Next-token NLL (nats) of the PyTorch fp32 model in ``model_dir`` (hybrid or not): float64 [N, T - 1]."""
     from edgelm.causal_lm import load_causal_lm
     from edgelm.compress import hybrid_qrnn as hq
 
@@ -116,7 +137,17 @@ def pytorch_perplexity(model_dir: Path, windows: np.ndarray) -> float:
         model, _, _ = hq.load_hybrid(model_dir)
     else:
         model = load_causal_lm(model_dir).model
-    return hq.perplexity(model, windows, batch_size=1)
+    return hq.token_nll(model, windows, batch_size=1)
+
+
+def by_position(nll: np.ndarray, teacher_nll: np.ndarray) -> dict[str, float]:
+    """Perplexity ratio to the teacher over each span of context positions (POSITION_SPANS, tokens predicted
+    from that many tokens before them): where a hybrid loses what the replaced attention carried."""
+    return {
+        f"{a}-{b - 1}": float(np.exp(nll[:, a:b].mean() - teacher_nll[:, a:b].mean()))
+        for a, b in POSITION_SPANS
+        if a < nll.shape[1]
+    }
 
 
 def export(model_dir: Path, level: float, context: int) -> Path:
@@ -192,6 +223,8 @@ def main() -> None:
     ap.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     ap.add_argument("--local-steps", type=int, default=1000)
     ap.add_argument("--e2e-steps", type=int, default=100)
+    ap.add_argument("--seq-len", type=int, default=128, help="training window of the hybrids, tokens")
+    ap.add_argument("--batch-size", type=int, default=4, help="training windows per step")
     ap.add_argument("--positions", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--context", type=int, default=2080)
@@ -225,15 +258,17 @@ def main() -> None:
     prompt_file = CACHE / "hybrid-qrnn-prompt.npy"
     np.save(prompt_file, prompt)
     log(f"teacher perplexity on {windows.size} WikiText-2 test tokens (PyTorch fp32)")
-    teacher_ppl = pytorch_perplexity(teacher_dir(), windows)
+    teacher_nll = pytorch_nll(teacher_dir(), windows)
+    teacher_ppl = float(np.exp(teacher_nll.mean()))
     rows = []
     for level in sorted(dirs):
         d = dirs[level]
         doc = hq.read_hybrid_config(d) if level > 0 else None
         qrnn = [{"layer": i, "window": doc["window"]} for i in doc["replaced_layers"]] if doc else []
         log(f"{pct(level)} %: perplexity")
-        ppl = teacher_ppl if level == 0 else pytorch_perplexity(d, windows)
-        ppl_512 = pytorch_perplexity(d, prompt[None, :PTE_PPL_TOKENS])
+        nll = teacher_nll if level == 0 else pytorch_nll(d, windows)
+        ppl = float(np.exp(nll.mean()))
+        ppl_512 = float(np.exp(pytorch_nll(d, prompt[None, :PTE_PPL_TOKENS]).mean()))
         bundle = export(d, level, args.context)
         manifest = json.loads((bundle / "manifest.json").read_text())
         art = manifest["artifacts"][0]
@@ -248,6 +283,7 @@ def main() -> None:
                 "training_seconds": doc.get("seconds") if doc else None,
                 "perplexity": ppl,
                 "perplexity_ratio": ppl / teacher_ppl,
+                "perplexity_ratio_by_position": by_position(nll, teacher_nll),
                 "perplexity_512": ppl_512,
                 "pte_perplexity_512": speed["perplexity"],
                 "pte_perplexity_ratio_vs_own_reference": speed["perplexity"] / ppl_512,
@@ -283,6 +319,8 @@ def main() -> None:
         "context": args.context,
         "local_steps": args.local_steps,
         "e2e_steps": args.e2e_steps,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
         "targets_at_50": TARGETS,
         "rows": rows,
     }
@@ -290,6 +328,9 @@ def main() -> None:
         {
             "replaced": f"{pct(r['level'])} % ({len(r['replaced_layers'])} of {n_layers})",
             "ppl (PyTorch)": f"{r['perplexity']:.2f} ({r['perplexity_ratio']:.3f}x)",
+            "ratio by position " + " / ".join(r["perplexity_ratio_by_position"]): " / ".join(
+                f"{v:.2f}" for v in r["perplexity_ratio_by_position"].values()
+            ),
             "ppl, 512 tok: PyTorch / .pte": f"{r['perplexity_512']:.2f} / {r['pte_perplexity_512']:.2f}",
             ".pte agreement": f"{r['pte_token_agreement_vs_own_reference']:.2f}",
             **{f"decode ms @{p}": f"{r['decode_ms'][str(p)]:.1f}" for p in args.positions},
@@ -306,19 +347,22 @@ def main() -> None:
         f"Perplexity: PyTorch fp32 over {windows.size:,} WikiText-2 test tokens (windows of 1,024), and over its "
         f"first {PTE_PPL_TOKENS} tokens beside the .pte's; .pte agreement: greedy tokens equal to the PyTorch "
         f"model's on the export's 32 golden prompts. Decode: median of {DECODE_STEPS} steps after a prompt of that "
-        f"many tokens. Training: {args.local_steps} layer-local + {args.e2e_steps} end-to-end steps on "
-        "WikiText-2 valid.",
+        f"many tokens. Training: {args.local_steps} layer-local + {args.e2e_steps} end-to-end steps of "
+        f"{args.batch_size} windows of {args.seq_len} tokens on WikiText-2 valid. Ratio by position: the "
+        "perplexity ratio to the teacher over the tokens predicted at those positions of the 1,024-token windows.",
         "",
         *markdown_table(table),
         "",
-        "Reproduce: `python benchmarks/hybrid_qrnn.py` (hybrids and bundles cached in `benchmarks/.cache/`).",
+        f"Reproduce: `python benchmarks/hybrid_qrnn.py {' '.join(sys.argv[1:])}` (hybrids and bundles cached in "
+        "`benchmarks/.cache/`).",
     ]
-    write_results("hybrid_qrnn", payload, md)
-    plot(rows, args.positions)
-    log(f"wrote {RESULTS / 'hybrid_qrnn.md'}")
+    name = "hybrid_qrnn" + window_tag(args).replace("-", "_")
+    write_results(name, payload, md)
+    plot(rows, args.positions, name)
+    log(f"wrote {RESULTS / (name + '.md')}")
 
 
-def plot(rows: list[dict], positions: list[int]) -> None:
+def plot(rows: list[dict], positions: list[int], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,9 +378,9 @@ def plot(rows: list[dict], positions: list[int]) -> None:
     ax[1].bar([f"{pct(r['level'])} %" for r in rows], [r["perplexity"] for r in rows])
     ax[1].set(xlabel="attention replaced", ylabel="WikiText-2 test perplexity (PyTorch)")
     fig.tight_layout()
-    tmp = RESULTS / ".hybrid_qrnn.png.tmp.png"
+    tmp = RESULTS / f".{name}.png.tmp.png"
     fig.savefig(tmp, dpi=110)
-    os.replace(tmp, RESULTS / "hybrid_qrnn.png")
+    os.replace(tmp, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,26 @@ def test_attention_importance_equals_whole_passes_with_the_attention_dropped(tin
     assert hq.perplexity(lm.model, windows) not in fast  # each measurement dropped something
 
 
+def test_token_nll_columns_are_context_positions(tiny_lm):
+    """Column j of token_nll is the loss of token j + 1 given tokens 0..j alone (a prefix pass), and the
+    perplexity is exp of its mean."""
+    import torch
+
+    from edgelm.causal_lm import load_causal_lm
+
+    lm = load_causal_lm(tiny_lm)
+    windows = np.random.default_rng(1).integers(3, 300, (3, 20)).astype(np.int64)
+    nll = hq.token_nll(lm.model, windows, batch_size=2)
+    assert nll.shape == (3, 19) and nll.dtype == np.float64
+    for j in (0, 7, 18):
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.from_numpy(windows[:, : j + 1])).logits[:, -1]
+        want = torch.nn.functional.cross_entropy(logits, torch.from_numpy(windows[:, j + 1]), reduction="none")
+        assert np.allclose(nll[:, j], want.numpy(), atol=1e-4)
+    assert hq.perplexity(lm.model, windows) == pytest.approx(float(np.exp(nll.mean())), rel=1e-9)
+    assert len(set(np.round(nll[0], 4))) > 10  # real per-token values, not one mean repeated
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     from edgelm.data import PROBE_SENTENCES

@@ -293,21 +293,24 @@ def token_windows(tokenizer: Any, texts: list[str], seq_len: int, limit: int | N
 # ---------------------------------------------------------------- measuring
 
 
-def perplexity(model: Any, windows: np.ndarray, batch_size: int = 4) -> float:
-    """Perplexity of ``model`` over token windows int64 [N, T] (each window's first token is context only)."""
+def token_nll(model: Any, windows: np.ndarray, batch_size: int = 4) -> np.ndarray:
+    """Negative log-likelihood (nats) of each next token: float64 [N, T - 1] for token windows int64 [N, T]
+    (column j is the loss of predicting token j + 1 from tokens 0..j, so columns are positions in the context)."""
     import torch
 
-    total, count = 0.0, 0
+    rows = []
     with torch.no_grad():
         for s in range(0, len(windows), batch_size):
             ids = torch.from_numpy(windows[s : s + batch_size])
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            count += ids[:, 1:].numel()
-    return math.exp(total / count)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            rows.append(loss.double().numpy())
+    return np.concatenate(rows)
+
+
+def perplexity(model: Any, windows: np.ndarray, batch_size: int = 4) -> float:
+    """Perplexity of ``model`` over token windows int64 [N, T] (each window's first token is context only)."""
+    return math.exp(float(token_nll(model, windows, batch_size).mean()))
 
 
 def attention_importance(model: Any, windows: np.ndarray, progress=None, batch_size: int = 4) -> list[float]:
