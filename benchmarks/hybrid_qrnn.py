@@ -225,6 +225,11 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=128, help="training window of the hybrids, tokens")
     ap.add_argument("--batch-size", type=int, default=4, help="training windows per step")
+    ap.add_argument(
+        "--layers",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="the first share level's layers, e.g. 3,4,5 (default: measured; the other levels take its ranking)",
+    )
     ap.add_argument("--positions", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--context", type=int, default=2080)
@@ -251,6 +256,8 @@ def main() -> None:
     importance = None
     for level in shares:
         layers = hq.choose_layers(importance, level, n_layers) if importance else None
+        if level == shares[0] and args.layers:
+            layers = args.layers
         dirs[level] = train(level, layers, args)
         importance = importance or hq.read_hybrid_config(dirs[level])["importance_perplexity"]
     windows = test_windows(teacher.tokenizer, args.ppl_windows)
