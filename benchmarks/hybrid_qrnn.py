@@ -350,12 +350,17 @@ def main() -> None:
         + (" (PyTorch only)" if args.pytorch_only else " (8da4w .pte, 1 thread)"),
         "",
         f"Host: {host_info}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
-        f"Perplexity: PyTorch fp32 over {windows.size:,} WikiText-2 test tokens (windows of 1,024), and over its "
-        f"first {PTE_PPL_TOKENS} tokens beside the .pte's; .pte agreement: greedy tokens equal to the PyTorch "
-        f"model's on the export's 32 golden prompts. Decode: median of {DECODE_STEPS} steps after a prompt of that "
-        f"many tokens. Training: {args.local_steps} layer-local + {args.e2e_steps} end-to-end steps of "
-        f"{args.batch_size} windows of {args.seq_len} tokens on WikiText-2 valid. Ratio by position: the "
-        "perplexity ratio to the teacher over the tokens predicted at those positions of the 1,024-token windows.",
+        f"Perplexity: PyTorch fp32 over {windows.size:,} WikiText-2 test tokens (windows of 1,024)"
+        + (
+            "."
+            if args.pytorch_only
+            else f", and over its first {PTE_PPL_TOKENS} tokens beside the .pte's; .pte agreement: greedy tokens "
+            "equal to the PyTorch model's on the export's 32 golden prompts. Decode: median of "
+            f"{DECODE_STEPS} steps after a prompt of that many tokens."
+        )
+        + f" Training: {args.local_steps} layer-local + {args.e2e_steps} end-to-end steps of {args.batch_size} x "
+        f"{args.seq_len}-token windows of WikiText-2 valid. Ratio by position: the perplexity ratio to the teacher "
+        "over the tokens predicted at those positions of the 1,024-token windows.",
         "",
         *markdown_table(table),
         "",
