@@ -44,6 +44,7 @@ import numpy as np
 from _results import RESULTS, write_results
 
 from edgelm import hostinfo
+from edgelm.compress.hybrid_qrnn import HybridConfig
 from edgelm.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def train(level: float, layers: list[int] | None, args) -> Path:
             log(f"  {desc} {done}/{total}")
             last[0] = desc
 
-    cfg = hq.HybridConfig(
+    cfg = HybridConfig(
         replace=layers or level,
         local_steps=args.local_steps,
         e2e_steps=args.e2e_steps,
@@ -114,10 +115,7 @@ def train(level: float, layers: list[int] | None, args) -> Path:
 
 def window_tag(args) -> str:
     """The cache and results suffix of a training window other than the CLI's default (128 tokens, 4 windows)."""
-    from edgelm.compress import hybrid_qrnn as hq
-
-    default = hq.HybridConfig()
-    same = (args.seq_len, args.batch_size) == (default.seq_len, default.batch_size)
+    same = (args.seq_len, args.batch_size) == (HybridConfig.seq_len, HybridConfig.batch_size)
     return "" if same else f"-w{args.seq_len}x{args.batch_size}"
 
 
@@ -128,8 +126,9 @@ def test_windows(tokenizer, n: int, length: int = 1024) -> np.ndarray:
     return np.asarray(ids[: n * length], dtype=np.int64).reshape(n, length)
 
 
-def pytorch_nll(model_dir: Path, windows: np.ndarray) -> np.ndarray:
-    """Next-token NLL (nats) of the PyTorch fp32 model in ``model_dir`` (hybrid or not): float64 [N, T - 1]."""
+def pytorch_nll(model_dir: Path, *windows: np.ndarray) -> list[np.ndarray]:
+    """Next-token NLL (nats) of the PyTorch fp32 model in ``model_dir`` (hybrid or not), loaded once, over each
+    token-window array int64 [N, T]: float64 [N, T - 1] each."""
     from edgelm.causal_lm import load_causal_lm
     from edgelm.compress import hybrid_qrnn as hq
 
@@ -137,7 +136,7 @@ def pytorch_nll(model_dir: Path, windows: np.ndarray) -> np.ndarray:
         model, _, _ = hq.load_hybrid(model_dir)
     else:
         model = load_causal_lm(model_dir).model
-    return hq.token_nll(model, windows, batch_size=1)
+    return [hq.token_nll(model, w, batch_size=1) for w in windows]
 
 
 def by_position(nll: np.ndarray, teacher_nll: np.ndarray) -> dict[str, float]:
@@ -240,8 +239,8 @@ def main() -> None:
     ap.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     ap.add_argument("--local-steps", type=int, default=1000)
     ap.add_argument("--e2e-steps", type=int, default=100)
-    ap.add_argument("--seq-len", type=int, default=128, help="training window of the hybrids, tokens")
-    ap.add_argument("--batch-size", type=int, default=4, help="training windows per step")
+    ap.add_argument("--seq-len", type=int, default=HybridConfig.seq_len, help="training window of the hybrids, tokens")
+    ap.add_argument("--batch-size", type=int, default=HybridConfig.batch_size, help="training windows per step")
     ap.add_argument(
         "--layers",
         type=lambda v: [int(x) for x in v.split(",")],
@@ -287,7 +286,7 @@ def main() -> None:
     prompt_file = CACHE / "hybrid-qrnn-prompt.npy"
     np.save(prompt_file, prompt)
     log(f"teacher perplexity on {windows.size} WikiText-2 test tokens (PyTorch fp32)")
-    teacher_nll = pytorch_nll(teacher_dir(), windows)
+    teacher_nll, teacher_nll_512 = pytorch_nll(teacher_dir(), windows, prompt[None, :PTE_PPL_TOKENS])
     teacher_ppl = float(np.exp(teacher_nll.mean()))
     rows = []
     for level in sorted(dirs):
@@ -295,9 +294,11 @@ def main() -> None:
         doc = hq.read_hybrid_config(d) if level > 0 else None
         qrnn = [{"layer": i, "window": doc["window"]} for i in doc["replaced_layers"]] if doc else []
         log(f"{pct(level)} %: perplexity")
-        nll = teacher_nll if level == 0 else pytorch_nll(d, windows)
-        ppl = float(np.exp(nll.mean()))
-        ppl_512 = float(np.exp(pytorch_nll(d, prompt[None, :PTE_PPL_TOKENS]).mean()))
+        if level == 0:
+            nll, nll_512 = teacher_nll, teacher_nll_512
+        else:
+            nll, nll_512 = pytorch_nll(d, windows, prompt[None, :PTE_PPL_TOKENS])
+        ppl, ppl_512 = float(np.exp(nll.mean())), float(np.exp(nll_512.mean()))
         row = {
             "level": level,
             "replaced_layers": [q["layer"] for q in qrnn],
