@@ -13,10 +13,12 @@ export in its own process: ``edgelm export --device pixel8 --format executorch``
 
 Targets (issue 16): scaled prompt tuning ≥ prompt tuning at every K; the exported artifact within 1 ROUGE-L
 point of PyTorch. Results: ``benchmarks/results/adaptation_generation.{json,md}``; adapted checkpoints and
-scores are cached in ``benchmarks/.cache/``.
+scores are cached in ``benchmarks/.cache/``. The results JSON records every cell measured so far: a cell it
+holds is not trained again when the cache is gone (a new checkout), unless ``--ignore-recorded``; its ``runs``
+keep the recorded cells outside this run's ``--seeds`` / ``--ks`` / ``--methods``, and the table shows those asked.
 
     python benchmarks/adaptation_generation.py [--ks 16 64 256] [--seeds 0 1 2] [--eval-items 500] [--pte]
-        [--cached-only]   (a table of the cells already measured)
+        [--cached-only]   (a table of the cells already measured)   [--ignore-recorded]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,17 @@ def cached_json(path: Path, compute):
     return value
 
 
+def recorded(eval_items: int) -> tuple[dict, dict | None]:
+    """The cells an earlier run wrote to ``benchmarks/results/adaptation_generation.json``, keyed by
+    (method, K, seed), each with the host it was measured on, and its zero-shot score; empty where it is absent or scored another ``--eval-items``."""
+    path = RESULTS / "adaptation_generation.json"
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    if prev.get("eval_items") != eval_items:
+        return {}, None
+    cells = {(r["method"], r["k"], r["seed"]): {"host": prev.get("host"), **r} for r in prev.get("runs", [])}
+    return cells, prev.get("zero_shot")
+
+
 def cell_dir(method: str, k: int, seed: int, pool: list) -> Path:
     """Where the adapted checkpoint of one cell and its scores are cached (the pool depends on --eval-items)."""
     return CACHE / f"{method}-k{k}-s{seed}-pool{len(pool)}"
@@ -94,7 +108,8 @@ def score_pytorch(ckpt: Path, evals: list) -> dict:
     cfg = g.GenAdaptConfig(**{k: v for k, v in rec["config"].items() if k in g.GenAdaptConfig.__dataclass_fields__})
     t0 = time.perf_counter()
     rouge, preds = g.evaluate(lm.model, lm.tokenizer, evals, cfg, lm.eos_ids[0], prompt)
-    return {"rouge_l": rouge, "seconds": time.perf_counter() - t0, "examples": preds[:5]}
+    secs = time.perf_counter() - t0
+    return {"rouge_l": rouge, "seconds": secs, "examples": preds[:5], "host": hostinfo.describe(hostinfo.cpu_info())}
 
 
 def score_zero_shot(evals: list) -> dict:
@@ -174,6 +189,7 @@ def main() -> None:
     ap.add_argument("--pte-k", type=int, default=64)
     ap.add_argument("--pte-methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods --pte exports")
     ap.add_argument("--cached-only", action="store_true", help="tabulate the cached cells only (no training)")
+    ap.add_argument("--ignore-recorded", action="store_true", help="measure again the cells the results JSON holds")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,22 +199,32 @@ def main() -> None:
     if not AGNEWS.is_file():
         sys.exit(f"AG News not found at {AGNEWS}: this benchmark reads ../shared/data/agnews/test.csv")
     load_before = os.getloadavg()[0]
+    host = hostinfo.describe(hostinfo.cpu_info())
     pool, evals = split(args.eval_items)
     tag = f"n{args.eval_items}"
     log(f"{len(pool)} training pairs, {len(evals)} held out")
-    zero = cached_json(CACHE / f"zero-shot-{tag}.json", lambda: score_zero_shot(evals))
+    earlier, zero = ({}, None) if args.ignore_recorded else recorded(len(evals))
+    zero = zero or cached_json(CACHE / f"zero-shot-{tag}.json", lambda: score_zero_shot(evals))
     log(f"zero-shot instruct: ROUGE-L {zero['rouge_l']:.2f}")
     runs = []
     for seed in args.seeds:  # seed 0 of every cell first: a stopped run still has one of each
         for k in args.ks:
             for method in args.methods:
-                if args.cached_only and not (cell_dir(method, k, seed, pool) / f"score-pytorch-{tag}.json").is_file():
+                want_pte = args.pte and seed == 0 and k == args.pte_k and method in args.pte_methods
+                cached = (cell_dir(method, k, seed, pool) / f"score-pytorch-{tag}.json").is_file()
+                old = earlier.pop((method, k, seed), None)
+                if not cached and old and (not want_pte or "pte_rouge_l" in old or args.cached_only):
+                    runs.append({key: v for key, v in old.items() if want_pte or key != "pte_rouge_l"})
+                    log(f"{method} K={k} seed {seed}: ROUGE-L {old['rouge_l']:.2f} (recorded in the results)")
+                    continue
+                if args.cached_only and not cached:
                     continue  # a table of what was measured, without training the rest
                 ckpt = adapted(method, k, seed, pool)
                 res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals))
                 rec = json.loads((ckpt / "edgelm_adapt.json").read_text())
                 row = {"method": method, "k": k, "seed": seed, "rouge_l": res["rouge_l"], "train_s": rec["seconds"]}
-                if args.pte and seed == 0 and k == args.pte_k and method in args.pte_methods:
+                row["host"] = res.get("host", host)
+                if want_pte:
                     pte = cached_json(ckpt / f"score-pte-{tag}.json", lambda c=ckpt: score_pte(c, args.eval_items))
                     row["pte_rouge_l"] = pte["rouge_l"]
                 runs.append(row)
@@ -240,7 +266,6 @@ def main() -> None:
     for r in runs:
         if "pte_rouge_l" in r:
             targets[f"{r['method']} .pte within 1 point at K = {r['k']}"] = abs(r["pte_rouge_l"] - r["rouge_l"]) <= 1.0
-    host = hostinfo.describe(hostinfo.cpu_info())
     payload = {
         "host": host,
         "load_average": [load_before, os.getloadavg()[0]],
@@ -248,14 +273,17 @@ def main() -> None:
         "task": "AG News headline generation (description -> title), test.csv",
         "eval_items": len(evals),
         "zero_shot": zero,
-        "runs": runs,
+        "runs": runs + sorted(earlier.values(), key=lambda r: (r["seed"], r["k"], METHODS.index(r["method"]))),
         "summary": summary,
         "targets": targets,
     }
     md = [
         "# Few-shot adaptation of SmolLM2-135M-Instruct: AG News headline generation (ROUGE-L F1)",
         "",
-        f"Host: {host}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
+        f"Host of this run: {host}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
+        + "Cells measured on "
+        + "; ".join(f"{h} ({n})" for h, n in Counter(r.get("host") or host for r in runs).items())
+        + ". "
         f"{len(evals)} held-out pairs, greedy decoding, "
         + (f"mean ± std over seeds {args.seeds}." if len(args.seeds) > 1 else f"seed {args.seeds[0]}.")
         + " Cells are cached: the load average is this run's, not the training's.",
