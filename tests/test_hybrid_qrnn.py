@@ -267,6 +267,18 @@ def test_hybrid_exports_to_executorch_with_its_state_and_equals_pytorch(hybrid, 
     assert np.abs(again - want[19]).max() < 1e-3
 
 
+def test_read_text_keeps_a_text_file_as_written_and_a_dataset_row_by_row(tmp_path):
+    wiki = tmp_path / "wiki.valid.tokens"
+    wiki.write_text(" \n = Lobster = \n \n The lobster is a species .\n")
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("sentence\tlabel\nfirst row\t1\nsecond row\t0\n")
+    # line breaks and the heading stay: the test set is read the same way when its perplexity is measured
+    assert hq.read_text([wiki, rows]) == [wiki.read_text(), "first row", "second row"]
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    with pytest.raises(DataError, match="no text"):
+        hq.read_text([tmp_path / "blank.txt"])
+
+
 def test_compress_hybrid_qrnn_refuses_bad_input(tiny_lm, text_file, tmp_path):
     base = ["compress", "--method", "hybrid-qrnn", "--model", str(tiny_lm), "--out", str(tmp_path / "h")]
     r = cli(*base, "--data", str(text_file), "--replace", "1.5")

@@ -248,9 +248,10 @@ HELD_OUT_NAMES = ("wiki.test.raw", "wiki.test.tokens")
 
 
 def read_text(paths: list[str | os.PathLike]) -> list[str]:
-    """Training text from files: plain text (``.txt``, ``.raw``, ``.tokens``: one passage per non-empty line) or
-    a TSV/CSV/JSONL dataset edgelm reads (its text column). Raises DataError for a missing file, an empty one,
-    or the WikiText-2 test set (the perplexity benchmark's)."""
+    """Training text from files: a plain text file (``.txt``, ``.raw``, ``.tokens``) is one text, as written
+    (its line breaks and WikiText's ``= heading =`` lines kept: the perplexity is measured on the test file read
+    the same way), and a TSV/CSV/JSONL dataset edgelm reads gives one text per row (its text column). Raises
+    DataError for a missing file, an empty one, or the WikiText-2 test set (the perplexity benchmark's)."""
     from edgelm.data import load_dataset
 
     out: list[str] = []
@@ -264,8 +265,8 @@ def read_text(paths: list[str | os.PathLike]) -> list[str]:
         if not path.is_file():
             raise DataError(f"training text not found: {path}")
         if path.suffix in (".txt", ".raw", ".tokens"):
-            lines = [x.strip() for x in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-            out += [x for x in lines if x and not x.startswith("=")]
+            text = path.read_text(encoding="utf-8", errors="replace")
+            out += [text] if text.strip() else []
         else:
             out += list(load_dataset(str(path)).texts)
     if not out:
