@@ -23,7 +23,8 @@ Targets (issue 16) at 50 %: perplexity ≤ 1.10× the teacher's, decode time at 
 all-attention model's, cache + state ≤ 0.55× its KV cache. Results:
 ``benchmarks/results/hybrid_qrnn.{json,md,png}``; trained hybrids and bundles are cached in
 ``benchmarks/.cache/``. With ``--seq-len`` / ``--batch-size`` other than the CLI's 128 tokens x 4 windows, the
-hybrids are trained on those windows and the results go to ``hybrid_qrnn_w{seq_len}x{batch}.{json,md,png}``.
+hybrids are trained on those windows and the results go to ``hybrid_qrnn_w{seq_len}x{batch}.{json,md,png}``;
+with ``--pytorch-only``, to ``hybrid_qrnn[_w{seq_len}x{batch}]_pytorch.{json,md}``.
 
     python benchmarks/hybrid_qrnn.py [--levels 0 0.25 0.5 0.75] [--local-steps 1000] [--e2e-steps 100]
         [--seq-len 128] [--batch-size 4]
@@ -368,7 +369,7 @@ def main() -> None:
         f"Reproduce: `python benchmarks/hybrid_qrnn.py {' '.join(sys.argv[1:])}` (hybrids and bundles cached in "
         "`benchmarks/.cache/`).",
     ]
-    name = "hybrid_qrnn" + window_tag(args).replace("-", "_")
+    name = "hybrid_qrnn" + window_tag(args).replace("-", "_") + ("_pytorch" if args.pytorch_only else "")
     write_results(name, payload, md)
     if not args.pytorch_only:
         plot(rows, args.positions, name)
