@@ -73,7 +73,8 @@ def cached_json(path: Path, compute):
 
 def recorded(eval_items: int) -> tuple[dict, dict | None]:
     """The cells an earlier run wrote to ``benchmarks/results/adaptation_generation.json``, keyed by
-    (method, K, seed), each with the host it was measured on, and its zero-shot score; empty where it is absent or scored another ``--eval-items``."""
+    (method, K, seed), each with the host it was measured on, and its zero-shot score; empty where the file
+    is absent or scored another ``--eval-items``."""
     path = RESULTS / "adaptation_generation.json"
     prev = json.loads(path.read_text()) if path.is_file() else {}
     if prev.get("eval_items") != eval_items:
@@ -166,6 +167,26 @@ def score_pte(ckpt: Path, eval_items: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def lora_delta(ckpt: Path) -> dict:
+    """How far a merged LoRA moved the base's weights, in units of the GGUF's 4-bit step (per group of 32:
+    (max - min) / 15 of the base weight, as Q4_1 spaces its levels), over the 210 projections: the median of
+    |ΔW| / step (median over projections) and the share of weights that moved by more than half a step (those
+    a 4-bit re-quantization of the merged weight can keep)."""
+    from edgelm.causal_lm import load_causal_lm
+
+    base = load_causal_lm("smollm2-135m").model.state_dict()
+    ratios, moved = [], []
+    for name, w in load_causal_lm(ckpt).model.state_dict().items():
+        if name.endswith("proj.weight"):
+            b = base[name].float()
+            g = b.view(b.shape[0], -1, 32)
+            step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(32, -1).view_as(b)
+            d = (w.float() - b).abs() / step.clamp_min(1e-12)
+            ratios.append(float(d.median()))
+            moved.append(float((d > 0.5).float().mean()))
+    return {"median_delta_per_step": float(np.median(ratios)), "moved_half_step": float(np.mean(moved))}
+
+
 def paired(runs: list, k: int, seed: int) -> tuple[float, float] | None:
     """(scaled prompt tuning, prompt tuning) ROUGE-L of one seed at K = k, or None where either was not run."""
     got = {r["method"]: r["rouge_l"] for r in runs if r["k"] == k and r["seed"] == seed}
@@ -227,6 +248,8 @@ def main() -> None:
                 if want_pte:
                     pte = cached_json(ckpt / f"score-pte-{tag}.json", lambda c=ckpt: score_pte(c, args.eval_items))
                     row["pte_rouge_l"] = pte["rouge_l"]
+                    if method == "lora":
+                        row.update(cached_json(ckpt / "delta.json", lambda c=ckpt: lora_delta(c)))
                 runs.append(row)
                 log(f"{method} K={k} seed {seed}: ROUGE-L {res['rouge_l']:.2f}")
     table, summary = [], {}
@@ -292,6 +315,13 @@ def main() -> None:
         "",
         "Targets: " + ", ".join(f"{k}: {verdict(v)}" for k, v in targets.items()),
         "",
+        *(
+            f"Merged LoRA (K = {r['k']}, seed {r['seed']}) against the base's 4-bit step: median |ΔW| "
+            f"{r['median_delta_per_step']:.3f} of a step, {100 * r['moved_half_step']:.3f} % of weights moved by "
+            "more than half a step.\n"
+            for r in runs
+            if "median_delta_per_step" in r
+        ),
         f"Reproduce: `python benchmarks/adaptation_generation.py {' '.join(sys.argv[1:])}`.",
     ]
     write_results("adaptation_generation", payload, md)
