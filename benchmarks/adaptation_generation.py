@@ -98,7 +98,7 @@ def adapted(method: str, k: int, seed: int, pool: list) -> Path:
     return out
 
 
-def score_pytorch(ckpt: Path, evals: list) -> dict:
+def score_pytorch(ckpt: Path, evals: list, host: str) -> dict:
     """ROUGE-L of the adapted checkpoint in PyTorch (greedy), with the generation seconds."""
     from edgelm.adapt import generation as g
     from edgelm.causal_lm import load_causal_lm
@@ -109,8 +109,7 @@ def score_pytorch(ckpt: Path, evals: list) -> dict:
     cfg = g.GenAdaptConfig(**{k: v for k, v in rec["config"].items() if k in g.GenAdaptConfig.__dataclass_fields__})
     t0 = time.perf_counter()
     rouge, preds = g.evaluate(lm.model, lm.tokenizer, evals, cfg, lm.eos_ids[0], prompt)
-    secs = time.perf_counter() - t0
-    return {"rouge_l": rouge, "seconds": secs, "examples": preds[:5], "host": hostinfo.describe(hostinfo.cpu_info())}
+    return {"rouge_l": rouge, "seconds": time.perf_counter() - t0, "examples": preds[:5], "host": host}
 
 
 def score_zero_shot(evals: list) -> dict:
@@ -168,22 +167,20 @@ def score_pte(ckpt: Path, eval_items: int) -> dict:
 
 
 def lora_delta(ckpt: Path) -> dict:
-    """How far a merged LoRA moved the base's weights, in units of the GGUF's 4-bit step (per group of 32:
-    (max - min) / 15 of the base weight, as Q4_1 spaces its levels), over the 210 projections: the median of
-    |ΔW| / step (median over projections) and the share of weights that moved by more than half a step (those
+    """How far a merged LoRA moved the base's weights, in units of the GGUF's own 4-bit step (each block's
+    scale d, from the base's :attr:`~edgelm.causal_lm.CausalLM.blocks`), over the projections: the median of
+    |ΔW| / d (median over projections) and the share of weights that moved by more than half a step (those
     a 4-bit re-quantization of the merged weight can keep)."""
     from edgelm.causal_lm import load_causal_lm
 
-    base = load_causal_lm("smollm2-135m").model.state_dict()
+    merged = load_causal_lm(ckpt).model.state_dict()
     ratios, moved = [], []
-    for name, w in load_causal_lm(ckpt).model.state_dict().items():
-        if name.endswith("proj.weight"):
-            b = base[name].float()
-            g = b.view(b.shape[0], -1, 32)
-            step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(32, -1).view_as(b)
-            d = (w.float() - b).abs() / step.clamp_min(1e-12)
-            ratios.append(float(d.median()))
-            moved.append(float((d > 0.5).float().mean()))
+    for name, b in load_causal_lm("smollm2-135m").blocks.items():
+        if name.endswith("proj.weight") and b.bits == 4:
+            step = np.maximum(np.repeat(b.scales, b.codes.shape[1] // b.scales.shape[1], axis=1), 1e-12)
+            d = np.abs(merged[name].float().numpy() - b.dequantize()) / step
+            ratios.append(float(np.median(d)))
+            moved.append(float((d > 0.5).mean()))
     return {"median_delta_per_step": float(np.median(ratios)), "moved_half_step": float(np.mean(moved))}
 
 
@@ -241,7 +238,7 @@ def main() -> None:
                 if args.cached_only and not cached:
                     continue  # a table of what was measured, without training the rest
                 ckpt = adapted(method, k, seed, pool)
-                res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals))
+                res = cached_json(ckpt / f"score-pytorch-{tag}.json", lambda c=ckpt: score_pytorch(c, evals, host))
                 rec = json.loads((ckpt / "edgelm_adapt.json").read_text())
                 row = {"method": method, "k": k, "seed": seed, "rouge_l": res["rouge_l"], "train_s": rec["seconds"]}
                 row["host"] = res.get("host", host)
