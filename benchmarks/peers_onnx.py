@@ -161,7 +161,31 @@ def edgelm_artifacts(model, ids, mask, calib, out: Path) -> tuple[dict[str, Path
             )
         arts[f"edgelm {scheme}"] = path
     sensitivity = alternatives(arts["edgelm fp32"], calib, out, arts)
+    arts["edgelm int8_dynamic as uint8 x int8 (before)"] = signed_weights(arts["edgelm int8_dynamic"])
     return arts, sensitivity
+
+
+def signed_weights(src: Path) -> Path:
+    """The same per-token int8 graph with its weights stored int8 (uint8 x int8, ONNX Runtime's x86 fast path
+    and edgelm's ONNX int8 before 2026-12): the same integers, so any difference from ``src`` is the kernel's
+    (``vpmaddubsw`` saturating at 16 bits on x86 without VNNI)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    zero = numpy_helper.from_array(np.array(0, np.int8), "u8s8_zero_point")
+    model.graph.initializer.append(zero)
+    for node in model.graph.node:
+        if node.op_type == "MatMulInteger" and node.input[1] in inits:
+            w = inits[node.input[1]]
+            w.CopyFrom(
+                numpy_helper.from_array((numpy_helper.to_array(w).astype(np.int16) - 128).astype(np.int8), w.name)
+            )
+            node.input[3] = zero.name
+    dst = src.with_name("edgelm.int8_dynamic.u8s8.onnx")
+    onnx.save(model, str(dst))
+    return dst
 
 
 def alternatives(fp32: Path, calib, out: Path, arts: dict[str, Path]) -> list:

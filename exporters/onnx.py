@@ -10,7 +10,8 @@ Quantization (see :func:`_quantize`):
 - ``int8_dynamic``: per-token dynamic int8 activations x per-channel int8 weights, written with standard ONNX
   ops (:func:`_per_token_int8`): each token's activation row gets its own scale at run time (ZeroQuant's
   token-wise quantization, Yao et al. 2022; what XNNPACK's and torchao's dynamic int8 do), then
-  ``MatMulInteger`` (uint8 x int8, ONNX Runtime's fast path). ONNX Runtime's own ``quantize_dynamic`` scales
+  ``MatMulInteger`` with both operands uint8 (zero point 128; exact on every CPU, see :func:`_per_token_int8`:
+  uint8 x int8 saturates on x86 without VNNI). ONNX Runtime's own ``quantize_dynamic`` scales
   each activation *tensor* with one number, padding and outlier tokens included: on MiniLM fine-tuned on
   SST-2 it agreed with fp32 on 97.2% of dev sentences (Optimum's int8 configurations 95.6%); per token, 99.7%
   at 1.17x the latency of ONNX Runtime's fused per-tensor kernels (each activation is quantized once for the
@@ -22,7 +23,8 @@ Quantization (see :func:`_quantize`):
 - Embedding tables (``embedding_bits == 8``, every scheme): int8 with one scale per row
   (:func:`_per_row_gather`), dequantized after the Gather. ``quantize_dynamic``'s Gather quantization uses
   one scale for the whole table and cost a point of top-1 agreement on SST-2.
-- ``int8_static``: ``quantize_static`` (QDQ, MinMax calibration) restricted to the Linear MatMul/Gemm nodes,
+- ``int8_static``: ``quantize_static`` (QDQ, uint8 activations and weights, MinMax calibration) restricted to
+  the Linear MatMul/Gemm nodes,
   minus the layer groups in ``QuantSpec.float_layers``. Nodes are mapped to PyTorch module paths through the
   dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata, so the choice is made by name, not by position.
 - ``8da4w`` / ``int4_weight_only``: ``MatMulNBitsQuantizer`` (int4, symmetric, blocks of ``group_size``),
@@ -305,11 +307,16 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
 
         s = max(|x|, axis=-1) / 127            float32 [..., 1] (one scale per token, at run time)
         q = round(x / s) + 128                 uint8   [..., K]
-        y = MatMulInteger(q, W_q, zp=128) * w_s * s   (+ bias)
+        y = MatMulInteger(q, W_q + 128, zp_a=128, zp_b=128) * w_s * s   (+ bias)
 
-    with W_q int8 [K, N] symmetric, w_s [N] per output channel (or one per tensor), stored float16 where
-    :func:`_half_scales` allows. Standard ONNX ops only (opset 18), so any ONNX Runtime build runs it. Returns
-    the number of nodes rewritten; nodes whose weight is not an initializer stay float."""
+    with W_q the symmetric int8 weight [K, N] in [-127, 127], stored as uint8 with zero point 128, and w_s
+    [N] per output channel (or one per tensor), stored float16 where :func:`_half_scales` allows. Both
+    operands uint8 (U8U8): ONNX Runtime's x86 kernel for uint8 x int8 without VNNI (AVX2, AVX-512 without
+    VNNI) multiplies with ``vpmaddubsw``, which saturates pairs of products at 16 bits (255 x 127 x 2 >
+    32767; int32 sums off by up to 7e4 on a 384-deep product, 0.34 in a classifier's logits); U8U8 is exact
+    on every CPU (Arm's ``udot`` too) at 1.14x U8S8's time on an AVX2 host. Standard ONNX ops only (opset
+    18), so any ONNX Runtime build runs it. Returns the number of nodes rewritten; nodes whose weight is not
+    an initializer stay float."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -340,9 +347,9 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
         alpha = float(attrs.get("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         amax = np.abs(w).max(axis=0) if per_channel else np.full(w.shape[1], np.abs(w).max())
         w_scale = _half_scales(np.maximum(amax, 1e-12) / 127.0).astype(np.float32)  # the scale stored
-        w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int16) + 128  # symmetric int8, stored uint8
         n, x = node.name, node.input[0]
-        wq = _add_initializer(model, f"{n}.weight_int8", w_q)
+        wq = _add_initializer(model, f"{n}.weight_uint8", w_q.astype(np.uint8))
         ws = _scale_input(model, f"{n}.weight_scale", w_scale * alpha, out_nodes)
         y = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
@@ -361,7 +368,7 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
             quantized[x] = (f"{n}_xq", f"{n}_scale")
         xq, scale = quantized[x]
         out_nodes += [
-            helper.make_node("MatMulInteger", [xq, wq, zero], [f"{n}_acc"], name=f"{n}_matmul"),
+            helper.make_node("MatMulInteger", [xq, wq, zero, zero], [f"{n}_acc"], name=f"{n}_matmul"),
             helper.make_node("Cast", [f"{n}_acc"], [f"{n}_accf"], to=TensorProto.FLOAT, name=f"{n}_accf"),
             # weight scale first: ONNX Runtime fuses MatMulInteger-Cast-Mul into MatMulIntegerToFloat, which is
             # correct for a per-column scale and gave wrong results for a per-token one (onnxruntime 1.32)
@@ -522,7 +529,7 @@ def _quantize(
                 nodes_to_quantize=chosen,
                 per_channel=quant.per_channel,
                 activation_type=qz.QuantType.QUInt8,
-                weight_type=qz.QuantType.QInt8,
+                weight_type=qz.QuantType.QUInt8,  # U8U8: exact on x86 without VNNI (see _per_token_int8)
                 calibrate_method=qz.CalibrationMethod.MinMax,
             )
             details.update(activations=f"uint8 static (MinMax over {len(feeds)} calibration inputs)")

@@ -150,3 +150,43 @@ def test_quantspec_validates_groups():
     with pytest.raises(exporters.UnsupportedQuantError, match="group_size"):
         QuantSpec("8da4w", group_size=7)
     assert quant_spec("int8_static").label == "int8_static (float: ffn_output+head)"
+
+
+def test_onnx_int8_dynamic_matmul_is_exact_integer_arithmetic():
+    """The per-token int8 MatMul computes exactly the integer product its docstring states, on this CPU too:
+    uint8 x int8 in ONNX Runtime's x86 kernels without VNNI saturates pairs of products at 16 bits (int32
+    sums off by up to 7e4 here, on an AVX2-only host), uint8 x uint8 does not. Weights and activations at
+    full scale so that the saturating pairs occur."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx import _per_token_int8
+
+    rng = np.random.default_rng(0)
+    k, n = 384, 64
+    w = rng.uniform(-1, 1, (k, n)).astype(np.float32)
+    x = rng.uniform(-1, 1, (6, k)).astype(np.float32)
+    x[:, 0] = 1.0  # every token reaches +127, so its uint8 code reaches 255
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    assert _per_token_int8(model, {"linear"}) == 1
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    w_codes = inits["linear.weight_uint8"].astype(np.int64) - 128
+    w_scale = inits["linear.weight_scale"].astype(np.float32)
+    s = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-8) / 127
+    x_codes = np.round(x / s).astype(np.int64)
+    assert np.abs(x_codes).max() == 127 and np.abs(w_codes).max() == 127
+    want = (x_codes @ w_codes).astype(np.float32) * w_scale * s
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    assert np.abs(got - x @ w).max() < 0.02 * np.abs(x @ w).max()  # and it is still the float product, quantized
+    assert onnx.checker.check_model(model) is None
