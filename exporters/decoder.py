@@ -355,8 +355,10 @@ def qrnn_attention_class():
 def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int]):
     """The source transform for :func:`export_executorch`'s ``blocks``: every ``nn.Linear`` whose
     ``<name>.weight`` has 4-bit blocks becomes a ``BlockLinear`` (:func:`_block_linear_class`: exact GGUF
-    codes and scales, 8da4w), the ``output`` head 8da8w per channel, any other linear 8da4w (group
-    ``group_size``, HQQ scales as ExecuTorch's own ``8da4w``). ``counts`` receives ``{"int4": n, "int4_offsets": n}``."""
+    codes and scales, 8da4w, plus a float low-rank branch where the blocks carry one), the ``output`` head
+    8da8w per channel, any other linear 8da4w (group ``group_size``, HQQ scales as ExecuTorch's own
+    ``8da4w``). ``counts`` receives ``{"int4": n, "int4_offsets": n}`` and ``"lowrank": n`` where some carry
+    a low-rank update."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -371,6 +373,8 @@ def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int
                     setattr(module, child_name, block_linear(b, child.bias))
                     counts["int4"] = counts.get("int4", 0) + 1
                     counts["int4_offsets"] = counts.get("int4_offsets", 0) + int(b.offsets is not None)
+                    if getattr(b, "lowrank", None) is not None:
+                        counts["lowrank"] = counts.get("lowrank", 0) + 1
         with torch.no_grad():
             quantize_(
                 model,
@@ -387,8 +391,7 @@ def _carry_blocks(blocks: dict[str, Any], group_size: int, counts: dict[str, int
                 filter_fn=lambda m, fqn: (
                     type(m) is torch.nn.Linear
                     and fqn != "output"
-                    and not fqn.endswith(".offsets")
-                    and not fqn.endswith(".int4")
+                    and not fqn.endswith((".offsets", ".int4", ".lowrank_down", ".lowrank_up"))
                     and m.weight.shape[1] % group_size == 0
                 ),
             )
@@ -401,10 +404,12 @@ def _block_linear_class():
     import torch
 
     class BlockLinear(torch.nn.Module):
-        """``y = int4(x) + offsets(block sums of x)``: a GGUF Q4_0/Q4_1 linear, exact (see
-        :mod:`edgelm.gguf_weights`). ``int4``: 8da4w linear with the GGUF's codes and scales (torchao
-        ``IntxUnpackedToInt8Tensor``, int8 dynamic per-token activations); ``offsets``: float32 linear
-        [in / 32 -> out] on the sums of x over each block of 32 inputs (Q4_1 only)."""
+        """``y = int4(x) + offsets(block sums of x) + lowrank_up(lowrank_down(x))``: a GGUF Q4_0/Q4_1 linear,
+        exact (see :mod:`edgelm.gguf_weights`). ``int4``: 8da4w linear with the GGUF's codes and scales
+        (torchao ``IntxUnpackedToInt8Tensor``, int8 dynamic per-token activations); ``offsets``: float32
+        linear [in / 32 -> out] on the sums of x over each block of 32 inputs (Q4_1 only); ``lowrank_down``
+        [in -> r] and ``lowrank_up`` [r -> out]: float32 linears of a merged LoRA's update (only where the
+        blocks carry one)."""
 
         def __init__(self, b, bias):
             super().__init__()
@@ -435,11 +440,20 @@ def _block_linear_class():
                 self.offsets.weight = torch.nn.Parameter(
                     torch.from_numpy(np.ascontiguousarray(b.offsets)).float(), requires_grad=False
                 )
+            self.lowrank_down = self.lowrank_up = None
+            if getattr(b, "lowrank", None) is not None:
+                up, down = (torch.from_numpy(np.ascontiguousarray(m)).float() for m in b.lowrank)
+                self.lowrank_down = torch.nn.Linear(n, down.shape[0], bias=False)
+                self.lowrank_down.weight = torch.nn.Parameter(down, requires_grad=False)
+                self.lowrank_up = torch.nn.Linear(down.shape[0], out, bias=False)
+                self.lowrank_up.weight = torch.nn.Parameter(up, requires_grad=False)
 
         def forward(self, x):
             y = self.int4(x)
             if self.offsets is not None:
                 y = y + self.offsets(x.unflatten(-1, (-1, 32)).sum(-1))
+            if self.lowrank_up is not None:
+                y = y + self.lowrank_up(self.lowrank_down(x))
             return y
 
     return BlockLinear
@@ -543,8 +557,9 @@ def carry_block_weights_onnx(path: Path, blocks: dict[str, Any]) -> dict[str, in
     ``MatMulNBits`` with the GGUF codes and scales (ONNX Runtime's default zero point 8 makes
     ``(q + 8 - 8) * d``); block offsets add ``MatMul(ReduceSum(x per block of 32), offsets^T)`` to its
     output. An 8-bit head (``Q8_0``) becomes an 8-bit ``MatMulNBits`` and the embedding that shares it an
-    8-bit ``GatherBlockQuantized``. A node whose weights are not all in ``blocks`` is left as the builder made
-    it. Returns the counts ``{"int4": n, "int4_offsets": n, "int8_head": 0 or 1}``.
+    8-bit ``GatherBlockQuantized``. A node whose weights are not all in ``blocks``, or carry a low-rank update
+    (``lowrank``, a merged LoRA: not written in ONNX), is left as the builder made it. Returns the counts
+    ``{"int4": n, "int4_offsets": n, "int8_head": 0 or 1}``.
 
     Raises ExportFailedError when the model cannot be read or written.
     """
@@ -562,7 +577,10 @@ def carry_block_weights_onnx(path: Path, blocks: dict[str, Any]) -> dict[str, in
 
     def stacked(names: list[str]):
         parts = [blocks.get(n) for n in names]
-        if any(p is None for p in parts) or len({p.bits for p in parts}) != 1:
+        if (
+            any(p is None or getattr(p, "lowrank", None) is not None for p in parts)
+            or len({p.bits for p in parts}) != 1
+        ):
             return None
         codes = np.concatenate([p.codes for p in parts])
         scales = np.concatenate([p.scales for p in parts])

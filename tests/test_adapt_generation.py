@@ -117,6 +117,35 @@ def test_adapt_a_causal_lm_on_pairs(tiny, tmp_path, method):
         assert r.exit_code == 2 and "exports to ExecuTorch only" in r.output
 
 
+def test_lora_on_a_gguf_keeps_the_blocks_and_carries_the_update(tiny, tmp_path):
+    """LoRA on a GGUF model: the merged checkpoint still carries the GGUF's own 4-bit blocks for every adapted
+    projection, with the merged update (rank <= r) beside them, so that the export does not quantize the
+    adapted weights a second time; blocks plus update give the merged weights."""
+    import torch
+
+    from edgelm.causal_lm import load_causal_lm
+    from edgelm.testing import write_gguf
+
+    model, pairs = tiny
+    gguf = write_gguf(model, tmp_path / "tiny.Q4_1.gguf")
+    out = tmp_path / "lora"
+    r = cli(
+        "adapt", "--model", str(gguf), "--method", "lora", "--rank", "4", "--data", str(pairs), "--shots", "16",
+        "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    base, adapted = load_causal_lm(str(gguf)), load_causal_lm(out)
+    weights = adapted.model.state_dict()
+    carried = {n: b for n, b in adapted.blocks.items() if b.lowrank is not None}
+    assert len(carried) == 2 * len(g.LORA_TARGETS)  # every adapted projection of the 2 layers
+    for name, b in carried.items():
+        up, down = b.lowrank
+        assert 1 <= up.shape[1] <= 4 and down.shape == (up.shape[1], b.codes.shape[1])
+        np.testing.assert_array_equal(b.codes, base.blocks[name].codes)
+        np.testing.assert_allclose(b.dequantize() + up @ down, weights[name].numpy(), rtol=0, atol=1e-6)
+        assert not torch.equal(weights[name], base.model.state_dict()[name])
+
+
 def test_prompt_tuned_model_exports_with_its_soft_prompt_inside_the_pte(tiny, tmp_path):
     """The soft prompt's keys and values are written by the program before the user's tokens: the .pte, fed only
     the user's tokens from position 0, equals PyTorch with the prompt before them; the bundle passes."""

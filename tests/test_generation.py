@@ -160,8 +160,10 @@ def tiny_gguf(tiny_llama, tmp_path_factory):
 def test_gguf_blocks_decode_exactly(tiny_gguf):
     """GGUF Q4_0 / Q4_1 / Q8_0 blocks decode to gguf's own dequantization; the tiny GGUF's blocks come out in
     transformers' row order (llama.cpp permutes the q/k rows) and equal the reference weights; a reference
-    that differs from the file leaves that tensor out."""
+    that differs from the file by a low-rank update (a merged LoRA) keeps the blocks and carries the update
+    beside them, exactly; one that differs at full rank leaves that tensor out."""
     import gguf
+    import torch
 
     from edgelm.causal_lm import load_causal_lm
     from edgelm.gguf_weights import _decode, read_block_weights
@@ -182,15 +184,23 @@ def test_gguf_blocks_decode_exactly(tiny_gguf):
         np.testing.assert_allclose(b.dequantize(), ref[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not np.array_equal(lm.blocks[q].codes, _decode("Q4_1", _raw(tiny_gguf, "blk.0.attn_q.weight"), 64, 64).codes)
-    tampered = dict(ref, **{q: ref[q] + 0.01})
+    rng = np.random.default_rng(1)
+    update = rng.normal(0, 0.05, (64, 3)) @ rng.normal(0, 0.05, (3, 64))  # rank 3, about a Q4_1 step
+    merged = read_block_weights(tiny_gguf, dict(ref, **{q: ref[q] + torch.from_numpy(update).float()}))
+    up, down = merged[q].lowrank
+    assert up.shape == (64, 3) and down.shape == (3, 64) and len(merged) == 15
+    np.testing.assert_array_equal(merged[q].codes, lm.blocks[q].codes)  # the same blocks, in the same row order
+    np.testing.assert_allclose(merged[q].dequantize() + up @ down, ref[q].numpy() + update, rtol=0, atol=1e-6)
+    assert all(b.lowrank is None for n, b in merged.items() if n != q)
+    tampered = dict(ref, **{q: ref[q] + torch.from_numpy(rng.normal(0, 0.01, (64, 64))).float()})  # full rank
     assert q not in read_block_weights(tiny_gguf, tampered) and len(read_block_weights(tiny_gguf, tampered)) == 14
 
 
 def test_checkpoint_written_from_a_gguf_keeps_its_blocks(tiny_gguf, tmp_path):
     """A checkpoint saved from a GGUF model (a hybrid's teacher, an adapted model) records its GGUF: loading it
-    carries the blocks of every tensor still equal to the GGUF's (a changed one is left out, also one changed
-    after the load and before the blocks' first use); a GGUF that is gone or changed since (another SHA-256)
-    carries none."""
+    carries the blocks of every tensor still equal to the GGUF's (or equal but for a low-rank update); a
+    tensor changed at full rank is left out, also one changed after the load and before the blocks' first
+    use; a GGUF that is gone or changed since (another SHA-256) carries none."""
     import torch
 
     from edgelm.causal_lm import GGUF_ORIGIN_FILE, load_causal_lm, save_hf_checkpoint
@@ -206,17 +216,21 @@ def test_checkpoint_written_from_a_gguf_keeps_its_blocks(tiny_gguf, tmp_path):
     assert same.gguf_type is None and same.blocks_type == "Q4_1" and sorted(same.blocks) == sorted(lm.blocks)
     q = "model.layers.0.self_attn.q_proj.weight"
     np.testing.assert_array_equal(same.blocks[q].codes, lm.blocks[q].codes)
-    with torch.no_grad():  # what merging a LoRA adapter does to one projection
-        lm.model.get_parameter(q).add_(0.01)
+    k, o = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    with torch.no_grad():  # what merging a LoRA adapter does to one projection (rank 1); another, fully changed
+        lm.model.get_parameter(k).add_(0.01)
+        lm.model.get_parameter(q).add_(torch.randn(64, 64) * 0.01)
     save_hf_checkpoint(lm, tmp_path / "changed")
     changed = load_causal_lm(tmp_path / "changed")
     assert q not in changed.blocks and len(changed.blocks) == len(lm.blocks) - 1
+    assert changed.blocks[k].lowrank[0].shape == (len(changed.blocks[k].codes), 1)
+    assert sum(b.lowrank is not None for b in changed.blocks.values()) == 1
     save_hf_checkpoint(changed, tmp_path / "again")  # a checkpoint of a checkpoint keeps the record
     assert len(load_causal_lm(tmp_path / "again").blocks) == len(lm.blocks) - 1
     later = load_causal_lm(tmp_path / "same")  # blocks are read on first use, against the weights then
     with torch.no_grad():
-        later.model.get_parameter(q).add_(0.01)
-    assert q not in later.blocks and len(later.blocks) == len(lm.blocks) - 1 and later.blocks_type == "Q4_1"
+        later.model.get_parameter(o).add_(torch.randn(64, 64) * 0.01)
+    assert o not in later.blocks and len(later.blocks) == len(lm.blocks) - 1 and later.blocks_type == "Q4_1"
     with gguf.open("ab") as f:  # the file is no longer the one the checkpoint came from
         f.write(b"\0")
     stale = load_causal_lm(tmp_path / "same")
@@ -226,6 +240,47 @@ def test_checkpoint_written_from_a_gguf_keeps_its_blocks(tiny_gguf, tmp_path):
     (tmp_path / "same" / GGUF_ORIGIN_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):
         load_causal_lm(tmp_path / "same")
+
+
+def test_merged_lora_over_a_gguf_exports_its_blocks_and_update(tiny_gguf, tmp_path):
+    """A checkpoint that is the GGUF plus a low-rank update on every projection (a merged LoRA) exports to an
+    8da4w .pte with the GGUF's own blocks and the update as a float branch beside them: its logits follow the
+    updated model within a tenth of what the update moved them, while quantizing the merged weights again
+    (what edgelm did before) misses by more."""
+    import torch
+
+    from edgelm.causal_lm import executorch_blocks, executorch_checkpoint, load_causal_lm, save_hf_checkpoint
+    from exporters import decoder
+
+    base = load_causal_lm(str(tiny_gguf))
+    ids = np.random.default_rng(5).integers(3, 300, 24)
+    with torch.no_grad():
+        want_base = base.model(torch.from_numpy(ids)[None]).logits[0].numpy()
+        gen = torch.Generator().manual_seed(0)
+        for name, w in base.model.named_parameters():
+            if name.endswith("proj.weight"):  # rank 4, a median 0.6 of a Q4_1 step: quantizing again blurs it
+                w.add_(torch.randn(w.shape[0], 4, generator=gen) @ torch.randn(4, w.shape[1], generator=gen) * 3e-3)
+        want = base.model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    save_hf_checkpoint(base, tmp_path / "merged")
+    lm = load_causal_lm(tmp_path / "merged")
+    assert sum(b.lowrank is not None for b in lm.blocks.values()) == 14
+    ckpt, params = executorch_checkpoint(lm, tmp_path / "et")
+    errors = {}
+    for carry in (True, False):
+        blocks = executorch_blocks(lm)
+        if not carry:  # the merged projections quantized again (8da4w, HQQ scales), the rest carried
+            blocks = {k: v for k, v in blocks.items() if v.lowrank is None}
+        pte = tmp_path / f"m{carry}.pte"
+        info = decoder.export_executorch(
+            ckpt, params, pte, bos_id=lm.bos_id, eos_ids=lm.eos_ids, vocab_size=lm.vocab_size, blocks=blocks,
+            scheme="8da4w", group_size=32, max_context_len=64,
+        )  # fmt: skip
+        if carry:
+            assert info["gguf_blocks"] == {"int4": 14, "int4_offsets": 14, "lowrank": 14}
+        got = decoder.load_decoder(pte).forward(ids, 0)[-1]  # the last position's logits
+        errors[carry] = float(np.abs(got - want[-1]).max())
+    moved = float(np.abs(want[-1] - want_base[-1]).max())  # measured: carried 0.005, again 0.042, moved 0.155
+    assert errors[True] < 0.1 * moved < errors[False], (errors, moved)
 
 
 def _raw(path, name):
