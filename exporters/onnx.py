@@ -314,7 +314,8 @@ def _per_token_int8(model: Any, nodes: set[str], per_channel: bool = True) -> in
     operands uint8 (U8U8): ONNX Runtime's x86 kernel for uint8 x int8 without VNNI (AVX2, AVX-512 without
     VNNI) multiplies with ``vpmaddubsw``, which saturates pairs of products at 16 bits (255 x 127 x 2 >
     32767; int32 sums off by up to 7e4 on a 384-deep product, 0.34 in a classifier's logits); U8U8 is exact
-    on every CPU (Arm's ``udot`` too) at 1.14x U8S8's time on an AVX2 host. Standard ONNX ops only (opset
+    on every CPU (Arm's ``udot`` too), at 1.08x U8S8's time for MiniLM on an AVX2 host (1 thread, seq 128;
+    ``benchmarks/peers_onnx.py``). Standard ONNX ops only (opset
     18), so any ONNX Runtime build runs it. Returns the number of nodes rewritten; nodes whose weight is not
     an initializer stay float."""
     from onnx import TensorProto, helper, numpy_helper
