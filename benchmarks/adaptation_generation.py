@@ -172,12 +172,13 @@ def lora_delta(ckpt: Path) -> dict:
     |ΔW| / d (median over projections) and the share of weights that moved by more than half a step (those
     a 4-bit re-quantization of the merged weight can keep)."""
     from edgelm.causal_lm import load_causal_lm
+    from edgelm.gguf_weights import BLOCK
 
     merged = load_causal_lm(ckpt).model.state_dict()
     ratios, moved = [], []
     for name, b in load_causal_lm("smollm2-135m").blocks.items():
         if name.endswith("proj.weight") and b.bits == 4:
-            step = np.maximum(np.repeat(b.scales, b.codes.shape[1] // b.scales.shape[1], axis=1), 1e-12)
+            step = np.maximum(np.repeat(b.scales, BLOCK, axis=1), 1e-12)
             d = np.abs(merged[name].float().numpy() - b.dequantize()) / step
             ratios.append(float(np.median(d)))
             moved.append(float((d > 0.5).mean()))

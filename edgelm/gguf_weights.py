@@ -150,9 +150,12 @@ def read_block_weights(
         if order is None and max_rank > 0:  # the same blocks plus a low-rank update, in either row order
             proj = name.split(".")[-2]
             for candidate in (np.arange(rows), _rope_order(rows, heads.get(proj, 0))):
-                if candidate is not None and update is None:
-                    update = _low_rank_update(ref - dequantized[candidate], max_rank, _tolerance(ref))
-                    order = candidate if update is not None else None
+                if candidate is None:
+                    continue
+                update = _low_rank_update(ref - dequantized[candidate], max_rank, _tolerance(ref))
+                if update is not None:
+                    order = candidate
+                    break
         if order is None:
             continue
         blocks.codes, blocks.scales = blocks.codes[order], blocks.scales[order]
