@@ -33,6 +33,7 @@ with ``--pytorch-only``, to ``hybrid_qrnn[_w{seq_len}x{batch}]_pytorch.{json,md}
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -93,6 +94,9 @@ def train(level: float, layers: list[int] | None, args) -> Path:
 
     out = CACHE / f"hybrid-qrnn-{pct(level)}-{args.local_steps}-{args.e2e_steps}{window_tag(args)}"
     if (out / hq.CONFIG_FILE).is_file():
+        cached = hq.read_hybrid_config(out)["replaced_layers"]
+        if layers and sorted(cached) != sorted(layers):
+            sys.exit(f"{out} holds a hybrid of layers {cached}, not {layers}: remove it to train those layers")
         return out
     log(f"training the {pct(level)} % hybrid ({'layers ' + str(layers) if layers else 'measuring the layers'})")
     last = [""]
@@ -109,15 +113,31 @@ def train(level: float, layers: list[int] | None, args) -> Path:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
     )
-    res = hq.run_hybrid_qrnn("smollm2-135m", [TRAIN_TEXT], out, cfg, progress=progress)
+    res = hq.run_hybrid_qrnn("smollm2-135m", args.data, out, cfg, progress=progress)
     log(f"  layers {res.replaced_layers}: perplexity {res.teacher_perplexity:.2f} -> {res.hybrid_perplexity:.2f}")
     return out
 
 
 def window_tag(args) -> str:
-    """The cache and results suffix of a training window other than the CLI's default (128 tokens, 4 windows)."""
+    """The cache and results suffix of a training window other than the CLI's default (128 tokens, 4 windows)
+    and of training text other than WikiText-2 valid (the data sets' folder names under ``../shared/data``,
+    e.g. ``-wikitext2+agnews+sst2``; a short hash of the paths for files elsewhere)."""
     same = (args.seq_len, args.batch_size) == (HybridConfig.seq_len, HybridConfig.batch_size)
-    return "" if same else f"-w{args.seq_len}x{args.batch_size}"
+    tag = "" if same else f"-w{args.seq_len}x{args.batch_size}"
+    paths = [Path(p).resolve() for p in args.data]
+    if paths == [TRAIN_TEXT.resolve()]:
+        return tag
+    root = DATA.parent.resolve()
+    if all(p.is_relative_to(root) for p in paths):
+        return tag + "-" + "+".join(p.relative_to(root).parts[0] for p in paths)
+    return tag + "-d" + hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()[:8]
+
+
+def data_names(args) -> str:
+    """The training text in words, for the results' Markdown."""
+    names = {"wiki.valid.tokens": "WikiText-2 valid", "test.csv": "AG News test descriptions"}
+    names |= {"train.tsv": "SST-2 train sentences"} if any("sst2" in str(p) for p in args.data) else {}
+    return " + ".join(names.get(Path(p).name, Path(p).name) for p in args.data)
 
 
 def test_windows(tokenizer, n: int, length: int = 1024) -> np.ndarray:
@@ -252,6 +272,12 @@ def main() -> None:
         action="store_true",
         help="perplexity and cache memory only: no .pte export, no decode timing (minutes instead of an hour)",
     )
+    ap.add_argument(
+        "--data",
+        nargs="+",
+        default=[str(TRAIN_TEXT)],
+        help="training text files, as the CLI's --data (default: WikiText-2 valid; never its test set)",
+    )
     ap.add_argument("--positions", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--context", type=int, default=2080)
@@ -343,6 +369,7 @@ def main() -> None:
         "e2e_steps": args.e2e_steps,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
+        "training_text": [str(Path(p).resolve()) for p in args.data],
         "targets_at_50": TARGETS,
         "rows": rows,
     }
@@ -361,7 +388,7 @@ def main() -> None:
             f"{DECODE_STEPS} steps after a prompt of that many tokens."
         )
         + f" Training: {args.local_steps} layer-local + {args.e2e_steps} end-to-end steps of {args.batch_size} x "
-        f"{args.seq_len}-token windows of WikiText-2 valid. Ratio by position: the perplexity ratio to the teacher "
+        f"{args.seq_len}-token windows of {data_names(args)}. Ratio by position: the perplexity ratio to the teacher "
         "over the tokens predicted at those positions of the 1,024-token windows.",
         "",
         *markdown_table(table),

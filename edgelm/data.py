@@ -19,7 +19,8 @@ import numpy as np
 
 from edgelm.errors import DataError, ModelError
 
-TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise", "content", "review", "document")
+#: Text columns found by name, first match wins (``description``: AG News' CSV, beside its ``title``).
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise", "content", "review", "document", "description")
 PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "premise": "hypothesis"}
 LABEL_COLUMNS = ("label", "labels", "class", "category")
 
