@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
 from edgelm.cli import app
@@ -274,6 +275,9 @@ def test_read_text_keeps_a_text_file_as_written_and_a_dataset_row_by_row(tmp_pat
     rows.write_text("sentence\tlabel\nfirst row\t1\nsecond row\t0\n")
     # line breaks and the heading stay: the test set is read the same way when its perplexity is measured
     assert hq.read_text([wiki, rows]) == [wiki.read_text(), "first row", "second row"]
+    # AG News' CSV (Class Index, Title, Description): its descriptions, as the hybrid benchmark trains on them
+    agnews = hq.read_text([SHARED_DATA / "agnews" / "test.csv"])
+    assert len(agnews) == 7600 and agnews[0].startswith("Unions representing workers at Turner")
     (tmp_path / "blank.txt").write_text(" \n\n")
     with pytest.raises(DataError, match="no text"):
         hq.read_text([tmp_path / "blank.txt"])
